@@ -1,0 +1,31 @@
+"""camserve client: predictions and Grad-CAM explanations from a camserve server.
+
+    from camserve import Client
+    with Client("localhost:50051") as client:
+        pred = client.predict("cat.jpg")
+        exp = client.explain("cat.jpg")
+        exp.heatmap, exp.overlay()
+
+Needs grpcio, protobuf, numpy and Pillow; never torch, OpenCV or a GPU.
+"""
+
+from .aio import AsyncClient
+from .client import Client
+from .errors import CamserveError
+from .methods import method_names
+from .results import ClassScore, Explanation, LayerInfo, ModelInfo, Prediction, Timing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "CamserveError",
+    "ClassScore",
+    "Client",
+    "Explanation",
+    "LayerInfo",
+    "ModelInfo",
+    "Prediction",
+    "Timing",
+    "method_names",
+]

@@ -1,0 +1,74 @@
+"""Request building and answer parsing shared by Client and AsyncClient."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, List, Optional, Sequence, Union
+
+from .errors import invalid
+from .images import to_proto
+from .methods import method_value
+from .results import Explanation, Prediction
+from .v1 import camserve_pb2 as pb
+
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+OUTPUTS = {
+    "raw": pb.EXPLAIN_OUTPUT_RAW_MAP,
+    "heatmap": pb.EXPLAIN_OUTPUT_HEATMAP_PNG,
+    "overlay_jpeg": pb.EXPLAIN_OUTPUT_OVERLAY_JPEG,
+    "overlay_png": pb.EXPLAIN_OUTPUT_OVERLAY_PNG,
+}
+
+Target = Union[int, str, None]
+
+
+def channel_options(max_message_bytes: int) -> List[tuple]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def predict_request(images: Sequence[Any], top_k: int) -> pb.PredictRequest:
+    return pb.PredictRequest(images=[to_proto(i) for i in images], top_k=_top_k(top_k))
+
+
+def explain_request(images: Sequence[Any], target: Target, method: str, layer: Optional[str],
+                    outputs: Iterable[str], top_k: int) -> pb.ExplainRequest:
+    try:
+        method_enum = method_value(method)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown:
+        raise invalid(f"unknown outputs {unknown}; choose from {', '.join(OUTPUTS)}")
+    return pb.ExplainRequest(
+        images=[to_proto(i) for i in images], target=_target(target), method=method_enum,
+        layer=layer or "", outputs=[OUTPUTS[o] for o in outputs], top_k=_top_k(top_k))
+
+
+def predictions(response: pb.PredictResponse) -> List[Prediction]:
+    return [Prediction.from_proto(r.prediction, r.image_size, r.timing) for r in response.results]
+
+
+def explanations(response: pb.ExplainResponse, images: Sequence[Any]) -> List[Explanation]:
+    return [Explanation.from_proto(r, image) for r, image in zip(response.results, images)]
+
+
+def _top_k(top_k: int) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise invalid(f"top_k must be a positive integer, got {top_k!r}")
+    return top_k
+
+
+def _target(target: Target) -> Optional[pb.Target]:
+    if target is None:
+        return None
+    if isinstance(target, bool):
+        raise invalid("target must be a class index, a label or None")
+    if isinstance(target, int):
+        if target < 0:
+            raise invalid(f"class index {target} is negative")
+        return pb.Target(class_index=target)
+    if isinstance(target, str):
+        return pb.Target(label=target)
+    raise invalid(f"target must be a class index, a label or None, got {type(target).__name__}")

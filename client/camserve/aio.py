@@ -1,0 +1,90 @@
+"""The asyncio client (grpc.aio): the same calls as :class:`camserve.Client`, awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Iterable, List, Optional, Sequence
+
+import grpc
+from grpc import aio
+
+from . import _calls
+from .errors import CamserveError
+from .results import Explanation, ModelInfo, Prediction
+from .v1 import camserve_pb2 as pb
+from .v1 import camserve_pb2_grpc as pb_grpc
+
+_UNSET = object()
+
+
+class AsyncClient:
+    """An asyncio connection to a camserve server; use ``async with`` or ``await close()``.
+
+    Safe to use from many tasks of one event loop. Every call takes ``timeout`` and raises
+    :class:`CamserveError` on failure.
+    """
+
+    def __init__(self, target: str = _calls.DEFAULT_TARGET, *, timeout: Optional[float] = 30.0,
+                 max_message_bytes: int = _calls.DEFAULT_MAX_MESSAGE_BYTES,
+                 options: Sequence[tuple] = ()) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = aio.insecure_channel(
+            target, options=_calls.channel_options(max_message_bytes) + list(options))
+        self._stub = pb_grpc.CamserveStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _call(self, method, request, timeout):
+        try:
+            return await method(request, timeout=self.timeout if timeout is _UNSET else timeout)
+        except grpc.RpcError as error:
+            raise CamserveError.from_rpc_error(error) from None
+
+    async def model_info(self, *, timeout: Any = _UNSET) -> ModelInfo:
+        return ModelInfo.from_proto(
+            await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
+
+    async def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await self.model_info(
+                    timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except CamserveError as exc:
+                retry = exc.code in (grpc.StatusCode.UNAVAILABLE,
+                                     grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not retry or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET) -> Prediction:
+        return (await self.predict_many([image], top_k=top_k, timeout=timeout))[0]
+
+    async def predict_many(self, images: Iterable[Any], *, top_k: int = 5,
+                           timeout: Any = _UNSET) -> List[Prediction]:
+        request = _calls.predict_request(list(images), top_k)
+        return _calls.predictions(await self._call(self._stub.Predict, request, timeout))
+
+    async def explain(self, image: Any, *, target: _calls.Target = None,
+                      method: str = "gradcam", layer: Optional[str] = None,
+                      outputs: Iterable[str] = ("raw",), top_k: int = 5,
+                      timeout: Any = _UNSET) -> Explanation:
+        return (await self.explain_many([image], target=target, method=method, layer=layer,
+                                        outputs=outputs, top_k=top_k, timeout=timeout))[0]
+
+    async def explain_many(self, images: Iterable[Any], *, target: _calls.Target = None,
+                           method: str = "gradcam", layer: Optional[str] = None,
+                           outputs: Iterable[str] = ("raw",), top_k: int = 5,
+                           timeout: Any = _UNSET) -> List[Explanation]:
+        images = list(images)
+        request = _calls.explain_request(images, target, method, layer, tuple(outputs), top_k)
+        return _calls.explanations(await self._call(self._stub.Explain, request, timeout), images)

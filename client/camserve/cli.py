@@ -1,0 +1,223 @@
+"""``camserve``: the command line for a camserve server.
+
+    camserve info
+    camserve predict IMAGE... [--top-k N] [--json]
+    camserve explain IMAGE... -o DIR [--class N|LABEL] [--layer NAME] [--method NAME]
+
+The server address comes from ``--target`` or ``CAMSERVE_TARGET`` (default localhost:50051).
+Exit status: 0 when every image was answered, 1 when any failed, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import grpc
+
+from .client import Client
+from .errors import CamserveError
+from .methods import method_names
+from .results import Explanation, Prediction
+
+CHUNK = 8  # images per RPC, so the server can batch them
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.started = total, 0, time.monotonic()
+        self.enabled = enabled and total > 1 and sys.stderr.isatty()
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * self.done / self.total)
+        rate = self.done / max(time.monotonic() - self.started, 1e-9)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{rate:.1f} img/s")
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _chunks(paths: Sequence[str]) -> Iterator[List[str]]:
+    for start in range(0, len(paths), CHUNK):
+        yield list(paths[start:start + CHUNK])
+
+
+_FATAL = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED,
+          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED)
+
+
+def _each(paths: Sequence[str], call: Callable[[List[str]], list], progress: Progress,
+          errors: List[Tuple[str, CamserveError]]) -> Iterator[Tuple[str, object]]:
+    """Answer every path, a chunk per RPC. A chunk refused for a bad image is retried one image
+    at a time, so only the bad files fail; errors about the server itself end the run."""
+    for chunk in _chunks(paths):
+        try:
+            results = call(chunk)
+        except CamserveError as exc:
+            if exc.code in _FATAL:
+                raise
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT and len(chunk) > 1:
+                for path in chunk:
+                    yield from _each([path], call, progress, errors)
+            else:
+                errors.extend((path, exc) for path in chunk)
+                progress.advance(len(chunk))
+            continue
+        progress.advance(len(chunk))
+        yield from zip(chunk, results)
+
+
+def _classes(prediction: Prediction) -> str:
+    return ", ".join(f"{c.label} {c.probability:.1%} ({c.index})" for c in prediction.top)
+
+
+def _prediction_json(path: str, prediction: Prediction) -> dict:
+    return {"image": path, "size": list(prediction.image_size),
+            "top": [vars(c) for c in prediction.top]}
+
+
+def cmd_info(client: Client, args) -> int:
+    info = client.model_info()
+    if args.json:
+        data = {k: v for k, v in vars(info).items()}
+        data["layers"] = [vars(layer) for layer in info.layers]
+        data["labels"] = list(info.labels)
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"model:        {info.name} on {info.device}")
+    print(f"classes:      {len(info.labels)} ({', '.join(info.labels[:3])}, ...)")
+    print(f"input:        {info.input_size[1]}x{info.input_size[0]}, mean {info.mean}, "
+          f"std {info.std}")
+    for layer in info.layers:
+        mark = " (default)" if layer.name == info.default_layer else ""
+        print(f"layer:        {layer.name} {layer.channels}x{layer.height}x{layer.width}{mark}")
+    print(f"methods:      {', '.join(info.methods) or 'none (Predict only)'}")
+    print(f"batching:     up to {info.max_batch_size} items, {info.max_delay_ms:g} ms delay, "
+          f"queue {info.max_queue}")
+    return 0
+
+
+def cmd_predict(client: Client, args) -> int:
+    errors: List[Tuple[str, CamserveError]] = []
+    progress = Progress(len(args.images), not args.json)
+    rows = []
+    for path, prediction in _each(args.images, lambda c: client.predict_many(c, top_k=args.top_k),
+                                  progress, errors):
+        if args.json:
+            rows.append(_prediction_json(path, prediction))
+        else:
+            print(f"{path}: {_classes(prediction)}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return _report(errors)
+
+
+def cmd_explain(client: Client, args) -> int:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    errors: List[Tuple[str, CamserveError]] = []
+    progress = Progress(len(args.images), not args.json)
+    target = _target(args.target_class)
+    rows = []
+
+    def call(chunk):
+        return client.explain_many(chunk, target=target, method=args.method, layer=args.layer,
+                                   outputs=("raw", "heatmap", "overlay_png"), top_k=args.top_k)
+
+    for path, exp in _each(args.images, call, progress, errors):
+        overlay, heat = _write(out, path, exp)
+        if args.json:
+            row = _prediction_json(path, exp.prediction)
+            row.update(target=vars(exp.target), method=exp.method, layer=exp.layer,
+                       overlay=str(overlay), heatmap=str(heat), raw=exp.raw.tolist())
+            rows.append(row)
+        else:
+            print(f"{path}: {_classes(exp.prediction)}")
+            print(f"  explained {exp.target.label} ({exp.target.index}) with {exp.method} at "
+                  f"{exp.layer}: {overlay}, {heat}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return _report(errors)
+
+
+def _write(out: Path, path: str, exp: Explanation) -> Tuple[Path, Path]:
+    stem = Path(path).stem
+    overlay, heat = out / f"{stem}.overlay.png", out / f"{stem}.heatmap.png"
+    overlay.write_bytes(exp.overlay_image)
+    heat.write_bytes(exp.heatmap_png)
+    return overlay, heat
+
+
+def _target(value: Optional[str]):
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else value
+
+
+def _report(errors: List[Tuple[str, CamserveError]]) -> int:
+    for path, exc in errors:
+        print(f"camserve: {path}: {exc.code.name}: {exc.details}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="camserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default=os.environ.get("CAMSERVE_TARGET", "localhost:50051"),
+                        help="server address host:port (env CAMSERVE_TARGET; default "
+                        "%(default)s)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="show the served model")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=cmd_info)
+
+    predict = sub.add_parser("predict", help="top classes for images")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(run=cmd_predict)
+
+    explain = sub.add_parser("explain", help="write a heatmap and an overlay per image")
+    explain.add_argument("images", nargs="+", metavar="IMAGE")
+    explain.add_argument("-o", "--output", required=True, metavar="DIR",
+                         help="folder for NAME.overlay.png and NAME.heatmap.png")
+    explain.add_argument("--class", dest="target_class", metavar="N|LABEL",
+                         help="class to explain (index or label; default: the top-1 class)")
+    explain.add_argument("--layer", help="layer to explain (default: the server's)")
+    explain.add_argument("--method", default="gradcam", choices=method_names())
+    explain.add_argument("--top-k", type=int, default=5)
+    explain.add_argument("--json", action="store_true")
+    explain.set_defaults(run=cmd_explain)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "top_k", 1) < 1:
+        print("camserve: --top-k must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            return args.run(client, args)
+    except CamserveError as exc:
+        print(f"camserve: {args.target}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

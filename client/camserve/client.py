@@ -1,0 +1,98 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, List, Optional, Sequence
+
+import grpc
+
+from . import _calls
+from .errors import CamserveError
+from .results import Explanation, ModelInfo, Prediction
+from .v1 import camserve_pb2 as pb
+from .v1 import camserve_pb2_grpc as pb_grpc
+
+_UNSET = object()
+
+
+class Client:
+    """A connection to a camserve server.
+
+    Every call takes ``timeout`` (seconds; default: the client's) and raises
+    :class:`CamserveError` on failure. One Client may be shared by many threads: the
+    underlying gRPC channel is thread-safe. Use it as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, target: str = _calls.DEFAULT_TARGET, *, timeout: Optional[float] = 30.0,
+                 max_message_bytes: int = _calls.DEFAULT_MAX_MESSAGE_BYTES,
+                 options: Sequence[tuple] = ()) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            target, options=_calls.channel_options(max_message_bytes) + list(options))
+        self._stub = pb_grpc.CamserveStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout):
+        try:
+            return method(request, timeout=self.timeout if timeout is _UNSET else timeout)
+        except grpc.RpcError as error:
+            raise CamserveError.from_rpc_error(error) from None
+
+    def model_info(self, *, timeout: Any = _UNSET) -> ModelInfo:
+        """The served model: name, labels, input size, layers, methods, batching, limits."""
+        return ModelInfo.from_proto(
+            self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
+
+    def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
+        """Wait until the server has loaded its model; returns its ModelInfo."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.model_info(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except CamserveError as exc:
+                retry = exc.code in (grpc.StatusCode.UNAVAILABLE,
+                                     grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not retry or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+
+    def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET) -> Prediction:
+        """Top-k classes for one image (a path, encoded bytes, uint8 array or PIL image)."""
+        return self.predict_many([image], top_k=top_k, timeout=timeout)[0]
+
+    def predict_many(self, images: Iterable[Any], *, top_k: int = 5,
+                     timeout: Any = _UNSET) -> List[Prediction]:
+        """One RPC for several images; answers in the same order."""
+        request = _calls.predict_request(list(images), top_k)
+        return _calls.predictions(self._call(self._stub.Predict, request, timeout))
+
+    def explain(self, image: Any, *, target: _calls.Target = None, method: str = "gradcam",
+                layer: Optional[str] = None, outputs: Iterable[str] = ("raw",), top_k: int = 5,
+                timeout: Any = _UNSET) -> Explanation:
+        """A class activation map for one image, with its prediction.
+
+        ``target``: a class index or label; None explains the top-1 class. ``outputs``: any of
+        "raw" (the map at the layer's grid), "heatmap" (8-bit PNG), "overlay_jpeg",
+        "overlay_png" (rendered by the server, at the image's size).
+        """
+        return self.explain_many([image], target=target, method=method, layer=layer,
+                                 outputs=outputs, top_k=top_k, timeout=timeout)[0]
+
+    def explain_many(self, images: Iterable[Any], *, target: _calls.Target = None,
+                     method: str = "gradcam", layer: Optional[str] = None,
+                     outputs: Iterable[str] = ("raw",), top_k: int = 5,
+                     timeout: Any = _UNSET) -> List[Explanation]:
+        """One RPC for several images; answers in the same order."""
+        images = list(images)
+        request = _calls.explain_request(images, target, method, layer, tuple(outputs), top_k)
+        return _calls.explanations(self._call(self._stub.Explain, request, timeout), images)

@@ -1,0 +1,77 @@
+"""From a raw map to pictures, with NumPy alone (the server renders with the same functions).
+
+- :func:`heatmap`: the raw map min-max scaled to [0, 1] at its grid, then resized bilinearly to
+  the image size exactly as ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)`` does (pixel
+  centres aligned, edges clamped). Resizing is linear with weights that sum to one, so this
+  equals resizing first and scaling with the grid's minimum and maximum. An all-zero (or
+  constant) map gives an all-zero heatmap.
+- :func:`colorize`: a heatmap through the "jet" colour map, uint8 RGB.
+- :func:`overlay`: the coloured heatmap blended over the image.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+__all__ = ["resize_bilinear", "heatmap", "colorize", "overlay"]
+
+
+def _interpolation_matrix(source: int, target: int) -> np.ndarray:
+    """(target, source) weights of OpenCV's INTER_LINEAR along one axis."""
+    position = (np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5
+    left = np.floor(position)
+    frac = position - left
+    frac[left < 0] = 0.0
+    left[left < 0] = 0
+    last = left >= source - 1
+    frac[last] = 0.0
+    left[last] = source - 1
+    left = left.astype(np.int64)
+    right = np.minimum(left + 1, source - 1)
+    weights = np.zeros((target, source), dtype=np.float64)
+    rows = np.arange(target)
+    np.add.at(weights, (rows, left), 1.0 - frac)
+    np.add.at(weights, (rows, right), frac)
+    return weights.astype(np.float32)
+
+
+def resize_bilinear(values: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Resize a 2-D float array to ``size`` = (height, width) like cv2's INTER_LINEAR."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {values.shape}")
+    height, width = int(size[0]), int(size[1])
+    rows = _interpolation_matrix(values.shape[0], height)
+    cols = _interpolation_matrix(values.shape[1], width)
+    return rows @ values @ cols.T
+
+
+def heatmap(raw: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """float32 (height, width) in [0, 1]: the raw map normalised, then resized to ``size``."""
+    raw = np.asarray(raw, dtype=np.float32)
+    low, high = float(raw.min()), float(raw.max())
+    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
+        return np.zeros((int(size[0]), int(size[1])), dtype=np.float32)
+    scaled = (raw - low) / (high - low)
+    return np.clip(resize_bilinear(scaled, size), 0.0, 1.0)
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) RGB: values in [0, 1] through the jet colour map (blue low, red high)."""
+    x = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., None]
+    centres = np.array([3.0, 2.0, 1.0], dtype=np.float32)  # R, G, B
+    rgb = np.clip(1.5 - np.abs(4.0 * x - centres), 0.0, 1.0)
+    return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """uint8 (H, W, 3): the coloured heatmap blended over ``image`` (uint8 RGB, same size)."""
+    image = np.asarray(image)
+    if image.shape[:2] != heat.shape:
+        raise ValueError(f"image is {image.shape[:2]}, heatmap is {heat.shape}: sizes differ")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    blended = (1.0 - alpha) * image[:, :, :3].astype(np.float32) + alpha * colorize(heat)
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)

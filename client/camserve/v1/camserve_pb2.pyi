@@ -1,0 +1,240 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CamMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CAM_METHOD_UNSPECIFIED: _ClassVar[CamMethod]
+    CAM_METHOD_GRADCAM: _ClassVar[CamMethod]
+
+class ExplainOutput(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPLAIN_OUTPUT_UNSPECIFIED: _ClassVar[ExplainOutput]
+    EXPLAIN_OUTPUT_RAW_MAP: _ClassVar[ExplainOutput]
+    EXPLAIN_OUTPUT_HEATMAP_PNG: _ClassVar[ExplainOutput]
+    EXPLAIN_OUTPUT_OVERLAY_JPEG: _ClassVar[ExplainOutput]
+    EXPLAIN_OUTPUT_OVERLAY_PNG: _ClassVar[ExplainOutput]
+CAM_METHOD_UNSPECIFIED: CamMethod
+CAM_METHOD_GRADCAM: CamMethod
+EXPLAIN_OUTPUT_UNSPECIFIED: ExplainOutput
+EXPLAIN_OUTPUT_RAW_MAP: ExplainOutput
+EXPLAIN_OUTPUT_HEATMAP_PNG: ExplainOutput
+EXPLAIN_OUTPUT_OVERLAY_JPEG: ExplainOutput
+EXPLAIN_OUTPUT_OVERLAY_PNG: ExplainOutput
+
+class Image(_message.Message):
+    __slots__ = ("encoded", "raw")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    encoded: bytes
+    raw: RawImage
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
+
+class RawImage(_message.Message):
+    __slots__ = ("pixels", "height", "width", "channels")
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    pixels: bytes
+    height: int
+    width: int
+    channels: int
+    def __init__(self, pixels: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("images", "top_k")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    top_k: int
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PredictResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[PredictResult, _Mapping]]] = ...) -> None: ...
+
+class PredictResult(_message.Message):
+    __slots__ = ("prediction", "timing", "image_size")
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    prediction: Prediction
+    timing: Timing
+    image_size: ImageSize
+    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("top",)
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    top: _containers.RepeatedCompositeFieldContainer[ClassScore]
+    def __init__(self, top: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
+
+class ClassScore(_message.Message):
+    __slots__ = ("index", "label", "probability", "logit")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    label: str
+    probability: float
+    logit: float
+    def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ..., logit: _Optional[float] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("queue_ms", "compute_ms", "batch_size", "decode_ms", "respond_ms")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    RESPOND_MS_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+    decode_ms: float
+    respond_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., decode_ms: _Optional[float] = ..., respond_ms: _Optional[float] = ...) -> None: ...
+
+class ImageSize(_message.Message):
+    __slots__ = ("height", "width")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+
+class Target(_message.Message):
+    __slots__ = ("class_index", "label")
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    class_index: int
+    label: str
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("images", "target", "method", "layer", "outputs", "top_k")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    target: Target
+    method: CamMethod
+    layer: str
+    outputs: _containers.RepeatedScalarFieldContainer[ExplainOutput]
+    top_k: int
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ExplainResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ExplainResult, _Mapping]]] = ...) -> None: ...
+
+class ExplainResult(_message.Message):
+    __slots__ = ("prediction", "target", "method", "layer", "raw_map", "heatmap_png", "overlay", "overlay_format", "image_size", "timing")
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    RAW_MAP_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    prediction: Prediction
+    target: ClassScore
+    method: CamMethod
+    layer: str
+    raw_map: RawMap
+    heatmap_png: bytes
+    overlay: bytes
+    overlay_format: str
+    image_size: ImageSize
+    timing: Timing
+    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., raw_map: _Optional[_Union[RawMap, _Mapping]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ..., overlay_format: _Optional[str] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class RawMap(_message.Message):
+    __slots__ = ("height", "width", "values")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "labels", "input_size", "mean", "std", "layers", "default_layer", "methods", "batching", "device", "limits")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    input_size: ImageSize
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
+    default_layer: str
+    methods: _containers.RepeatedScalarFieldContainer[CamMethod]
+    batching: BatchingInfo
+    device: str
+    limits: Limits
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_size: _Optional[_Union[ImageSize, _Mapping]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., default_layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class LayerInfo(_message.Message):
+    __slots__ = ("name", "channels", "height", "width")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    channels: int
+    height: int
+    width: int
+    def __init__(self, name: _Optional[str] = ..., channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+
+class BatchingInfo(_message.Message):
+    __slots__ = ("max_batch_size", "max_delay_ms", "max_queue")
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    max_batch_size: int
+    max_delay_ms: float
+    max_queue: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_image_bytes", "max_image_pixels", "max_images_per_request", "max_message_bytes")
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_image_bytes: int
+    max_image_pixels: int
+    max_images_per_request: int
+    max_message_bytes: int
+    def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...

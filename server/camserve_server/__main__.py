@@ -1,0 +1,49 @@
+"""``camserve-server`` / ``python -m camserve_server``: run the server until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import Optional, Sequence
+
+from .errors import ModelLoadError
+from .server import CamServer
+from .settings import parse_settings
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server = CamServer(settings)
+    try:
+        port = server.listen()
+        # Printed (not only logged) so scripts and tests started with --port 0 find the port.
+        print(f"camserve-server listening on {settings.host}:{port}", flush=True)
+        server.load()
+    except ModelLoadError as exc:
+        print(f"camserve-server: {exc}", file=sys.stderr)
+        server.stop(grace=0)
+        return 2
+    except OSError as exc:
+        print(f"camserve-server: {exc}", file=sys.stderr)
+        server.stop(grace=0)
+        return 2
+    if not stop.is_set():
+        print(f"camserve-server serving {settings.model} on {settings.host}:{port}", flush=True)
+    while not stop.wait(1.0):
+        pass
+    logging.getLogger("camserve_server").info("signal received: draining (grace %.0fs)",
+                                              settings.grace_s)
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Decoding and resizing images in the handler thread (Pillow releases the GIL while it works).
+
+Encoded bytes (JPEG, PNG, WebP, BMP, GIF: first frame) and raw uint8 pixels both end as RGB
+uint8 at the model's input size: the whole image resized (no crop), so a map covers the whole
+picture. JPEGs are rotated as their EXIF orientation says; the size reported back to the
+caller is the size after that rotation.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InvalidArgument
+
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_image_bytes: int
+    max_image_pixels: int
+
+
+@dataclass(frozen=True)
+class RawPixels:
+    pixels: bytes
+    height: int
+    width: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: np.ndarray  # uint8 (H, W, 3) at the model's input size
+    size: Tuple[int, int]  # (height, width) of the image as decoded, before resizing
+
+
+def prepare(source, input_size: Tuple[int, int], limits: Limits) -> Decoded:
+    """Decode ``source`` (encoded bytes or RawPixels) and resize it to ``input_size`` (h, w)."""
+    if isinstance(source, RawPixels):
+        rgb = raw_rgb(source, limits)
+        size = rgb.shape[:2]
+        if size == tuple(input_size):
+            return Decoded(rgb, size)
+        image = Image.fromarray(rgb)
+    else:
+        image, size = _open(source, limits, draft=input_size)
+    if image.size != (input_size[1], input_size[0]):
+        image = image.resize((input_size[1], input_size[0]), Image.BILINEAR)
+    return Decoded(np.asarray(image, dtype=np.uint8), size)
+
+
+def full_rgb(source, limits: Limits) -> np.ndarray:
+    """The whole image as uint8 (H, W, 3) RGB at its own size (for overlays)."""
+    if isinstance(source, RawPixels):
+        return raw_rgb(source, limits)
+    image, _ = _open(source, limits, draft=None)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def raw_rgb(raw: RawPixels, limits: Limits) -> np.ndarray:
+    h, w, c = raw.height, raw.width, raw.channels
+    if h < 1 or w < 1:
+        raise InvalidArgument(f"has height {h} and width {w}; both must be at least 1")
+    if c not in (1, 3, 4):
+        raise InvalidArgument(f"has {c} channels; send 1 (gray), 3 (RGB) or 4 (RGBA)")
+    _check_pixels(h, w, limits)
+    if len(raw.pixels) != h * w * c:
+        raise InvalidArgument(f"has {len(raw.pixels)} bytes of raw pixels, but height x width x "
+                              f"channels = {h}x{w}x{c} needs {h * w * c}")
+    array = np.frombuffer(raw.pixels, dtype=np.uint8).reshape(h, w, c)
+    if c == 1:
+        return np.repeat(array, 3, axis=2)
+    if c == 4:
+        return np.ascontiguousarray(array[:, :, :3])
+    return array
+
+
+def _check_pixels(height: int, width: int, limits: Limits) -> None:
+    if height * width > limits.max_image_pixels:
+        raise InvalidArgument(
+            f"is {width}x{height} = {height * width:,} pixels; this server accepts at most "
+            f"{limits.max_image_pixels:,} (max_image_pixels); send a smaller image")
+
+
+def _open(data: bytes, limits: Limits, draft: Optional[Tuple[int, int]]):
+    """Open, check and decode encoded bytes. Returns (RGB image, (height, width) decoded)."""
+    if not data:
+        raise InvalidArgument("is empty: send encoded bytes (JPEG, PNG, WebP, BMP) or raw "
+                              "pixels")
+    if len(data) > limits.max_image_bytes:
+        raise InvalidArgument(f"is {len(data):,} bytes; this server accepts at most "
+                              f"{limits.max_image_bytes:,} (max_image_bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise InvalidArgument(f"is not a JPEG, PNG, WebP, BMP or GIF file (it starts with "
+                              f"{data[:8].hex(' ')})") from None
+    except Image.DecompressionBombError as exc:
+        raise InvalidArgument(f"is too large to decode: {exc}") from None
+    except Exception as exc:  # Pillow's header parsers raise many types on garbage
+        raise InvalidArgument(f"has a malformed header: {exc}") from None
+    width, height = image.size
+    _check_pixels(height, width, limits)
+    orientation = image.getexif().get(0x0112, 1) if image.format == "JPEG" else 1
+    size = (width, height) if orientation in _ROTATED else (height, width)
+    try:
+        if draft is not None and image.format == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image stays at least as big
+            # as the model input: much less work, the same input after resizing.
+            want = (draft[0], draft[1]) if orientation in _ROTATED else (draft[1], draft[0])
+            image.draft("RGB", want)
+        image.load()
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
+        return _to_rgb(image), size
+    except InvalidArgument:
+        raise
+    except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError...
+        raise InvalidArgument(f"could not be decoded as {image.format}: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: keep the high byte (convert("L") would clip at 255 instead).
+        high = (np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(high).convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")

@@ -1,0 +1,140 @@
+"""From protobuf requests to validated domain values (the handler's side of the edge).
+
+Everything a caller can get wrong is checked here and answered INVALID_ARGUMENT with a message
+that says what to change. Nothing here touches the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
+
+from camserve.methods import method_name, method_names
+from camserve.v1 import camserve_pb2 as pb
+
+from .cams import METHODS
+from .errors import FailedPrecondition, InvalidArgument
+from .images import RawPixels
+from .models import LoadedModel
+
+DEFAULT_TOP_K = 5
+Source = Union[bytes, RawPixels]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    raw_map: bool = True
+    heatmap_png: bool = False
+    overlay_format: Optional[str] = None  # "jpeg", "png" or None
+
+    @property
+    def needs_heatmap(self) -> bool:
+        return self.heatmap_png or self.overlay_format is not None
+
+
+class LabelIndex:
+    """Case-insensitive label → class index lookup, built once per model."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = tuple(labels)
+        self._by_name: Dict[str, List[int]] = {}
+        for index, label in enumerate(self.labels):
+            self._by_name.setdefault(label.strip().lower(), []).append(index)
+
+    def index_of(self, label: str) -> int:
+        matches = self._by_name.get(label.strip().lower())
+        if not matches:
+            close = difflib.get_close_matches(label.strip().lower(), list(self._by_name), n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise InvalidArgument(f"no class is labelled {label!r}{hint} (GetModelInfo lists "
+                                  f"the labels)")
+        if len(matches) > 1:
+            raise InvalidArgument(f"label {label!r} names classes {matches}; pass the class "
+                                  f"index instead")
+        return matches[0]
+
+
+def image_sources(images: Sequence[pb.Image], max_images: int) -> List[Source]:
+    """The request's images as encoded bytes or RawPixels, after the per-request checks."""
+    if not images:
+        raise InvalidArgument("the request has no images; add at least one")
+    if len(images) > max_images:
+        raise InvalidArgument(f"the request has {len(images)} images; this server takes at most "
+                              f"{max_images} per request (max_images_per_request): split it")
+    sources: List[Source] = []
+    for i, image in enumerate(images):
+        which = image.WhichOneof("source")
+        if which == "encoded":
+            sources.append(image.encoded)
+        elif which == "raw":
+            raw = image.raw
+            sources.append(RawPixels(raw.pixels, raw.height, raw.width, raw.channels))
+        else:
+            raise InvalidArgument(f"image {i} is empty: set encoded (file bytes) or raw (pixels)")
+    return sources
+
+
+def top_k(value: int, num_classes: int) -> int:
+    return min(value or DEFAULT_TOP_K, num_classes)
+
+
+def method(value: int) -> str:
+    try:
+        name = method_name(value)
+    except ValueError:
+        raise InvalidArgument(f"method {value} is not a CamMethod; choose from "
+                              f"{', '.join(method_names())}") from None
+    if name not in METHODS:
+        raise InvalidArgument(f"method {name!r} is not served here; choose from "
+                              f"{', '.join(METHODS)}")
+    return name
+
+
+def layer(name: str, model: LoadedModel) -> str:
+    if not model.layers:
+        raise FailedPrecondition(f"the model {model.name} has no explainable layer, so it serves "
+                                 "Predict only (a TorchScript model, or one without a 4-D layer)")
+    if not name:
+        return model.default_layer
+    if model.layer(name) is None:
+        names = [info.name for info in model.layers]
+        raise InvalidArgument(f"layer {name!r} is not one this server explains; choose from "
+                              f"{', '.join(names)} (start the server with --layer to add one)")
+    return name
+
+
+def target(value: pb.Target, labels: LabelIndex) -> Optional[int]:
+    kind = value.WhichOneof("kind")
+    if kind == "class_index":
+        if value.class_index >= len(labels.labels):
+            raise InvalidArgument(f"class index {value.class_index} is out of range: the model "
+                                  f"has {len(labels.labels)} classes (0..{len(labels.labels) - 1})")
+        return value.class_index
+    if kind == "label":
+        return labels.index_of(value.label)
+    return None
+
+
+def outputs(values: Sequence[int]) -> Outputs:
+    known = set(pb.ExplainOutput.values())
+    for v in values:
+        if v not in known:
+            raise InvalidArgument(f"output {v} is not an ExplainOutput; choose from "
+                                  f"{', '.join(n for n, x in pb.ExplainOutput.items() if x)}")
+    chosen = set(values) - {pb.EXPLAIN_OUTPUT_UNSPECIFIED} or {pb.EXPLAIN_OUTPUT_RAW_MAP}
+    overlays = chosen & {pb.EXPLAIN_OUTPUT_OVERLAY_JPEG, pb.EXPLAIN_OUTPUT_OVERLAY_PNG}
+    if len(overlays) > 1:
+        raise InvalidArgument("ask for one overlay format: OVERLAY_JPEG or OVERLAY_PNG")
+    overlay = None
+    if overlays:
+        overlay = "jpeg" if pb.EXPLAIN_OUTPUT_OVERLAY_JPEG in overlays else "png"
+    return Outputs(raw_map=pb.EXPLAIN_OUTPUT_RAW_MAP in chosen,
+                   heatmap_png=pb.EXPLAIN_OUTPUT_HEATMAP_PNG in chosen,
+                   overlay_format=overlay)
+
+
+def image_error(index: int, error: InvalidArgument) -> InvalidArgument:
+    """The same error, saying which image of the request it is about."""
+    return InvalidArgument(f"image {index} {error.message}")
+

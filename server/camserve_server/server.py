@@ -1,0 +1,134 @@
+"""Assembling and running the server: gRPC, health, reflection, model, engine, batcher.
+
+Start-up order: listen (health NOT_SERVING, calls answer UNAVAILABLE), load the model, warm the
+engine up, start the batcher, then report SERVING. Shut-down: NOT_SERVING, refuse new calls,
+let in-flight ones finish within the grace period, drain the batcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+from typing import Optional
+
+import grpc
+import numpy as np
+from camserve.v1 import camserve_pb2 as pb
+from camserve.v1 import camserve_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import images
+from .batcher import Batcher
+from .cams import METHODS
+from .engine import Engine, ExplainSpec, WorkItem
+from .handler import CamserveServicer, Runtime, model_info
+from .models import LoadedModel, load_model
+from .request import LabelIndex
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Camserve"].full_name
+
+
+class CamServer:
+    """One server process's worth of state. ``start`` returns the bound port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port: Optional[int] = None
+        self.model: Optional[LoadedModel] = None
+        self._servicer = CamserveServicer()
+        self._health = health.HealthServicer()
+        self._grpc: Optional[grpc.Server] = None
+        self._engine: Optional[Engine] = None
+        self._batcher: Optional[Batcher] = None
+        self._stopped = threading.Event()
+
+    def start(self) -> int:
+        """Listen, load the model and warm up; returns once the server reports SERVING."""
+        self.listen()
+        try:
+            self.load()
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        return self.port
+
+    def listen(self) -> int:
+        s = self.settings
+        options = [("grpc.max_receive_message_length", s.max_message_bytes),
+                   ("grpc.max_send_message_length", s.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.threads,
+                                                        thread_name_prefix="camserve-handler"),
+                             options=options, maximum_concurrent_rpcs=None)
+        pb_grpc.add_CamserveServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        server.start()
+        self._grpc, self.port = server, port
+        log.info("listening on %s:%d (loading %s)", s.host, port, s.model)
+        return port
+
+    def load(self) -> None:
+        s = self.settings
+        model = load_model(s)
+        log.info("loaded %s on %s in %.1fs: %d classes, input %dx%d, layers %s", model.name,
+                 model.device, model.load_seconds, model.num_classes, model.input_size[1],
+                 model.input_size[0], ", ".join(i.name for i in model.layers) or "none")
+        engine = Engine(model)
+        _warm_up(engine, s.max_batch_size)
+        batcher = Batcher(engine.run, max_batch_size=s.max_batch_size,
+                          max_delay_ms=s.max_delay_ms, max_queue=s.max_queue)
+        batcher.start()
+        self.model, self._engine, self._batcher = model, engine, batcher
+        self._servicer.serve(Runtime(
+            settings=s, model=model, batcher=batcher, labels=LabelIndex(model.labels),
+            limits=images.Limits(s.max_image_bytes, s.max_image_pixels),
+            info=model_info(s, model)))
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on port %d", self.port)
+
+    def stop(self, grace: Optional[float] = None) -> None:
+        """Stop accepting calls, let in-flight ones finish within ``grace`` seconds, drain."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.settings.grace_s if grace is None else grace
+        self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait()
+        if self._batcher is not None:
+            self._batcher.stop(timeout=grace + 5)
+        if self._engine is not None:
+            self._engine.close()
+        log.info("stopped")
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, status)
+
+
+def _warm_up(engine: Engine, max_batch_size: int) -> None:
+    """Run the shapes the batcher will use once, so the first callers do not pay for it."""
+    model = engine.model
+    blank = np.zeros((*model.input_size, 3), dtype=np.uint8)
+    started = time.perf_counter()
+    for size in sorted({1, max_batch_size}):
+        engine.run([WorkItem(blank)] * size)
+        if model.layers:
+            spec = ExplainSpec(next(iter(METHODS)), model.default_layer)
+            engine.run([WorkItem(blank, spec)] * size)
+    log.info("warmed up in %.1fs", time.perf_counter() - started)
