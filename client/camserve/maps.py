@@ -1,10 +1,9 @@
 """From a raw map to pictures, with NumPy alone (the server renders with the same functions).
 
-- :func:`heatmap`: the raw map min-max scaled to [0, 1] at its grid, then resized bilinearly to
-  the image size exactly as ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)`` does (pixel
-  centres aligned, edges clamped). Resizing is linear with weights that sum to one, so this
-  equals resizing first and scaling with the grid's minimum and maximum. An all-zero (or
-  constant) map gives an all-zero heatmap.
+- :func:`heatmap`: the raw map resized bilinearly to the image size exactly as
+  ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)`` does (pixel centres aligned, edges
+  clamped), then min-max scaled to [0, 1] over the image (what pytorch-grad-cam returns). An
+  all-zero (or constant) map gives an all-zero heatmap.
 - :func:`colorize`: a heatmap through the "jet" colour map, uint8 RGB.
 - :func:`overlay`: the coloured heatmap blended over the image.
 """
@@ -49,13 +48,13 @@ def resize_bilinear(values: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
 
 
 def heatmap(raw: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """float32 (height, width) in [0, 1]: the raw map normalised, then resized to ``size``."""
-    raw = np.asarray(raw, dtype=np.float32)
-    low, high = float(raw.min()), float(raw.max())
-    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
-        return np.zeros((int(size[0]), int(size[1])), dtype=np.float32)
-    scaled = (raw - low) / (high - low)
-    return np.clip(resize_bilinear(scaled, size), 0.0, 1.0)
+    """float32 (height, width) in [0, 1]: the raw map resized to ``size``, then min-max scaled."""
+    resized = resize_bilinear(raw, size)
+    low, high = float(resized.min()), float(resized.max())
+    # A spread within float rounding of the values is a constant map, not a signal.
+    if not np.isfinite(low) or not np.isfinite(high) or high - low <= 1e-6 * abs(high):
+        return np.zeros(resized.shape, dtype=np.float32)
+    return (resized - low) / (high - low)
 
 
 def colorize(values: np.ndarray) -> np.ndarray:

