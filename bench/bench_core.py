@@ -230,13 +230,14 @@ def time_batches(fn, seconds: float, warmup: float) -> dict:
 
 def in_process_cases(model: str, weights, jpeg: bytes):
     """([(label, one-batch function)], the explained layer, a cleanup function)."""
+    from captum.attr import LayerGradCam
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     from camserve_server import images
     from camserve_server.engine import Engine, ExplainSpec, WorkItem
     from camserve_server.models import load_model
     from camserve_server.settings import Settings
-    from captum.attr import LayerGradCam
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     settings = Settings(model=model, weights=weights)
     served = load_model(settings)

@@ -10,10 +10,11 @@ from typing import Iterator, Tuple
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from camserve import Client
 from camserve_server.server import CamServer
 from camserve_server.settings import Settings
-from PIL import Image
 
 TESTS = Path(__file__).parent
 DATA = TESTS / "data"
@@ -99,6 +100,13 @@ def default_server():
 def resnet_server(resnet_weights):
     with running(model="torchvision:resnet18", weights=str(resnet_weights),
                  layers=("layer4", "layer3"), max_delay_ms=20) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="session")
+def tiny_server_large():
+    """The tiny model with the default limits."""
+    with running(model=TINY) as pair:
         yield pair
 
 

@@ -7,6 +7,7 @@ import threading
 from collections import Counter
 
 import numpy as np
+
 from camserve import Client
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-import references as ref
 import torch
+
+import references as ref
 from conftest import resized
 
 

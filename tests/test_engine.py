@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import references as ref
 import torch
+
 from camserve_server.engine import Engine, ExplainSpec, WorkItem
 from camserve_server.models import load_model
 from camserve_server.settings import Settings
+
+import references as ref
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,11 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+
 from camserve import CamserveError
 from camserve.v1 import camserve_pb2 as pb
 from camserve.v1 import camserve_pb2_grpc as pb_grpc
+
 from conftest import encode
 
 JPEG = encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -97,8 +99,9 @@ def test_label_that_names_two_classes(tmp_path):
 
 
 def test_torchscript_model_refuses_explain_clearly(tmp_path):
-    import tiny_models
     import torch
+
+    import tiny_models
     from conftest import running
 
     path = tmp_path / "tiny.pt"

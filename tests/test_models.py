@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from camserve_server.errors import ModelLoadError
+
+from camserve_server.errors import StartupError
 from camserve_server.models import imagenet_labels, load_model
 from camserve_server.settings import Settings
+
 from conftest import TINY
 
 
@@ -43,12 +45,12 @@ def test_layers_given_are_validated(resnet_weights):
                                 layers=("layer3", "layer4.0.conv1")))
     assert [i.name for i in model.layers] == ["layer3", "layer4.0.conv1"]
     assert model.default_layer == "layer3"
-    with pytest.raises(ModelLoadError, match="did you mean layer4"):
+    with pytest.raises(StartupError, match="did you mean layer4"):
         load_model(Settings(model="torchvision:resnet18", weights="random", layers=("layr4",)))
-    with pytest.raises(ModelLoadError, match="runs 2 times"):  # a ReLU module reused in a block
+    with pytest.raises(StartupError, match="runs 2 times"):  # a ReLU module reused in a block
         load_model(Settings(model="torchvision:resnet18", weights="random",
                             layers=("layer4.1.relu",)))
-    with pytest.raises(ModelLoadError, match="not \\(batch, channels"):
+    with pytest.raises(StartupError, match="not \\(batch, channels"):
         load_model(Settings(model="torchvision:resnet18", weights="random", layers=("fc",)))
 
 
@@ -60,7 +62,7 @@ def test_python_source_labels_and_input_size(tmp_path):
     assert model.input_size == (96, 128)
     assert model.default_layer == "features"
     labels.write_text("only\ntwo\n")
-    with pytest.raises(ModelLoadError, match="has 2 labels, the model has 10 classes"):
+    with pytest.raises(StartupError, match="has 2 labels, the model has 10 classes"):
         load_model(Settings(model=TINY, labels=str(labels)))
 
 
@@ -74,7 +76,7 @@ def test_weights_file_round_trip_and_mismatch(tmp_path, resnet_weights):
                checkpoint)
     again = load_model(Settings(model="torchvision:resnet18", weights=str(checkpoint)))
     assert torch.equal(again.module.fc.weight, model.module.fc.weight)
-    with pytest.raises(ModelLoadError, match="do not fit the model"):
+    with pytest.raises(StartupError, match="do not fit the model"):
         load_model(Settings(model="torchvision:resnet34", weights=str(resnet_weights)))
 
 
@@ -87,7 +89,7 @@ def test_weights_file_round_trip_and_mismatch(tmp_path, resnet_weights):
     (Settings(model="torchscript:/no/such.pt"), "does not exist"),
 ])
 def test_load_errors_say_what_to_do(settings, message):
-    with pytest.raises(ModelLoadError, match=message):
+    with pytest.raises(StartupError, match=message):
         load_model(settings)
 
 
@@ -98,6 +100,6 @@ def test_torchscript_serves_predict_only(tmp_path):
     torch.jit.script(tiny_models.tiny_cnn().eval()).save(str(path))
     model = load_model(Settings(model=f"torchscript:{path}"))
     assert model.layers == () and model.num_classes == 10
-    with pytest.raises(ModelLoadError, match="TorchScript"):
+    with pytest.raises(StartupError, match="TorchScript"):
         load_model(Settings(model=f"torchscript:{path}", layers=("features",)))
 

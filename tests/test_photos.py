@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from conftest import resized
 
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}

@@ -8,11 +8,13 @@ import io
 import grpc
 import numpy as np
 import pytest
-from camserve import AsyncClient, CamserveError, Client
-from conftest import encode, resized
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
+
+from camserve import AsyncClient, CamserveError, Client
+
+from conftest import encode, resized
 
 
 def test_model_info(default_server):

@@ -9,17 +9,21 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
-from camserve import Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from camserve import CamserveError, Client
 
 TESTS = Path(__file__).parent
 
 
 def start(*args, env=None):
-    environment = dict(os.environ, PYTHONPATH=str(TESTS), **(env or {}))
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    environment = dict(os.environ, PYTHONPATH=path, **(env or {}))
     process = subprocess.Popen([sys.executable, "-m", "camserve_server", "--host", "127.0.0.1",
                                 *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=environment)
@@ -29,40 +33,58 @@ def start(*args, env=None):
     return process, int(match.group(1))
 
 
-def test_sigterm_drains_in_flight_calls_and_exits_zero(cat_path):
-    process, port = start("--port", "0", env={
-        "CAMSERVE_MODEL": "python:tiny_models:tiny_cnn", "CAMSERVE_MAX_DELAY_MS": "400",
-        "CAMSERVE_MAX_BATCH_SIZE": "64"})
+def test_sigterm_under_load_answers_every_call_once_and_exits_zero(cat_path):
+    """8 callers keep the server busy; SIGTERM arrives: every call ends with an answer or a
+    clear status (UNAVAILABLE, CANCELLED), none hangs, none is answered twice; exit 0."""
+    process, port = start("--port", "0", "--grace-s", "5", env={
+        "CAMSERVE_MODEL": "python:tiny_models:slow_cnn", "CAMSERVE_MAX_BATCH_SIZE": "4",
+        "CAMSERVE_MAX_DELAY_MS": "20"})
+    outcomes = Counter()
+    calls = Counter()
+    stop = threading.Event()
+    lock = threading.Lock()
     try:
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
             info = client.wait_until_ready(60)
-            assert info.name == "python:tiny_models:tiny_cnn" and info.max_delay_ms == 400
+            assert info.name == "python:tiny_models:slow_cnn" and info.max_delay_ms == 20
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 status = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING
-            answers, errors = [], []
 
-            def call():
-                try:
-                    answers.append(client.explain(str(cat_path)))
-                except Exception as exc:  # reported by the assertion below
-                    errors.append(exc)
+            def caller(n):
+                i = 0
+                while not stop.is_set():
+                    key = (n, i)
+                    try:
+                        client.predict(str(cat_path), timeout=30)
+                        result = "OK"
+                    except CamserveError as exc:
+                        result = exc.code.name
+                    with lock:
+                        calls[key] += 1
+                        outcomes[result] += 1
+                    if result not in ("OK",):
+                        return  # the server is going away
+                    i += 1
 
-            threads = [threading.Thread(target=call) for _ in range(6)]
+            threads = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
             for t in threads:
                 t.start()
-            # The calls wait up to 400 ms for their batch to fill: stop the server meanwhile.
-            threading.Event().wait(0.15)
+            while outcomes["OK"] < 8:
+                time.sleep(0.05)
             process.send_signal(signal.SIGTERM)
+            assert process.wait(60) == 0
+            stop.set()
             for t in threads:
                 t.join(60)
-        assert process.wait(60) == 0
-        assert not errors, errors
-        assert len(answers) == 6
+            assert not any(t.is_alive() for t in threads), "a call hung"
     finally:
         process.kill()
         process.wait()
+    assert set(calls.values()) == {1}, "a call was answered twice"
+    assert set(outcomes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, outcomes
+    assert outcomes["OK"] >= 8
 
 
 def test_bad_model_exits_2_with_a_message():

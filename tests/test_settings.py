@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from camserve_server.settings import Settings, parse_settings
 
 

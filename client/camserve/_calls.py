@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, List, Optional, Sequence, Union
+
+import grpc
 
 from .errors import invalid
 from .images import to_proto
@@ -26,6 +29,37 @@ Target = Union[int, str, None]
 def channel_options(max_message_bytes: int) -> List[tuple]:
     return [("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def _pem(value) -> Optional[bytes]:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        with open(value, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise invalid(f"cannot read {os.fspath(value)!r}: {exc.strerror}") from None
+
+
+def credentials(tls: bool, root_certificates, client_cert, client_key):
+    """TLS channel credentials, or None for plaintext. PEM values are bytes or file paths;
+    root_certificates=None trusts the system's CAs."""
+    if not (tls or root_certificates or client_cert or client_key):
+        return None
+    if (client_cert is None) != (client_key is None):
+        raise invalid("give client_cert and client_key together")
+    return grpc.ssl_channel_credentials(root_certificates=_pem(root_certificates),
+                                        private_key=_pem(client_key),
+                                        certificate_chain=_pem(client_cert))
+
+
+def retry_while_starting(error) -> bool:
+    """Whether wait_until_ready should keep trying after this error."""
+    return error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def call_metadata(token: Optional[str]) -> tuple:
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def predict_request(images: Sequence[Any], top_k: int) -> pb.PredictRequest:

@@ -26,12 +26,17 @@ class AsyncClient:
     """
 
     def __init__(self, target: str = _calls.DEFAULT_TARGET, *, timeout: Optional[float] = 30.0,
+                 token: Optional[str] = None, tls: bool = False, root_certificates=None,
+                 client_cert=None, client_key=None,
                  max_message_bytes: int = _calls.DEFAULT_MAX_MESSAGE_BYTES,
                  options: Sequence[tuple] = ()) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = aio.insecure_channel(
-            target, options=_calls.channel_options(max_message_bytes) + list(options))
+        self._metadata = _calls.call_metadata(token)
+        creds = _calls.credentials(tls, root_certificates, client_cert, client_key)
+        channel_options = _calls.channel_options(max_message_bytes) + list(options)
+        self._channel = (aio.insecure_channel(target, options=channel_options) if creds is None
+                         else aio.secure_channel(target, creds, options=channel_options))
         self._stub = pb_grpc.CamserveStub(self._channel)
 
     async def close(self) -> None:
@@ -45,7 +50,8 @@ class AsyncClient:
 
     async def _call(self, method, request, timeout):
         try:
-            return await method(request, timeout=self.timeout if timeout is _UNSET else timeout)
+            return await method(request, timeout=self.timeout if timeout is _UNSET else timeout,
+                                metadata=self._metadata)
         except grpc.RpcError as error:
             raise CamserveError.from_rpc_error(error) from None
 
@@ -55,16 +61,21 @@ class AsyncClient:
 
     async def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
         deadline = time.monotonic() + timeout
+        state = "unreachable"
         while True:
             try:
-                return await self.model_info(
+                info = await self.model_info(
                     timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                if info.state == "serving":
+                    return info
+                state = info.state
             except CamserveError as exc:
-                retry = exc.code in (grpc.StatusCode.UNAVAILABLE,
-                                     grpc.StatusCode.DEADLINE_EXCEEDED)
-                if not retry or time.monotonic() >= deadline:
+                if not _calls.retry_while_starting(exc) or time.monotonic() >= deadline:
                     raise
-                await asyncio.sleep(0.1)
+            if time.monotonic() >= deadline:
+                raise CamserveError(grpc.StatusCode.UNAVAILABLE,
+                                    f"the server is still {state} after {timeout:g} s")
+            await asyncio.sleep(0.1)
 
     async def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET) -> Prediction:
         return (await self.predict_many([image], top_k=top_k, timeout=timeout))[0]

@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="server address host:port (env CAMSERVE_TARGET; default "
                         "%(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    parser.add_argument("--token", default=os.environ.get("CAMSERVE_TOKEN"),
+                        help="bearer token, when the server requires one (env CAMSERVE_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (system CAs)")
+    parser.add_argument("--ca-cert", metavar="PEM", help="trust this CA (implies --tls)")
+    parser.add_argument("--client-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    parser.add_argument("--client-key", metavar="PEM", help="key of --client-cert")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="show the served model")
@@ -210,7 +216,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("camserve: --top-k must be at least 1", file=sys.stderr)
         return 2
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, token=args.token, tls=args.tls,
+                    root_certificates=args.ca_cert, client_cert=args.client_cert,
+                    client_key=args.client_key) as client:
             return args.run(client, args)
     except CamserveError as exc:
         print(f"camserve: {args.target}: {exc.code.name}: {exc.details}", file=sys.stderr)

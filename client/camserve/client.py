@@ -19,18 +19,27 @@ _UNSET = object()
 class Client:
     """A connection to a camserve server.
 
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call. TLS: ``tls=True``
+    trusts the system's CAs, ``root_certificates`` (PEM bytes or a path) trusts those;
+    ``client_cert`` and ``client_key`` present a client certificate (mutual TLS).
+
     Every call takes ``timeout`` (seconds; default: the client's) and raises
     :class:`CamserveError` on failure. One Client may be shared by many threads: the
     underlying gRPC channel is thread-safe. Use it as a context manager, or call ``close()``.
     """
 
     def __init__(self, target: str = _calls.DEFAULT_TARGET, *, timeout: Optional[float] = 30.0,
+                 token: Optional[str] = None, tls: bool = False, root_certificates=None,
+                 client_cert=None, client_key=None,
                  max_message_bytes: int = _calls.DEFAULT_MAX_MESSAGE_BYTES,
                  options: Sequence[tuple] = ()) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            target, options=_calls.channel_options(max_message_bytes) + list(options))
+        self._metadata = _calls.call_metadata(token)
+        creds = _calls.credentials(tls, root_certificates, client_cert, client_key)
+        channel_options = _calls.channel_options(max_message_bytes) + list(options)
+        self._channel = (grpc.insecure_channel(target, options=channel_options) if creds is None
+                         else grpc.secure_channel(target, creds, options=channel_options))
         self._stub = pb_grpc.CamserveStub(self._channel)
 
     def close(self) -> None:
@@ -44,7 +53,8 @@ class Client:
 
     def _call(self, method, request, timeout):
         try:
-            return method(request, timeout=self.timeout if timeout is _UNSET else timeout)
+            return method(request, timeout=self.timeout if timeout is _UNSET else timeout,
+                          metadata=self._metadata)
         except grpc.RpcError as error:
             raise CamserveError.from_rpc_error(error) from None
 
@@ -54,17 +64,23 @@ class Client:
             self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
 
     def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
-        """Wait until the server has loaded its model; returns its ModelInfo."""
+        """Wait until the server has loaded its model (state "serving"); returns its ModelInfo.
+        Raises CamserveError (UNAVAILABLE or DEADLINE_EXCEEDED) when it is not ready in time."""
         deadline = time.monotonic() + timeout
+        state = "unreachable"
         while True:
             try:
-                return self.model_info(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                info = self.model_info(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                if info.state == "serving":
+                    return info
+                state = info.state
             except CamserveError as exc:
-                retry = exc.code in (grpc.StatusCode.UNAVAILABLE,
-                                     grpc.StatusCode.DEADLINE_EXCEEDED)
-                if not retry or time.monotonic() >= deadline:
+                if not _calls.retry_while_starting(exc) or time.monotonic() >= deadline:
                     raise
-                time.sleep(0.1)
+            if time.monotonic() >= deadline:
+                raise CamserveError(grpc.StatusCode.UNAVAILABLE,
+                                    f"the server is still {state} after {timeout:g} s")
+            time.sleep(0.1)
 
     def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET) -> Prediction:
         """Top-k classes for one image (a path, encoded bytes, uint8 array or PIL image)."""

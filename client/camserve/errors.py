@@ -26,7 +26,28 @@ class CamserveError(Exception):
     def from_rpc_error(cls, error: grpc.RpcError) -> CamserveError:
         code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
         details = error.details() if callable(getattr(error, "details", None)) else str(error)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", _retry_after(error))
+
+
+def _retry_after(error: grpc.RpcError) -> Optional[float]:
+    """The google.rpc.RetryInfo delay from the rich status details, if the server sent one."""
+    metadata = error.trailing_metadata() if callable(
+        getattr(error, "trailing_metadata", None)) else None
+    for key, value in metadata or ():
+        if key != "grpc-status-details-bin":
+            continue
+        from google.rpc import error_details_pb2, status_pb2
+
+        try:
+            status = status_pb2.Status.FromString(value)
+        except Exception:  # a malformed detail is not worth failing the error path for
+            return None
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                return info.retry_delay.ToNanoseconds() / 1e9
+    return None
 
 
 def invalid(message: str) -> CamserveError:

@@ -142,6 +142,7 @@ class ModelInfo:
     max_image_bytes: int
     max_image_pixels: int
     max_images_per_request: int
+    state: str  # "loading", "serving" or "draining"
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -156,4 +157,5 @@ class ModelInfo:
             max_queue=msg.batching.max_queue, device=msg.device,
             max_image_bytes=msg.limits.max_image_bytes,
             max_image_pixels=msg.limits.max_image_pixels,
-            max_images_per_request=msg.limits.max_images_per_request)
+            max_images_per_request=msg.limits.max_images_per_request,
+            state=pb.ServerState.Name(msg.state)[len("SERVER_STATE_"):].lower())

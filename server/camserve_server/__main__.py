@@ -8,16 +8,15 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from .errors import ModelLoadError
+from . import logs
+from .errors import StartupError
 from .server import CamServer
 from .settings import parse_settings
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -26,12 +25,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         port = server.listen()
         # Printed (not only logged) so scripts and tests started with --port 0 find the port.
         print(f"camserve-server listening on {settings.host}:{port}", flush=True)
+        if server.metrics.port is not None:
+            print(f"camserve-server metrics on {settings.host}:{server.metrics.port}", flush=True)
         server.load()
-    except ModelLoadError as exc:
-        print(f"camserve-server: {exc}", file=sys.stderr)
-        server.stop(grace=0)
-        return 2
-    except OSError as exc:
+    except (StartupError, OSError) as exc:
         print(f"camserve-server: {exc}", file=sys.stderr)
         server.stop(grace=0)
         return 2

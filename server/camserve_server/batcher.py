@@ -2,9 +2,14 @@
 
 Handler threads :meth:`Batcher.submit` work items and wait on the returned future. The worker
 takes the first item, then gathers more until ``max_batch_size`` items or ``max_delay_ms`` after
-the first one arrived, drops items whose caller gave up or whose deadline passed, runs the batch
-on the engine and resolves each item's future. A full queue refuses at once with a retry hint. An
-exception in a batch fails only that batch's items; the worker goes on with the next batch.
+the first one arrived, drops items whose caller gave up or whose deadline cannot be met, runs the
+batch on the engine and resolves each item's future.
+
+Failures stay local: a full queue refuses at once with a retry hint; a deadline too short for
+the expected wait is refused before it is queued; an exception in a batch fails only that
+batch's items; a batch that runs out of device memory is split in two and retried; and if the
+worker thread itself dies, a supervisor fails the batch it was running, reports it (health goes
+NOT_SERVING while no worker runs) and starts a new worker.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-from .engine import ItemResult, WorkItem
-from .errors import BatchFailed, DeadlineExceeded, QueueFull
+from .engine import ItemResult, OutOfMemory, WorkItem
+from .errors import BatchFailed, DeadlineExceeded, QueueFull, ServiceError
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+RunBatch = Callable[[Sequence[WorkItem]], List[Union[ItemResult, ServiceError]]]
 
 
 @dataclass(frozen=True)
@@ -39,47 +47,68 @@ class _Pending:
     future: Future
     enqueued: float
     deadline: Optional[float]  # time.monotonic() value; None: no deadline
-    started: float = field(default=0.0)
 
 
 class Batcher:
-    """Thread-safe ``submit``; ``start``/``stop`` from the owning thread."""
+    """``submit`` and ``depth`` are thread-safe; ``start``/``stop`` belong to the owner."""
 
-    def __init__(self, run_batch: Callable[[Sequence[WorkItem]], List[ItemResult]], *,
-                 max_batch_size: int, max_delay_ms: float, max_queue: int) -> None:
+    def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_delay_ms: float,
+                 max_queue: int, metrics: Optional[Metrics] = None,
+                 batch_seconds: float = 0.05,
+                 on_worker: Callable[[bool], None] = lambda alive: None,
+                 restart_delay_s: float = 0.2) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self._max_delay_s = max_delay_ms / 1000.0
         self._queue: queue.Queue[Optional[_Pending]] = queue.Queue(maxsize=max_queue)
-        self._thread: Optional[threading.Thread] = None
+        self._metrics = metrics or Metrics()
+        # Running mean of one batch's compute time: retry hints and deadline checks use it.
+        self._batch_seconds = batch_seconds
+        self._on_worker = on_worker
+        self._restart_delay_s = restart_delay_s
         self._stopping = threading.Event()
-        self._batch_seconds = 0.05  # running mean of batch compute time, for retry hints
+        self._supervisor: Optional[threading.Thread] = None
+        self._running: List[_Pending] = []  # the batch the worker is running now
 
     # --- handler side ----------------------------------------------------------------------
 
     def submit(self, work: WorkItem, deadline: Optional[float] = None) -> Future:
-        """Queue one item. Raises QueueFull at once when the queue is full.
+        """Queue one item. Raises QueueFull when the queue is full and DeadlineExceeded when
+        the deadline leaves less time than the expected wait; both at once, before queueing.
 
         Cancelling the returned future before its batch starts drops the item unrun.
         """
-        pending = _Pending(work, Future(), time.monotonic(), deadline)
+        now = time.monotonic()
+        if deadline is not None:
+            expected = self.expected_wait()
+            if deadline - now < expected:
+                self._metrics.dropped.labels("deadline").inc()
+                raise DeadlineExceeded(
+                    f"the deadline leaves {max(0.0, deadline - now) * 1000:.0f} ms, and this "
+                    f"server needs about {expected * 1000:.0f} ms to answer now; allow more time")
+        pending = _Pending(work, Future(), now, deadline)
         try:
             self._queue.put_nowait(pending)
         except queue.Full:
-            waiting = self._queue.qsize()
-            retry = max(0.01, self._batch_seconds * (waiting / self.max_batch_size + 1))
-            raise QueueFull(f"the server is busy: {waiting} items are waiting; retry in "
-                            f"{retry * 1000:.0f} ms", retry_after_s=retry) from None
+            retry = self.expected_wait()
+            raise QueueFull(f"the server is busy: {self._queue.qsize()} items are waiting; "
+                            f"retry in {retry * 1000:.0f} ms", retry_after_s=retry) from None
         return pending.future
 
     def depth(self) -> int:
         return self._queue.qsize()
 
+    def expected_wait(self) -> float:
+        """Seconds until an item queued now would be answered, by the running mean."""
+        batches_ahead = self._queue.qsize() // self.max_batch_size + 1
+        return self._batch_seconds * batches_ahead
+
     # --- worker side -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="camserve-batcher", daemon=True)
-        self._thread.start()
+        self._supervisor = threading.Thread(target=self._supervise, name="camserve-supervisor",
+                                            daemon=True)
+        self._supervisor.start()
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Finish what is queued, then stop the worker."""
@@ -87,9 +116,31 @@ class Batcher:
         try:
             self._queue.put_nowait(None)  # wake the worker
         except queue.Full:
-            pass  # the worker is busy and will see _stopping after the queue drains
-        if self._thread is not None:
-            self._thread.join(timeout)
+            pass  # the worker is busy and sees _stopping once the queue drains
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+
+    def _supervise(self) -> None:
+        while True:
+            worker = threading.Thread(target=self._loop, name="camserve-batcher", daemon=True)
+            worker.start()
+            self._on_worker(True)
+            worker.join()
+            if self._stopping.is_set() and not self._running:
+                return
+            # The worker died (an exception that is not an Exception escaped the model, or a
+            # bug here): fail what it was running, report it, start another.
+            self._on_worker(False)
+            self._metrics.worker_restarts.inc()
+            died = self._running
+            self._running = []
+            log.error("the batcher's worker thread died running %d items; restarting", len(died))
+            for p in died:
+                _resolve(p.future, exception=BatchFailed(
+                    "the server's worker died while running this batch; retry"))
+            if self._stopping.is_set():
+                return
+            time.sleep(self._restart_delay_s)
 
     def _loop(self) -> None:
         while True:
@@ -106,7 +157,7 @@ class Batcher:
         except queue.Empty:
             return None if self._stopping.is_set() else []
         if first is None:
-            return self._gather() if not self._queue.empty() else None
+            return [] if not self._queue.empty() else None
         batch = [first]
         closes = first.enqueued + self._max_delay_s
         while len(batch) < self.max_batch_size:
@@ -116,35 +167,72 @@ class Batcher:
                         else self._queue.get_nowait())
             except queue.Empty:
                 break
-            if item is None:  # a stop request: serve this batch and what follows
-                continue
-            batch.append(item)
+            if item is not None:  # None is a stop request: serve this batch and what follows
+                batch.append(item)
         return [p for p in batch if self._admit(p)]
 
-    @staticmethod
-    def _admit(pending: _Pending) -> bool:
-        """Drop an item whose caller cancelled or whose deadline passed, before it costs compute."""
+    def _admit(self, pending: _Pending) -> bool:
+        """Drop an item whose caller cancelled, or whose deadline would pass before its batch
+        could finish, before it costs compute."""
         if not pending.future.set_running_or_notify_cancel():
+            self._metrics.dropped.labels("cancelled").inc()
             return False
-        if pending.deadline is not None and time.monotonic() >= pending.deadline:
+        if pending.deadline is not None and (
+                pending.deadline - time.monotonic() < self._batch_seconds):
+            self._metrics.dropped.labels("deadline").inc()
             pending.future.set_exception(DeadlineExceeded(
-                "the deadline passed while the request waited in the queue"))
+                "the deadline would pass before this item's batch finished; allow more time"))
             return False
         return True
 
     def _run(self, batch: List[_Pending]) -> None:
+        self._running = batch
         started = time.monotonic()
-        try:
-            results = self._run_batch([p.work for p in batch])
-        except Exception as exc:  # a failing batch fails only its own items
-            log.exception("batch of %d failed", len(batch))
-            error = BatchFailed(f"the model failed on this batch: {type(exc).__name__}: "
-                                f"{str(exc)[:200]}")
-            for p in batch:
-                p.future.set_exception(error)
-            return
+        for p in batch:
+            self._metrics.queue.observe(started - p.enqueued)
+        answers = self._compute([p.work for p in batch])
         compute = time.monotonic() - started
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * compute
-        for p, result in zip(batch, results):
-            p.future.set_result(Outcome(result, (started - p.enqueued) * 1000.0,
-                                        compute * 1000.0, len(batch)))
+        self._metrics.compute.observe(compute)
+        for p, (answer, size) in zip(batch, answers):
+            if isinstance(answer, ServiceError):
+                _resolve(p.future, exception=answer)
+            else:
+                _resolve(p.future, result=Outcome(answer, (started - p.enqueued) * 1000.0,
+                                                  compute * 1000.0, size))
+        self._running = []
+
+    def _compute(self, works: List[WorkItem]) -> List[Tuple[object, int]]:
+        """Each item's result or error, with the size of the batch it ran in. Out of device
+        memory, the batch is split in two and each half retried; any other exception fails
+        this batch's items only."""
+        try:
+            results = self._run_batch(works)
+        except OutOfMemory as exc:
+            if len(works) == 1:
+                self._metrics.batch_failures.labels("out_of_memory").inc()
+                return [(BatchFailed(f"out of device memory even for one image: {exc}"), 1)]
+            self._metrics.oom_splits.inc()
+            log.warning("out of device memory on a batch of %d: splitting it", len(works))
+            half = len(works) // 2
+            return self._compute(works[:half]) + self._compute(works[half:])
+        except Exception as exc:
+            log.exception("a batch of %d failed", len(works))
+            self._metrics.batch_failures.labels("exception").inc()
+            error = BatchFailed(f"the model failed on this batch: {type(exc).__name__}: "
+                                f"{str(exc)[:200]}")
+            return [(error, len(works))] * len(works)
+        self._metrics.batch_size.observe(len(works))
+        failed = sum(isinstance(r, ServiceError) for r in results)
+        if failed:
+            self._metrics.batch_failures.labels("non_finite").inc(failed)
+        return [(r, len(works)) for r in results]
+
+
+def _resolve(future: Future, result=None, exception: Optional[BaseException] = None) -> None:
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)

@@ -11,13 +11,26 @@ does not depend on its batch mates.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .cams import METHODS
+from .errors import BatchFailed
 from .models import LoadedModel
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory on this batch; a smaller batch may fit."""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)
 
 
 @dataclass(frozen=True)
@@ -82,9 +95,24 @@ class Engine:
         if self._pin:
             batch = batch.pin_memory()
         batch = batch.to(self.model.device, non_blocking=True)
-        return batch.permute(0, 3, 1, 2).float() * self._scale + self._shift
+        # (N, H, W, C) permuted to (N, C, H, W) stays channels-last in memory, which oneDNN and
+        # cuDNN convolutions run faster on (measured 10-50% on CPU); keep it that way.
+        x = batch.permute(0, 3, 1, 2).float() * self._scale + self._shift
+        return x.contiguous(memory_format=torch.channels_last)
 
-    def run(self, items: Sequence[WorkItem]) -> List[ItemResult]:
+    def run(self, items: Sequence[WorkItem]) -> List[Union[ItemResult, BatchFailed]]:
+        """One result per item, in order. An item whose output is not finite gets a
+        BatchFailed instead. Raises OutOfMemory when the batch does not fit the device."""
+        try:
+            return self._run(items)
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            if self.model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemory(str(exc).splitlines()[0][:200]) from exc
+
+    def _run(self, items: Sequence[WorkItem]) -> List[Union[ItemResult, BatchFailed]]:
         x = self._to_device(np.stack([item.pixels for item in items]))
         explaining = [i for i, item in enumerate(items) if item.explain is not None]
         if not explaining:
@@ -126,9 +154,15 @@ class Engine:
         return self._results(items, logits.detach(), targets, maps)
 
     @staticmethod
-    def _results(items, logits, targets, maps) -> List[ItemResult]:
+    def _results(items, logits, targets, maps) -> List[Union[ItemResult, BatchFailed]]:
         logits = logits.float()
         probs = torch.softmax(logits, dim=1).cpu().numpy()
         logits = logits.cpu().numpy()
-        return [ItemResult(logits[i], probs[i], targets.get(i), maps.get(i))
-                for i in range(len(items))]
+        results = []
+        for i in range(len(items)):
+            result = ItemResult(logits[i], probs[i], targets.get(i), maps.get(i))
+            finite = np.isfinite(result.logits).all() and (
+                result.raw_map is None or np.isfinite(result.raw_map).all())
+            results.append(result if finite else BatchFailed(
+                "the model's output for this image is not finite (NaN or Inf)"))
+        return results

@@ -52,5 +52,22 @@ class BatchFailed(ServiceError):
     code = grpc.StatusCode.INTERNAL
 
 
-class ModelLoadError(Exception):
-    """The model, its weights, labels or layers cannot be loaded (raised at start-up)."""
+class StartupError(Exception):
+    """The server cannot start: its model, weights, labels, layers or TLS files are wrong."""
+
+
+def abort(context, error: ServiceError) -> None:
+    """End the RPC with the error's status. A retry hint travels as google.rpc.RetryInfo in
+    the rich status details (grpcio-status), which the client reads back."""
+    if error.retry_after_s is None:
+        context.abort(error.code, error.message)
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    context.abort_with_status(rpc_status.to_status(status_pb2.Status(
+        code=error.code.value[0], message=error.message, details=[detail])))

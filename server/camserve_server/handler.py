@@ -9,12 +9,14 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import uuid
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import grpc
+
 from camserve.methods import method_value
 from camserve.v1 import camserve_pb2 as pb
 from camserve.v1 import camserve_pb2_grpc as pb_grpc
@@ -32,11 +34,15 @@ from .errors import (
     QueueFull,
     ServiceError,
     Unavailable,
+    abort,
 )
+from .metrics import Metrics
 from .models import LoadedModel
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("camserve_server.access")
+NO_DEADLINE_S = 1e6
 
 
 @dataclass(frozen=True)
@@ -52,40 +58,72 @@ class Runtime:
 
 
 def rpc(handler: Callable) -> Callable:
-    """Map typed errors to their status; anything else is a bug: INTERNAL, and keep serving."""
+    """Map typed errors to their status (anything else is a bug: INTERNAL, and keep serving),
+    count the RPC in the metrics and write one access-log line for it."""
+    name = handler.__name__
 
     @functools.wraps(handler)
     def wrapper(self, request, context):
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
         try:
             return handler(self, request, context)
         except ServiceError as exc:
-            context.abort(exc.code, exc.message)
+            code = exc.code
+            abort(context, exc)
         except Exception:
-            log.exception("unexpected error in %s", handler.__name__)
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unexpected error in %s", name)
             context.abort(grpc.StatusCode.INTERNAL,
-                          f"internal error in {handler.__name__}; the server log has details")
+                          f"internal error in {name}; the server log has details")
+        finally:
+            self._finished(name, code, time.perf_counter() - started, request, context)
 
     return wrapper
 
 
 class CamserveServicer(pb_grpc.CamserveServicer):
-    def __init__(self) -> None:
+    def __init__(self, name: str, metrics: Metrics) -> None:
+        self._name = name
+        self._metrics = metrics
         self._runtime: Optional[Runtime] = None
+        self.state = pb.SERVER_STATE_LOADING
 
     def serve(self, runtime: Runtime) -> None:
         """Start answering calls (until then they answer UNAVAILABLE)."""
         self._runtime = runtime
+        self.state = pb.SERVER_STATE_SERVING
+
+    def drain(self) -> None:
+        self.state = pb.SERVER_STATE_DRAINING
 
     def _live(self) -> Runtime:
         runtime = self._runtime
         if runtime is None:
             raise Unavailable("the model is still loading; retry shortly (the health service "
                               "reports SERVING when it is ready)")
+        if self.state == pb.SERVER_STATE_DRAINING:
+            raise Unavailable("the server is shutting down; send the call to another replica")
         return runtime
+
+    def _finished(self, rpc_name: str, code, seconds: float, request, context) -> None:
+        self._metrics.requests.labels(rpc_name, code.name).inc()
+        self._metrics.latency.labels(rpc_name).observe(seconds)
+        metadata = dict(context.invocation_metadata() or ())
+        access.info("%s %s %.1f ms", rpc_name, code.name, seconds * 1000.0, extra={
+            "request_id": metadata.get("x-request-id") or uuid.uuid4().hex[:16],
+            "rpc": rpc_name, "code": code.name, "ms": round(seconds * 1000.0, 2),
+            "items": len(getattr(request, "images", ())), "peer": context.peer()})
 
     @rpc
     def GetModelInfo(self, request, context):
-        return self._live().info
+        runtime = self._runtime
+        if runtime is None:
+            return pb.ModelInfo(name=self._name, state=pb.SERVER_STATE_LOADING)
+        info = pb.ModelInfo()
+        info.CopyFrom(runtime.info)
+        info.state = self.state
+        return info
 
     @rpc
     def Predict(self, request, context):
@@ -130,7 +168,9 @@ def _decode(rt: Runtime, sources: Sequence[req.Source]) -> List[Tuple[images.Dec
 def _run(batcher: Batcher, works: Sequence[WorkItem], context) -> List[Outcome]:
     """Queue every item, then wait for all; a caller that goes away drops its queued items."""
     remaining = context.time_remaining()
-    deadline = None if remaining is None else time.monotonic() + remaining
+    # gRPC reports "no deadline" as None or as a time centuries away.
+    no_deadline = remaining is None or remaining > NO_DEADLINE_S
+    deadline = None if no_deadline else time.monotonic() + remaining
     futures: List[Future] = []
     try:
         for work in works:

@@ -102,10 +102,11 @@ def _open(data: bytes, limits: Limits, draft: Optional[Tuple[int, int]]):
     except UnidentifiedImageError:
         raise InvalidArgument(f"is not a JPEG, PNG, WebP, BMP or GIF file (it starts with "
                               f"{data[:8].hex(' ')})") from None
-    except Image.DecompressionBombError as exc:
-        raise InvalidArgument(f"is too large to decode: {exc}") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own, higher limit
+        raise InvalidArgument(f"is too large to decode ({exc}); this server accepts at most "
+                              f"{limits.max_image_pixels:,} pixels (max_image_pixels)") from None
     except Exception as exc:  # Pillow's header parsers raise many types on garbage
-        raise InvalidArgument(f"has a malformed header: {exc}") from None
+        raise InvalidArgument(f"could not be decoded: its header is malformed ({exc})") from None
     width, height = image.size
     _check_pixels(height, width, limits)
     orientation = image.getexif().get(0x0112, 1) if image.format == "JPEG" else 1

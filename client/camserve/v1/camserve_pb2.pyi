@@ -19,6 +19,13 @@ class ExplainOutput(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPLAIN_OUTPUT_HEATMAP_PNG: _ClassVar[ExplainOutput]
     EXPLAIN_OUTPUT_OVERLAY_JPEG: _ClassVar[ExplainOutput]
     EXPLAIN_OUTPUT_OVERLAY_PNG: _ClassVar[ExplainOutput]
+
+class ServerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SERVER_STATE_UNSPECIFIED: _ClassVar[ServerState]
+    SERVER_STATE_LOADING: _ClassVar[ServerState]
+    SERVER_STATE_SERVING: _ClassVar[ServerState]
+    SERVER_STATE_DRAINING: _ClassVar[ServerState]
 CAM_METHOD_UNSPECIFIED: CamMethod
 CAM_METHOD_GRADCAM: CamMethod
 EXPLAIN_OUTPUT_UNSPECIFIED: ExplainOutput
@@ -26,6 +33,10 @@ EXPLAIN_OUTPUT_RAW_MAP: ExplainOutput
 EXPLAIN_OUTPUT_HEATMAP_PNG: ExplainOutput
 EXPLAIN_OUTPUT_OVERLAY_JPEG: ExplainOutput
 EXPLAIN_OUTPUT_OVERLAY_PNG: ExplainOutput
+SERVER_STATE_UNSPECIFIED: ServerState
+SERVER_STATE_LOADING: ServerState
+SERVER_STATE_SERVING: ServerState
+SERVER_STATE_DRAINING: ServerState
 
 class Image(_message.Message):
     __slots__ = ("encoded", "raw")
@@ -180,7 +191,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "labels", "input_size", "mean", "std", "layers", "default_layer", "methods", "batching", "device", "limits")
+    __slots__ = ("name", "labels", "input_size", "mean", "std", "layers", "default_layer", "methods", "batching", "device", "limits", "state")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +203,7 @@ class ModelInfo(_message.Message):
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     input_size: ImageSize
@@ -203,7 +215,8 @@ class ModelInfo(_message.Message):
     batching: BatchingInfo
     device: str
     limits: Limits
-    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_size: _Optional[_Union[ImageSize, _Mapping]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., default_layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    state: ServerState
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_size: _Optional[_Union[ImageSize, _Mapping]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., default_layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., state: _Optional[_Union[ServerState, str]] = ...) -> None: ...
 
 class LayerInfo(_message.Message):
     __slots__ = ("name", "channels", "height", "width")

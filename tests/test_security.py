@@ -1,0 +1,143 @@
+"""TLS, mutual TLS and bearer tokens. The certificates are made here, for this test only."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from camserve import CamserveError, Client
+
+from conftest import TINY, running
+
+PLAIN = np.full((32, 32, 3), 100, np.uint8)
+
+
+def _certificates(tmp_path):
+    """A throwaway CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(subject, key, issuer, issuer_key, ca=False, san=None):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def name(common):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def write(stem, cert, key):
+        (tmp_path / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / f"{stem}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue(name("camserve test CA"), ca_key, name("camserve test CA"), ca_key, ca=True)
+    write("ca", ca, ca_key)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    write("server", issue(name("localhost"), server_key, ca.subject, ca_key, san=[
+        x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+        server_key)
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    write("client", issue(name("a client"), client_key, ca.subject, ca_key), client_key)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return _certificates(tmp_path_factory.mktemp("certs"))
+
+
+def test_tls(certs):
+    with running(model=TINY, tls_cert=str(certs / "server.pem"),
+                 tls_key=str(certs / "server.key")) as (server, _):
+        target = f"localhost:{server.port}"
+        with Client(target, root_certificates=str(certs / "ca.pem"), timeout=20) as client:
+            assert client.predict(PLAIN).top
+        with Client(target, timeout=5) as plaintext:
+            with pytest.raises(CamserveError) as error:
+                plaintext.predict(PLAIN)
+            assert error.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(certs):
+    with running(model=TINY, tls_cert=str(certs / "server.pem"),
+                 tls_key=str(certs / "server.key"),
+                 tls_client_ca=str(certs / "ca.pem")) as (server, _):
+        target = f"localhost:{server.port}"
+        with Client(target, root_certificates=str(certs / "ca.pem"),
+                    client_cert=str(certs / "client.pem"), client_key=str(certs / "client.key"),
+                    timeout=20) as client:
+            assert client.predict(PLAIN).top
+        with Client(target, root_certificates=str(certs / "ca.pem"), timeout=5) as anonymous:
+            with pytest.raises(CamserveError) as error:
+                anonymous.predict(PLAIN)
+            assert error.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_token_auth(caplog):
+    token = "s3cret-token-value"
+    caplog.set_level(logging.DEBUG)
+    with running(model=TINY, auth_tokens=("other", token)) as (server, _):
+        target = f"127.0.0.1:{server.port}"
+        with Client(target, token=token) as client:
+            assert client.predict(PLAIN).top and client.model_info().labels
+        for wrong in (None, "nope", token + "x"):
+            with Client(target, token=wrong) as client:
+                with pytest.raises(CamserveError) as error:
+                    client.predict(PLAIN)
+                assert error.value.code == grpc.StatusCode.UNAUTHENTICATED
+                assert "Bearer" in error.value.details
+        with grpc.insecure_channel(target) as channel:  # health needs no token
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        assert token not in repr(server.settings)
+        denied = server.metrics.requests.labels("Predict", "UNAUTHENTICATED")._value.get()
+        assert denied == 3
+    assert token not in caplog.text
+    assert "UNAUTHENTICATED" not in caplog.text or token not in caplog.text
+
+
+def test_token_flags_and_file(tmp_path):
+    from camserve_server.settings import parse_settings
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alpha\n\nbeta\n")
+    settings = parse_settings(["--auth-token", "gamma", "--auth-token-file", str(tokens)],
+                              environ={})
+    assert settings.auth_tokens == ("gamma", "alpha", "beta")
+    assert "alpha" not in repr(settings)
+
+
+def test_cli_token_and_tls_options(certs):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).parent / "camserve")
+    with running(model=TINY, auth_tokens=("cli-token",), tls_cert=str(certs / "server.pem"),
+                 tls_key=str(certs / "server.key")) as (server, _):
+        base = [cli, "--target", f"localhost:{server.port}", "--ca-cert", str(certs / "ca.pem")]
+        done = subprocess.run(base + ["--token", "cli-token", "info"], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "python:tiny_models:tiny_cnn" in done.stdout
+        done = subprocess.run(base + ["info"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr
