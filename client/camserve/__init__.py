@@ -14,6 +14,7 @@ from .client import Client
 from .errors import CamserveError
 from .methods import method_names
 from .results import ClassScore, Explanation, LayerInfo, ModelInfo, Prediction, Timing
+from .streams import Frame, StreamResult
 
 __version__ = "0.1.0"
 
@@ -23,9 +24,11 @@ __all__ = [
     "ClassScore",
     "Client",
     "Explanation",
+    "Frame",
     "LayerInfo",
     "ModelInfo",
     "Prediction",
+    "StreamResult",
     "Timing",
     "method_names",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, AsyncIterator, Iterable, List, Optional, Sequence
 
 import grpc
 from grpc import aio
@@ -12,6 +12,7 @@ from grpc import aio
 from . import _calls
 from .errors import CamserveError
 from .results import Explanation, ModelInfo, Prediction
+from .streams import StreamResult, Tracker
 from .v1 import camserve_pb2 as pb
 from .v1 import camserve_pb2_grpc as pb_grpc
 
@@ -99,3 +100,31 @@ class AsyncClient:
         images = list(images)
         request = _calls.explain_request(images, target, method, layer, tuple(outputs), top_k)
         return _calls.explanations(await self._call(self._stub.Explain, request, timeout), images)
+
+    def stream_predict(self, frames, *, top_k: int = 5, policy: str = "all",
+                       timeout: Optional[float] = None) -> AsyncIterator[StreamResult]:
+        """As Client.stream_predict; ``frames`` may be an iterable or an async iterable."""
+        return self._stream(self._stub.StreamPredict, Tracker("predict", {"top_k": top_k},
+                                                              policy), frames, timeout)
+
+    def stream_explain(self, frames, *, target: _calls.Target = None, method: str = "gradcam",
+                       layer: Optional[str] = None, outputs: Iterable[str] = ("raw",),
+                       top_k: int = 5, policy: str = "all",
+                       timeout: Optional[float] = None) -> AsyncIterator[StreamResult]:
+        """As Client.stream_explain; ``frames`` may be an iterable or an async iterable."""
+        options = {"target": target, "method": method, "layer": layer,
+                   "outputs": tuple(outputs), "top_k": top_k}
+        return self._stream(self._stub.StreamExplain, Tracker("explain", options, policy),
+                            frames, timeout)
+
+    async def _stream(self, method, tracker: Tracker, frames, timeout):
+        call = method(tracker.arequests(frames), timeout=timeout, metadata=self._metadata)
+        try:
+            async for answer in call:
+                yield tracker.result(answer)
+        except grpc.RpcError as error:
+            raise CamserveError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
+        if tracker.error is not None:
+            raise tracker.error

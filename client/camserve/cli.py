@@ -3,6 +3,7 @@
     camserve info
     camserve predict IMAGE... [--top-k N] [--json]
     camserve explain IMAGE... -o DIR [--class N|LABEL] [--layer NAME] [--method NAME]
+    camserve stream VIDEO|--camera N [-o OUT.mp4] [--explain] [--policy all|latest]
 
 The server address comes from ``--target`` or ``CAMSERVE_TARGET`` (default localhost:50051).
 Exit status: 0 when every image was answered, 1 when any failed, 2 for usage errors.
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -152,6 +154,83 @@ def cmd_explain(client: Client, args) -> int:
     return _report(errors)
 
 
+def cmd_stream(client: Client, args) -> int:
+    """Stream a video file or camera through the server; write an annotated video."""
+    from collections import OrderedDict
+
+    import numpy as np
+
+    from . import maps, video
+    from .streams import Frame
+
+    source = args.camera if args.video is None else args.video
+    capture = video.open_video(source)
+    fps_in, total = video.video_properties(capture)
+    if args.max_frames:
+        total = min(total, args.max_frames) if total else args.max_frames
+    frames: OrderedDict[int, np.ndarray] = OrderedDict()  # sent, not answered yet
+    lock = threading.Lock()  # gRPC reads the frames on its own thread
+    interval = 1.0 / args.rate if args.rate else 0.0
+
+    def produce():
+        started = time.monotonic()
+        for n, rgb in enumerate(video.read_frames(capture, args.max_frames)):
+            if interval:
+                time.sleep(max(0.0, started + n * interval - time.monotonic()))
+            with lock:
+                frames[n] = rgb
+            yield Frame(video.jpeg(rgb) if args.encode == "jpeg" else rgb, n)
+
+    def answered_frame(frame_id: int) -> np.ndarray:
+        """The answered frame; frames sent before it were skipped and are forgotten."""
+        with lock:
+            while True:
+                n, rgb = frames.popitem(last=False)
+                if n == frame_id:
+                    return rgb
+
+    if args.explain:
+        results = client.stream_explain(produce(), target=_target(args.target_class),
+                                        layer=args.layer, policy=args.policy)
+    else:
+        results = client.stream_predict(produce(), top_k=1, policy=args.policy)
+    progress = Progress(total or 0, enabled=total > 1)
+    writer = None
+    answered = skipped = failed = 0
+    latencies = []
+    started = time.monotonic()
+    for r in results:
+        rgb = answered_frame(r.frame_id)
+        skipped += r.skipped
+        progress.advance(r.skipped + 1)
+        if not r.ok:
+            failed += 1
+            print(f"camserve: frame {r.frame_id}: {r.error.code.name}: {r.error.details}",
+                  file=sys.stderr)
+            continue
+        answered += 1
+        latencies.append(r.latency_ms)
+        if args.output:
+            prediction = r.result.prediction if args.explain else r.result
+            if args.explain:
+                rgb = maps.overlay(rgb, r.result.heatmap)
+            best = prediction.best
+            rate = answered / max(time.monotonic() - started, 1e-9)
+            lines = [f"#{r.frame_id}  {best.label} {best.probability:.0%}", f"{rate:.1f} fps"]
+            if writer is None:
+                writer = video.VideoWriter(args.output, fps_in or 30.0, rgb.shape[:2])
+            writer.write(video.annotate(rgb, lines))
+    elapsed = time.monotonic() - started
+    if writer is not None:
+        writer.close()
+    sent = answered + skipped + failed
+    p50, p99 = (np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2)
+    print(f"frames sent {sent}, answered {answered}, skipped {skipped}, failed {failed}; "
+          f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; {answered / max(elapsed, 1e-9):.1f} fps"
+          + (f"; wrote {writer.frames} frames to {args.output}" if writer is not None else ""))
+    return 1 if failed else 0
+
+
 def _write(out: Path, path: str, exp: Explanation) -> Tuple[Path, Path]:
     stem = Path(path).stem
     overlay, heat = out / f"{stem}.overlay.png", out / f"{stem}.heatmap.png"
@@ -207,6 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--top-k", type=int, default=5)
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(run=cmd_explain)
+
+    stream = sub.add_parser("stream", help="stream a video or camera; write an annotated video")
+    where = stream.add_mutually_exclusive_group(required=True)
+    where.add_argument("video", nargs="?", metavar="VIDEO", help="a video file")
+    where.add_argument("--camera", type=int, metavar="N", help="camera index instead of a file")
+    stream.add_argument("-o", "--output", metavar="OUT.mp4",
+                        help="write the answered frames, annotated, to this video")
+    stream.add_argument("--explain", action="store_true",
+                        help="explain each frame; the output shows the heatmap overlay")
+    stream.add_argument("--policy", choices=("all", "latest"), default="all",
+                        help="all: answer every frame; latest: skip frames a newer one "
+                        "overtook (default %(default)s)")
+    stream.add_argument("--class", dest="target_class", metavar="N|LABEL",
+                        help="class to explain (default: each frame's top-1)")
+    stream.add_argument("--layer", help="layer to explain (default: the server's)")
+    stream.add_argument("--rate", type=float, default=0.0, metavar="FPS",
+                        help="send at most FPS frames a second (default: as fast as the "
+                        "server takes them)")
+    stream.add_argument("--max-frames", type=int, default=None, metavar="N")
+    stream.add_argument("--encode", choices=("jpeg", "raw"), default="jpeg",
+                        help="how frames travel (default %(default)s)")
+    stream.set_defaults(run=cmd_stream)
     return parser
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
 
 import grpc
 
 from . import _calls
 from .errors import CamserveError
 from .results import Explanation, ModelInfo, Prediction
+from .streams import StreamResult, Tracker
 from .v1 import camserve_pb2 as pb
 from .v1 import camserve_pb2_grpc as pb_grpc
 
@@ -112,3 +113,38 @@ class Client:
         images = list(images)
         request = _calls.explain_request(images, target, method, layer, tuple(outputs), top_k)
         return _calls.explanations(self._call(self._stub.Explain, request, timeout), images)
+
+    def stream_predict(self, frames: Iterable[Any], *, top_k: int = 5, policy: str = "all",
+                       timeout: Optional[float] = None) -> Iterator[StreamResult]:
+        """Predictions for a stream of frames (images, or camserve.Frame for ids and per-frame
+        options), yielded in frame order as they arrive.
+
+        ``policy="all"`` answers every frame (a too-fast producer is slowed by flow control);
+        ``"latest"`` lets the server skip frames that a newer one overtook while they waited.
+        ``timeout`` bounds the whole stream (default: none). Raises CamserveError if the stream
+        itself fails; a frame that fails comes back as a StreamResult with ``error`` set.
+        """
+        return self._stream(self._stub.StreamPredict, Tracker("predict", {"top_k": top_k},
+                                                              policy), frames, timeout)
+
+    def stream_explain(self, frames: Iterable[Any], *, target: _calls.Target = None,
+                       method: str = "gradcam", layer: Optional[str] = None,
+                       outputs: Iterable[str] = ("raw",), top_k: int = 5, policy: str = "all",
+                       timeout: Optional[float] = None) -> Iterator[StreamResult]:
+        """Explanations for a stream of frames; as stream_predict, with explain's options."""
+        options = {"target": target, "method": method, "layer": layer,
+                   "outputs": tuple(outputs), "top_k": top_k}
+        return self._stream(self._stub.StreamExplain, Tracker("explain", options, policy),
+                            frames, timeout)
+
+    def _stream(self, method, tracker: Tracker, frames, timeout) -> Iterator[StreamResult]:
+        call = method(tracker.requests(frames), timeout=timeout, metadata=self._metadata)
+        try:
+            for answer in call:
+                yield tracker.result(answer)
+        except grpc.RpcError as error:
+            raise CamserveError.from_rpc_error(error) from None
+        finally:
+            call.cancel()  # a no-op once the stream ended; frees the server if we stop early
+        if tracker.error is not None:
+            raise tracker.error

@@ -41,10 +41,23 @@ class Outcome:
     batch_size: int
 
 
+class Ticket(Future):
+    """An item's future. ``withdraw`` drops the item if its batch has not started."""
+
+    reason = "cancelled"  # why it was withdrawn, for the metrics: cancelled or skipped
+
+    def withdraw(self, reason: str = "cancelled") -> bool:
+        """Cancel the item before it costs compute; False if it already runs or ran."""
+        if self.done() or self.running():
+            return False
+        self.reason = reason
+        return self.cancel()
+
+
 @dataclass
 class _Pending:
     work: WorkItem
-    future: Future
+    future: Ticket
     enqueued: float
     deadline: Optional[float]  # time.monotonic() value; None: no deadline
 
@@ -72,11 +85,12 @@ class Batcher:
 
     # --- handler side ----------------------------------------------------------------------
 
-    def submit(self, work: WorkItem, deadline: Optional[float] = None) -> Future:
+    def submit(self, work: WorkItem, deadline: Optional[float] = None) -> Ticket:
         """Queue one item. Raises QueueFull when the queue is full and DeadlineExceeded when
         the deadline leaves less time than the expected wait; both at once, before queueing.
 
-        Cancelling the returned future before its batch starts drops the item unrun.
+        Cancelling (or withdrawing) the returned ticket before its batch starts drops the item
+        unrun.
         """
         now = time.monotonic()
         if deadline is not None:
@@ -86,7 +100,7 @@ class Batcher:
                 raise DeadlineExceeded(
                     f"the deadline leaves {max(0.0, deadline - now) * 1000:.0f} ms, and this "
                     f"server needs about {expected * 1000:.0f} ms to answer now; allow more time")
-        pending = _Pending(work, Future(), now, deadline)
+        pending = _Pending(work, Ticket(), now, deadline)
         try:
             self._queue.put_nowait(pending)
         except queue.Full:
@@ -175,7 +189,7 @@ class Batcher:
         """Drop an item whose caller cancelled, or whose deadline would pass before its batch
         could finish, before it costs compute."""
         if not pending.future.set_running_or_notify_cancel():
-            self._metrics.dropped.labels("cancelled").inc()
+            self._metrics.dropped.labels(pending.future.reason).inc()
             return False
         if pending.deadline is not None and (
                 pending.deadline - time.monotonic() < self._batch_seconds):

@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 import uuid
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -24,14 +24,13 @@ from camserve.v1 import camserve_pb2_grpc as pb_grpc
 from . import images
 from . import request as req
 from . import response as resp
-from .batcher import Batcher, Outcome
+from .batcher import Batcher, Outcome, Ticket
 from .cams import METHODS
 from .engine import ExplainSpec, WorkItem
 from .errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
-    QueueFull,
     ServiceError,
     Unavailable,
     abort,
@@ -39,6 +38,7 @@ from .errors import (
 from .metrics import Metrics
 from .models import LoadedModel
 from .settings import Settings
+from .streams import Frame, StreamSession
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("camserve_server.access")
@@ -77,7 +77,41 @@ def rpc(handler: Callable) -> Callable:
             context.abort(grpc.StatusCode.INTERNAL,
                           f"internal error in {name}; the server log has details")
         finally:
-            self._finished(name, code, time.perf_counter() - started, request, context)
+            self._finished(name, code, time.perf_counter() - started,
+                           len(getattr(request, "images", ())), context)
+
+    return wrapper
+
+
+def stream_rpc(handler: Callable) -> Callable:
+    """``rpc`` for a bidirectional stream: the handler returns a StreamSession whose answers
+    are yielded; the stream is counted and logged once, when it ends."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    def wrapper(self, requests, context):
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        session = None
+        try:
+            session = handler(self, requests, context)
+            yield from session.answers()
+        except GeneratorExit:  # the caller went away
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except ServiceError as exc:
+            code = exc.code
+            abort(context, exc)
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unexpected error in %s", name)
+            context.abort(grpc.StatusCode.INTERNAL,
+                          f"internal error in {name}; the server log has details")
+        finally:
+            if session is not None:
+                session.close()
+            self._finished(name, code, time.perf_counter() - started,
+                           session.frames if session is not None else 0, context)
 
     return wrapper
 
@@ -106,14 +140,14 @@ class CamserveServicer(pb_grpc.CamserveServicer):
             raise Unavailable("the server is shutting down; send the call to another replica")
         return runtime
 
-    def _finished(self, rpc_name: str, code, seconds: float, request, context) -> None:
+    def _finished(self, rpc_name: str, code, seconds: float, items: int, context) -> None:
         self._metrics.requests.labels(rpc_name, code.name).inc()
         self._metrics.latency.labels(rpc_name).observe(seconds)
         metadata = dict(context.invocation_metadata() or ())
         access.info("%s %s %.1f ms", rpc_name, code.name, seconds * 1000.0, extra={
             "request_id": metadata.get("x-request-id") or uuid.uuid4().hex[:16],
             "rpc": rpc_name, "code": code.name, "ms": round(seconds * 1000.0, 2),
-            "items": len(getattr(request, "images", ())), "peer": context.peer()})
+            "items": items, "peer": context.peer()})
 
     @rpc
     def GetModelInfo(self, request, context):
@@ -129,76 +163,147 @@ class CamserveServicer(pb_grpc.CamserveServicer):
     def Predict(self, request, context):
         rt = self._live()
         sources = req.image_sources(request.images, rt.settings.max_images_per_request)
-        top_k = req.top_k(request.top_k, rt.model.num_classes)
-        decoded = _decode(rt, sources)
-        outcomes = _run(rt.batcher, [WorkItem(d.pixels) for d, _ in decoded], context)
-        return pb.PredictResponse(results=[
-            _responded(resp.predict_result, o, rt.labels.labels, top_k, d.size, ms)
-            for o, (d, ms) in zip(outcomes, decoded)])
+        frames = [_predict_frame(rt, source, request.top_k, f"image {i}")
+                  for i, source in enumerate(sources)]
+        outcomes = _run(rt.batcher, [f.work for f in frames], context)
+        return pb.PredictResponse(results=[f.finish(o) for f, o in zip(frames, outcomes)])
 
     @rpc
     def Explain(self, request, context):
         rt = self._live()
         sources = req.image_sources(request.images, rt.settings.max_images_per_request)
-        spec = ExplainSpec(
-            method=req.method(request.method), layer=req.layer(request.layer, rt.model),
-            target=req.target(request.target, rt.labels) if request.HasField("target") else None)
-        outputs = req.outputs(request.outputs)
-        top_k = req.top_k(request.top_k, rt.model.num_classes)
-        decoded = _decode(rt, sources)
-        outcomes = _run(rt.batcher, [WorkItem(d.pixels, spec) for d, _ in decoded], context)
-        return pb.ExplainResponse(results=[
-            _responded(resp.explain_result, o, rt.labels.labels, top_k, d.size, ms, spec.method,
-                       spec.layer, outputs, functools.partial(images.full_rgb, source, rt.limits))
-            for o, (d, ms), source in zip(outcomes, decoded, sources)])
+        options = _explain_options(rt, request)
+        frames = [_explain_frame(rt, source, options, f"image {i}")
+                  for i, source in enumerate(sources)]
+        outcomes = _run(rt.batcher, [f.work for f in frames], context)
+        return pb.ExplainResponse(results=[f.finish(o) for f, o in zip(frames, outcomes)])
+
+    @stream_rpc
+    def StreamPredict(self, requests, context):
+        rt = self._live()
+
+        def parse(frame):
+            name = f"frame {frame.frame_id}"
+            return _predict_frame(rt, req.source(frame.image, name), frame.top_k, name)
+
+        def answer(frame_id, skipped, result=None, error=None):
+            return pb.StreamPredictResponse(frame_id=frame_id, skipped=skipped, result=result,
+                                            error=_frame_error(error))
+
+        return _stream(rt, requests, context, parse, answer)
+
+    @stream_rpc
+    def StreamExplain(self, requests, context):
+        rt = self._live()
+
+        def parse(frame):
+            name = f"frame {frame.frame_id}"
+            return _explain_frame(rt, req.source(frame.image, name), _explain_options(rt, frame),
+                                  name)
+
+        def answer(frame_id, skipped, result=None, error=None):
+            return pb.StreamExplainResponse(frame_id=frame_id, skipped=skipped, result=result,
+                                            error=_frame_error(error))
+
+        return _stream(rt, requests, context, parse, answer)
 
 
-def _decode(rt: Runtime, sources: Sequence[req.Source]) -> List[Tuple[images.Decoded, float]]:
-    decoded = []
-    for i, source in enumerate(sources):
-        started = time.perf_counter()
-        try:
-            image = images.prepare(source, rt.model.input_size, rt.limits)
-        except InvalidArgument as exc:
-            raise req.image_error(i, exc) from None
-        decoded.append((image, (time.perf_counter() - started) * 1000.0))
-    return decoded
+@dataclass(frozen=True)
+class _ExplainOptions:
+    spec: ExplainSpec
+    outputs: req.Outputs
+    top_k: int
+
+
+def _explain_options(rt: Runtime, request) -> _ExplainOptions:
+    """The options of an ExplainRequest or StreamExplainRequest, validated."""
+    spec = ExplainSpec(
+        method=req.method(request.method), layer=req.layer(request.layer, rt.model),
+        target=req.target(request.target, rt.labels) if request.HasField("target") else None)
+    return _ExplainOptions(spec, req.outputs(request.outputs),
+                           req.top_k(request.top_k, rt.model.num_classes))
+
+
+def _decode(rt: Runtime, source: req.Source, name: str) -> Tuple[images.Decoded, float]:
+    started = time.perf_counter()
+    try:
+        image = images.prepare(source, rt.model.input_size, rt.limits)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{name} {exc.message}") from None
+    return image, (time.perf_counter() - started) * 1000.0
+
+
+def _predict_frame(rt: Runtime, source: req.Source, top_k: int, name: str) -> Frame:
+    top_k = req.top_k(top_k, rt.model.num_classes)
+    image, decode_ms = _decode(rt, source, name)
+    return Frame(WorkItem(image.pixels), functools.partial(
+        _responded, resp.predict_result, labels=rt.labels.labels, top_k=top_k, size=image.size,
+        decode_ms=decode_ms))
+
+
+def _explain_frame(rt: Runtime, source: req.Source, options: _ExplainOptions,
+                   name: str) -> Frame:
+    image, decode_ms = _decode(rt, source, name)
+    return Frame(WorkItem(image.pixels, options.spec), functools.partial(
+        _responded, resp.explain_result, labels=rt.labels.labels, top_k=options.top_k,
+        size=image.size, decode_ms=decode_ms, method=options.spec.method,
+        layer=options.spec.layer, outputs=options.outputs,
+        full_image=functools.partial(images.full_rgb, source, rt.limits)))
+
+
+def _stream(rt: Runtime, requests, context, parse, answer):
+    session = StreamSession(
+        requests, rt.batcher, parse=parse, policy_of=req.stream_policy, answer=answer,
+        max_in_flight=rt.settings.max_stream_frames_in_flight, deadline=_deadline(context))
+    context.add_callback(session.close)
+    return session
+
+
+def _frame_error(error: Optional[ServiceError]) -> Optional[pb.FrameError]:
+    if error is None:
+        return None
+    return pb.FrameError(code=error.code.value[0], message=error.message)
+
+
+def _deadline(context) -> Optional[float]:
+    remaining = context.time_remaining()
+    # gRPC reports "no deadline" as None or as a time centuries away.
+    if remaining is None or remaining > NO_DEADLINE_S:
+        return None
+    return time.monotonic() + remaining
 
 
 def _run(batcher: Batcher, works: Sequence[WorkItem], context) -> List[Outcome]:
     """Queue every item, then wait for all; a caller that goes away drops its queued items."""
-    remaining = context.time_remaining()
-    # gRPC reports "no deadline" as None or as a time centuries away.
-    no_deadline = remaining is None or remaining > NO_DEADLINE_S
-    deadline = None if no_deadline else time.monotonic() + remaining
-    futures: List[Future] = []
+    deadline = _deadline(context)
+    tickets: List[Ticket] = []
     try:
         for work in works:
-            futures.append(batcher.submit(work, deadline))
-    except QueueFull:
-        for future in futures:
-            future.cancel()
+            tickets.append(batcher.submit(work, deadline))
+    except ServiceError:
+        for ticket in tickets:
+            ticket.withdraw()
         raise
-    if not context.add_callback(lambda: [f.cancel() for f in futures]):
-        for future in futures:
-            future.cancel()
-    return [_wait(future, deadline) for future in futures]
+    if not context.add_callback(lambda: [t.withdraw() for t in tickets]):
+        for ticket in tickets:
+            ticket.withdraw()
+    return [_wait(ticket, deadline) for ticket in tickets]
 
 
-def _wait(future: Future, deadline: Optional[float]) -> Outcome:
+def _wait(ticket: Ticket, deadline: Optional[float]) -> Outcome:
     try:
-        return future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return ticket.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
     except FutureTimeout:
-        future.cancel()
+        ticket.withdraw()
         raise DeadlineExceeded("the deadline passed before the model answered") from None
     except CancelledError:
         raise Cancelled("the call was cancelled") from None
 
 
-def _responded(build: Callable, *args):
+def _responded(build: Callable, outcome: Outcome, **kwargs):
     """Build one result and record how long that took in its timing."""
     started = time.perf_counter()
-    result = build(*args)
+    result = build(outcome, **kwargs)
     result.timing.respond_ms = (time.perf_counter() - started) * 1000.0
     return result
 
@@ -217,4 +322,5 @@ def model_info(settings: Settings, model: LoadedModel) -> pb.ModelInfo:
         limits=pb.Limits(max_image_bytes=settings.max_image_bytes,
                          max_image_pixels=settings.max_image_pixels,
                          max_images_per_request=settings.max_images_per_request,
+                         max_stream_frames_in_flight=settings.max_stream_frames_in_flight,
                          max_message_bytes=settings.max_message_bytes))

@@ -62,17 +62,27 @@ def image_sources(images: Sequence[pb.Image], max_images: int) -> List[Source]:
     if len(images) > max_images:
         raise InvalidArgument(f"the request has {len(images)} images; this server takes at most "
                               f"{max_images} per request (max_images_per_request): split it")
-    sources: List[Source] = []
-    for i, image in enumerate(images):
-        which = image.WhichOneof("source")
-        if which == "encoded":
-            sources.append(image.encoded)
-        elif which == "raw":
-            raw = image.raw
-            sources.append(RawPixels(raw.pixels, raw.height, raw.width, raw.channels))
-        else:
-            raise InvalidArgument(f"image {i} is empty: set encoded (file bytes) or raw (pixels)")
-    return sources
+    return [source(image, f"image {i}") for i, image in enumerate(images)]
+
+
+def source(image: pb.Image, name: str) -> Source:
+    """One image as encoded bytes or RawPixels; ``name`` says which in an error."""
+    which = image.WhichOneof("source")
+    if which == "encoded":
+        return image.encoded
+    if which == "raw":
+        return RawPixels(image.raw.pixels, image.raw.height, image.raw.width, image.raw.channels)
+    raise InvalidArgument(f"{name} is empty: set encoded (file bytes) or raw (pixels)")
+
+
+def stream_policy(request) -> Optional[str]:
+    """The policy a stream message names: "all", "latest", or None when unset."""
+    value = request.policy
+    if value == pb.STREAM_POLICY_UNSPECIFIED:
+        return None
+    if value not in (pb.STREAM_POLICY_ALL, pb.STREAM_POLICY_LATEST):
+        raise InvalidArgument(f"policy {value} is not a StreamPolicy; choose ALL or LATEST")
+    return pb.StreamPolicy.Name(value)[len("STREAM_POLICY_"):].lower()
 
 
 def top_k(value: int, num_classes: int) -> int:
@@ -132,9 +142,3 @@ def outputs(values: Sequence[int]) -> Outputs:
     return Outputs(raw_map=pb.EXPLAIN_OUTPUT_RAW_MAP in chosen,
                    heatmap_png=pb.EXPLAIN_OUTPUT_HEATMAP_PNG in chosen,
                    overlay_format=overlay)
-
-
-def image_error(index: int, error: InvalidArgument) -> InvalidArgument:
-    """The same error, saying which image of the request it is about."""
-    return InvalidArgument(f"image {index} {error.message}")
-

@@ -44,6 +44,7 @@ class Settings:
     max_image_pixels: int = 50_000_000
     max_images_per_request: int = 64
     max_message_bytes: int = 64 * 1024 * 1024
+    max_stream_frames_in_flight: int = 4
     grace_s: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json": one line per event either way
@@ -88,7 +89,7 @@ class Settings:
         if self.std is not None and any(s <= 0 for s in self.std):
             problems.append("std values must be positive")
         for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request",
-                     "max_message_bytes"):
+                     "max_message_bytes", "max_stream_frames_in_flight"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
         if problems:
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
     p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request)
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    p.add_argument("--max-stream-frames-in-flight", type=int,
+                   default=d.max_stream_frames_in_flight,
+                   help="frames one stream (policy ALL) may have queued or running")
     p.add_argument("--grace-s", type=float, default=d.grace_s,
                    help="on SIGTERM, how long in-flight calls may take to finish")
     p.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")

@@ -26,6 +26,12 @@ class ServerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SERVER_STATE_LOADING: _ClassVar[ServerState]
     SERVER_STATE_SERVING: _ClassVar[ServerState]
     SERVER_STATE_DRAINING: _ClassVar[ServerState]
+
+class StreamPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STREAM_POLICY_UNSPECIFIED: _ClassVar[StreamPolicy]
+    STREAM_POLICY_ALL: _ClassVar[StreamPolicy]
+    STREAM_POLICY_LATEST: _ClassVar[StreamPolicy]
 CAM_METHOD_UNSPECIFIED: CamMethod
 CAM_METHOD_GRADCAM: CamMethod
 EXPLAIN_OUTPUT_UNSPECIFIED: ExplainOutput
@@ -37,6 +43,9 @@ SERVER_STATE_UNSPECIFIED: ServerState
 SERVER_STATE_LOADING: ServerState
 SERVER_STATE_SERVING: ServerState
 SERVER_STATE_DRAINING: ServerState
+STREAM_POLICY_UNSPECIFIED: StreamPolicy
+STREAM_POLICY_ALL: StreamPolicy
+STREAM_POLICY_LATEST: StreamPolicy
 
 class Image(_message.Message):
     __slots__ = ("encoded", "raw")
@@ -241,13 +250,79 @@ class BatchingInfo(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_image_bytes", "max_image_pixels", "max_images_per_request", "max_message_bytes")
+    __slots__ = ("max_stream_frames_in_flight", "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_message_bytes")
+    MAX_STREAM_FRAMES_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_stream_frames_in_flight: int
     max_image_bytes: int
     max_image_pixels: int
     max_images_per_request: int
     max_message_bytes: int
-    def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, max_stream_frames_in_flight: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+
+class StreamPredictRequest(_message.Message):
+    __slots__ = ("frame_id", "image", "top_k", "policy")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    image: Image
+    top_k: int
+    policy: StreamPolicy
+    def __init__(self, frame_id: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., top_k: _Optional[int] = ..., policy: _Optional[_Union[StreamPolicy, str]] = ...) -> None: ...
+
+class StreamPredictResponse(_message.Message):
+    __slots__ = ("frame_id", "skipped", "result", "error")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    skipped: int
+    result: PredictResult
+    error: FrameError
+    def __init__(self, frame_id: _Optional[int] = ..., skipped: _Optional[int] = ..., result: _Optional[_Union[PredictResult, _Mapping]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ...) -> None: ...
+
+class StreamExplainRequest(_message.Message):
+    __slots__ = ("frame_id", "image", "target", "method", "layer", "outputs", "top_k", "policy")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    image: Image
+    target: Target
+    method: CamMethod
+    layer: str
+    outputs: _containers.RepeatedScalarFieldContainer[ExplainOutput]
+    top_k: int
+    policy: StreamPolicy
+    def __init__(self, frame_id: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., policy: _Optional[_Union[StreamPolicy, str]] = ...) -> None: ...
+
+class StreamExplainResponse(_message.Message):
+    __slots__ = ("frame_id", "skipped", "result", "error")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    skipped: int
+    result: ExplainResult
+    error: FrameError
+    def __init__(self, frame_id: _Optional[int] = ..., skipped: _Optional[int] = ..., result: _Optional[_Union[ExplainResult, _Mapping]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ...) -> None: ...
+
+class FrameError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

@@ -51,6 +51,16 @@ class CamserveStub:
                 request_serializer=camserve_dot_v1_dot_camserve__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=camserve_dot_v1_dot_camserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.StreamPredict = channel.stream_stream(
+                '/camserve.v1.Camserve/StreamPredict',
+                request_serializer=camserve_dot_v1_dot_camserve__pb2.StreamPredictRequest.SerializeToString,
+                response_deserializer=camserve_dot_v1_dot_camserve__pb2.StreamPredictResponse.FromString,
+                _registered_method=True)
+        self.StreamExplain = channel.stream_stream(
+                '/camserve.v1.Camserve/StreamExplain',
+                request_serializer=camserve_dot_v1_dot_camserve__pb2.StreamExplainRequest.SerializeToString,
+                response_deserializer=camserve_dot_v1_dot_camserve__pb2.StreamExplainResponse.FromString,
+                _registered_method=True)
 
 
 class CamserveServicer:
@@ -79,6 +89,22 @@ class CamserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamPredict(self, request_iterator, context):
+        """Predictions for a stream of frames. Each request message is one frame; each answer names
+        its frame, and answers come in frame order. A bad frame is answered with an error and the
+        stream goes on; the stream ends when the client closes its side.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamExplain(self, request_iterator, context):
+        """Explanations for a stream of frames; the same rules as StreamPredict.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CamserveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +122,16 @@ def add_CamserveServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=camserve_dot_v1_dot_camserve__pb2.GetModelInfoRequest.FromString,
                     response_serializer=camserve_dot_v1_dot_camserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'StreamPredict': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamPredict,
+                    request_deserializer=camserve_dot_v1_dot_camserve__pb2.StreamPredictRequest.FromString,
+                    response_serializer=camserve_dot_v1_dot_camserve__pb2.StreamPredictResponse.SerializeToString,
+            ),
+            'StreamExplain': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamExplain,
+                    request_deserializer=camserve_dot_v1_dot_camserve__pb2.StreamExplainRequest.FromString,
+                    response_serializer=camserve_dot_v1_dot_camserve__pb2.StreamExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +217,60 @@ class Camserve:
             '/camserve.v1.Camserve/GetModelInfo',
             camserve_dot_v1_dot_camserve__pb2.GetModelInfoRequest.SerializeToString,
             camserve_dot_v1_dot_camserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamPredict(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/camserve.v1.Camserve/StreamPredict',
+            camserve_dot_v1_dot_camserve__pb2.StreamPredictRequest.SerializeToString,
+            camserve_dot_v1_dot_camserve__pb2.StreamPredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamExplain(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/camserve.v1.Camserve/StreamExplain',
+            camserve_dot_v1_dot_camserve__pb2.StreamExplainRequest.SerializeToString,
+            camserve_dot_v1_dot_camserve__pb2.StreamExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
