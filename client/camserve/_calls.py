@@ -58,6 +58,16 @@ def retry_while_starting(error) -> bool:
     return error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def channel(module, target: str, tls: bool, root_certificates, client_cert, client_key,
+            max_message_bytes: int, options) -> Any:
+    """A channel from ``module`` (grpc, or grpc.aio): TLS when any TLS option is given."""
+    creds = credentials(tls, root_certificates, client_cert, client_key)
+    options = channel_options(max_message_bytes) + list(options)
+    if creds is None:
+        return module.insecure_channel(target, options=options)
+    return module.secure_channel(target, creds, options=options)
+
+
 def call_metadata(token: Optional[str]) -> tuple:
     return (("authorization", f"Bearer {token}"),) if token else ()
 

@@ -34,10 +34,8 @@ class AsyncClient:
         self.target = target
         self.timeout = timeout
         self._metadata = _calls.call_metadata(token)
-        creds = _calls.credentials(tls, root_certificates, client_cert, client_key)
-        channel_options = _calls.channel_options(max_message_bytes) + list(options)
-        self._channel = (aio.insecure_channel(target, options=channel_options) if creds is None
-                         else aio.secure_channel(target, creds, options=channel_options))
+        self._channel = _calls.channel(aio, target, tls, root_certificates, client_cert,
+                                      client_key, max_message_bytes, options)
         self._stub = pb_grpc.CamserveStub(self._channel)
 
     async def close(self) -> None:

@@ -37,10 +37,8 @@ class Client:
         self.target = target
         self.timeout = timeout
         self._metadata = _calls.call_metadata(token)
-        creds = _calls.credentials(tls, root_certificates, client_cert, client_key)
-        channel_options = _calls.channel_options(max_message_bytes) + list(options)
-        self._channel = (grpc.insecure_channel(target, options=channel_options) if creds is None
-                         else grpc.secure_channel(target, creds, options=channel_options))
+        self._channel = _calls.channel(grpc, target, tls, root_certificates, client_cert,
+                                      client_key, max_message_bytes, options)
         self._stub = pb_grpc.CamserveStub(self._channel)
 
     def close(self) -> None:

@@ -68,19 +68,28 @@ def rpc(handler: Callable) -> Callable:
         code = grpc.StatusCode.OK
         try:
             return handler(self, request, context)
-        except ServiceError as exc:
-            code = exc.code
-            abort(context, exc)
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("unexpected error in %s", name)
-            context.abort(grpc.StatusCode.INTERNAL,
-                          f"internal error in {name}; the server log has details")
+        except Exception as exc:
+            code = _status(exc)
+            _fail(context, name, exc)
         finally:
             self._finished(name, code, time.perf_counter() - started,
                            len(getattr(request, "images", ())), context)
 
     return wrapper
+
+
+def _status(exc: Exception) -> grpc.StatusCode:
+    return exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
+
+
+def _fail(context, name: str, exc: Exception) -> None:
+    """End the RPC for ``exc`` (``context.abort`` raises): a typed error with its own status,
+    anything else (a bug) with INTERNAL after logging it; the server keeps serving."""
+    if isinstance(exc, ServiceError):
+        abort(context, exc)
+    log.exception("unexpected error in %s", name)
+    context.abort(grpc.StatusCode.INTERNAL,
+                  f"internal error in {name}; the server log has details")
 
 
 def stream_rpc(handler: Callable) -> Callable:
@@ -99,14 +108,9 @@ def stream_rpc(handler: Callable) -> Callable:
         except GeneratorExit:  # the caller went away
             code = grpc.StatusCode.CANCELLED
             raise
-        except ServiceError as exc:
-            code = exc.code
-            abort(context, exc)
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("unexpected error in %s", name)
-            context.abort(grpc.StatusCode.INTERNAL,
-                          f"internal error in {name}; the server log has details")
+        except Exception as exc:
+            code = _status(exc)
+            _fail(context, name, exc)
         finally:
             if session is not None:
                 session.close()

@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from camserve.results import LayerInfo  # a layer that may be explained: name, output shape
+
 from .errors import StartupError
 from .settings import DEFAULT_MODEL, Settings
 
@@ -23,16 +25,6 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A layer that may be explained, with its output shape for one image."""
-
-    name: str
-    channels: int
-    height: int
-    width: int
 
 
 @dataclass(frozen=True)
