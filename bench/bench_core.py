@@ -244,7 +244,7 @@ def in_process_cases(model: str, weights, jpeg: bytes):
     layer = served.default_layer
     pixels = images.prepare(jpeg, served.input_size, images.Limits(1 << 30, 1 << 30)).pixels
     engine = Engine(served)
-    explain = [WorkItem(pixels, ExplainSpec("gradcam", layer))] * BATCH
+    explain = [WorkItem(pixels, ExplainSpec(layers=(layer,)))] * BATCH
     predict = [WorkItem(pixels)] * BATCH
 
     def user_model():

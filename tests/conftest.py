@@ -113,5 +113,5 @@ def tiny_server_large():
 @pytest.fixture(scope="session")
 def tiny_server():
     with running(model=TINY, max_delay_ms=50, max_image_bytes=200_000,
-                 max_images_per_request=10) as pair:
+                 max_images_per_request=10, max_score_cam_channels=8) as pair:
         yield pair

@@ -49,3 +49,43 @@ def pytorch_grad_cam(model, layer_name: str, x: torch.Tensor, targets) -> np.nda
     layer = dict(model.named_modules())[layer_name]
     with GradCAM(model=model, target_layers=[layer]) as cam:
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+
+
+def pytorch_grad_cam_raw(method: str, model, layer_name: str, x: torch.Tensor,
+                         targets) -> np.ndarray:
+    """pytorch-grad-cam's own map at the layer's grid, after its ReLU, before any resizing:
+    (N, h, w). ``method`` is a pytorch_grad_cam class name."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer = dict(model.named_modules())[layer_name]
+    wanted = [ClassifierOutputTarget(int(t)) for t in targets]
+    cam = getattr(pytorch_grad_cam, method)(model=model, target_layers=[layer])
+    try:
+        outputs = cam.activations_and_grads(x)
+        if cam.uses_gradients:
+            model.zero_grad()
+            sum(t(o) for t, o in zip(wanted, outputs)).backward()
+        activations = cam.activations_and_grads.activations[0].numpy()
+        gradients = (cam.activations_and_grads.gradients[0].numpy() if cam.uses_gradients
+                     else None)
+        raw = cam.get_cam_image(x, layer, wanted, activations, gradients, False)
+    finally:
+        cam.activations_and_grads.release()
+    return np.maximum(raw, 0)
+
+
+def pytorch_grad_cam_eigen_projection(model, layer_name: str, x: torch.Tensor) -> np.ndarray:
+    """pytorch-grad-cam's EigenCAM projection before its ReLU: (N, h, w), sign as LAPACK
+    returned it."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    activations = []
+    layer = dict(model.named_modules())[layer_name]
+    handle = layer.register_forward_hook(lambda m, i, o: activations.append(o.detach()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return get_2d_projection(activations[0].numpy())

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from conftest import DATA
+
 CLI = str(Path(sys.executable).parent / "camserve")
 
 
@@ -74,11 +76,11 @@ def test_explain_class_by_label_and_index(default_server, cat_path, tmp_path):
     done = run("explain", str(cat_path), "-o", str(tmp_path), "--class", "espresso", "--json",
                target=target)
     assert done.returncode == 0, done.stderr
-    by_label = json.loads(done.stdout)[0]
+    by_label = json.loads(done.stdout)[0]["maps"][0]
     assert by_label["target"]["index"] == 967 and by_label["layer"] == "bn2"
     done = run("explain", str(cat_path), "-o", str(tmp_path), "--class", "967", "--json",
                "--layer", "bn2", target=target)
-    by_index = json.loads(done.stdout)[0]
+    by_index = json.loads(done.stdout)[0]["maps"][0]
     np.testing.assert_allclose(by_index["raw"], by_label["raw"], atol=1e-6)
     done = run("explain", str(cat_path), "-o", str(tmp_path), "--class", "unicorn",
                target=target)
@@ -96,3 +98,32 @@ def test_usage_errors():
     assert done.returncode == 2 and "-o/--output" in done.stderr
     done = run("explain", "x.jpg", "-o", "out", "--method", "nope")
     assert done.returncode == 2 and "gradcam" in done.stderr
+
+
+def test_explain_several_methods_and_classes_with_a_grid(default_server, cat_path, tmp_path):
+    server, _ = default_server
+    done = run("explain", str(cat_path), "-o", str(tmp_path), "--method", "gradcam",
+               "--method", "eigencam", "--class", "285", "--class", "espresso", "--grid",
+               target=f"127.0.0.1:{server.port}")
+    assert done.returncode == 0, done.stderr
+    for method in ("gradcam", "eigencam"):
+        for index in (285, 967):
+            assert (tmp_path / f"chelsea.{method}.{index}.overlay.png").exists()
+    grid = np.asarray(Image.open(tmp_path / "chelsea.grid.png"))
+    assert grid.shape[0] > 2 * 224 and grid.shape[1] > 2 * 300  # 2 rows x 2 columns of tiles
+
+
+def test_evaluate_prints_a_table(default_server, tmp_path):
+    server, _ = default_server
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (folder / name).write_bytes((DATA / name).read_bytes())
+    done = run("evaluate", str(folder), "--method", "gradcam", "--method", "layercam",
+               "--steps", "8", target=f"127.0.0.1:{server.port}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert set(rows) == {"gradcam", "layercam", "random"}
+    for deletion, insertion, images in rows.values():
+        assert 0 <= float(deletion) <= 1 and 0 <= float(insertion) <= 1 and images == "2"

@@ -22,6 +22,10 @@ def resnet_engine(resnet_weights):
     engine.close()
 
 
+def spec(layer, target=None):
+    return ExplainSpec(layers=(layer,), targets=() if target is None else (target,))
+
+
 def _pixels(n, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(n)]
@@ -31,10 +35,10 @@ def test_mixed_batch_matches_references_and_single_runs(resnet_engine, resnet_we
     """Predict and Explain items on two layers in one batch: each item equals its own run and
     Captum's map."""
     pixels = _pixels(6)
-    items = [WorkItem(pixels[0]), WorkItem(pixels[1], ExplainSpec("gradcam", "layer4")),
-             WorkItem(pixels[2], ExplainSpec("gradcam", "layer3", target=7)), WorkItem(pixels[3]),
-             WorkItem(pixels[4], ExplainSpec("gradcam", "layer4", target=999)),
-             WorkItem(pixels[5], ExplainSpec("gradcam", "layer3"))]
+    items = [WorkItem(pixels[0]), WorkItem(pixels[1], spec("layer4")),
+             WorkItem(pixels[2], spec("layer3", 7)), WorkItem(pixels[3]),
+             WorkItem(pixels[4], spec("layer4", 999)),
+             WorkItem(pixels[5], spec("layer3"))]
     batch = resnet_engine.run(items)
     model = ref.resnet18(resnet_weights)
     x = ref.normalise(np.stack(pixels), resnet_engine.model.mean, resnet_engine.model.std)
@@ -46,13 +50,14 @@ def test_mixed_batch_matches_references_and_single_runs(resnet_engine, resnet_we
         np.testing.assert_allclose(result.logits, logits[i], atol=1e-4)
         np.testing.assert_allclose(result.probabilities.sum(), 1.0, atol=1e-5)
         if item.explain is None:
-            assert result.raw_map is None and result.target is None
+            assert result.maps == ()
             continue
-        assert result.target == (item.explain.target if item.explain.target is not None
-                                 else int(np.argmax(logits[i])))
-        np.testing.assert_allclose(result.raw_map, alone.raw_map, atol=1e-5)
-        expected = ref.captum_gradcam(model, item.explain.layer, x[i:i + 1], [result.target])[0]
-        np.testing.assert_allclose(result.raw_map, expected, atol=1e-4 * max(expected.max(), 1e-6))
+        (got,), (single,) = result.maps, alone.maps
+        assert got.target == (item.explain.targets[0] if item.explain.targets
+                              else int(np.argmax(logits[i])))
+        np.testing.assert_allclose(got.raw, single.raw, atol=1e-5)
+        expected = ref.captum_gradcam(model, got.layer, x[i:i + 1], [got.target])[0]
+        np.testing.assert_allclose(got.raw, expected, atol=1e-4 * max(expected.max(), 1e-6))
 
 
 def test_no_parameter_gradients_and_nothing_below_the_layer(resnet_engine):
@@ -61,7 +66,7 @@ def test_no_parameter_gradients_and_nothing_below_the_layer(resnet_engine):
     handle = resnet_engine.model.module.layer3.register_full_backward_hook(
         lambda *args: seen.append("layer3"))
     try:
-        resnet_engine.run([WorkItem(p, ExplainSpec("gradcam", "layer4")) for p in pixels])
+        resnet_engine.run([WorkItem(p, spec("layer4")) for p in pixels])
     finally:
         handle.remove()
     assert seen == [], "the backward pass reached below the explained layer"
@@ -75,7 +80,7 @@ def test_hooks_record_only_inside_the_engine(resnet_engine):
                       resnet_engine.model.std)
     with torch.no_grad():
         before = module(x)
-    resnet_engine.run([WorkItem(_pixels(1, seed=3)[0], ExplainSpec("gradcam", "layer4"))])
+    resnet_engine.run([WorkItem(_pixels(1, seed=3)[0], spec("layer4"))])
     with torch.enable_grad():
         after = module(x)
     assert torch.equal(before, after)
@@ -87,7 +92,7 @@ def test_layer_followed_by_in_place_ops(resnet_engine, resnet_weights):
     """layer4.1.bn2's output is modified in place (+= identity, ReLU(inplace)) by the block: the
     map must use the layer's own output and its gradient."""
     pixel = _pixels(1, seed=4)[0]
-    result = resnet_engine.run([WorkItem(pixel, ExplainSpec("gradcam", "layer4.1.bn2"))])[0]
+    result = resnet_engine.run([WorkItem(pixel, spec("layer4.1.bn2"))])[0].maps[0]
     model = ref.resnet18(resnet_weights)
     x = ref.normalise(pixel[None], resnet_engine.model.mean, resnet_engine.model.std)
     # Reference by hand: the block's tail written out without in-place ops.
@@ -102,13 +107,14 @@ def test_layer_followed_by_in_place_ops(resnet_engine, resnet_weights):
     assert int(logits.argmax()) == result.target
     grad, = torch.autograd.grad(logits[0, result.target], acts)
     expected = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * acts).sum(1))[0].detach()
-    np.testing.assert_allclose(result.raw_map, expected.numpy(), atol=1e-4 * float(expected.max()))
+    np.testing.assert_allclose(result.raw, expected.numpy(), atol=1e-4 * float(expected.max()))
 
 
 def test_all_zero_map_is_finite(resnet_engine):
     """A class with negative evidence everywhere gives an all-zero map, not NaN."""
     pixel = _pixels(1, seed=5)[0]
-    results = resnet_engine.run([WorkItem(pixel, ExplainSpec("gradcam", "layer4", target=t))
+    results = resnet_engine.run([WorkItem(pixel, spec("layer4", t))
                                  for t in range(40)])
-    assert all(np.isfinite(r.raw_map).all() and (r.raw_map >= 0).all() for r in results)
-    assert any(not r.raw_map.any() for r in results), "no all-zero map among 40 classes"
+    maps = [r.maps[0].raw for r in results]
+    assert all(np.isfinite(m).all() and (m >= 0).all() for m in maps)
+    assert any(not m.any() for m in maps), "no all-zero map among 40 classes"

@@ -95,7 +95,12 @@ def a_request(draw):
     return "Explain", pb.ExplainRequest(
         images=images_, top_k=top_k, target=target, method=draw(ENUM),
         layer=draw(st.one_of(st.just(""), st.just("features"), st.text(max_size=20))),
-        outputs=draw(st.lists(ENUM, max_size=6)))
+        outputs=draw(st.lists(ENUM, max_size=6)), methods=draw(st.lists(ENUM, max_size=4)),
+        top_targets=draw(st.one_of(st.integers(0, 3), UINT32)),
+        layers=draw(st.lists(st.sampled_from(["features", "stem", ""]), max_size=3)),
+        counterfactual=draw(st.booleans()), signed=draw(st.booleans()),
+        score_cam_channels=draw(st.integers(0, 4)),
+        faithfulness_steps=draw(st.sampled_from([0, 0, 1, 2, 300])))
 
 
 @pytest.fixture(scope="module")

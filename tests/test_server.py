@@ -25,7 +25,8 @@ def test_model_info(default_server):
     assert info.input_size == (224, 224)
     assert [layer.name for layer in info.layers] == ["bn2"] and info.default_layer == "bn2"
     assert (info.layers[0].channels, info.layers[0].height, info.layers[0].width) == (1280, 7, 7)
-    assert info.methods == ("gradcam",)
+    assert info.methods == ("gradcam", "gradcam_plus_plus", "xgradcam", "layercam", "hirescam",
+                            "eigencam", "scorecam", "random")
     assert info.max_batch_size == server.settings.max_batch_size
     assert info.max_delay_ms == pytest.approx(server.settings.max_delay_ms)
     assert info.device == "cpu" or info.device.startswith("cuda")

@@ -13,7 +13,7 @@ from .aio import AsyncClient
 from .client import Client
 from .errors import CamserveError
 from .methods import method_names
-from .results import ClassScore, Explanation, LayerInfo, ModelInfo, Prediction, Timing
+from .results import ClassMap, ClassScore, Explanation, LayerInfo, ModelInfo, Prediction, Timing
 from .streams import Frame, StreamResult
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
     "CamserveError",
+    "ClassMap",
     "ClassScore",
     "Client",
     "Explanation",

@@ -23,7 +23,7 @@ OUTPUTS = {
     "overlay_png": pb.EXPLAIN_OUTPUT_OVERLAY_PNG,
 }
 
-Target = Union[int, str, None]
+Target = Union[int, str, Sequence[Union[int, str]], None]
 
 
 def channel_options(max_message_bytes: int) -> List[tuple]:
@@ -76,18 +76,45 @@ def predict_request(images: Sequence[Any], top_k: int) -> pb.PredictRequest:
     return pb.PredictRequest(images=[to_proto(i) for i in images], top_k=_top_k(top_k))
 
 
-def explain_request(images: Sequence[Any], target: Target, method: str, layer: Optional[str],
-                    outputs: Iterable[str], top_k: int) -> pb.ExplainRequest:
-    try:
-        method_enum = method_value(method)
-    except ValueError as exc:
-        raise invalid(str(exc)) from None
-    unknown = [o for o in outputs if o not in OUTPUTS]
+ADVANCED = {"top_targets": 0, "counterfactual": False, "signed": False,
+            "score_cam_channels": 0, "faithfulness_steps": 0}
+
+
+def explain_fields(target: Target = None, method: Union[str, Sequence[str]] = "gradcam",
+                   layer: Union[None, str, Sequence[str]] = None,
+                   outputs: Iterable[str] = ("raw",), top_k: int = 5, **advanced) -> dict:
+    """The fields ExplainRequest and StreamExplainRequest share, from the client's options.
+
+    ``target``, ``method`` and ``layer`` each take one value or a list. ``advanced``:
+    top_targets, counterfactual, signed, score_cam_channels, faithfulness_steps."""
+    unknown = sorted(set(advanced) - set(ADVANCED))
     if unknown:
-        raise invalid(f"unknown outputs {unknown}; choose from {', '.join(OUTPUTS)}")
-    return pb.ExplainRequest(
-        images=[to_proto(i) for i in images], target=_target(target), method=method_enum,
-        layer=layer or "", outputs=[OUTPUTS[o] for o in outputs], top_k=_top_k(top_k))
+        raise invalid(f"unknown explain options {unknown}; choose from {', '.join(ADVANCED)}")
+    methods = [method] if isinstance(method, str) else list(method)
+    try:
+        method_enums = [method_value(m) for m in methods]
+    except (ValueError, AttributeError) as exc:
+        raise invalid(str(exc)) from None
+    outputs = tuple(outputs)
+    bad = [o for o in outputs if o not in OUTPUTS]
+    if bad:
+        raise invalid(f"unknown outputs {bad}; choose from {', '.join(OUTPUTS)}")
+    targets = [] if target is None else [target] if isinstance(target, (int, str)) \
+        else list(target)
+    layers = [] if layer is None else [layer] if isinstance(layer, str) else list(layer)
+    fields = {**ADVANCED, **advanced}
+    for name in ("top_targets", "score_cam_channels", "faithfulness_steps"):
+        if isinstance(fields[name], bool) or not isinstance(fields[name], int) or \
+                fields[name] < 0:
+            raise invalid(f"{name} must be a non-negative integer, got {fields[name]!r}")
+    return {"targets": [_target(t) for t in targets], "methods": method_enums,
+            "layers": layers, "outputs": [OUTPUTS[o] for o in outputs], "top_k": _top_k(top_k),
+            **fields}
+
+
+def explain_request(images: Sequence[Any], **options) -> pb.ExplainRequest:
+    fields = explain_fields(**options)
+    return pb.ExplainRequest(images=[to_proto(i) for i in images], **fields)
 
 
 def predictions(response: pb.PredictResponse) -> List[Prediction]:
@@ -104,9 +131,7 @@ def _top_k(top_k: int) -> int:
     return top_k
 
 
-def _target(target: Target) -> Optional[pb.Target]:
-    if target is None:
-        return None
+def _target(target: Union[int, str]) -> pb.Target:
     if isinstance(target, bool):
         raise invalid("target must be a class index, a label or None")
     if isinstance(target, int):
@@ -115,4 +140,4 @@ def _target(target: Target) -> Optional[pb.Target]:
         return pb.Target(class_index=target)
     if isinstance(target, str):
         return pb.Target(label=target)
-    raise invalid(f"target must be a class index, a label or None, got {type(target).__name__}")
+    raise invalid(f"a target must be a class index or a label, got {type(target).__name__}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Iterable, List, Optional, Sequence
+from typing import Any, AsyncIterator, Iterable, List, Optional, Sequence, Union
 
 import grpc
 from grpc import aio
@@ -85,19 +85,26 @@ class AsyncClient:
         return _calls.predictions(await self._call(self._stub.Predict, request, timeout))
 
     async def explain(self, image: Any, *, target: _calls.Target = None,
-                      method: str = "gradcam", layer: Optional[str] = None,
+                      method: Union[str, Sequence[str]] = "gradcam",
+                      layer: Union[None, str, Sequence[str]] = None,
                       outputs: Iterable[str] = ("raw",), top_k: int = 5,
-                      timeout: Any = _UNSET) -> Explanation:
+                      timeout: Any = _UNSET, **options) -> Explanation:
+        """As Client.explain."""
         return (await self.explain_many([image], target=target, method=method, layer=layer,
-                                        outputs=outputs, top_k=top_k, timeout=timeout))[0]
+                                        outputs=outputs, top_k=top_k, timeout=timeout,
+                                        **options))[0]
 
     async def explain_many(self, images: Iterable[Any], *, target: _calls.Target = None,
-                           method: str = "gradcam", layer: Optional[str] = None,
+                           method: Union[str, Sequence[str]] = "gradcam",
+                           layer: Union[None, str, Sequence[str]] = None,
                            outputs: Iterable[str] = ("raw",), top_k: int = 5,
-                           timeout: Any = _UNSET) -> List[Explanation]:
+                           timeout: Any = _UNSET, **options) -> List[Explanation]:
+        """As Client.explain_many."""
         images = list(images)
-        request = _calls.explain_request(images, target, method, layer, tuple(outputs), top_k)
-        return _calls.explanations(await self._call(self._stub.Explain, request, timeout), images)
+        request = _calls.explain_request(images, target=target, method=method, layer=layer,
+                                         outputs=outputs, top_k=top_k, **options)
+        return _calls.explanations(await self._call(self._stub.Explain, request, timeout),
+                                   images)
 
     def stream_predict(self, frames, *, top_k: int = 5, policy: str = "all",
                        timeout: Optional[float] = None) -> AsyncIterator[StreamResult]:
@@ -105,13 +112,14 @@ class AsyncClient:
         return self._stream(self._stub.StreamPredict, Tracker("predict", {"top_k": top_k},
                                                               policy), frames, timeout)
 
-    def stream_explain(self, frames, *, target: _calls.Target = None, method: str = "gradcam",
-                       layer: Optional[str] = None, outputs: Iterable[str] = ("raw",),
-                       top_k: int = 5, policy: str = "all",
-                       timeout: Optional[float] = None) -> AsyncIterator[StreamResult]:
-        """As Client.stream_explain; ``frames`` may be an iterable or an async iterable."""
-        options = {"target": target, "method": method, "layer": layer,
-                   "outputs": tuple(outputs), "top_k": top_k}
+    def stream_explain(self, frames, *, target: _calls.Target = None,
+                       method: Union[str, Sequence[str]] = "gradcam",
+                       layer: Union[None, str, Sequence[str]] = None,
+                       outputs: Iterable[str] = ("raw",), top_k: int = 5, policy: str = "all",
+                       timeout: Optional[float] = None, **options):
+        """Explanations for a stream of frames; as stream_predict, with explain's options."""
+        options = dict(options, target=target, method=method, layer=layer,
+                       outputs=tuple(outputs), top_k=top_k)
         return self._stream(self._stub.StreamExplain, Tracker("explain", options, policy),
                             frames, timeout)
 

@@ -2,7 +2,9 @@
 
     camserve info
     camserve predict IMAGE... [--top-k N] [--json]
-    camserve explain IMAGE... -o DIR [--class N|LABEL] [--layer NAME] [--method NAME]
+    camserve explain IMAGE... -o DIR [--class N|LABEL]... [--layer NAME]... [--method NAME]...
+                                    [--grid] [--counterfactual]
+    camserve evaluate FOLDER [--method NAME]... [--steps N]
     camserve stream VIDEO|--camera N [-o OUT.mp4] [--explain] [--policy all|latest]
 
 The server address comes from ``--target`` or ``CAMSERVE_TARGET`` (default localhost:50051).
@@ -131,26 +133,72 @@ def cmd_explain(client: Client, args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     errors: List[Tuple[str, CamserveError]] = []
     progress = Progress(len(args.images), not args.json)
-    target = _target(args.target_class)
+    methods = args.method or ["gradcam"]
     rows = []
 
     def call(chunk):
-        return client.explain_many(chunk, target=target, method=args.method, layer=args.layer,
-                                   outputs=("raw", "heatmap", "overlay_png"), top_k=args.top_k)
+        return client.explain_many(
+            chunk, target=[_target(c) for c in args.target_class] or None, method=methods,
+            layer=args.layer or None, outputs=("raw", "heatmap", "overlay_png"),
+            top_k=args.top_k, counterfactual=args.counterfactual,
+            score_cam_channels=args.score_cam_channels)
 
     for path, exp in _each(args.images, call, progress, errors):
-        overlay, heat = _write(out, path, exp)
+        written = _write(out, path, exp, args.grid)
         if args.json:
             row = _prediction_json(path, exp.prediction)
-            row.update(target=vars(exp.target), method=exp.method, layer=exp.layer,
-                       overlay=str(overlay), heatmap=str(heat), raw=exp.raw.tolist())
+            row["maps"] = [dict(target=vars(m.target), method=m.method, layer=m.layer,
+                                raw=m.raw.tolist(), overlay=str(o), heatmap=str(h))
+                           for m, (o, h) in zip(exp.maps, written)]
             rows.append(row)
-        else:
-            print(f"{path}: {_classes(exp.prediction)}")
-            print(f"  explained {exp.target.label} ({exp.target.index}) with {exp.method} at "
-                  f"{exp.layer}: {overlay}, {heat}")
+            continue
+        print(f"{path}: {_classes(exp.prediction)}")
+        for m, (overlay, heat) in zip(exp.maps, written):
+            print(f"  explained {m.target.label} ({m.target.index}) with {m.method} at "
+                  f"{m.layer}: {overlay}, {heat}")
+        if args.grid:
+            print(f"  comparison grid: {out / (Path(path).stem + '.grid.png')}")
     if args.json:
         print(json.dumps(rows, indent=2))
+    return _report(errors)
+
+
+def cmd_evaluate(client: Client, args) -> int:
+    """Faithfulness of every method (and a random map) over a folder of images."""
+    import numpy as np
+
+    folder = Path(args.folder)
+    paths = sorted(str(p) for p in folder.iterdir()
+                   if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
+    if not paths:
+        print(f"camserve: no images in {folder}", file=sys.stderr)
+        return 1
+    methods = args.method or [m for m in client.model_info().methods if m != "random"]
+    methods = list(dict.fromkeys([*methods, "random"]))
+    scores = {m: [] for m in methods}
+    errors: List[Tuple[str, CamserveError]] = []
+    progress = Progress(len(paths), not args.json)
+
+    def call(chunk):
+        return client.explain_many(chunk, method=methods, layer=args.layer, outputs=(),
+                                   faithfulness_steps=args.steps,
+                                   score_cam_channels=args.score_cam_channels)
+
+    for _path, exp in _each(paths, call, progress, errors):
+        for m in exp.maps:
+            scores[m.method].append((m.deletion, m.insertion))
+    table = {m: {"deletion": float(np.mean([d for d, _ in v])),
+                 "insertion": float(np.mean([i for _, i in v])), "images": len(v)}
+             for m, v in scores.items() if v}
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        print(f"{len(paths)} images from {folder}, {args.steps} steps; deletion: lower is "
+              "better, insertion: higher is better")
+        print(f"{'method':20} {'deletion':>9} {'insertion':>10} {'images':>7}")
+        for method, row in table.items():
+            print(f"{method:20} {row['deletion']:9.3f} {row['insertion']:10.3f} "
+                  f"{row['images']:7d}")
     return _report(errors)
 
 
@@ -231,12 +279,27 @@ def cmd_stream(client: Client, args) -> int:
     return 1 if failed else 0
 
 
-def _write(out: Path, path: str, exp: Explanation) -> Tuple[Path, Path]:
+def _write(out: Path, path: str, exp: Explanation, grid: bool) -> List[Tuple[Path, Path]]:
+    """NAME.overlay.png and NAME.heatmap.png for one map; NAME.METHOD.CLASS[.LAYER].*.png each
+    when there are several (and NAME.grid.png with --grid)."""
     stem = Path(path).stem
-    overlay, heat = out / f"{stem}.overlay.png", out / f"{stem}.heatmap.png"
-    overlay.write_bytes(exp.overlay_image)
-    heat.write_bytes(exp.heatmap_png)
-    return overlay, heat
+    layers = len({m.layer for m in exp.maps}) > 1
+    written = []
+    for m in exp.maps:
+        name = stem if len(exp.maps) == 1 else ".".join(
+            [stem, m.method, str(m.target.index)] + ([m.layer] if layers else []))
+        overlay, heat = out / f"{name}.overlay.png", out / f"{name}.heatmap.png"
+        overlay.write_bytes(m.overlay_image)
+        heat.write_bytes(m.heatmap_png)
+        written.append((overlay, heat))
+    if grid:
+        from PIL import Image
+
+        from .grid import comparison_grid
+        from .images import load_rgb
+
+        Image.fromarray(comparison_grid(exp, load_rgb(path))).save(out / f"{stem}.grid.png")
+    return written
 
 
 def _target(value: Optional[str]):
@@ -279,13 +342,35 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("images", nargs="+", metavar="IMAGE")
     explain.add_argument("-o", "--output", required=True, metavar="DIR",
                          help="folder for NAME.overlay.png and NAME.heatmap.png")
-    explain.add_argument("--class", dest="target_class", metavar="N|LABEL",
-                         help="class to explain (index or label; default: the top-1 class)")
-    explain.add_argument("--layer", help="layer to explain (default: the server's)")
-    explain.add_argument("--method", default="gradcam", choices=method_names())
+    explain.add_argument("--class", dest="target_class", metavar="N|LABEL", action="append",
+                         default=[], help="class to explain, index or label (repeatable; "
+                         "default: the top-1 class)")
+    explain.add_argument("--layer", action="append", default=[],
+                         help="layer to explain (repeatable; default: the server's)")
+    explain.add_argument("--method", action="append", choices=method_names(),
+                         help="CAM method (repeatable; default: gradcam)")
+    explain.add_argument("--counterfactual", action="store_true",
+                         help="negated gradients: regions whose removal would raise the score")
+    explain.add_argument("--score-cam-channels", type=int, default=64, metavar="N",
+                         help="Score-CAM: the N channels with the highest mean activation "
+                         "(one forward each; default 64; 0: all)")
+    explain.add_argument("--grid", action="store_true",
+                         help="also write NAME.grid.png: methods down, classes across")
     explain.add_argument("--top-k", type=int, default=5)
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(run=cmd_explain)
+
+    evaluate = sub.add_parser("evaluate", help="deletion/insertion scores of every method "
+                              "over a folder of images, beside a random map")
+    evaluate.add_argument("folder", metavar="FOLDER")
+    evaluate.add_argument("--method", action="append", choices=method_names(),
+                          help="method to score (repeatable; default: all the server has)")
+    evaluate.add_argument("--layer", help="layer to explain (default: the server's)")
+    evaluate.add_argument("--steps", type=int, default=16, help="steps per curve (default 16)")
+    evaluate.add_argument("--score-cam-channels", type=int, default=64,
+                          help="Score-CAM: top channels by activation (default 64; 0: all)")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(run=cmd_evaluate)
 
     stream = sub.add_parser("stream", help="stream a video or camera; write an annotated video")
     where = stream.add_mutually_exclusive_group(required=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
 
 import grpc
 
@@ -91,25 +91,33 @@ class Client:
         request = _calls.predict_request(list(images), top_k)
         return _calls.predictions(self._call(self._stub.Predict, request, timeout))
 
-    def explain(self, image: Any, *, target: _calls.Target = None, method: str = "gradcam",
-                layer: Optional[str] = None, outputs: Iterable[str] = ("raw",), top_k: int = 5,
-                timeout: Any = _UNSET) -> Explanation:
-        """A class activation map for one image, with its prediction.
+    def explain(self, image: Any, *, target: _calls.Target = None,
+                method: Union[str, Sequence[str]] = "gradcam",
+                layer: Union[None, str, Sequence[str]] = None,
+                outputs: Iterable[str] = ("raw",), top_k: int = 5, timeout: Any = _UNSET,
+                **options) -> Explanation:
+        """Class activation maps for one image, with its prediction.
 
-        ``target``: a class index or label; None explains the top-1 class. ``outputs``: any of
-        "raw" (the map at the layer's grid), "heatmap" (8-bit PNG), "overlay_jpeg",
-        "overlay_png" (rendered by the server, at the image's size).
+        ``target``: a class index or label, or a list of them; None explains the top-1 class
+        (``top_targets=k``: the k best). ``method`` and ``layer``: one or a list; the answer
+        has a map per (method, target, layer) in ``Explanation.maps``, the first also in
+        ``raw``/``heatmap``. ``outputs``: any of "raw" (maps at the layer's grid), "heatmap"
+        (8-bit PNGs), "overlay_jpeg", "overlay_png" (rendered by the server at the image's
+        size). ``options``: top_targets, counterfactual (negated gradients), signed (no final
+        ReLU), score_cam_channels, faithfulness_steps (deletion/insertion scores).
         """
         return self.explain_many([image], target=target, method=method, layer=layer,
-                                 outputs=outputs, top_k=top_k, timeout=timeout)[0]
+                                 outputs=outputs, top_k=top_k, timeout=timeout, **options)[0]
 
     def explain_many(self, images: Iterable[Any], *, target: _calls.Target = None,
-                     method: str = "gradcam", layer: Optional[str] = None,
+                     method: Union[str, Sequence[str]] = "gradcam",
+                     layer: Union[None, str, Sequence[str]] = None,
                      outputs: Iterable[str] = ("raw",), top_k: int = 5,
-                     timeout: Any = _UNSET) -> List[Explanation]:
+                     timeout: Any = _UNSET, **options) -> List[Explanation]:
         """One RPC for several images; answers in the same order."""
         images = list(images)
-        request = _calls.explain_request(images, target, method, layer, tuple(outputs), top_k)
+        request = _calls.explain_request(images, target=target, method=method, layer=layer,
+                                         outputs=outputs, top_k=top_k, **options)
         return _calls.explanations(self._call(self._stub.Explain, request, timeout), images)
 
     def stream_predict(self, frames: Iterable[Any], *, top_k: int = 5, policy: str = "all",
@@ -125,13 +133,14 @@ class Client:
         return self._stream(self._stub.StreamPredict, Tracker("predict", {"top_k": top_k},
                                                               policy), frames, timeout)
 
-    def stream_explain(self, frames: Iterable[Any], *, target: _calls.Target = None,
-                       method: str = "gradcam", layer: Optional[str] = None,
+    def stream_explain(self, frames, *, target: _calls.Target = None,
+                       method: Union[str, Sequence[str]] = "gradcam",
+                       layer: Union[None, str, Sequence[str]] = None,
                        outputs: Iterable[str] = ("raw",), top_k: int = 5, policy: str = "all",
-                       timeout: Optional[float] = None) -> Iterator[StreamResult]:
+                       timeout: Optional[float] = None, **options):
         """Explanations for a stream of frames; as stream_predict, with explain's options."""
-        options = {"target": target, "method": method, "layer": layer,
-                   "outputs": tuple(outputs), "top_k": top_k}
+        options = dict(options, target=target, method=method, layer=layer,
+                       outputs=tuple(outputs), top_k=top_k)
         return self._stream(self._stub.StreamExplain, Tracker("explain", options, policy),
                             frames, timeout)
 

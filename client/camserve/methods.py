@@ -28,7 +28,7 @@ def method_name(value: int) -> str:
 
 def method_value(name: str) -> int:
     """The enum value of a method name (case-insensitive). Raises ValueError if unknown."""
-    key = name.strip().lower().replace("-", "_")
+    key = name.strip().lower().replace("++", "_plus_plus").replace("-", "_")
     if key not in method_names():
         raise ValueError(f"unknown CAM method {name!r}; choose from {', '.join(method_names())}")
     return pb.CamMethod.Value(_PREFIX + key.upper())

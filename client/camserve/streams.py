@@ -23,8 +23,8 @@ POLICIES = {"all": pb.STREAM_POLICY_ALL, "latest": pb.STREAM_POLICY_LATEST}
 @dataclass(frozen=True)
 class Frame:
     """A frame with its own id and/or options. Plain images get ids 0, 1, 2, ... and the
-    stream's options; ``options`` overrides any of target, method, layer, outputs, top_k for
-    this frame only."""
+    stream's options; ``options`` overrides any of the stream's options (top_k; for
+    explanations target, method, layer, outputs and the advanced ones) for this frame only."""
 
     image: Any
     frame_id: Optional[int] = None
@@ -65,7 +65,7 @@ class Tracker:
 
     def __init__(self, kind: str, options: Mapping[str, Any], policy: str) -> None:
         if kind == "explain":
-            _calls.explain_request([], **_explain_args(options))  # validate before sending
+            _calls.explain_fields(**options)  # refuse bad options before anything is sent
         self._kind = kind
         self._options = dict(options)
         self._policy = policy_value(policy)
@@ -81,15 +81,15 @@ class Tracker:
         policy = self._policy if self._count == 0 else pb.STREAM_POLICY_UNSPECIFIED
         options = {**self._options, **frame.options}
         if self._kind == "predict":
+            if set(options) - {"top_k"}:
+                raise invalid(f"stream_predict frames take only top_k, not "
+                              f"{sorted(set(options) - {'top_k'})}")
             message = pb.StreamPredictRequest(
                 frame_id=frame_id, image=to_proto(frame.image),
                 top_k=_calls._top_k(options.get("top_k", 5)), policy=policy)
         else:
-            one = _calls.explain_request([frame.image], **_explain_args(options))
-            message = pb.StreamExplainRequest(
-                frame_id=frame_id, image=one.images[0], target=one.target if one.HasField(
-                    "target") else None, method=one.method, layer=one.layer,
-                outputs=one.outputs, top_k=one.top_k, policy=policy)
+            message = pb.StreamExplainRequest(frame_id=frame_id, image=to_proto(frame.image),
+                                              policy=policy, **_calls.explain_fields(**options))
         with self._lock:
             self._sent[frame_id] = (time.perf_counter(), frame.image)
             self._count += 1
@@ -136,12 +136,3 @@ class Tracker:
             value = Explanation.from_proto(answer.result, image)
         return StreamResult(answer.frame_id, answer.skipped, value, error,
                             (now - sent_at) * 1000.0)
-
-
-def _explain_args(options: Mapping[str, Any]) -> dict:
-    unknown = set(options) - {"target", "method", "layer", "outputs", "top_k"}
-    if unknown:
-        raise invalid(f"unknown stream options {sorted(unknown)}")
-    return {"target": options.get("target"), "method": options.get("method", "gradcam"),
-            "layer": options.get("layer"), "outputs": tuple(options.get("outputs", ("raw",))),
-            "top_k": options.get("top_k", 5)}

@@ -1,41 +1,156 @@
-"""CAM methods: each is one small function from (activations, gradients) to a raw map.
+"""CAM methods: each is one small function from the explained layer's activations (and, for
+gradient methods, the gradient of the target score with respect to them) to a signed map.
 
-``activations`` and ``gradients`` are (n, K, h, w): the explained layer's output for n images and
-the gradient of each image's target logit with respect to it. A method returns (n, h, w).
-The registry is keyed by the method's name, which is the proto enum value's name without its
-``CAM_METHOD_`` prefix, lower-cased (``camserve.methods`` derives the same names for the client
-and the CLI; a test checks that every enum value has a function here and vice versa).
+Every function takes a :class:`CamInputs` for n images and returns (n, h, w) BEFORE the final
+ReLU: the engine applies it (or not, for signed maps), and negates the gradients for
+counterfactual maps. The registry is keyed by the method's name: the proto enum value's name
+without its ``CAM_METHOD_`` prefix, lower-cased (``camserve.methods`` derives the same names for
+the client and the CLI; a test checks that every enum value has a function here and back).
+
+Definitions follow pytorch-grad-cam, the reference the tests compare against; where that
+differs from the paper it is said below.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 
-CamFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+@dataclass(frozen=True)
+class CamInputs:
+    activations: torch.Tensor  # (n, K, h, w)
+    gradients: Optional[torch.Tensor]  # (n, K, h, w), None for methods without gradients
+    inputs: torch.Tensor  # (n, 3, H, W), normalised, as the model saw them
+    targets: torch.Tensor  # (n,) class indices
+    forward: Callable[[torch.Tensor], torch.Tensor]  # logits of a batch; no hooks, no grad
+    max_channels: int = 0  # Score-CAM: use the top channels by mean activation (0: all)
+    chunk: int = 32  # Score-CAM: masked images per forward
 
 
 @dataclass(frozen=True)
 class CamMethod:
     name: str
-    compute: CamFunction
+    compute: Callable[[CamInputs], torch.Tensor]
     needs_gradient: bool = True
 
 
-def gradcam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al., ICCV 2017), eq. 1 and 2.
+def _weighted(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k A_k for per-channel weights (n, K)."""
+    return (weights[:, :, None, None] * activations).sum(dim=1)
 
-    alpha_k = mean_ij dy_c/dA_k,ij (global-average-pooled gradient per channel);
-    L = ReLU(sum_k alpha_k A_k).
-    """
-    weights = gradients.mean(dim=(2, 3), keepdim=True)
-    return torch.relu((weights * activations).sum(dim=1))
+
+def gradcam(c: CamInputs) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al., ICCV 2017), eq. 1-2: alpha_k = mean_ij dy/dA_k,ij;
+    L = ReLU(sum_k alpha_k A_k)."""
+    return _weighted(c.gradients.mean(dim=(2, 3)), c.activations)
+
+
+def gradcam_plus_plus(c: CamInputs) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhyay et al., WACV 2018), the closed form of eq. 19 with the
+    exponential output's derivatives written as powers of the gradient:
+    a_ij = g^2 / (2 g^2 + sum_ab A_ab g^3), zero where g = 0;
+    w_k = sum_ij a_ij ReLU(g_ij); L = ReLU(sum_k w_k A_k)."""
+    g = c.gradients
+    g2 = g * g
+    total = c.activations.sum(dim=(2, 3), keepdim=True)
+    alpha = g2 / (2 * g2 + total * g2 * g + 1e-6)
+    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+    return _weighted((alpha * torch.relu(g)).sum(dim=(2, 3)), c.activations)
+
+
+def xgradcam(c: CamInputs) -> torch.Tensor:
+    """XGrad-CAM (Fu et al., BMVC 2020), eq. 9: w_k = sum_ij (A_k,ij / sum_ab A_k,ab) dy/dA_k,ij."""
+    total = c.activations.sum(dim=(2, 3), keepdim=True)
+    return _weighted((c.gradients * c.activations / (total + 1e-7)).sum(dim=(2, 3)),
+                     c.activations)
+
+
+def layercam(c: CamInputs) -> torch.Tensor:
+    """LayerCAM (Jiang et al., IEEE TIP 2021), eq. 5-6: L = ReLU(sum_k ReLU(g_k) * A_k),
+    element-wise."""
+    return (torch.relu(c.gradients) * c.activations).sum(dim=1)
+
+
+def hirescam(c: CamInputs) -> torch.Tensor:
+    """HiResCAM (Draelos & Carin, 2020), eq. 3: L = ReLU(sum_k g_k * A_k), element-wise."""
+    return (c.gradients * c.activations).sum(dim=1)
+
+
+def eigencam(c: CamInputs) -> torch.Tensor:
+    """EigenCAM (Muhammad & Yeasin, IJCNN 2020): the activations (positions x channels,
+    centred per channel) projected on their first principal component. No gradient.
+
+    A principal component's sign is arbitrary (SVD can return v or -v), and pytorch-grad-cam
+    keeps whatever LAPACK returns; here the sign is fixed so that the map correlates positively
+    with the activations' channel sum, so strong activations read as salient, whatever the
+    linear-algebra library."""
+    n, k, h, w = c.activations.shape
+    a = c.activations.reshape(n, k, h * w).transpose(1, 2).double()  # (n, hw, K)
+    a = a - a.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(a, full_matrices=False)
+    projection = a @ vh[:, 0, :, None]  # (n, hw, 1)
+    strength = c.activations.reshape(n, k, h * w).sum(dim=1).double()
+    strength = strength - strength.mean(dim=1, keepdim=True)
+    sign = torch.sign((projection[:, :, 0] * strength).sum(dim=1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (projection[:, :, 0] * sign[:, None]).reshape(n, h, w).to(c.activations.dtype)
+
+
+def scorecam(c: CamInputs) -> torch.Tensor:
+    """Score-CAM (Wang et al., CVPR-W 2020): each channel, upsampled to the input and min-max
+    scaled, masks the input; the masked image's target logit is that channel's score; the
+    weights are the softmax of the scores over the channels; L = ReLU(sum_k w_k A_k).
+
+    As pytorch-grad-cam: logits and a softmax over channels (the paper scores with the class
+    probability, relative to a baseline). ``max_channels`` keeps the channels with the highest
+    mean activation (the others get no weight), since each channel costs one forward."""
+    n, k, h, w = c.activations.shape
+    keep = k if not c.max_channels or c.max_channels >= k else c.max_channels
+    maps = []
+    for i in range(n):
+        acts = c.activations[i]
+        channels = torch.arange(k, device=acts.device) if keep == k else torch.topk(
+            acts.mean(dim=(1, 2)), keep).indices
+        masks = F.interpolate(acts[channels][None], size=c.inputs.shape[-2:], mode="bilinear",
+                              align_corners=True)[0]  # (keep, H, W)
+        flat = masks.reshape(keep, -1)
+        low, high = flat.min(dim=1).values, flat.max(dim=1).values
+        masks = (masks - low[:, None, None]) / (high - low + 1e-8)[:, None, None]
+        scores = []
+        for start in range(0, keep, c.chunk):
+            masked = c.inputs[i][None] * masks[start:start + c.chunk, None]
+            scores.append(c.forward(masked)[:, c.targets[i]])
+        weights = torch.zeros(k, device=acts.device, dtype=acts.dtype)
+        weights[channels] = torch.softmax(torch.cat(scores).to(acts.dtype), dim=0)
+        maps.append(_weighted(weights[None], acts[None])[0])
+    return torch.stack(maps)
+
+
+def random_map(c: CamInputs) -> torch.Tensor:
+    """Not a CAM: uniform noise at the layer's grid, seeded by the image itself, so the same
+    image always gets the same map. A baseline for the faithfulness scores."""
+    n, _, h, w = c.activations.shape
+    maps = []
+    for i in range(n):
+        seed = int(torch.sum(c.inputs[i].double() * 1000).item()) % (2**31)
+        generator = torch.Generator().manual_seed(seed)
+        maps.append(torch.rand(h, w, generator=generator))
+    return torch.stack(maps).to(c.activations.device, c.activations.dtype)
 
 
 METHODS: Dict[str, CamMethod] = {
     method.name: method for method in (
         CamMethod("gradcam", gradcam),
+        CamMethod("gradcam_plus_plus", gradcam_plus_plus),
+        CamMethod("xgradcam", xgradcam),
+        CamMethod("layercam", layercam),
+        CamMethod("hirescam", hirescam),
+        CamMethod("eigencam", eigencam, needs_gradient=False),
+        CamMethod("scorecam", scorecam, needs_gradient=False),
+        CamMethod("random", random_map, needs_gradient=False),
     )
 }

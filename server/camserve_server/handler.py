@@ -221,10 +221,9 @@ class _ExplainOptions:
 
 def _explain_options(rt: Runtime, request) -> _ExplainOptions:
     """The options of an ExplainRequest or StreamExplainRequest, validated."""
-    spec = ExplainSpec(
-        method=req.method(request.method), layer=req.layer(request.layer, rt.model),
-        target=req.target(request.target, rt.labels) if request.HasField("target") else None)
-    return _ExplainOptions(spec, req.outputs(request.outputs),
+    spec = req.explain_spec(request, rt.model, rt.labels, rt.settings.max_score_cam_channels)
+    return _ExplainOptions(spec,
+                           req.outputs(request.outputs),
                            req.top_k(request.top_k, rt.model.num_classes))
 
 
@@ -250,8 +249,7 @@ def _explain_frame(rt: Runtime, source: req.Source, options: _ExplainOptions,
     image, decode_ms = _decode(rt, source, name)
     return Frame(WorkItem(image.pixels, options.spec), functools.partial(
         _responded, resp.explain_result, labels=rt.labels.labels, top_k=options.top_k,
-        size=image.size, decode_ms=decode_ms, method=options.spec.method,
-        layer=options.spec.layer, outputs=options.outputs,
+        size=image.size, decode_ms=decode_ms, outputs=options.outputs,
         full_image=functools.partial(images.full_rgb, source, rt.limits)))
 
 
@@ -327,4 +325,5 @@ def model_info(settings: Settings, model: LoadedModel) -> pb.ModelInfo:
                          max_image_pixels=settings.max_image_pixels,
                          max_images_per_request=settings.max_images_per_request,
                          max_stream_frames_in_flight=settings.max_stream_frames_in_flight,
+                         max_score_cam_channels=settings.max_score_cam_channels,
                          max_message_bytes=settings.max_message_bytes))

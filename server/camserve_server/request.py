@@ -14,6 +14,7 @@ from camserve.methods import method_name, method_names
 from camserve.v1 import camserve_pb2 as pb
 
 from .cams import METHODS
+from .engine import ExplainSpec
 from .errors import FailedPrecondition, InvalidArgument
 from .images import RawPixels
 from .models import LoadedModel
@@ -89,6 +90,10 @@ def top_k(value: int, num_classes: int) -> int:
     return min(value or DEFAULT_TOP_K, num_classes)
 
 
+MAX_MAPS = 64  # methods x targets x layers per image
+MAX_FAITHFULNESS_STEPS = 256
+
+
 def method(value: int) -> str:
     try:
         name = method_name(value)
@@ -124,6 +129,44 @@ def target(value: pb.Target, labels: LabelIndex) -> Optional[int]:
     if kind == "label":
         return labels.index_of(value.label)
     return None
+
+
+def _unique(values) -> tuple:
+    return tuple(dict.fromkeys(values))
+
+
+def explain_spec(request, model: LoadedModel, labels: LabelIndex,
+                 max_score_cam_channels: int) -> ExplainSpec:
+    """The ExplainSpec of an ExplainRequest or StreamExplainRequest (they share field names)."""
+    chosen = ([request.method] if request.method else []) + list(request.methods)
+    methods = _unique(method(v) for v in chosen or [pb.CAM_METHOD_UNSPECIFIED])
+    names = ([request.layer] if request.layer else []) + list(request.layers)
+    layers = _unique(layer(name, model) for name in names or [""])
+    given = ([request.target] if request.HasField("target") else []) + list(request.targets)
+    targets = _unique(t for t in (target(v, labels) for v in given) if t is not None)
+    if targets and request.top_targets:
+        raise InvalidArgument("give target/targets or top_targets, not both")
+    top = min(request.top_targets or 1, len(labels.labels))
+    maps = len(methods) * (len(targets) or top) * len(layers)
+    if maps > MAX_MAPS:
+        raise InvalidArgument(f"{len(methods)} methods x {len(targets) or top} targets x "
+                              f"{len(layers)} layers = {maps} maps per image; this server "
+                              f"makes at most {MAX_MAPS}: ask for fewer")
+    if "scorecam" in methods:
+        widest = max(model.layer(name).channels for name in layers)
+        channels = min(request.score_cam_channels or widest, widest)
+        if channels > max_score_cam_channels:
+            raise InvalidArgument(
+                f"Score-CAM on {channels} channels costs {channels} forwards per map; this "
+                f"server allows {max_score_cam_channels} (max_score_cam_channels): set "
+                f"score_cam_channels to at most that")
+    steps = request.faithfulness_steps
+    if steps and not 2 <= steps <= MAX_FAITHFULNESS_STEPS:
+        raise InvalidArgument(f"faithfulness_steps must be 0 (off) or 2..{MAX_FAITHFULNESS_STEPS},"
+                              f" not {steps}")
+    return ExplainSpec(methods=methods, layers=layers, targets=targets, top_targets=top,
+                       counterfactual=request.counterfactual, signed=request.signed,
+                       score_cam_channels=request.score_cam_channels, faithfulness_steps=steps)
 
 
 def outputs(values: Sequence[int]) -> Outputs:

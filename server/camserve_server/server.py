@@ -25,7 +25,6 @@ from camserve.v1 import camserve_pb2_grpc as pb_grpc
 
 from . import images
 from .batcher import Batcher
-from .cams import METHODS
 from .engine import Engine, ExplainSpec, WorkItem
 from .handler import CamserveServicer, Runtime, model_info
 from .metrics import Metrics
@@ -162,7 +161,7 @@ def _warm_up(engine: Engine, max_batch_size: int) -> float:
     Returns the time of one full batch: the batcher's first estimate."""
     model = engine.model
     blank = np.zeros((*model.input_size, 3), dtype=np.uint8)
-    spec = ExplainSpec(next(iter(METHODS)), model.default_layer) if model.layers else None
+    spec = ExplainSpec(layers=(model.default_layer,)) if model.layers else None
     started = time.perf_counter()
     for size in sorted({1, max_batch_size}):
         engine.run([WorkItem(blank)] * size)

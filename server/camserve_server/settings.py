@@ -45,6 +45,8 @@ class Settings:
     max_images_per_request: int = 64
     max_message_bytes: int = 64 * 1024 * 1024
     max_stream_frames_in_flight: int = 4
+    # Score-CAM costs one forward per channel: requests beyond this many channels are refused.
+    max_score_cam_channels: int = 256
     grace_s: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json": one line per event either way
@@ -89,7 +91,8 @@ class Settings:
         if self.std is not None and any(s <= 0 for s in self.std):
             problems.append("std values must be positive")
         for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request",
-                     "max_message_bytes", "max_stream_frames_in_flight"):
+                     "max_message_bytes", "max_stream_frames_in_flight",
+                     "max_score_cam_channels"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
         if problems:
@@ -158,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-stream-frames-in-flight", type=int,
                    default=d.max_stream_frames_in_flight,
                    help="frames one stream (policy ALL) may have queued or running")
+    p.add_argument("--max-score-cam-channels", type=int, default=d.max_score_cam_channels,
+                   help="Score-CAM requests over this many channels (one forward each) are "
+                   "refused")
     p.add_argument("--grace-s", type=float, default=d.grace_s,
                    help="on SIGTERM, how long in-flight calls may take to finish")
     p.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")

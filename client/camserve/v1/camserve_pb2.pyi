@@ -11,6 +11,13 @@ class CamMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CAM_METHOD_UNSPECIFIED: _ClassVar[CamMethod]
     CAM_METHOD_GRADCAM: _ClassVar[CamMethod]
+    CAM_METHOD_GRADCAM_PLUS_PLUS: _ClassVar[CamMethod]
+    CAM_METHOD_XGRADCAM: _ClassVar[CamMethod]
+    CAM_METHOD_LAYERCAM: _ClassVar[CamMethod]
+    CAM_METHOD_HIRESCAM: _ClassVar[CamMethod]
+    CAM_METHOD_EIGENCAM: _ClassVar[CamMethod]
+    CAM_METHOD_SCORECAM: _ClassVar[CamMethod]
+    CAM_METHOD_RANDOM: _ClassVar[CamMethod]
 
 class ExplainOutput(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,6 +41,13 @@ class StreamPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STREAM_POLICY_LATEST: _ClassVar[StreamPolicy]
 CAM_METHOD_UNSPECIFIED: CamMethod
 CAM_METHOD_GRADCAM: CamMethod
+CAM_METHOD_GRADCAM_PLUS_PLUS: CamMethod
+CAM_METHOD_XGRADCAM: CamMethod
+CAM_METHOD_LAYERCAM: CamMethod
+CAM_METHOD_HIRESCAM: CamMethod
+CAM_METHOD_EIGENCAM: CamMethod
+CAM_METHOD_SCORECAM: CamMethod
+CAM_METHOD_RANDOM: CamMethod
 EXPLAIN_OUTPUT_UNSPECIFIED: ExplainOutput
 EXPLAIN_OUTPUT_RAW_MAP: ExplainOutput
 EXPLAIN_OUTPUT_HEATMAP_PNG: ExplainOutput
@@ -140,20 +154,36 @@ class Target(_message.Message):
     def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("images", "target", "method", "layer", "outputs", "top_k")
+    __slots__ = ("images", "target", "method", "layer", "outputs", "top_k", "targets", "top_targets", "layers", "methods", "counterfactual", "signed", "score_cam_channels", "faithfulness_steps")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    TOP_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CAM_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    FAITHFULNESS_STEPS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     target: Target
     method: CamMethod
     layer: str
     outputs: _containers.RepeatedScalarFieldContainer[ExplainOutput]
     top_k: int
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    targets: _containers.RepeatedCompositeFieldContainer[Target]
+    top_targets: int
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    methods: _containers.RepeatedScalarFieldContainer[CamMethod]
+    counterfactual: bool
+    signed: bool
+    score_cam_channels: int
+    faithfulness_steps: int
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., top_targets: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., counterfactual: _Optional[bool] = ..., signed: _Optional[bool] = ..., score_cam_channels: _Optional[int] = ..., faithfulness_steps: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("results",)
@@ -162,7 +192,7 @@ class ExplainResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ExplainResult, _Mapping]]] = ...) -> None: ...
 
 class ExplainResult(_message.Message):
-    __slots__ = ("prediction", "target", "method", "layer", "raw_map", "heatmap_png", "overlay", "overlay_format", "image_size", "timing")
+    __slots__ = ("prediction", "target", "method", "layer", "raw_map", "heatmap_png", "overlay", "overlay_format", "image_size", "timing", "maps", "combined")
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +203,8 @@ class ExplainResult(_message.Message):
     OVERLAY_FORMAT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    COMBINED_FIELD_NUMBER: _ClassVar[int]
     prediction: Prediction
     target: ClassScore
     method: CamMethod
@@ -183,7 +215,51 @@ class ExplainResult(_message.Message):
     overlay_format: str
     image_size: ImageSize
     timing: Timing
-    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., raw_map: _Optional[_Union[RawMap, _Mapping]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ..., overlay_format: _Optional[str] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    maps: _containers.RepeatedCompositeFieldContainer[ClassMap]
+    combined: _containers.RepeatedCompositeFieldContainer[CombinedMap]
+    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., raw_map: _Optional[_Union[RawMap, _Mapping]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ..., overlay_format: _Optional[str] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., maps: _Optional[_Iterable[_Union[ClassMap, _Mapping]]] = ..., combined: _Optional[_Iterable[_Union[CombinedMap, _Mapping]]] = ...) -> None: ...
+
+class ClassMap(_message.Message):
+    __slots__ = ("target", "method", "layer", "raw_map", "heatmap_png", "overlay", "faithfulness")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    RAW_MAP_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
+    target: ClassScore
+    method: CamMethod
+    layer: str
+    raw_map: RawMap
+    heatmap_png: bytes
+    overlay: bytes
+    faithfulness: Faithfulness
+    def __init__(self, target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., raw_map: _Optional[_Union[RawMap, _Mapping]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ..., faithfulness: _Optional[_Union[Faithfulness, _Mapping]] = ...) -> None: ...
+
+class CombinedMap(_message.Message):
+    __slots__ = ("target", "method", "layers", "heatmap_png", "overlay")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    target: ClassScore
+    method: CamMethod
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    heatmap_png: bytes
+    overlay: bytes
+    def __init__(self, target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layers: _Optional[_Iterable[str]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ...) -> None: ...
+
+class Faithfulness(_message.Message):
+    __slots__ = ("deletion", "insertion", "steps")
+    DELETION_FIELD_NUMBER: _ClassVar[int]
+    INSERTION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    deletion: float
+    insertion: float
+    steps: int
+    def __init__(self, deletion: _Optional[float] = ..., insertion: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class RawMap(_message.Message):
     __slots__ = ("height", "width", "values")
@@ -250,18 +326,20 @@ class BatchingInfo(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_stream_frames_in_flight", "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_message_bytes")
+    __slots__ = ("max_stream_frames_in_flight", "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_message_bytes", "max_score_cam_channels")
     MAX_STREAM_FRAMES_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_CAM_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     max_stream_frames_in_flight: int
     max_image_bytes: int
     max_image_pixels: int
     max_images_per_request: int
     max_message_bytes: int
-    def __init__(self, max_stream_frames_in_flight: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_score_cam_channels: int
+    def __init__(self, max_stream_frames_in_flight: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_score_cam_channels: _Optional[int] = ...) -> None: ...
 
 class StreamPredictRequest(_message.Message):
     __slots__ = ("frame_id", "image", "top_k", "policy")
@@ -288,7 +366,7 @@ class StreamPredictResponse(_message.Message):
     def __init__(self, frame_id: _Optional[int] = ..., skipped: _Optional[int] = ..., result: _Optional[_Union[PredictResult, _Mapping]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ...) -> None: ...
 
 class StreamExplainRequest(_message.Message):
-    __slots__ = ("frame_id", "image", "target", "method", "layer", "outputs", "top_k", "policy")
+    __slots__ = ("frame_id", "image", "target", "method", "layer", "outputs", "top_k", "policy", "targets", "top_targets", "layers", "methods", "counterfactual", "signed", "score_cam_channels", "faithfulness_steps")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +375,14 @@ class StreamExplainRequest(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    TOP_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CAM_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    FAITHFULNESS_STEPS_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     image: Image
     target: Target
@@ -305,7 +391,15 @@ class StreamExplainRequest(_message.Message):
     outputs: _containers.RepeatedScalarFieldContainer[ExplainOutput]
     top_k: int
     policy: StreamPolicy
-    def __init__(self, frame_id: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., policy: _Optional[_Union[StreamPolicy, str]] = ...) -> None: ...
+    targets: _containers.RepeatedCompositeFieldContainer[Target]
+    top_targets: int
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    methods: _containers.RepeatedScalarFieldContainer[CamMethod]
+    counterfactual: bool
+    signed: bool
+    score_cam_channels: int
+    faithfulness_steps: int
+    def __init__(self, frame_id: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., policy: _Optional[_Union[StreamPolicy, str]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., top_targets: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., counterfactual: _Optional[bool] = ..., signed: _Optional[bool] = ..., score_cam_channels: _Optional[int] = ..., faithfulness_steps: _Optional[int] = ...) -> None: ...
 
 class StreamExplainResponse(_message.Message):
     __slots__ = ("frame_id", "skipped", "result", "error")
