@@ -73,7 +73,7 @@ def call_metadata(token: Optional[str]) -> tuple:
 
 
 def predict_request(images: Sequence[Any], top_k: int) -> pb.PredictRequest:
-    return pb.PredictRequest(images=[to_proto(i) for i in images], top_k=_top_k(top_k))
+    return pb.PredictRequest(images=[to_proto(i) for i in images], top_k=check_top_k(top_k))
 
 
 ADVANCED = {"top_targets": 0, "counterfactual": False, "signed": False,
@@ -108,7 +108,7 @@ def explain_fields(target: Target = None, method: Union[str, Sequence[str]] = "g
                 fields[name] < 0:
             raise invalid(f"{name} must be a non-negative integer, got {fields[name]!r}")
     return {"targets": [_target(t) for t in targets], "methods": method_enums,
-            "layers": layers, "outputs": [OUTPUTS[o] for o in outputs], "top_k": _top_k(top_k),
+            "layers": layers, "outputs": [OUTPUTS[o] for o in outputs], "top_k": check_top_k(top_k),
             **fields}
 
 
@@ -125,7 +125,7 @@ def explanations(response: pb.ExplainResponse, images: Sequence[Any]) -> List[Ex
     return [Explanation.from_proto(r, image) for r, image in zip(response.results, images)]
 
 
-def _top_k(top_k: int) -> int:
+def check_top_k(top_k: int) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise invalid(f"top_k must be a positive integer, got {top_k!r}")
     return top_k

@@ -86,7 +86,7 @@ class Tracker:
                               f"{sorted(set(options) - {'top_k'})}")
             message = pb.StreamPredictRequest(
                 frame_id=frame_id, image=to_proto(frame.image),
-                top_k=_calls._top_k(options.get("top_k", 5)), policy=policy)
+                top_k=_calls.check_top_k(options.get("top_k", 5)), policy=policy)
         else:
             message = pb.StreamExplainRequest(frame_id=frame_id, image=to_proto(frame.image),
                                               policy=policy, **_calls.explain_fields(**options))

@@ -4,6 +4,9 @@ Encoded bytes (JPEG, PNG, WebP, BMP, GIF: first frame) and raw uint8 pixels both
 uint8 at the model's input size: the whole image resized (no crop), so a map covers the whole
 picture. JPEGs are rotated as their EXIF orientation says; the size reported back to the
 caller is the size after that rotation.
+
+Errors are InvalidArgument whose message starts with a verb ("is empty: ..."); the handler
+puts the image's name in front ("image 2 is empty: ...", "frame 17 ...").
 """
 
 from __future__ import annotations

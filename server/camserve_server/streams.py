@@ -75,7 +75,6 @@ class StreamSession:
         self._outstanding: set = set()  # tickets submitted and not yet answered
         self.policy: Optional[str] = None
         self.frames = 0
-        self.skipped = 0
 
     # --- the reader thread ---------------------------------------------------------------
 
@@ -108,8 +107,8 @@ class StreamSession:
             if not self._acquire():
                 entry.error = InvalidArgument("the stream was closed")
                 return entry
-        elif self._latest is not None and self._latest.withdraw("skipped"):
-            self.skipped += 1
+        elif self._latest is not None:
+            self._latest.withdraw("skipped")  # counted by the batcher when it drops it
         try:
             entry.ticket = self._batcher.submit(frame.work, self._deadline)
         except ServiceError as exc:
