@@ -88,7 +88,7 @@ HOSTILE = [
      lambda: save(rgb().convert("P"), "PNG", transparency=0), (120, 160), None),
     ("1-bit PNG", lambda: save(rgb().convert("1"), "PNG"), (120, 160), None),
     ("16-bit grayscale PNG", sixteen_bit_gray, (120, 160), None),
-    ("interlaced PNG", lambda: save(rgb(), "PNG", interlace=1) if False else save(rgb(), "PNG"),
+    ("RGB PNG with a transparent colour", lambda: save(rgb(), "PNG", transparency=(40, 40, 40)),
      (120, 160), None),
     ("animated GIF (first frame)", lambda: animated("GIF"), (120, 160), None),
     ("animated WebP (first frame)", lambda: animated("WEBP"), (120, 160), None),

@@ -154,7 +154,7 @@ class Explanation:
             combined_images=tuple((method_name(c.method), c.target.index, c.heatmap_png or None,
                                    c.overlay or None) for c in msg.combined))
 
-    @cached_property
+    @property
     def heatmap(self) -> np.ndarray:
         """float32 (H, W) in [0, 1] at the original image size (of the first map)."""
         return self.maps[0].heatmap

@@ -31,7 +31,7 @@ from .errors import InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
 
-ALL, LATEST = "all", "latest"
+ALL = "all"  # the other policy is "latest"
 
 
 @dataclass(frozen=True)
