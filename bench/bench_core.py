@@ -234,15 +234,16 @@ def in_process_cases(model: str, weights, jpeg: bytes):
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from camserve_server import images
-    from camserve_server.engine import Engine, ExplainSpec, WorkItem
-    from camserve_server.models import load_model
-    from camserve_server.settings import Settings
+    from camserve_server.domain import ExplainSpec, WorkItem
+    from camserve_server.engine.engine import Engine
+    from camserve_server.engine.models import load_model
+    from camserve_server.process.settings import Settings
+    from camserve_server.render import images
 
     settings = Settings(model=model, weights=weights)
     served = load_model(settings)
-    layer = served.default_layer
-    pixels = images.prepare(jpeg, served.input_size, images.Limits(1 << 30, 1 << 30)).pixels
+    layer = served.card.default_layer
+    pixels = images.prepare(jpeg, served.card.input_size, images.Limits(1 << 30, 1 << 30)).pixels
     engine = Engine(served)
     explain = [WorkItem(pixels, ExplainSpec(layers=(layer,)))] * BATCH
     predict = [WorkItem(pixels)] * BATCH
@@ -255,8 +256,8 @@ def in_process_cases(model: str, weights, jpeg: bytes):
             param.requires_grad_(True)
         return module, dict(module.named_modules())[layer]
 
-    mean = torch.tensor(served.mean).view(1, 3, 1, 1)
-    std = torch.tensor(served.std).view(1, 3, 1, 1)
+    mean = torch.tensor(served.card.mean).view(1, 3, 1, 1)
+    std = torch.tensor(served.card.std).view(1, 3, 1, 1)
     one = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
     x = ((one - mean) / std).repeat(BATCH, 1, 1, 1).contiguous().to(served.device)
     captum_model, captum_layer = user_model()

@@ -105,13 +105,14 @@ def run_streams(target: str, frames: list, streams: int, rate: float, seconds: f
 
 def engine_capacity(model: str, weights, jpeg: bytes, seconds: float) -> float:
     """In-process baseline: the engine alone at batch 8, frames/s."""
-    from camserve_server import images
-    from camserve_server.engine import Engine, WorkItem
-    from camserve_server.models import load_model
-    from camserve_server.settings import Settings
+    from camserve_server.domain import WorkItem
+    from camserve_server.engine.engine import Engine
+    from camserve_server.engine.models import load_model
+    from camserve_server.process.settings import Settings
+    from camserve_server.render import images
 
     served = load_model(Settings(model=model, weights=weights))
-    pixels = images.prepare(jpeg, served.input_size, images.Limits(1 << 30, 1 << 30)).pixels
+    pixels = images.prepare(jpeg, served.card.input_size, images.Limits(1 << 30, 1 << 30)).pixels
     engine = Engine(served)
     batch = [WorkItem(pixels)] * 8
     return bench_core.time_batches(lambda: engine.run(batch), seconds, 1.0)["rate"]

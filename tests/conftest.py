@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from camserve import Client
-from camserve_server.server import CamServer
-from camserve_server.settings import Settings
+from camserve_server.process.server import CamServer
+from camserve_server.process.settings import Settings
 
 TESTS = Path(__file__).parent
 DATA = TESTS / "data"

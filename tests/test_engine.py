@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from camserve_server.engine import Engine, ExplainSpec, WorkItem
-from camserve_server.models import load_model
-from camserve_server.settings import Settings
+from camserve_server.domain import ExplainSpec, WorkItem
+from camserve_server.engine.engine import Engine
+from camserve_server.engine.models import load_model
+from camserve_server.process.settings import Settings
 
 import references as ref
 
@@ -41,7 +42,7 @@ def test_mixed_batch_matches_references_and_single_runs(resnet_engine, resnet_we
              WorkItem(pixels[5], spec("layer3"))]
     batch = resnet_engine.run(items)
     model = ref.resnet18(resnet_weights)
-    x = ref.normalise(np.stack(pixels), resnet_engine.model.mean, resnet_engine.model.std)
+    x = ref.normalise(np.stack(pixels), resnet_engine.model.card.mean, resnet_engine.model.card.std)
     with torch.no_grad():
         logits = model(x).numpy()
     for i, (item, result) in enumerate(zip(items, batch)):
@@ -76,8 +77,8 @@ def test_no_parameter_gradients_and_nothing_below_the_layer(resnet_engine):
 def test_hooks_record_only_inside_the_engine(resnet_engine):
     """A plain forward outside the engine is untouched: same output, no recorded state."""
     module = resnet_engine.model.module
-    x = ref.normalise(np.stack(_pixels(1, seed=2)), resnet_engine.model.mean,
-                      resnet_engine.model.std)
+    x = ref.normalise(np.stack(_pixels(1, seed=2)), resnet_engine.model.card.mean,
+                      resnet_engine.model.card.std)
     with torch.no_grad():
         before = module(x)
     resnet_engine.run([WorkItem(_pixels(1, seed=3)[0], spec("layer4"))])
@@ -94,7 +95,7 @@ def test_layer_followed_by_in_place_ops(resnet_engine, resnet_weights):
     pixel = _pixels(1, seed=4)[0]
     result = resnet_engine.run([WorkItem(pixel, spec("layer4.1.bn2"))])[0].maps[0]
     model = ref.resnet18(resnet_weights)
-    x = ref.normalise(pixel[None], resnet_engine.model.mean, resnet_engine.model.std)
+    x = ref.normalise(pixel[None], resnet_engine.model.card.mean, resnet_engine.model.card.std)
     # Reference by hand: the block's tail written out without in-place ops.
     block = model.layer4[1]
     with torch.no_grad():

@@ -14,8 +14,8 @@ from PIL import Image
 
 from camserve.v1 import camserve_pb2 as pb
 from camserve.v1 import camserve_pb2_grpc as pb_grpc
-from camserve_server import images
 from camserve_server.errors import InvalidArgument
+from camserve_server.render import images
 
 LIMITS = images.Limits(max_image_bytes=1 << 20, max_image_pixels=4_000_000)
 SMALL = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)

@@ -11,11 +11,12 @@ from scipy.stats import spearmanr
 
 from camserve import maps as client_maps
 from camserve.methods import method_names
-from camserve_server.cams import METHODS
-from camserve_server.engine import Engine, ExplainSpec, WorkItem
-from camserve_server.faithfulness import scores
-from camserve_server.models import load_model
-from camserve_server.settings import Settings
+from camserve_server.domain import ExplainSpec, WorkItem
+from camserve_server.engine.cams import METHODS
+from camserve_server.engine.engine import Engine
+from camserve_server.engine.faithfulness import scores
+from camserve_server.engine.models import load_model
+from camserve_server.process.settings import Settings
 
 import references as ref
 from conftest import TINY, resized
@@ -69,7 +70,7 @@ def run_maps(engine, images, **spec):
 
 
 def _x(engine, images):
-    return ref.normalise(np.stack(images), engine.model.mean, engine.model.std)
+    return ref.normalise(np.stack(images), engine.model.card.mean, engine.model.card.std)
 
 
 @pytest.mark.parametrize("method", sorted(set(REFERENCE) - {"scorecam", "eigencam"}))
@@ -207,7 +208,7 @@ def test_faithfulness_matches_a_plain_reimplementation():
     saliency = torch.nn.functional.interpolate(torch.from_numpy(raw)[None, None], (224, 224),
                                                mode="bilinear", align_corners=False)[0, 0]
     order = np.argsort(-saliency.numpy().ravel(), kind="stable")
-    from camserve_server.faithfulness import _blur
+    from camserve_server.engine.faithfulness import _blur
 
     blurred = _blur(torch.from_numpy(pixels).float()).numpy()
     curves = {"deletion": [], "insertion": []}

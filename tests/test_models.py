@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from camserve_server.engine.models import imagenet_labels, load_model
 from camserve_server.errors import StartupError
-from camserve_server.models import imagenet_labels, load_model
-from camserve_server.settings import Settings
+from camserve_server.process.settings import Settings
 
 from conftest import TINY
 
@@ -25,26 +25,27 @@ def test_default_model_equals_the_original_implementation():
     with torch.no_grad():
         difference = (served.module(x) - original(x)).abs().max().item()
     assert difference <= 1e-5
-    assert served.input_size == (224, 224)
-    assert served.mean == (0.5, 0.5, 0.5) and served.std == (0.5, 0.5, 0.5)
-    assert served.labels == imagenet_labels() and len(served.labels) == 1000
-    assert served.default_layer == "bn2"
+    assert served.card.input_size == (224, 224)
+    assert served.card.mean == (0.5, 0.5, 0.5) and served.card.std == (0.5, 0.5, 0.5)
+    assert served.card.labels == imagenet_labels() and len(served.card.labels) == 1000
+    assert served.card.default_layer == "bn2"
     assert not any(p.requires_grad for p in served.module.parameters())
     assert not served.module.training
 
 
 def test_default_layer_is_last_spatial_layer_before_pooling(resnet_weights):
     model = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights)))
-    assert model.default_layer == "layer4"
-    assert (model.layers[0].channels, model.layers[0].height, model.layers[0].width) == (512, 7, 7)
-    assert model.mean == (0.485, 0.456, 0.406)
+    assert model.card.default_layer == "layer4"
+    layer = model.card.layers[0]
+    assert (layer.channels, layer.height, layer.width) == (512, 7, 7)
+    assert model.card.mean == (0.485, 0.456, 0.406)
 
 
 def test_layers_given_are_validated(resnet_weights):
     model = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights),
                                 layers=("layer3", "layer4.0.conv1")))
-    assert [i.name for i in model.layers] == ["layer3", "layer4.0.conv1"]
-    assert model.default_layer == "layer3"
+    assert [i.name for i in model.card.layers] == ["layer3", "layer4.0.conv1"]
+    assert model.card.default_layer == "layer3"
     with pytest.raises(StartupError, match="did you mean layer4"):
         load_model(Settings(model="torchvision:resnet18", weights="random", layers=("layr4",)))
     with pytest.raises(StartupError, match="runs 2 times"):  # a ReLU module reused in a block
@@ -58,9 +59,9 @@ def test_python_source_labels_and_input_size(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"thing {i}" for i in range(10)) + "\n")
     model = load_model(Settings(model=TINY, labels=str(labels), input_size=(96, 128)))
-    assert model.labels[3] == "thing 3"
-    assert model.input_size == (96, 128)
-    assert model.default_layer == "features"
+    assert model.card.labels[3] == "thing 3"
+    assert model.card.input_size == (96, 128)
+    assert model.card.default_layer == "features"
     labels.write_text("only\ntwo\n")
     with pytest.raises(StartupError, match="has 2 labels, the model has 10 classes"):
         load_model(Settings(model=TINY, labels=str(labels)))
@@ -99,7 +100,7 @@ def test_torchscript_serves_predict_only(tmp_path):
     path = tmp_path / "tiny.pt"
     torch.jit.script(tiny_models.tiny_cnn().eval()).save(str(path))
     model = load_model(Settings(model=f"torchscript:{path}"))
-    assert model.layers == () and model.num_classes == 10
+    assert model.card.layers == () and model.card.num_classes == 10
     with pytest.raises(StartupError, match="TorchScript"):
         load_model(Settings(model=f"torchscript:{path}", layers=("features",)))
 

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from camserve import CamserveError
-from camserve_server.logs import JsonFormatter
+from camserve_server.process.logs import JsonFormatter
 
 from conftest import TINY, running
 

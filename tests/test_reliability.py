@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from camserve import CamserveError, Client
 from camserve.v1 import camserve_pb2 as pb
 from camserve.v1 import camserve_pb2_grpc as pb_grpc
-from camserve_server.server import CamServer
-from camserve_server.settings import Settings
+from camserve_server.process.server import CamServer
+from camserve_server.process.settings import Settings
 
 import tiny_models
 from conftest import running

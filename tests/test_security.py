@@ -116,7 +116,7 @@ def test_token_auth(caplog):
 
 
 def test_token_flags_and_file(tmp_path):
-    from camserve_server.settings import parse_settings
+    from camserve_server.process.settings import parse_settings
 
     tokens = tmp_path / "tokens"
     tokens.write_text("alpha\n\nbeta\n")

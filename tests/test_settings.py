@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from camserve_server.settings import Settings, parse_settings
+from camserve_server.process.settings import Settings, parse_settings
 
 
 def test_defaults():

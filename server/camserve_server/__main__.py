@@ -8,10 +8,10 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from . import logs
 from .errors import StartupError
-from .server import CamServer
-from .settings import parse_settings
+from .process import logs
+from .process.server import CamServer
+from .process.settings import parse_settings
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

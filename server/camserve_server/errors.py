@@ -1,7 +1,7 @@
 """Typed domain errors: each carries the gRPC status it maps to.
 
-Domain code raises these; :func:`camserve_server.handler.rpc` maps them to a status at the
-edge. Anything else that escapes a handler is a bug and answers INTERNAL.
+Domain code raises these; the API's call wrappers map them to a status at the edge. Anything
+else that escapes a handler is a bug and answers INTERNAL.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ class BatchFailed(ServiceError):
     """The engine failed on the batch this item ran in; other batches are unaffected."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory on a batch; a smaller batch may fit (the batcher splits
+    it)."""
 
 
 class StartupError(Exception):

@@ -22,9 +22,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-from .engine import ItemResult, OutOfMemory, WorkItem
-from .errors import BatchFailed, DeadlineExceeded, QueueFull, ServiceError
-from .metrics import Metrics
+from ..domain import ItemResult, WorkItem
+from ..errors import BatchFailed, DeadlineExceeded, OutOfMemory, QueueFull, ServiceError
+from ..process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ..domain import METHODS as TRAITS
+
 
 @dataclass(frozen=True)
 class CamInputs:
@@ -35,7 +37,10 @@ class CamInputs:
 class CamMethod:
     name: str
     compute: Callable[[CamInputs], torch.Tensor]
-    needs_gradient: bool = True
+
+    @property
+    def needs_gradient(self) -> bool:
+        return TRAITS[self.name].needs_backward
 
 
 def _weighted(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
@@ -149,8 +154,8 @@ METHODS: Dict[str, CamMethod] = {
         CamMethod("xgradcam", xgradcam),
         CamMethod("layercam", layercam),
         CamMethod("hirescam", hirescam),
-        CamMethod("eigencam", eigencam, needs_gradient=False),
-        CamMethod("scorecam", scorecam, needs_gradient=False),
-        CamMethod("random", random_map, needs_gradient=False),
+        CamMethod("eigencam", eigencam),
+        CamMethod("scorecam", scorecam),
+        CamMethod("random", random_map),
     )
 }

@@ -21,13 +21,9 @@ from camserve.methods import method_value
 from camserve.v1 import camserve_pb2 as pb
 from camserve.v1 import camserve_pb2_grpc as pb_grpc
 
-from . import images
-from . import request as req
-from . import response as resp
-from .batcher import Batcher, Outcome, Ticket
-from .cams import METHODS
-from .engine import ExplainSpec, WorkItem
-from .errors import (
+from ..batching.batcher import Batcher, Outcome, Ticket
+from ..domain import METHODS, ExplainSpec, ModelCard, Outputs, WorkItem
+from ..errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
@@ -35,9 +31,11 @@ from .errors import (
     Unavailable,
     abort,
 )
-from .metrics import Metrics
-from .models import LoadedModel
-from .settings import Settings
+from ..process.metrics import Metrics
+from ..process.settings import Settings
+from ..render import images
+from . import request as req
+from . import response as resp
 from .streams import Frame, StreamSession
 
 log = logging.getLogger(__name__)
@@ -50,7 +48,7 @@ class Runtime:
     """Everything a handler needs once the model is loaded."""
 
     settings: Settings
-    model: LoadedModel
+    model: ModelCard
     batcher: Batcher
     labels: req.LabelIndex
     limits: images.Limits
@@ -215,7 +213,7 @@ class CamserveServicer(pb_grpc.CamserveServicer):
 @dataclass(frozen=True)
 class _ExplainOptions:
     spec: ExplainSpec
-    outputs: req.Outputs
+    outputs: Outputs
     top_k: int
 
 
@@ -310,7 +308,7 @@ def _responded(build: Callable, outcome: Outcome, **kwargs):
     return result
 
 
-def model_info(settings: Settings, model: LoadedModel) -> pb.ModelInfo:
+def model_info(settings: Settings, model: ModelCard) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=model.name, labels=model.labels,
         input_size=resp.image_size(model.input_size), mean=model.mean, std=model.std,

@@ -23,15 +23,17 @@ from grpc_reflection.v1alpha import reflection
 from camserve.v1 import camserve_pb2 as pb
 from camserve.v1 import camserve_pb2_grpc as pb_grpc
 
-from . import images
-from .batcher import Batcher
-from .engine import Engine, ExplainSpec, WorkItem
-from .handler import CamserveServicer, Runtime, model_info
+from ..api.auth import TokenAuth
+from ..api.request import LabelIndex
+from ..api.servicer import CamserveServicer, Runtime, model_info
+from ..batching.batcher import Batcher
+from ..domain import ExplainSpec, WorkItem
+from ..engine.engine import Engine
+from ..engine.models import LoadedModel, load_model
+from ..render import images
 from .metrics import Metrics
-from .models import LoadedModel, load_model
-from .request import LabelIndex
-from .security import TokenAuth, server_credentials
 from .settings import Settings
+from .tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +103,10 @@ class CamServer:
         s = self.settings
         model = load_model(s)
         self.metrics.model_load.set(model.load_seconds)
-        log.info("loaded %s on %s in %.1fs: %d classes, input %dx%d, layers %s", model.name,
-                 model.device, model.load_seconds, model.num_classes, model.input_size[1],
-                 model.input_size[0], ", ".join(i.name for i in model.layers) or "none")
+        card = model.card
+        log.info("loaded %s on %s in %.1fs: %d classes, input %dx%d, layers %s", card.name,
+                 model.device, model.load_seconds, card.num_classes, card.input_size[1],
+                 card.input_size[0], ", ".join(i.name for i in card.layers) or "none")
         engine = Engine(model)
         batch_seconds = _warm_up(engine, s.max_batch_size)
         batcher = Batcher(engine.run, max_batch_size=s.max_batch_size,
@@ -117,9 +120,9 @@ class CamServer:
             self.metrics.watch_device_memory(lambda: torch.cuda.memory_allocated(model.device))
         self.model, self._engine, self._batcher = model, engine, batcher
         self._servicer.serve(Runtime(
-            settings=s, model=model, batcher=batcher, labels=LabelIndex(model.labels),
+            settings=s, model=card, batcher=batcher, labels=LabelIndex(card.labels),
             limits=images.Limits(s.max_image_bytes, s.max_image_pixels),
-            info=model_info(s, model)))
+            info=model_info(s, card)))
         batcher.start()  # reports the worker alive: health SERVING
         self.metrics.set_state("serving")
         log.info("serving on port %d", self.port)
@@ -159,9 +162,9 @@ class CamServer:
 def _warm_up(engine: Engine, max_batch_size: int) -> float:
     """Run the shapes the batcher will use once, so the first callers do not pay for it.
     Returns the time of one full batch: the batcher's first estimate."""
-    model = engine.model
-    blank = np.zeros((*model.input_size, 3), dtype=np.uint8)
-    spec = ExplainSpec(layers=(model.default_layer,)) if model.layers else None
+    card = engine.model.card
+    blank = np.zeros((*card.input_size, 3), dtype=np.uint8)
+    spec = ExplainSpec(layers=(card.default_layer,)) if card.layers else None
     started = time.perf_counter()
     for size in sorted({1, max_batch_size}):
         engine.run([WorkItem(blank)] * size)

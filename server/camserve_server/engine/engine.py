@@ -12,20 +12,16 @@ independent (eval mode), so each item's answer does not depend on its batch mate
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from ..domain import ExplainSpec, ItemResult, MapResult, WorkItem
+from ..errors import BatchFailed, OutOfMemory
 from . import faithfulness
 from .cams import METHODS, CamInputs
-from .errors import BatchFailed
 from .models import LoadedModel
-
-
-class OutOfMemory(Exception):
-    """The device ran out of memory on this batch; a smaller batch may fit."""
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -36,44 +32,6 @@ def _is_out_of_memory(exc: BaseException) -> bool:
                                               or "can't allocate memory" in text)
 
 
-@dataclass(frozen=True)
-class ExplainSpec:
-    """What to explain for one image: every method x target x layer."""
-
-    methods: Tuple[str, ...] = ("gradcam",)  # keys of cams.METHODS
-    layers: Tuple[str, ...] = ()  # explainable layers of the model
-    targets: Tuple[int, ...] = ()  # class indices; empty: the top_targets best classes
-    top_targets: int = 1
-    counterfactual: bool = False  # negated gradients
-    signed: bool = False  # no final ReLU
-    score_cam_channels: int = 0  # Score-CAM: top channels by mean activation (0: all)
-    faithfulness_steps: int = 0  # deletion/insertion scores in this many steps (0: off)
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    pixels: np.ndarray  # uint8 (height, width, 3) RGB at the model's input size
-    explain: Optional[ExplainSpec] = None
-
-
-@dataclass(frozen=True)
-class MapResult:
-    method: str
-    target: int
-    layer: str
-    raw: np.ndarray  # float32 (h, w) at the layer's grid
-    deletion: Optional[float] = None  # faithfulness scores, when asked for
-    insertion: Optional[float] = None
-    steps: int = 0
-
-
-@dataclass(frozen=True)
-class ItemResult:
-    logits: np.ndarray  # float32 (classes,)
-    probabilities: np.ndarray  # float32 (classes,)
-    maps: Tuple[MapResult, ...] = ()  # methods x targets x layers, in that nesting order
-
-
 class Engine:
     """Runs batches on one model. Not thread-safe: one worker thread owns it."""
 
@@ -81,8 +39,8 @@ class Engine:
         self.model = model
         self._chunk = chunk  # images per extra forward (Score-CAM, faithfulness)
         device = model.device
-        mean = torch.tensor(model.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(model.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(model.card.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(model.card.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         # (x / 255 - mean) / std as one multiply-add on the device.
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
@@ -91,7 +49,7 @@ class Engine:
         self._activations: Dict[str, torch.Tensor] = {}
         modules = dict(model.module.named_modules())
         self._hooks = [modules[info.name].register_forward_hook(self._hook(info.name))
-                       for info in model.layers]
+                       for info in model.card.layers]
 
     def close(self) -> None:
         for handle in self._hooks:

@@ -25,9 +25,9 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Iterator, Optional
 
-from .batcher import Batcher, Outcome, Ticket
-from .engine import WorkItem
-from .errors import InvalidArgument, ServiceError
+from ..batching.batcher import Batcher, Outcome, Ticket
+from ..domain import WorkItem
+from ..errors import InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
 

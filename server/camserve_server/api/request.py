@@ -7,32 +7,15 @@ that says what to change. Nothing here touches the model.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 from camserve.methods import method_name, method_names
 from camserve.v1 import camserve_pb2 as pb
 
-from .cams import METHODS
-from .engine import ExplainSpec
-from .errors import FailedPrecondition, InvalidArgument
-from .images import RawPixels
-from .models import LoadedModel
+from ..domain import METHODS, ExplainSpec, ModelCard, Outputs, RawPixels, Source
+from ..errors import FailedPrecondition, InvalidArgument
 
 DEFAULT_TOP_K = 5
-Source = Union[bytes, RawPixels]
-
-
-@dataclass(frozen=True)
-class Outputs:
-    raw_map: bool = True
-    heatmap_png: bool = False
-    overlay_format: Optional[str] = None  # "jpeg", "png" or None
-
-    @property
-    def needs_heatmap(self) -> bool:
-        return self.heatmap_png or self.overlay_format is not None
-
 
 class LabelIndex:
     """Case-insensitive label → class index lookup, built once per model."""
@@ -106,7 +89,7 @@ def method(value: int) -> str:
     return name
 
 
-def layer(name: str, model: LoadedModel) -> str:
+def layer(name: str, model: ModelCard) -> str:
     if not model.layers:
         raise FailedPrecondition(f"the model {model.name} has no explainable layer, so it serves "
                                  "Predict only (a TorchScript model, or one without a 4-D layer)")
@@ -135,7 +118,7 @@ def _unique(values) -> tuple:
     return tuple(dict.fromkeys(values))
 
 
-def explain_spec(request, model: LoadedModel, labels: LabelIndex,
+def explain_spec(request, model: ModelCard, labels: LabelIndex,
                  max_score_cam_channels: int) -> ExplainSpec:
     """The ExplainSpec of an ExplainRequest or StreamExplainRequest (they share field names)."""
     chosen = ([request.method] if request.method else []) + list(request.methods)

@@ -16,9 +16,8 @@ from camserve import maps
 from camserve.methods import method_value
 from camserve.v1 import camserve_pb2 as pb
 
-from .batcher import Outcome
-from .engine import ItemResult
-from .request import Outputs
+from ..batching.batcher import Outcome
+from ..domain import ItemResult, Outputs
 
 
 def class_score(result: ItemResult, index: int, labels) -> pb.ClassScore:

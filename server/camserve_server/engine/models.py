@@ -16,10 +16,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from camserve.results import LayerInfo  # a layer that may be explained: name, output shape
-
-from .errors import StartupError
-from .settings import DEFAULT_MODEL, Settings
+from ..domain import LayerInfo, ModelCard
+from ..errors import StartupError
+from ..process.settings import DEFAULT_MODEL, Settings
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +28,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """The model ready to run: the module on its device, and its torch-free description."""
+
     module: nn.Module  # eval mode, parameters frozen, on ``device``
-    name: str
-    labels: Tuple[str, ...]
-    input_size: Tuple[int, int]  # (height, width)
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
     device: torch.device
-    layers: Tuple[LayerInfo, ...]  # explainable layers; the first is the default
+    card: ModelCard  # name, labels, input size, normalisation, explainable layers
     load_seconds: float
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @property
-    def default_layer(self) -> Optional[str]:
-        return self.layers[0].name if self.layers else None
-
-    def layer(self, name: str) -> Optional[LayerInfo]:
-        return next((info for info in self.layers if info.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -96,11 +81,10 @@ def load_model(settings: Settings) -> LoadedModel:
     probe = _probe(module, input_size, device, hookable=built.hookable)
     labels = _labels(settings.labels, probe.num_classes)
     layers = _layers(settings.layers, probe, hookable=built.hookable, model=settings.model)
-    return LoadedModel(
-        module=module, name=settings.model, labels=labels, input_size=tuple(input_size),
-        mean=tuple(mean), std=tuple(std), device=device, layers=layers,
-        load_seconds=time.perf_counter() - started,
-    )
+    card = ModelCard(name=settings.model, labels=labels, input_size=tuple(input_size),
+                     mean=tuple(mean), std=tuple(std), layers=layers, device=str(device))
+    return LoadedModel(module=module, device=device, card=card,
+                       load_seconds=time.perf_counter() - started)
 
 
 # --- model sources -------------------------------------------------------------------------

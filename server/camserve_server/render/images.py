@@ -18,7 +18,8 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidArgument
+from ..domain import RawPixels
+from ..errors import InvalidArgument
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -28,14 +29,6 @@ _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 class Limits:
     max_image_bytes: int
     max_image_pixels: int
-
-
-@dataclass(frozen=True)
-class RawPixels:
-    pixels: bytes
-    height: int
-    width: int
-    channels: int
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,142 @@
+"""The torch-free types every layer passes along: handler → batcher → engine → response.
+
+Validation (``api``) and scheduling (``batching``) work on these values alone, so neither
+imports torch; only ``engine`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+
+# --- the model, as the API describes it ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer that may be explained; its map has the layer's grid (height x width)."""
+
+    name: str
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the served model is, without its weights: what validation and answers need."""
+
+    name: str
+    labels: Tuple[str, ...]
+    input_size: Tuple[int, int]  # (height, width)
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    layers: Tuple[LayerInfo, ...]  # explainable layers; the first is the default
+    device: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def default_layer(self) -> Optional[str]:
+        return self.layers[0].name if self.layers else None
+
+    def layer(self, name: str) -> Optional[LayerInfo]:
+        return next((info for info in self.layers if info.name == name), None)
+
+
+@dataclass(frozen=True)
+class MethodTraits:
+    """What a CAM method needs and what its maps can be trusted for."""
+
+    needs_backward: bool
+    class_discriminative: bool  # a different class gives a different map
+
+
+# Every method the engine implements (``engine/cams.py`` has one function per name; a test
+# checks that the two lists agree and match the proto enum ``CamMethod``).
+METHODS: Dict[str, MethodTraits] = {
+    "gradcam": MethodTraits(needs_backward=True, class_discriminative=True),
+    "gradcam_plus_plus": MethodTraits(needs_backward=True, class_discriminative=True),
+    "xgradcam": MethodTraits(needs_backward=True, class_discriminative=True),
+    "layercam": MethodTraits(needs_backward=True, class_discriminative=True),
+    "hirescam": MethodTraits(needs_backward=True, class_discriminative=True),
+    "eigencam": MethodTraits(needs_backward=False, class_discriminative=False),
+    "scorecam": MethodTraits(needs_backward=False, class_discriminative=True),
+    "random": MethodTraits(needs_backward=False, class_discriminative=False),
+}
+
+
+# --- a request, once validated ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawPixels:
+    """Raw uint8 pixels as a caller sent them (not checked yet)."""
+
+    pixels: bytes
+    height: int
+    width: int
+    channels: int
+
+
+Source = Union[bytes, RawPixels]  # an image as it came in: encoded file bytes or raw pixels
+
+
+@dataclass(frozen=True)
+class ExplainSpec:
+    """What to explain for one image: every method x target x layer."""
+
+    methods: Tuple[str, ...] = ("gradcam",)  # keys of METHODS
+    layers: Tuple[str, ...] = ()  # explainable layers of the model
+    targets: Tuple[int, ...] = ()  # class indices; empty: the top_targets best classes
+    top_targets: int = 1
+    counterfactual: bool = False  # negated gradients
+    signed: bool = False  # no final ReLU
+    score_cam_channels: int = 0  # Score-CAM: top channels by mean activation (0: all)
+    faithfulness_steps: int = 0  # deletion/insertion scores in this many steps (0: off)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Which renderings an explanation carries besides its raw maps."""
+
+    raw_map: bool = True
+    heatmap_png: bool = False
+    overlay_format: Optional[str] = None  # "jpeg", "png" or None
+
+    @property
+    def needs_heatmap(self) -> bool:
+        return self.heatmap_png or self.overlay_format is not None
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image for the engine: the batcher's unit of work."""
+
+    pixels: np.ndarray  # uint8 (height, width, 3) RGB at the model's input size
+    explain: Optional[ExplainSpec] = None
+
+
+# --- what the engine answers -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapResult:
+    method: str
+    target: int
+    layer: str
+    raw: np.ndarray  # float32 (h, w) at the layer's grid
+    deletion: Optional[float] = None  # faithfulness scores, when asked for
+    insertion: Optional[float] = None
+    steps: int = 0
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    logits: np.ndarray  # float32 (classes,)
+    probabilities: np.ndarray  # float32 (classes,)
+    maps: Tuple[MapResult, ...] = ()  # methods x targets x layers, in that nesting order

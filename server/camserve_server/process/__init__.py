@@ -1,0 +1,1 @@
+"""One server process: settings, logging, metrics, TLS files, assembling and running it."""

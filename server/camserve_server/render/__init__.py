@@ -1,0 +1,1 @@
+"""Pixels in and out: decoding and resizing request images, rendering heatmaps and overlays."""
