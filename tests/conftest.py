@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Tuple
 
@@ -37,6 +38,15 @@ def encode(pixels: np.ndarray, fmt: str = "JPEG", **options) -> bytes:
 def resized(pixels: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     """uint8 RGB resized to (height, width)."""
     return np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds (for what the server does just after it answers, such
+    as its access line); fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -89,18 +89,20 @@ def a_request(draw):
         images_ = images_ * 500
     top_k = draw(UINT32)
     if draw(st.booleans()):
-        return "Predict", pb.PredictRequest(images=images_, top_k=top_k)
-    target = draw(st.one_of(st.none(), UINT32.map(lambda i: pb.Target(class_index=i)),
-                            st.text(max_size=30).map(lambda t: pb.Target(label=t))))
-    return "Explain", pb.ExplainRequest(
-        images=images_, top_k=top_k, target=target, method=draw(ENUM),
-        layer=draw(st.one_of(st.just(""), st.just("features"), st.text(max_size=20))),
-        outputs=draw(st.lists(ENUM, max_size=6)), methods=draw(st.lists(ENUM, max_size=4)),
+        return "Predict", pb.PredictRequest(images=images_,
+                                            options=pb.PredictOptions(top_k=top_k))
+    targets = draw(st.lists(st.one_of(UINT32.map(lambda i: pb.Target(class_index=i)),
+                                      st.text(max_size=30).map(lambda t: pb.Target(label=t)),
+                                      st.just(pb.Target())), max_size=3))
+    return "Explain", pb.ExplainRequest(images=images_, options=pb.ExplainOptions(
+        top_k=top_k, targets=targets, methods=draw(st.lists(ENUM, max_size=4)),
+        layers=draw(st.lists(st.one_of(st.sampled_from(["features", "stem", ""]),
+                                       st.text(max_size=20)), max_size=3)),
+        outputs=draw(st.lists(ENUM, max_size=6)),
         top_targets=draw(st.one_of(st.integers(0, 3), UINT32)),
-        layers=draw(st.lists(st.sampled_from(["features", "stem", ""]), max_size=3)),
-        counterfactual=draw(st.booleans()), signed=draw(st.booleans()),
+        counterfactual=draw(st.booleans()), keep_sign=draw(st.booleans()),
         score_cam_channels=draw(st.integers(0, 4)),
-        faithfulness_steps=draw(st.sampled_from([0, 0, 1, 2, 300])))
+        faithfulness_steps=draw(st.sampled_from([0, 0, 1, 2, 300]))))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def stub(tiny_server):
     server, _ = tiny_server
     with grpc.insecure_channel(f"127.0.0.1:{server.port}",
                                options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
-        yield pb_grpc.CamserveStub(channel)
+        yield pb_grpc.CamserveServiceStub(channel)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[

@@ -11,7 +11,7 @@ from camserve import CamserveError
 from camserve.v1 import camserve_pb2 as pb
 from camserve.v1 import camserve_pb2_grpc as pb_grpc
 
-from conftest import encode
+from conftest import encode, wait_for
 
 JPEG = encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 GOOD = pb.Image(encoded=JPEG)
@@ -21,70 +21,138 @@ def _raw(pixels: bytes, h: int, w: int, c: int) -> pb.Image:
     return pb.Image(raw=pb.RawImage(pixels=pixels, height=h, width=w, channels=c))
 
 
+def _explain(**options) -> pb.ExplainRequest:
+    return pb.ExplainRequest(images=[GOOD], options=pb.ExplainOptions(**options))
+
+
 CASES = [
-    # (name, rpc, request, words the message must contain)
-    ("no images", "Predict", pb.PredictRequest(), "no images"),
-    ("empty image message", "Predict", pb.PredictRequest(images=[pb.Image()]), "image 0 is empty"),
+    # (name, rpc, request, words the message must contain, the field it must name)
+    ("no images", "Predict", pb.PredictRequest(), "no images", "images"),
+    ("empty image message", "Predict", pb.PredictRequest(images=[pb.Image()]),
+     "images[0] is empty", "images[0]"),
     ("empty bytes", "Predict", pb.PredictRequest(images=[GOOD, pb.Image(encoded=b"")]),
-     "image 1 is empty"),
+     "images[1] is empty", "images[1]"),
     ("random bytes", "Predict",
      pb.PredictRequest(images=[pb.Image(encoded=np.random.default_rng(1).bytes(5000))]),
-     "not a JPEG, PNG, WebP, BMP or GIF"),
+     "not a JPEG, PNG, WebP, BMP or GIF", "images[0]"),
     ("truncated JPEG", "Explain",
-     pb.ExplainRequest(images=[pb.Image(encoded=JPEG[: len(JPEG) // 2])]), "truncated"),
+     pb.ExplainRequest(images=[pb.Image(encoded=JPEG[: len(JPEG) // 2])]), "truncated",
+     "images[0]"),
     ("raw length mismatch", "Predict",
-     pb.PredictRequest(images=[_raw(b"\0" * 100, 10, 10, 3)]), "needs 300"),
+     pb.PredictRequest(images=[_raw(b"\0" * 100, 10, 10, 3)]), "needs 300", "images[0]"),
     ("raw zero size", "Predict", pb.PredictRequest(images=[_raw(b"", 0, 10, 3)]),
-     "at least 1"),
+     "at least 1", "images[0]"),
     ("raw channels", "Predict", pb.PredictRequest(images=[_raw(b"\0" * 200, 10, 10, 2)]),
-     "2 channels"),
+     "2 channels", "images[0]"),
     ("raw too many pixels", "Predict",
-     pb.PredictRequest(images=[_raw(b"", 100_000, 100_000, 3)]), "max_image_pixels"),
+     pb.PredictRequest(images=[_raw(b"", 100_000, 100_000, 3)]), "max_image_pixels",
+     "images[0]"),
     ("image over the byte limit", "Predict",
      pb.PredictRequest(images=[pb.Image(encoded=b"\xff\xd8" + b"\0" * 300_000)]),
-     "max_image_bytes"),
+     "max_image_bytes", "images[0]"),
     ("too many images", "Predict", pb.PredictRequest(images=[GOOD] * 11),
-     "max_images_per_request"),
-    ("unknown layer", "Explain", pb.ExplainRequest(images=[GOOD], layer="layer9"),
-     "choose from features"),
-    ("class index out of range", "Explain",
-     pb.ExplainRequest(images=[GOOD], target=pb.Target(class_index=10)), "out of range"),
-    ("unknown label", "Explain",
-     pb.ExplainRequest(images=[GOOD], target=pb.Target(label="giraffe")), "no class is labelled"),
-    ("unknown method", "Explain", pb.ExplainRequest(images=[GOOD], method=99),
-     "not a CamMethod"),
-    ("unknown output", "Explain", pb.ExplainRequest(images=[GOOD], outputs=[42]),
-     "not an ExplainOutput"),
-    ("faithfulness steps out of range", "Explain",
-     pb.ExplainRequest(images=[GOOD], faithfulness_steps=1000), "faithfulness_steps"),
+     "max_images_per_request", "images"),
+    ("unknown layer", "Explain", _explain(layers=["layer9"]), "choose from features",
+     "options.layers[0]"),
+    ("class index out of range", "Explain", _explain(targets=[pb.Target(class_index=10)]),
+     "out of range", "options.targets[0].class_index"),
+    ("unknown label", "Explain", _explain(targets=[pb.Target(label="giraffe")]),
+     "no class is labelled", "options.targets[0].label"),
+    ("empty target", "Explain", _explain(targets=[pb.Target()]), "set class_index or label",
+     "options.targets[0]"),
+    ("unknown method", "Explain", _explain(methods=[99]), "CAM_METHOD_GRADCAM",
+     "options.methods[0]"),
+    ("unknown output", "Explain", _explain(outputs=[42]), "EXPLAIN_OUTPUT_HEATMAP_PNG",
+     "options.outputs[0]"),
+    ("faithfulness steps out of range", "Explain", _explain(faithfulness_steps=1000),
+     "2..256", "options.faithfulness_steps"),
     ("targets and top_targets", "Explain",
-     pb.ExplainRequest(images=[GOOD], targets=[pb.Target(class_index=1)], top_targets=3),
-     "not both"),
-    ("too many maps", "Explain",
-     pb.ExplainRequest(images=[GOOD], methods=range(1, 9), top_targets=10), "at most 64"),
-    ("Score-CAM over the channel limit", "Explain",
-     pb.ExplainRequest(images=[GOOD], method=pb.CAM_METHOD_SCORECAM), "max_score_cam_channels"),
-    ("unknown method in the list", "Explain", pb.ExplainRequest(images=[GOOD], methods=[1, 77]),
-     "not a CamMethod"),
-    ("unknown layer in the list", "Explain",
-     pb.ExplainRequest(images=[GOOD], layers=["features", "stem.9"]), "choose from features"),
+     _explain(targets=[pb.Target(class_index=1)], top_targets=3), "not both",
+     "options.top_targets"),
+    ("too many maps", "Explain", _explain(methods=range(1, 9), top_targets=10), "at most 64",
+     "options.methods"),
+    ("Score-CAM over the channel limit", "Explain", _explain(methods=[pb.CAM_METHOD_SCORECAM]),
+     "max_score_cam_channels", "options.score_cam_channels"),
+    ("unknown method in the list", "Explain", _explain(methods=[1, 77]), "not a CamMethod",
+     "options.methods[1]"),
+    ("unknown layer in the list", "Explain", _explain(layers=["features", "stem.9"]),
+     "choose from features", "options.layers[1]"),
     ("two overlay formats", "Explain",
-     pb.ExplainRequest(images=[GOOD], outputs=[pb.EXPLAIN_OUTPUT_OVERLAY_JPEG,
-                                               pb.EXPLAIN_OUTPUT_OVERLAY_PNG]),
-     "one overlay format"),
+     _explain(outputs=[pb.EXPLAIN_OUTPUT_OVERLAY_JPEG, pb.EXPLAIN_OUTPUT_OVERLAY_PNG]),
+     "two overlay formats", "options.outputs"),
 ]
 
 
-@pytest.mark.parametrize("name, rpc, request_message, words", CASES, ids=[c[0] for c in CASES])
-def test_invalid_argument_and_still_serving(tiny_server, name, rpc, request_message, words):
+def _violations(error: grpc.RpcError):
+    from camserve import CamserveError
+
+    return CamserveError.from_rpc_error(error)
+
+
+@pytest.mark.parametrize("name, rpc, request_message, words, field", CASES,
+                         ids=[c[0] for c in CASES])
+def test_invalid_argument_and_still_serving(tiny_server, name, rpc, request_message, words,
+                                            field):
     server, client = tiny_server
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = pb_grpc.CamserveStub(channel)
+        stub = pb_grpc.CamserveServiceStub(channel)
         with pytest.raises(grpc.RpcError) as error:
             getattr(stub, rpc)(request_message, timeout=30)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
         assert words in error.value.details()
+        parsed = _violations(error.value)
+        assert [f for f, _ in parsed.field_violations] == [field]
+        assert parsed.reason  # every error names its cause
     assert client.predict(JPEG).top  # still serving
+
+
+@pytest.mark.parametrize("payload", [b"\xff" * 64, b"\x0a\x10\x0a\x03",
+                                     # a label (field 2 of Target) with invalid UTF-8
+                                     pb.ExplainRequest(images=[GOOD]).SerializeToString()
+                                     + b"\x12\x05\x12\x03\x12\x01\xff"],
+                         ids=["garbage", "truncated field", "invalid utf-8"])
+def test_bytes_that_are_not_a_request_answer_invalid_argument(tiny_server, caplog, payload):
+    """Not INTERNAL "Exception deserializing request!": an answer, an access line, a metric."""
+    import logging
+
+    server, client = tiny_server
+    caplog.set_level(logging.INFO, logger="camserve_server.access")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.unary_unary("/camserve.v1.CamserveService/Explain",
+                                   request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as error:
+            call(payload, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid camserve.v1.ExplainRequest" in error.value.details()
+    wait_for(lambda: any("Explain INVALID_ARGUMENT" in r.getMessage() for r in caplog.records))
+    assert client.predict(JPEG).top
+
+
+def test_message_over_the_limit_is_invalid_argument_not_resource_exhausted():
+    from conftest import TINY, running
+
+    with running(model=TINY, max_message_bytes=100_000) as (server, client):
+        big = pb.PredictRequest(images=[pb.Image(encoded=b"\xff\xd8" + b"\0" * 150_000)])
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.CamserveServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Predict(big, timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_message_bytes" in error.value.details()
+        # The client refuses what it cannot send, before gRPC's own RESOURCE_EXHAUSTED.
+        with pytest.raises(CamserveError) as refused:
+            client.predict(np.zeros((6000, 6000, 3), np.uint8))
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "encoded files" in refused.value.details
+
+
+def test_long_caller_input_is_quoted_short(tiny_server):
+    _, client = tiny_server
+    with pytest.raises(CamserveError) as error:
+        client.explain(JPEG, target="x" * 1_000_000)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(error.value.details) < 500
 
 
 def test_client_side_errors_are_camserve_errors(tiny_server):

@@ -51,14 +51,18 @@ def concurrently(calls):
 
 def test_full_queue_answers_resource_exhausted_with_a_retry_hint():
     with running(model=SLOW, max_batch_size=1, max_queue=2, max_delay_ms=0) as (server, client):
-        results = concurrently([lambda: client.predict(PLAIN)] * 8)
-    refused = [r for r in results if isinstance(r, CamserveError)]
-    answered = [r for r in results if not isinstance(r, CamserveError)]
-    assert refused and answered and len(refused) + len(answered) == 8
-    for error in refused:
-        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert error.retry_after is not None and error.retry_after > 0
-        assert "retry in" in error.details
+        with Client(f"127.0.0.1:{server.port}", retries=0) as once:
+            results = concurrently([lambda: once.predict(PLAIN)] * 8)
+        refused = [r for r in results if isinstance(r, CamserveError)]
+        answered = [r for r in results if not isinstance(r, CamserveError)]
+        assert refused and answered and len(refused) + len(answered) == 8
+        for error in refused:
+            assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.retry_after is not None and error.retry_after > 0
+            assert error.reason == "QUEUE_FULL" and "retry in" in error.details
+        # The default client retries after the server's hint, within the call's deadline.
+        retried = concurrently([lambda: client.predict(PLAIN, timeout=60)] * 6)
+        assert not [r for r in retried if isinstance(r, CamserveError)], retried
 
 
 def test_deadline_too_short_is_refused_before_compute():
@@ -75,7 +79,7 @@ def test_deadline_too_short_is_refused_before_compute():
 def test_items_of_a_cancelled_call_are_dropped_before_compute():
     with running(model=SLOW, max_batch_size=1, max_delay_ms=0) as (server, client):
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.CamserveStub(channel)
+            stub = pb_grpc.CamserveServiceStub(channel)
             request = pb.PredictRequest(images=[pb.Image(raw=pb.RawImage(
                 pixels=PLAIN.tobytes(), height=224, width=224, channels=3))])
             busy = stub.Predict.future(request)  # occupies the worker for 0.3 s
@@ -130,7 +134,7 @@ def test_worker_that_dies_is_restarted_and_health_follows():
         statuses = []
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service="camserve.v1.Camserve"))
+            health_pb2.HealthCheckRequest(service="camserve.v1.CamserveService"))
 
         def follow():
             try:
@@ -179,7 +183,7 @@ def test_readiness_loading_serving_draining():
                 assert info.state == "serving" and info.labels
                 status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
                 assert status == health_pb2.HealthCheckResponse.SERVING
-            server._servicer.drain()  # what stop() does first
+            server._on_loop(server._set_state(pb.SERVER_STATE_DRAINING))  # stop() does this
             assert client.model_info().state == "draining"
             with pytest.raises(CamserveError) as error:
                 client.predict(PLAIN)

@@ -107,8 +107,9 @@ def test_bad_frames_and_changing_options_keep_the_stream_going(tiny_server):
               Frame(good, 13, {"target": 2})]
     results = list(client.stream_explain(frames))
     assert [r.frame_id for r in results] == [0, 1, 10, 11, 12, 13]
-    assert results[1].error.code.name == "INVALID_ARGUMENT" and "frame 1" in \
+    assert results[1].error.code.name == "INVALID_ARGUMENT" and "frame.image" in \
         results[1].error.details
+    assert results[1].error.field_violations[0][0] == "frame.image"
     assert results[2].result.target.index == 7 and results[5].result.target.index == 2
     assert results[4].error.code.name == "INVALID_ARGUMENT" and "nope" in results[4].error.details
     assert results[3].ok and results[0].ok
@@ -117,13 +118,21 @@ def test_bad_frames_and_changing_options_keep_the_stream_going(tiny_server):
 def test_policy_can_only_be_set_on_the_first_frame(tiny_server):
     server, _ = tiny_server
     raw = pb.Image(raw=pb.RawImage(pixels=bytes(48), height=4, width=4, channels=3))
-    requests = [pb.StreamPredictRequest(frame_id=0, image=raw, policy=pb.STREAM_POLICY_ALL),
-                pb.StreamPredictRequest(frame_id=1, image=raw, policy=pb.STREAM_POLICY_LATEST),
-                pb.StreamPredictRequest(frame_id=2, image=raw)]
+
+    def config(policy):
+        return pb.StreamPredictRequest(config=pb.StreamPredictConfig(policy=policy))
+
+    def frame(n):
+        return pb.StreamPredictRequest(frame=pb.StreamFrame(frame_id=n, image=raw))
+
+    requests = [config(pb.STREAM_POLICY_ALL), frame(0), config(pb.STREAM_POLICY_LATEST), frame(1),
+                config(pb.STREAM_POLICY_UNSPECIFIED), frame(2)]
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        answers = list(pb_grpc.CamserveStub(channel).StreamPredict(iter(requests), timeout=60))
+        answers = list(pb_grpc.CamserveServiceStub(channel).StreamPredict(iter(requests),
+                                                                          timeout=60))
     assert [a.WhichOneof("outcome") for a in answers] == ["result", "error", "result"]
     assert "policy" in answers[1].error.message
+    assert answers[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
 def test_eight_streams_and_unary_load_stay_apart(resnet_server):

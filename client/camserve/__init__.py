@@ -13,7 +13,17 @@ from .aio import AsyncClient
 from .client import Client
 from .errors import CamserveError
 from .methods import method_names
-from .results import ClassMap, ClassScore, Explanation, LayerInfo, ModelInfo, Prediction, Timing
+from .results import (
+    ClassMap,
+    ClassScore,
+    Explanation,
+    LayerInfo,
+    MethodInfo,
+    ModelInfo,
+    Note,
+    Prediction,
+    Timing,
+)
 from .streams import Frame, StreamResult
 
 __version__ = "0.1.0"
@@ -27,7 +37,9 @@ __all__ = [
     "Explanation",
     "Frame",
     "LayerInfo",
+    "MethodInfo",
     "ModelInfo",
+    "Note",
     "Prediction",
     "StreamResult",
     "Timing",

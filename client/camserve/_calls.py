@@ -1,9 +1,12 @@
-"""Request building and answer parsing shared by Client and AsyncClient."""
+"""Channels, request building and answer parsing shared by Client and AsyncClient."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
-from typing import Any, Iterable, List, Optional, Sequence, Union
+import socket
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -13,8 +16,12 @@ from .methods import method_value
 from .results import Explanation, Prediction
 from .v1 import camserve_pb2 as pb
 
-DEFAULT_TARGET = "localhost:50051"
+DEFAULT_PORT = 50051
+DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_RETRIES = 4
+SERVICE = "camserve.v1.CamserveService"
+UNARY_METHODS = ("Predict", "Explain", "GetModelInfo")
 
 OUTPUTS = {
     "raw": pb.EXPLAIN_OUTPUT_RAW_MAP,
@@ -24,11 +31,82 @@ OUTPUTS = {
 }
 
 Target = Union[int, str, Sequence[Union[int, str]], None]
+Metadata = Sequence[Tuple[str, str]]
 
 
-def channel_options(max_message_bytes: int) -> List[tuple]:
+# --- channels --------------------------------------------------------------------------------
+
+
+def _with_port(address: str) -> str:
+    """``host`` → ``host:50051``; addresses that name a port are kept."""
+    address = address.strip()
+    if address.startswith("["):  # [ipv6] or [ipv6]:port
+        return address if "]:" in address else f"{address}:{DEFAULT_PORT}"
+    if address.count(":") == 1:
+        return address
+    try:
+        ipaddress.IPv6Address(address)
+        return f"[{address}]:{DEFAULT_PORT}"
+    except ValueError:
+        return f"{address}:{DEFAULT_PORT}"
+
+
+def resolve_target(target: str) -> str:
+    """The gRPC target for what a caller gives: ``host[:port]`` (the port defaults to 50051),
+    several comma-separated addresses (each replica is dialled; hostnames are resolved once,
+    here), or any gRPC URI (``dns:///name:port`` re-resolves as replicas come and go)."""
+    target = target.strip()
+    if not target:
+        raise invalid("the target is empty: pass host:port, a comma-separated list, or "
+                      "dns:///name:port")
+    if "://" in target or target.startswith(("unix:", "ipv4:", "ipv6:", "dns:")):
+        return target
+    addresses = [_with_port(a) for a in target.split(",") if a.strip()]
+    if len(addresses) == 1:
+        return addresses[0]
+    resolved = []
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        try:
+            infos = socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)
+        except (OSError, ValueError) as exc:
+            raise invalid(f"cannot resolve {address!r} in target {target!r}: {exc}") from None
+        family, *_, sockaddr = infos[0]
+        resolved.append((family, f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6
+                         else f"{sockaddr[0]}:{port}"))
+    if len({family for family, _ in resolved}) > 1:
+        raise invalid(f"target {target!r} mixes IPv4 and IPv6 addresses; use one family, or a "
+                      "dns:/// name")
+    scheme = "ipv6" if resolved[0][0] == socket.AF_INET6 else "ipv4"
+    return f"{scheme}:" + ",".join(address for _, address in resolved)
+
+
+def service_config(retries: int) -> str:
+    """Round-robin over every address of the target, and, when ``retries`` > 0, gRPC's own
+    retries of the unary calls on UNAVAILABLE (a replica going away) and RESOURCE_EXHAUSTED
+    (a busy replica; the server's retry hint sets the delay), within each call's deadline.
+    Streams are never retried."""
+    config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if retries > 0:
+        config["methodConfig"] = [{
+            "name": [{"service": SERVICE, "method": m} for m in UNARY_METHODS],
+            "retryPolicy": {
+                "maxAttempts": min(retries + 1, 5),
+                "initialBackoff": "0.05s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+            },
+        }]
+    return json.dumps(config)
+
+
+def channel_options(max_message_bytes: int, retries: int) -> List[tuple]:
     return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.service_config", service_config(retries)),
+            ("grpc.enable_retries", 1 if retries > 0 else 0)]
 
 
 def _pem(value) -> Optional[bytes]:
@@ -59,31 +137,59 @@ def retry_while_starting(error) -> bool:
 
 
 def channel(module, target: str, tls: bool, root_certificates, client_cert, client_key,
-            max_message_bytes: int, options) -> Any:
+            max_message_bytes: int, retries: int, options) -> Any:
     """A channel from ``module`` (grpc, or grpc.aio): TLS when any TLS option is given."""
     creds = credentials(tls, root_certificates, client_cert, client_key)
-    options = channel_options(max_message_bytes) + list(options)
+    options = channel_options(max_message_bytes, retries) + list(options)
     if creds is None:
         return module.insecure_channel(target, options=options)
     return module.secure_channel(target, creds, options=options)
 
 
-def call_metadata(token: Optional[str]) -> tuple:
-    return (("authorization", f"Bearer {token}"),) if token else ()
+def call_metadata(token: Optional[str], metadata: Optional[Metadata] = None,
+                  request_id: Optional[str] = None) -> tuple:
+    """The metadata of one call: the token, the caller's own pairs, an x-request-id."""
+    out = [("authorization", f"Bearer {token}")] if token else []
+    for key, value in metadata or ():
+        if not isinstance(key, str) or key != key.lower():
+            raise invalid(f"metadata keys must be lower-case strings, got {key!r}")
+        out.append((key, value))
+    if request_id is not None:
+        out.append(("x-request-id", str(request_id)))
+    return tuple(out)
+
+
+def check_size(request, max_message_bytes: int) -> None:
+    """Refuse a request too large to send before gRPC does (with RESOURCE_EXHAUSTED, a code
+    that reads as "busy, retry")."""
+    size = request.ByteSize()
+    if size > max_message_bytes:
+        raise invalid(f"the request is {size:,} bytes, over the {max_message_bytes:,}-byte "
+                      "message limit: send images as encoded files (JPEG, PNG) instead of raw "
+                      "arrays, downscale them, or send fewer per call")
+
+
+# --- requests --------------------------------------------------------------------------------
 
 
 def predict_request(images: Sequence[Any], top_k: int) -> pb.PredictRequest:
-    return pb.PredictRequest(images=[to_proto(i) for i in images], top_k=check_top_k(top_k))
+    return pb.PredictRequest(images=[to_proto(i) for i in images],
+                             options=predict_options(top_k))
+
+
+def predict_options(top_k: int = 5) -> pb.PredictOptions:
+    return pb.PredictOptions(top_k=check_top_k(top_k))
 
 
 ADVANCED = {"top_targets": 0, "counterfactual": False, "signed": False,
             "score_cam_channels": 0, "faithfulness_steps": 0}
 
 
-def explain_fields(target: Target = None, method: Union[str, Sequence[str]] = "gradcam",
-                   layer: Union[None, str, Sequence[str]] = None,
-                   outputs: Iterable[str] = ("raw",), top_k: int = 5, **advanced) -> dict:
-    """The fields ExplainRequest and StreamExplainRequest share, from the client's options.
+def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "gradcam",
+                    layer: Union[None, str, Sequence[str]] = None,
+                    outputs: Iterable[str] = ("raw",), top_k: int = 5,
+                    **advanced) -> pb.ExplainOptions:
+    """The ExplainOptions message for the client's options.
 
     ``target``, ``method`` and ``layer`` each take one value or a list. ``advanced``:
     top_targets, counterfactual, signed, score_cam_channels, faithfulness_steps."""
@@ -107,14 +213,17 @@ def explain_fields(target: Target = None, method: Union[str, Sequence[str]] = "g
         if isinstance(fields[name], bool) or not isinstance(fields[name], int) or \
                 fields[name] < 0:
             raise invalid(f"{name} must be a non-negative integer, got {fields[name]!r}")
-    return {"targets": [_target(t) for t in targets], "methods": method_enums,
-            "layers": layers, "outputs": [OUTPUTS[o] for o in outputs], "top_k": check_top_k(top_k),
-            **fields}
+    return pb.ExplainOptions(
+        targets=[_target(t) for t in targets], methods=method_enums, layers=layers,
+        outputs=[OUTPUTS[o] for o in outputs], top_k=check_top_k(top_k),
+        top_targets=fields["top_targets"], counterfactual=bool(fields["counterfactual"]),
+        keep_sign=bool(fields["signed"]), score_cam_channels=fields["score_cam_channels"],
+        faithfulness_steps=fields["faithfulness_steps"])
 
 
 def explain_request(images: Sequence[Any], **options) -> pb.ExplainRequest:
-    fields = explain_fields(**options)
-    return pb.ExplainRequest(images=[to_proto(i) for i in images], **fields)
+    return pb.ExplainRequest(images=[to_proto(i) for i in images],
+                             options=explain_options(**options))
 
 
 def predictions(response: pb.PredictResponse) -> List[Prediction]:

@@ -20,23 +20,30 @@ _UNSET = object()
 
 
 class AsyncClient:
-    """An asyncio connection to a camserve server; use ``async with`` or ``await close()``.
+    """An asyncio connection to a camserve server (or several replicas); use ``async with``
+    or ``await close()``. Takes the same arguments as :class:`camserve.Client` (targets,
+    balancing and retries, token, metadata, TLS).
 
-    Safe to use from many tasks of one event loop. Every call takes ``timeout`` and raises
-    :class:`CamserveError` on failure.
+    Safe to use from many tasks of one event loop. Every call takes ``timeout``,
+    ``metadata`` and ``request_id`` and raises :class:`CamserveError` on failure.
     """
 
     def __init__(self, target: str = _calls.DEFAULT_TARGET, *, timeout: Optional[float] = 30.0,
                  token: Optional[str] = None, tls: bool = False, root_certificates=None,
                  client_cert=None, client_key=None,
                  max_message_bytes: int = _calls.DEFAULT_MAX_MESSAGE_BYTES,
+                 retries: int = _calls.DEFAULT_RETRIES, metadata: _calls.Metadata = (),
                  options: Sequence[tuple] = ()) -> None:
         self.target = target
         self.timeout = timeout
-        self._metadata = _calls.call_metadata(token)
-        self._channel = _calls.channel(aio, target, tls, root_certificates, client_cert,
-                                      client_key, max_message_bytes, options)
-        self._stub = pb_grpc.CamserveStub(self._channel)
+        self._token = token
+        self._metadata = tuple(metadata)
+        _calls.call_metadata(token, self._metadata)  # refuse bad metadata now
+        self._max_message_bytes = max_message_bytes
+        self._channel = _calls.channel(aio, _calls.resolve_target(target), tls,
+                                       root_certificates, client_cert, client_key,
+                                       max_message_bytes, retries, options)
+        self._stub = pb_grpc.CamserveServiceStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -47,18 +54,26 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def _call(self, method, request, timeout):
+    def _meta(self, metadata, request_id) -> tuple:
+        return _calls.call_metadata(self._token, (*self._metadata, *(metadata or ())),
+                                    request_id)
+
+    async def _call(self, method, request, timeout, metadata=None, request_id=None):
+        _calls.check_size(request, self._max_message_bytes)
         try:
             return await method(request, timeout=self.timeout if timeout is _UNSET else timeout,
-                                metadata=self._metadata)
+                                metadata=self._meta(metadata, request_id))
         except grpc.RpcError as error:
-            raise CamserveError.from_rpc_error(error) from None
+            raise CamserveError.from_rpc_error(error, self.target) from None
 
-    async def model_info(self, *, timeout: Any = _UNSET) -> ModelInfo:
-        return ModelInfo.from_proto(
-            await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
+    async def model_info(self, *, timeout: Any = _UNSET, metadata: _calls.Metadata = None,
+                         request_id: Optional[str] = None) -> ModelInfo:
+        """As Client.model_info."""
+        return ModelInfo.from_proto(await self._call(
+            self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout, metadata, request_id))
 
     async def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
+        """As Client.wait_until_ready."""
         deadline = time.monotonic() + timeout
         state = "unreachable"
         while True:
@@ -73,63 +88,77 @@ class AsyncClient:
                     raise
             if time.monotonic() >= deadline:
                 raise CamserveError(grpc.StatusCode.UNAVAILABLE,
-                                    f"the server is still {state} after {timeout:g} s")
+                                    f"the server at {self.target} is still {state} after "
+                                    f"{timeout:g} s")
             await asyncio.sleep(0.1)
 
-    async def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET) -> Prediction:
-        return (await self.predict_many([image], top_k=top_k, timeout=timeout))[0]
+    async def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET,
+                      metadata: _calls.Metadata = None,
+                      request_id: Optional[str] = None) -> Prediction:
+        """As Client.predict."""
+        return (await self.predict_many([image], top_k=top_k, timeout=timeout,
+                                        metadata=metadata, request_id=request_id))[0]
 
     async def predict_many(self, images: Iterable[Any], *, top_k: int = 5,
-                           timeout: Any = _UNSET) -> List[Prediction]:
+                           timeout: Any = _UNSET, metadata: _calls.Metadata = None,
+                           request_id: Optional[str] = None) -> List[Prediction]:
+        """As Client.predict_many."""
         request = _calls.predict_request(list(images), top_k)
-        return _calls.predictions(await self._call(self._stub.Predict, request, timeout))
+        return _calls.predictions(await self._call(self._stub.Predict, request, timeout,
+                                                   metadata, request_id))
 
     async def explain(self, image: Any, *, target: _calls.Target = None,
                       method: Union[str, Sequence[str]] = "gradcam",
                       layer: Union[None, str, Sequence[str]] = None,
                       outputs: Iterable[str] = ("raw",), top_k: int = 5,
-                      timeout: Any = _UNSET, **options) -> Explanation:
+                      timeout: Any = _UNSET, metadata: _calls.Metadata = None,
+                      request_id: Optional[str] = None, **options) -> Explanation:
         """As Client.explain."""
         return (await self.explain_many([image], target=target, method=method, layer=layer,
                                         outputs=outputs, top_k=top_k, timeout=timeout,
+                                        metadata=metadata, request_id=request_id,
                                         **options))[0]
 
     async def explain_many(self, images: Iterable[Any], *, target: _calls.Target = None,
                            method: Union[str, Sequence[str]] = "gradcam",
                            layer: Union[None, str, Sequence[str]] = None,
                            outputs: Iterable[str] = ("raw",), top_k: int = 5,
-                           timeout: Any = _UNSET, **options) -> List[Explanation]:
+                           timeout: Any = _UNSET, metadata: _calls.Metadata = None,
+                           request_id: Optional[str] = None, **options) -> List[Explanation]:
         """As Client.explain_many."""
         images = list(images)
         request = _calls.explain_request(images, target=target, method=method, layer=layer,
                                          outputs=outputs, top_k=top_k, **options)
-        return _calls.explanations(await self._call(self._stub.Explain, request, timeout),
-                                   images)
+        return _calls.explanations(await self._call(self._stub.Explain, request, timeout,
+                                                    metadata, request_id), images)
 
     def stream_predict(self, frames, *, top_k: int = 5, policy: str = "all",
-                       timeout: Optional[float] = None) -> AsyncIterator[StreamResult]:
+                       timeout: Optional[float] = None, metadata: _calls.Metadata = None,
+                       request_id: Optional[str] = None) -> AsyncIterator[StreamResult]:
         """As Client.stream_predict; ``frames`` may be an iterable or an async iterable."""
         return self._stream(self._stub.StreamPredict, Tracker("predict", {"top_k": top_k},
-                                                              policy), frames, timeout)
+                                                              policy), frames, timeout,
+                            self._meta(metadata, request_id))
 
     def stream_explain(self, frames, *, target: _calls.Target = None,
                        method: Union[str, Sequence[str]] = "gradcam",
                        layer: Union[None, str, Sequence[str]] = None,
                        outputs: Iterable[str] = ("raw",), top_k: int = 5, policy: str = "all",
-                       timeout: Optional[float] = None, **options):
+                       timeout: Optional[float] = None, metadata: _calls.Metadata = None,
+                       request_id: Optional[str] = None, **options):
         """Explanations for a stream of frames; as stream_predict, with explain's options."""
         options = dict(options, target=target, method=method, layer=layer,
                        outputs=tuple(outputs), top_k=top_k)
         return self._stream(self._stub.StreamExplain, Tracker("explain", options, policy),
-                            frames, timeout)
+                            frames, timeout, self._meta(metadata, request_id))
 
-    async def _stream(self, method, tracker: Tracker, frames, timeout):
-        call = method(tracker.arequests(frames), timeout=timeout, metadata=self._metadata)
+    async def _stream(self, method, tracker: Tracker, frames, timeout, metadata):
+        call = method(tracker.arequests(frames), timeout=timeout, metadata=metadata)
         try:
             async for answer in call:
                 yield tracker.result(answer)
         except grpc.RpcError as error:
-            raise CamserveError.from_rpc_error(error) from None
+            raise CamserveError.from_rpc_error(error, self.target) from None
         finally:
             call.cancel()
         if tracker.error is not None:

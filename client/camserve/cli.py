@@ -1,14 +1,17 @@
 """``camserve``: the command line for a camserve server.
 
-    camserve info
+    camserve info [--json]
+    camserve health
     camserve predict IMAGE... [--top-k N] [--json]
     camserve explain IMAGE... -o DIR [--class N|LABEL]... [--layer NAME]... [--method NAME]...
                                     [--grid] [--counterfactual]
     camserve evaluate FOLDER [--method NAME]... [--steps N]
     camserve stream VIDEO|--camera N [-o OUT.mp4] [--explain] [--policy all|latest]
 
-The server address comes from ``--target`` or ``CAMSERVE_TARGET`` (default localhost:50051).
-Exit status: 0 when every image was answered, 1 when any failed, 2 for usage errors.
+The server address comes from ``--target`` or ``CAMSERVE_TARGET`` (default localhost:50051;
+a port-less host gets :50051). Connection flags (--target, --timeout, --token, TLS) go before
+or after the subcommand. Exit status: 0 when every image was answered, 1 when any failed (or
+the server could not be reached), 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 
+from . import _calls
 from .client import Client
-from .errors import CamserveError
+from .errors import CamserveError, invalid
 from .methods import method_names
-from .results import Explanation, Prediction
+from .results import ClassMap, Explanation, ModelInfo, Prediction
 
 CHUNK = 8  # images per RPC, so the server can batch them
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
+FORWARDS_PER_TIMEOUT = 64  # evaluate: the call timeout grows by --timeout per this many forwards
 
 
 class Progress:
@@ -44,7 +51,7 @@ class Progress:
         if not self.enabled:
             return
         width = 30
-        filled = int(width * self.done / self.total)
+        filled = int(width * min(self.done, self.total) / self.total)
         rate = self.done / max(time.monotonic() - self.started, 1e-9)
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
                          f"{rate:.1f} img/s")
@@ -53,34 +60,44 @@ class Progress:
         sys.stderr.flush()
 
 
-def _chunks(paths: Sequence[str]) -> Iterator[List[str]]:
-    for start in range(0, len(paths), CHUNK):
-        yield list(paths[start:start + CHUNK])
+def _chunks(paths: Sequence[str], size: int = CHUNK) -> Iterator[List[str]]:
+    for start in range(0, len(paths), size):
+        yield list(paths[start:start + size])
 
 
 _FATAL = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED,
-          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED)
+          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED,
+          grpc.StatusCode.FAILED_PRECONDITION)
 
 
 def _each(paths: Sequence[str], call: Callable[[List[str]], list], progress: Progress,
-          errors: List[Tuple[str, CamserveError]]) -> Iterator[Tuple[str, object]]:
+          errors: List[Tuple[str, CamserveError]], size: int = CHUNK
+          ) -> Iterator[Tuple[str, object]]:
     """Answer every path, a chunk per RPC. A chunk refused for a bad image is retried one image
-    at a time, so only the bad files fail; errors about the server itself end the run."""
-    for chunk in _chunks(paths):
+    at a time, so only the bad files fail; errors about the server itself end the run, and so
+    does an option the server refuses for every image."""
+    for chunk in _chunks(paths, size):
         try:
             results = call(chunk)
         except CamserveError as exc:
-            if exc.code in _FATAL:
+            if exc.code in _FATAL or (exc.code == grpc.StatusCode.INVALID_ARGUMENT
+                                      and not _about_images(exc)):
                 raise
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT and len(chunk) > 1:
-                for path in chunk:
-                    yield from _each([path], call, progress, errors)
+                yield from _each(chunk, call, progress, errors, size=1)
             else:
                 errors.extend((path, exc) for path in chunk)
                 progress.advance(len(chunk))
             continue
         progress.advance(len(chunk))
         yield from zip(chunk, results)
+
+
+def _about_images(error: CamserveError) -> bool:
+    """Whether an INVALID_ARGUMENT is about an image (or a file the client could not read),
+    rather than about an option that every image would fail on."""
+    fields = [field for field, _ in error.field_violations]
+    return not fields or any(field.startswith("images") for field in fields)
 
 
 def _classes(prediction: Prediction) -> str:
@@ -92,25 +109,66 @@ def _prediction_json(path: str, prediction: Prediction) -> dict:
             "top": [vars(c) for c in prediction.top]}
 
 
+def _info_json(info: ModelInfo) -> dict:
+    data = {k: v for k, v in vars(info).items() if k not in ("layers", "method_info")}
+    data["labels"] = list(info.labels)
+    data["layers"] = [vars(layer) for layer in info.layers]
+    data["methods"] = [vars(m) for m in info.method_info]
+    return data
+
+
 def cmd_info(client: Client, args) -> int:
     info = client.model_info()
     if args.json:
-        data = {k: v for k, v in vars(info).items()}
-        data["layers"] = [vars(layer) for layer in info.layers]
-        data["labels"] = list(info.labels)
-        print(json.dumps(data, indent=2))
-        return 0
-    print(f"model:        {info.name} on {info.device}")
+        print(json.dumps(_info_json(info), indent=2))
+        return 0 if info.state == "serving" else 1
+    print(f"model:        {info.name}")
+    print(f"state:        {info.state}")
+    if info.state == "loading":
+        print("              the server is loading its model; run this again in a moment")
+        return 1
+    print(f"devices:      {', '.join(info.devices)} ({info.workers} worker process"
+          f"{'es' if info.workers != 1 else ''})")
     print(f"classes:      {len(info.labels)} ({', '.join(info.labels[:3])}, ...)")
     print(f"input:        {info.input_size[1]}x{info.input_size[0]}, mean {info.mean}, "
           f"std {info.std}")
     for layer in info.layers:
         mark = " (default)" if layer.name == info.default_layer else ""
         print(f"layer:        {layer.name} {layer.channels}x{layer.height}x{layer.width}{mark}")
-    print(f"methods:      {', '.join(info.methods) or 'none (Predict only)'}")
+    if info.method_info:
+        for m in info.method_info:
+            traits = ["backward" if m.needs_backward else "forwards only",
+                      "class-discriminative" if m.class_discriminative else "same map for "
+                      "every class"]
+            print(f"method:       {m.name:18} {', '.join(traits)}")
+    else:
+        print("methods:      none (Predict only)")
     print(f"batching:     up to {info.max_batch_size} items, {info.max_delay_ms:g} ms delay, "
           f"queue {info.max_queue}")
-    return 0
+    return 0 if info.state == "serving" else 1
+
+
+def cmd_health(client: Client, args) -> int:
+    """Exit 0 when the server's gRPC health service says SERVING (for container probes)."""
+    status = health_status(client, args.timeout)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def health_status(client: Client, timeout: float) -> str:
+    """The health service's status for the whole server, by name ("SERVING", ...)."""
+    # grpc.health.v1 without the grpcio-health-checking package: an empty request, and an
+    # answer whose only field (1) is the status enum.
+    check = client._channel.unary_unary("/grpc.health.v1.Health/Check",
+                                        request_serializer=lambda _: b"",
+                                        response_deserializer=bytes)
+    try:
+        answer = check(None, timeout=timeout)
+    except grpc.RpcError as error:
+        raise CamserveError.from_rpc_error(error, client.target) from None
+    value = answer[1] if len(answer) >= 2 and answer[0] == 0x08 else 0
+    return {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}.get(value,
+                                                                                  "UNKNOWN")
 
 
 def cmd_predict(client: Client, args) -> int:
@@ -126,6 +184,10 @@ def cmd_predict(client: Client, args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     return _report(errors)
+
+
+def _notes(m: ClassMap) -> str:
+    return "".join(f"\n    note: {note.message}" for note in m.notes)
 
 
 def cmd_explain(client: Client, args) -> int:
@@ -148,14 +210,17 @@ def cmd_explain(client: Client, args) -> int:
         if args.json:
             row = _prediction_json(path, exp.prediction)
             row["maps"] = [dict(target=vars(m.target), method=m.method, layer=m.layer,
-                                raw=m.raw.tolist(), overlay=str(o), heatmap=str(h))
+                                raw=m.raw.tolist(), overlay=str(o), heatmap=str(h),
+                                notes=[vars(n) for n in m.notes])
                            for m, (o, h) in zip(exp.maps, written)]
             rows.append(row)
             continue
         print(f"{path}: {_classes(exp.prediction)}")
         for m, (overlay, heat) in zip(exp.maps, written):
             print(f"  explained {m.target.label} ({m.target.index}) with {m.method} at "
-                  f"{m.layer}: {overlay}, {heat}")
+                  f"{m.layer}: {overlay}, {heat}{_notes(m)}")
+        for note in exp.notes:
+            print(f"  note: {note.message}")
         if args.grid:
             print(f"  comparison grid: {out / (Path(path).stem + '.grid.png')}")
     if args.json:
@@ -168,23 +233,30 @@ def cmd_evaluate(client: Client, args) -> int:
     import numpy as np
 
     folder = Path(args.folder)
-    paths = sorted(str(p) for p in folder.iterdir()
-                   if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
+    if not folder.is_dir():
+        raise invalid(f"{folder} is not a folder of images")
+    paths = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        print(f"camserve: no images in {folder}", file=sys.stderr)
+        print(f"camserve: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}", file=sys.stderr)
         return 1
-    methods = args.method or [m for m in client.model_info().methods if m != "random"]
+    info = client.model_info()
+    methods = args.method or [m for m in info.methods if m != "random"]
     methods = list(dict.fromkeys([*methods, "random"]))
     scores = {m: [] for m in methods}
     errors: List[Tuple[str, CamserveError]] = []
     progress = Progress(len(paths), not args.json)
+    # The deadline grows with the work one call asks for: 2 (steps + 1) forwards per map,
+    # plus one per Score-CAM channel.
+    channels = args.score_cam_channels or info.max_score_cam_channels
+    forwards = len(methods) * (2 * args.steps + 2) + (channels if "scorecam" in methods else 0)
+    timeout = args.timeout * max(1.0, forwards / FORWARDS_PER_TIMEOUT)
 
     def call(chunk):
         return client.explain_many(chunk, method=methods, layer=args.layer, outputs=(),
                                    faithfulness_steps=args.steps,
-                                   score_cam_channels=args.score_cam_channels)
+                                   score_cam_channels=args.score_cam_channels, timeout=timeout)
 
-    for _path, exp in _each(paths, call, progress, errors):
+    for _path, exp in _each(paths, call, progress, errors, size=1):
         for m in exp.maps:
             scores[m.method].append((m.deletion, m.insertion))
     table = {m: {"deletion": float(np.mean([d for d, _ in v])),
@@ -199,24 +271,38 @@ def cmd_evaluate(client: Client, args) -> int:
         for method, row in table.items():
             print(f"{method:20} {row['deletion']:9.3f} {row['insertion']:10.3f} "
                   f"{row['images']:7d}")
-    return _report(errors)
+    return _report(errors, timeout)
 
 
 def cmd_stream(client: Client, args) -> int:
     """Stream a video file or camera through the server; write an annotated video."""
-    from collections import OrderedDict
-
     import numpy as np
 
     from . import maps, video
     from .streams import Frame
 
+    if args.output and Path(args.output).suffix.lower() not in VIDEO_SUFFIXES:
+        raise _LocalError(f"cannot write {args.output}: choose a video file name ending in "
+                          f"{', '.join(VIDEO_SUFFIXES)}")
+    target = _target(args.target_class)
+    if isinstance(target, str) or args.layer:
+        # Refuse a misspelled class or layer once, here, instead of once per frame.
+        info = client.model_info()
+        lowered = {label.lower() for label in info.labels}
+        if isinstance(target, str) and target.strip().lower() not in lowered:
+            raise invalid(f"no class is labelled {target!r} (camserve info lists the labels)")
+        if args.layer and args.layer not in {layer.name for layer in info.layers}:
+            raise invalid(f"layer {args.layer!r} is not one the server explains; choose from "
+                          f"{', '.join(layer.name for layer in info.layers)}")
     source = args.camera if args.video is None else args.video
-    capture = video.open_video(source)
+    try:
+        capture = video.open_video(source)
+    except CamserveError as exc:
+        raise _LocalError(exc.details) from None
     fps_in, total = video.video_properties(capture)
     if args.max_frames:
         total = min(total, args.max_frames) if total else args.max_frames
-    frames: OrderedDict[int, np.ndarray] = OrderedDict()  # sent, not answered yet
+    frames: dict = {}  # sent, not answered yet: frame id -> RGB
     lock = threading.Lock()  # gRPC reads the frames on its own thread
     interval = 1.0 / args.rate if args.rate else 0.0
 
@@ -232,21 +318,21 @@ def cmd_stream(client: Client, args) -> int:
     def answered_frame(frame_id: int) -> np.ndarray:
         """The answered frame; frames sent before it were skipped and are forgotten."""
         with lock:
-            while True:
-                n, rgb = frames.popitem(last=False)
-                if n == frame_id:
-                    return rgb
+            for n in [n for n in frames if n < frame_id]:
+                del frames[n]
+            return frames.pop(frame_id)
 
     if args.explain:
-        results = client.stream_explain(produce(), target=_target(args.target_class),
-                                        layer=args.layer, policy=args.policy)
+        results = client.stream_explain(produce(), target=target, layer=args.layer,
+                                        policy=args.policy)
     else:
         results = client.stream_predict(produce(), top_k=1, policy=args.policy)
     progress = Progress(total or 0, enabled=total > 1)
     writer = None
-    answered = skipped = failed = 0
+    answered = skipped = failed = written_up_to = 0
     latencies = []
     started = time.monotonic()
+    last_picture = None
     for r in results:
         rgb = answered_frame(r.frame_id)
         skipped += r.skipped
@@ -258,25 +344,44 @@ def cmd_stream(client: Client, args) -> int:
             continue
         answered += 1
         latencies.append(r.latency_ms)
-        if args.output:
-            prediction = r.result.prediction if args.explain else r.result
-            if args.explain:
-                rgb = maps.overlay(rgb, r.result.heatmap)
-            best = prediction.best
-            rate = answered / max(time.monotonic() - started, 1e-9)
-            lines = [f"#{r.frame_id}  {best.label} {best.probability:.0%}", f"{rate:.1f} fps"]
-            if writer is None:
-                writer = video.VideoWriter(args.output, fps_in or 30.0, rgb.shape[:2])
-            writer.write(video.annotate(rgb, lines))
+        if not args.output:
+            continue
+        if args.explain:
+            rgb = maps.overlay(rgb, r.result.heatmap)
+            best = r.result.target  # the class explained, which may not be the top-1
+            label = f"{best.label} {best.probability:.0%} ({r.result.method})"
+        else:
+            best = r.result.best
+            label = f"{best.label} {best.probability:.0%}"
+        rate = answered / max(time.monotonic() - started, 1e-9)
+        picture = video.annotate(rgb, [f"#{r.frame_id}  {label}", f"{rate:.1f} fps"])
+        if writer is None:
+            writer = video.VideoWriter(args.output, fps_in or 30.0, rgb.shape[:2])
+        # Each answered frame is written at its own place in the source's timeline: the
+        # frames skipped before it repeat the previous answer, so the video keeps the
+        # source's pace (and length) under --policy latest too.
+        if last_picture is not None:
+            for _ in range(r.frame_id - written_up_to):
+                writer.write(last_picture)
+        writer.write(picture)
+        written_up_to, last_picture = r.frame_id + 1, picture
     elapsed = time.monotonic() - started
     if writer is not None:
         writer.close()
     sent = answered + skipped + failed
-    p50, p99 = (np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2)
+    if sent == 0:
+        print(f"camserve: no frames could be read from {source!r}: is it a video file (or "
+              "camera) OpenCV can open?", file=sys.stderr)
+        return 1
+    p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
     print(f"frames sent {sent}, answered {answered}, skipped {skipped}, failed {failed}; "
           f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; {answered / max(elapsed, 1e-9):.1f} fps"
           + (f"; wrote {writer.frames} frames to {args.output}" if writer is not None else ""))
     return 1 if failed else 0
+
+
+class _LocalError(Exception):
+    """A problem on this machine (a file, a camera), not an answer from the server."""
 
 
 def _write(out: Path, path: str, exp: Explanation, grid: bool) -> List[Tuple[Path, Path]]:
@@ -308,37 +413,63 @@ def _target(value: Optional[str]):
     return int(value) if value.strip().isdigit() else value
 
 
-def _report(errors: List[Tuple[str, CamserveError]]) -> int:
+def _report(errors: List[Tuple[str, CamserveError]], timeout: Optional[float] = None) -> int:
     for path, exc in errors:
-        print(f"camserve: {path}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        hint = ""
+        if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+            hint = f" (the call's timeout was {timeout:.0f} s; pass --timeout SECONDS for more)"
+        print(f"camserve: {path}: {exc.code.name}: {exc.details}{hint}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The flags every subcommand shares. On the subcommands they default to SUPPRESS, so that
+    a flag given before the subcommand is kept unless it is given again after it."""
+    def d(value):
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--target", default=d(os.environ.get("CAMSERVE_TARGET",
+                                                             _calls.DEFAULT_TARGET)),
+                        help="server address host[:port], several comma-separated, or "
+                        "dns:///name:port (env CAMSERVE_TARGET; default localhost:50051)")
+    parser.add_argument("--timeout", type=float, default=d(60.0),
+                        help="seconds per call (default 60)")
+    parser.add_argument("--token", default=d(os.environ.get("CAMSERVE_TOKEN")),
+                        help="bearer token, when the server requires one (env CAMSERVE_TOKEN)")
+    parser.add_argument("--tls", action="store_true", default=d(False),
+                        help="connect over TLS (system CAs)")
+    parser.add_argument("--ca-cert", metavar="PEM", default=d(None),
+                        help="trust this CA (implies --tls)")
+    parser.add_argument("--client-cert", metavar="PEM", default=d(None),
+                        help="client certificate (mutual TLS)")
+    parser.add_argument("--client-key", metavar="PEM", default=d(None),
+                        help="key of --client-cert")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camserve", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=os.environ.get("CAMSERVE_TARGET", "localhost:50051"),
-                        help="server address host:port (env CAMSERVE_TARGET; default "
-                        "%(default)s)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
-    parser.add_argument("--token", default=os.environ.get("CAMSERVE_TOKEN"),
-                        help="bearer token, when the server requires one (env CAMSERVE_TOKEN)")
-    parser.add_argument("--tls", action="store_true", help="connect over TLS (system CAs)")
-    parser.add_argument("--ca-cert", metavar="PEM", help="trust this CA (implies --tls)")
-    parser.add_argument("--client-cert", metavar="PEM", help="client certificate (mutual TLS)")
-    parser.add_argument("--client-key", metavar="PEM", help="key of --client-cert")
+    _connection_flags(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _connection_flags(common, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="show the served model")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    info = command("info", help="show the served model (exit 1 while it is not serving)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=cmd_info)
 
-    predict = sub.add_parser("predict", help="top classes for images")
+    health = command("health", help="exit 0 when the server's health service says SERVING")
+    health.set_defaults(run=cmd_health)
+
+    predict = command("predict", help="top classes for images")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(run=cmd_predict)
 
-    explain = sub.add_parser("explain", help="write a heatmap and an overlay per image")
+    explain = command("explain", help="write a heatmap and an overlay per image")
     explain.add_argument("images", nargs="+", metavar="IMAGE")
     explain.add_argument("-o", "--output", required=True, metavar="DIR",
                          help="folder for NAME.overlay.png and NAME.heatmap.png")
@@ -351,33 +482,35 @@ def build_parser() -> argparse.ArgumentParser:
                          help="CAM method (repeatable; default: gradcam)")
     explain.add_argument("--counterfactual", action="store_true",
                          help="negated gradients: regions whose removal would raise the score")
-    explain.add_argument("--score-cam-channels", type=int, default=64, metavar="N",
+    explain.add_argument("--score-cam-channels", type=int, default=0, metavar="N",
                          help="Score-CAM: the N channels with the highest mean activation "
-                         "(one forward each; default 64; 0: all)")
+                         "(one forward each; default 0: the server's limit)")
     explain.add_argument("--grid", action="store_true",
                          help="also write NAME.grid.png: methods down, classes across")
     explain.add_argument("--top-k", type=int, default=5)
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(run=cmd_explain)
 
-    evaluate = sub.add_parser("evaluate", help="deletion/insertion scores of every method "
-                              "over a folder of images, beside a random map")
+    evaluate = command("evaluate", help="deletion/insertion scores of every method over a "
+                       "folder of images, beside a random map")
     evaluate.add_argument("folder", metavar="FOLDER")
     evaluate.add_argument("--method", action="append", choices=method_names(),
                           help="method to score (repeatable; default: all the server has)")
     evaluate.add_argument("--layer", help="layer to explain (default: the server's)")
     evaluate.add_argument("--steps", type=int, default=16, help="steps per curve (default 16)")
     evaluate.add_argument("--score-cam-channels", type=int, default=64,
-                          help="Score-CAM: top channels by activation (default 64; 0: all)")
+                          help="Score-CAM: top channels by activation (default 64; 0: the "
+                          "server's limit)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
 
-    stream = sub.add_parser("stream", help="stream a video or camera; write an annotated video")
+    stream = command("stream", help="stream a video or camera; write an annotated video")
     where = stream.add_mutually_exclusive_group(required=True)
     where.add_argument("video", nargs="?", metavar="VIDEO", help="a video file")
     where.add_argument("--camera", type=int, metavar="N", help="camera index instead of a file")
     stream.add_argument("-o", "--output", metavar="OUT.mp4",
-                        help="write the answered frames, annotated, to this video")
+                        help="write the answered frames, annotated, to this video "
+                        f"({', '.join(VIDEO_SUFFIXES)})")
     stream.add_argument("--explain", action="store_true",
                         help="explain each frame; the output shows the heatmap overlay")
     stream.add_argument("--policy", choices=("all", "latest"), default="all",
@@ -407,10 +540,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     client_key=args.client_key) as client:
             return args.run(client, args)
     except CamserveError as exc:
-        print(f"camserve: {args.target}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        print(f"camserve: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
+    except _LocalError as exc:
+        print(f"camserve: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

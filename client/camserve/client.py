@@ -18,28 +18,43 @@ _UNSET = object()
 
 
 class Client:
-    """A connection to a camserve server.
+    """A connection to one camserve server, or to several replicas.
 
-    ``token`` is sent as ``authorization: Bearer <token>`` on every call. TLS: ``tls=True``
-    trusts the system's CAs, ``root_certificates`` (PEM bytes or a path) trusts those;
-    ``client_cert`` and ``client_key`` present a client certificate (mutual TLS).
+    ``target``: ``host[:port]`` (the port defaults to 50051), several comma-separated
+    addresses, or a gRPC URI such as ``dns:///camserve.default.svc:50051``; calls are balanced
+    round-robin over every address. Unary calls that fail with UNAVAILABLE (a replica going
+    away) or RESOURCE_EXHAUSTED (a busy one; the server's retry hint sets the delay) are
+    retried up to ``retries`` times within their timeout (0 turns retries off); streams are
+    never retried.
 
-    Every call takes ``timeout`` (seconds; default: the client's) and raises
-    :class:`CamserveError` on failure. One Client may be shared by many threads: the
-    underlying gRPC channel is thread-safe. Use it as a context manager, or call ``close()``.
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call, ``metadata`` (pairs
+    of lower-case key and value) too. TLS: ``tls=True`` trusts the system's CAs,
+    ``root_certificates`` (PEM bytes or a path) trusts those; ``client_cert`` and
+    ``client_key`` present a client certificate (mutual TLS).
+
+    Every call takes ``timeout`` (seconds; default: the client's), ``metadata`` (added to the
+    client's for that call) and ``request_id`` (sent as ``x-request-id``, which the server's
+    access log shows), and raises :class:`CamserveError` on failure. One Client may be shared
+    by many threads: the underlying gRPC channel is thread-safe. Use it as a context manager,
+    or call ``close()``.
     """
 
     def __init__(self, target: str = _calls.DEFAULT_TARGET, *, timeout: Optional[float] = 30.0,
                  token: Optional[str] = None, tls: bool = False, root_certificates=None,
                  client_cert=None, client_key=None,
                  max_message_bytes: int = _calls.DEFAULT_MAX_MESSAGE_BYTES,
+                 retries: int = _calls.DEFAULT_RETRIES, metadata: _calls.Metadata = (),
                  options: Sequence[tuple] = ()) -> None:
         self.target = target
         self.timeout = timeout
-        self._metadata = _calls.call_metadata(token)
-        self._channel = _calls.channel(grpc, target, tls, root_certificates, client_cert,
-                                      client_key, max_message_bytes, options)
-        self._stub = pb_grpc.CamserveStub(self._channel)
+        self._token = token
+        self._metadata = tuple(metadata)
+        _calls.call_metadata(token, self._metadata)  # refuse bad metadata now
+        self._max_message_bytes = max_message_bytes
+        self._channel = _calls.channel(grpc, _calls.resolve_target(target), tls,
+                                       root_certificates, client_cert, client_key,
+                                       max_message_bytes, retries, options)
+        self._stub = pb_grpc.CamserveServiceStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -50,17 +65,24 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method, request, timeout):
+    def _meta(self, metadata, request_id) -> tuple:
+        return _calls.call_metadata(self._token, (*self._metadata, *(metadata or ())),
+                                    request_id)
+
+    def _call(self, method, request, timeout, metadata=None, request_id=None):
+        _calls.check_size(request, self._max_message_bytes)
         try:
             return method(request, timeout=self.timeout if timeout is _UNSET else timeout,
-                          metadata=self._metadata)
+                          metadata=self._meta(metadata, request_id))
         except grpc.RpcError as error:
-            raise CamserveError.from_rpc_error(error) from None
+            raise CamserveError.from_rpc_error(error, self.target) from None
 
-    def model_info(self, *, timeout: Any = _UNSET) -> ModelInfo:
-        """The served model: name, labels, input size, layers, methods, batching, limits."""
-        return ModelInfo.from_proto(
-            self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
+    def model_info(self, *, timeout: Any = _UNSET, metadata: _calls.Metadata = None,
+                   request_id: Optional[str] = None) -> ModelInfo:
+        """The served model: name, state, labels, input size, layers, methods, batching,
+        limits. Answers at once while the model loads too (state "loading", little else)."""
+        return ModelInfo.from_proto(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(),
+                                               timeout, metadata, request_id))
 
     def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
         """Wait until the server has loaded its model (state "serving"); returns its ModelInfo.
@@ -78,23 +100,29 @@ class Client:
                     raise
             if time.monotonic() >= deadline:
                 raise CamserveError(grpc.StatusCode.UNAVAILABLE,
-                                    f"the server is still {state} after {timeout:g} s")
+                                    f"the server at {self.target} is still {state} after "
+                                    f"{timeout:g} s")
             time.sleep(0.1)
 
-    def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET) -> Prediction:
+    def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET,
+                metadata: _calls.Metadata = None, request_id: Optional[str] = None) -> Prediction:
         """Top-k classes for one image (a path, encoded bytes, uint8 array or PIL image)."""
-        return self.predict_many([image], top_k=top_k, timeout=timeout)[0]
+        return self.predict_many([image], top_k=top_k, timeout=timeout, metadata=metadata,
+                                 request_id=request_id)[0]
 
-    def predict_many(self, images: Iterable[Any], *, top_k: int = 5,
-                     timeout: Any = _UNSET) -> List[Prediction]:
+    def predict_many(self, images: Iterable[Any], *, top_k: int = 5, timeout: Any = _UNSET,
+                     metadata: _calls.Metadata = None,
+                     request_id: Optional[str] = None) -> List[Prediction]:
         """One RPC for several images; answers in the same order."""
         request = _calls.predict_request(list(images), top_k)
-        return _calls.predictions(self._call(self._stub.Predict, request, timeout))
+        return _calls.predictions(self._call(self._stub.Predict, request, timeout, metadata,
+                                             request_id))
 
     def explain(self, image: Any, *, target: _calls.Target = None,
                 method: Union[str, Sequence[str]] = "gradcam",
                 layer: Union[None, str, Sequence[str]] = None,
                 outputs: Iterable[str] = ("raw",), top_k: int = 5, timeout: Any = _UNSET,
+                metadata: _calls.Metadata = None, request_id: Optional[str] = None,
                 **options) -> Explanation:
         """Class activation maps for one image, with its prediction.
 
@@ -107,21 +135,25 @@ class Client:
         ReLU), score_cam_channels, faithfulness_steps (deletion/insertion scores).
         """
         return self.explain_many([image], target=target, method=method, layer=layer,
-                                 outputs=outputs, top_k=top_k, timeout=timeout, **options)[0]
+                                 outputs=outputs, top_k=top_k, timeout=timeout,
+                                 metadata=metadata, request_id=request_id, **options)[0]
 
     def explain_many(self, images: Iterable[Any], *, target: _calls.Target = None,
                      method: Union[str, Sequence[str]] = "gradcam",
                      layer: Union[None, str, Sequence[str]] = None,
                      outputs: Iterable[str] = ("raw",), top_k: int = 5,
-                     timeout: Any = _UNSET, **options) -> List[Explanation]:
+                     timeout: Any = _UNSET, metadata: _calls.Metadata = None,
+                     request_id: Optional[str] = None, **options) -> List[Explanation]:
         """One RPC for several images; answers in the same order."""
         images = list(images)
         request = _calls.explain_request(images, target=target, method=method, layer=layer,
                                          outputs=outputs, top_k=top_k, **options)
-        return _calls.explanations(self._call(self._stub.Explain, request, timeout), images)
+        return _calls.explanations(self._call(self._stub.Explain, request, timeout, metadata,
+                                              request_id), images)
 
     def stream_predict(self, frames: Iterable[Any], *, top_k: int = 5, policy: str = "all",
-                       timeout: Optional[float] = None) -> Iterator[StreamResult]:
+                       timeout: Optional[float] = None, metadata: _calls.Metadata = None,
+                       request_id: Optional[str] = None) -> Iterator[StreamResult]:
         """Predictions for a stream of frames (images, or camserve.Frame for ids and per-frame
         options), yielded in frame order as they arrive.
 
@@ -130,27 +162,30 @@ class Client:
         ``timeout`` bounds the whole stream (default: none). Raises CamserveError if the stream
         itself fails; a frame that fails comes back as a StreamResult with ``error`` set.
         """
-        return self._stream(self._stub.StreamPredict, Tracker("predict", {"top_k": top_k},
-                                                              policy), frames, timeout)
+        tracker = Tracker("predict", {"top_k": top_k}, policy)
+        return self._stream(self._stub.StreamPredict, tracker, frames, timeout,
+                            self._meta(metadata, request_id))
 
     def stream_explain(self, frames, *, target: _calls.Target = None,
                        method: Union[str, Sequence[str]] = "gradcam",
                        layer: Union[None, str, Sequence[str]] = None,
                        outputs: Iterable[str] = ("raw",), top_k: int = 5, policy: str = "all",
-                       timeout: Optional[float] = None, **options):
+                       timeout: Optional[float] = None, metadata: _calls.Metadata = None,
+                       request_id: Optional[str] = None, **options):
         """Explanations for a stream of frames; as stream_predict, with explain's options."""
         options = dict(options, target=target, method=method, layer=layer,
                        outputs=tuple(outputs), top_k=top_k)
         return self._stream(self._stub.StreamExplain, Tracker("explain", options, policy),
-                            frames, timeout)
+                            frames, timeout, self._meta(metadata, request_id))
 
-    def _stream(self, method, tracker: Tracker, frames, timeout) -> Iterator[StreamResult]:
-        call = method(tracker.requests(frames), timeout=timeout, metadata=self._metadata)
+    def _stream(self, method, tracker: Tracker, frames, timeout,
+                metadata) -> Iterator[StreamResult]:
+        call = method(tracker.requests(frames), timeout=timeout, metadata=metadata)
         try:
             for answer in call:
                 yield tracker.result(answer)
         except grpc.RpcError as error:
-            raise CamserveError.from_rpc_error(error) from None
+            raise CamserveError.from_rpc_error(error, self.target) from None
         finally:
             call.cancel()  # a no-op once the stream ended; frees the server if we stop early
         if tracker.error is not None:

@@ -30,17 +30,22 @@ class ClassScore:
 
 @dataclass(frozen=True)
 class Timing:
-    """Server-side milliseconds: waiting in the queue, the batch's compute, decoding, answering."""
+    """Server-side milliseconds (waiting in the queue, the batch's compute, decoding,
+    answering), the batch's size, and who served it: ``worker`` (0 for a single-process
+    server, 1..N with --workers N) and ``device``."""
 
     queue_ms: float
     compute_ms: float
     batch_size: int
     decode_ms: float
     respond_ms: float
+    worker: int = 0
+    device: str = ""
 
     @classmethod
     def from_proto(cls, msg: pb.Timing) -> Timing:
-        return cls(msg.queue_ms, msg.compute_ms, msg.batch_size, msg.decode_ms, msg.respond_ms)
+        return cls(msg.queue_ms, msg.compute_ms, msg.batch_size, msg.decode_ms, msg.respond_ms,
+                   msg.worker, msg.device)
 
 
 @dataclass(frozen=True)
@@ -74,13 +79,31 @@ def _png_heatmap(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)), np.float32) / 255.0
 
 
+@dataclass(frozen=True)
+class Note:
+    """A remark the server made about an answer: ``kind`` (e.g. "all_zero",
+    "unlikely_class", "render_downscaled") for programs, ``message`` for people."""
+
+    kind: str
+    message: str
+
+    @classmethod
+    def from_proto(cls, msg: pb.Note) -> Note:
+        return cls(pb.NoteKind.Name(msg.kind)[len("NOTE_KIND_"):].lower(), msg.message)
+
+
+def _notes(msg) -> Tuple[Note, ...]:
+    return tuple(Note.from_proto(n) for n in msg.notes)
+
+
 @dataclass(frozen=True, eq=False)
 class ClassMap:
     """One map: ``method``'s explanation of ``target`` at ``layer``.
 
     ``raw``: float32 at the layer's grid (None unless "raw" was asked for); ``heatmap``: the
     raw map resized to the image and scaled to [0, 1], computed on first use (or read from the
-    server's PNG). ``deletion``/``insertion``: faithfulness scores when asked for.
+    server's PNG). ``deletion``/``insertion``: faithfulness scores when asked for. ``notes``:
+    the server's remarks (an all-zero map, a class the model does not see here).
     """
 
     target: ClassScore
@@ -92,14 +115,20 @@ class ClassMap:
     overlay_image: Optional[bytes] = None
     deletion: Optional[float] = None
     insertion: Optional[float] = None
+    notes: Tuple[Note, ...] = ()
 
     @classmethod
-    def from_proto(cls, msg, image_size: Size) -> ClassMap:
+    def from_proto(cls, msg: pb.ClassMap, image_size: Size) -> ClassMap:
         scored = msg.HasField("faithfulness")
         return cls(ClassScore.from_proto(msg.target), method_name(msg.method), msg.layer,
                    _raw(msg), image_size, msg.heatmap_png or None, msg.overlay or None,
                    msg.faithfulness.deletion if scored else None,
-                   msg.faithfulness.insertion if scored else None)
+                   msg.faithfulness.insertion if scored else None, _notes(msg))
+
+    @property
+    def all_zero(self) -> bool:
+        """Whether the server found the map zero everywhere (its heatmap is blank)."""
+        return any(n.kind == "all_zero" for n in self.notes)
 
     @cached_property
     def heatmap(self) -> np.ndarray:
@@ -116,48 +145,72 @@ class ClassMap:
 class Explanation:
     """One image's explanation.
 
-    ``maps`` holds every map asked for, one per (method, target, layer); the first one's
-    fields are repeated here: ``target``, ``method``, ``layer``, ``raw`` (the map at the
-    layer's grid, float32, unnormalised; None if "raw" was not asked for), ``heatmap``
-    (normalised to [0, 1] at the original image size, computed on first use) and ``overlay()``
-    (blended over the image the call was given).
+    ``maps`` holds every map asked for, one per (method, target, layer). For the common case
+    of one map, ``target``, ``method``, ``layer``, ``raw``, ``heatmap``, ``heatmap_png``,
+    ``overlay_image`` and ``notes`` are the first map's, and ``overlay()`` blends its heatmap
+    over the image the call was given.
     """
 
     prediction: Prediction
-    target: ClassScore
-    method: str
-    layer: str
-    raw: Optional[np.ndarray]
+    maps: Tuple[ClassMap, ...]
     image_size: Size
     timing: Timing
-    heatmap_png: Optional[bytes] = None
-    overlay_image: Optional[bytes] = None  # encoded, as the server rendered it
-    overlay_format: Optional[str] = None
+    overlay_format: Optional[str] = None  # "jpeg" or "png", when overlays were asked for
+    rendered_size: Optional[Size] = None  # heatmap PNGs' and overlays' size, when asked for
+    notes: Tuple[Note, ...] = ()  # remarks about the whole answer (e.g. render_downscaled)
     image: Any = field(default=None, repr=False, compare=False)  # what the caller passed
-    maps: Tuple[ClassMap, ...] = ()
     combined_images: Tuple[Tuple[str, int, Optional[bytes], Optional[bytes]], ...] = field(
         default=(), repr=False)  # (method, class, heatmap PNG, overlay) rendered by the server
 
     @classmethod
     def from_proto(cls, msg: pb.ExplainResult, image: Any = None) -> Explanation:
         size = (msg.image_size.height, msg.image_size.width)
-        first = ClassMap(ClassScore.from_proto(msg.target), method_name(msg.method), msg.layer,
-                         _raw(msg), size, msg.heatmap_png or None, msg.overlay or None)
-        all_maps = tuple(ClassMap.from_proto(m, size) for m in msg.maps) or (first,)
-        first = all_maps[0]  # the top-level fields repeat it
+        formats = {pb.IMAGE_FORMAT_JPEG: "jpeg", pb.IMAGE_FORMAT_PNG: "png"}
         return cls(
             prediction=Prediction.from_proto(msg.prediction, msg.image_size, msg.timing),
-            target=first.target, method=first.method, layer=first.layer, raw=first.raw,
+            maps=tuple(ClassMap.from_proto(m, size) for m in msg.maps),
             image_size=size, timing=Timing.from_proto(msg.timing),
-            heatmap_png=first.heatmap_png, overlay_image=first.overlay_image,
-            overlay_format=msg.overlay_format or None, image=image, maps=all_maps,
+            overlay_format=formats.get(msg.overlay_format),
+            rendered_size=((msg.rendered_size.height, msg.rendered_size.width)
+                           if msg.HasField("rendered_size") else None),
+            notes=_notes(msg), image=image,
             combined_images=tuple((method_name(c.method), c.target.index, c.heatmap_png or None,
                                    c.overlay or None) for c in msg.combined))
 
     @property
+    def first(self) -> ClassMap:
+        if not self.maps:
+            raise ValueError("this explanation has no maps")
+        return self.maps[0]
+
+    @property
+    def target(self) -> ClassScore:
+        return self.first.target
+
+    @property
+    def method(self) -> str:
+        return self.first.method
+
+    @property
+    def layer(self) -> str:
+        return self.first.layer
+
+    @property
+    def raw(self) -> Optional[np.ndarray]:
+        return self.first.raw
+
+    @property
+    def heatmap_png(self) -> Optional[bytes]:
+        return self.first.heatmap_png
+
+    @property
+    def overlay_image(self) -> Optional[bytes]:
+        return self.first.overlay_image
+
+    @property
     def heatmap(self) -> np.ndarray:
         """float32 (H, W) in [0, 1] at the original image size (of the first map)."""
-        return self.maps[0].heatmap
+        return self.first.heatmap
 
     def map(self, method: Optional[str] = None, target: Union[int, str, None] = None,
             layer: Optional[str] = None) -> ClassMap:
@@ -176,56 +229,92 @@ class Explanation:
                   if m.method == first.method and m.target.index == first.target.index]
         return np.mean([m.heatmap for m in layers], axis=0)
 
-    def overlay(self, alpha: float = 0.5, heatmap: Optional[np.ndarray] = None) -> np.ndarray:
-        """uint8 (H, W, 3) RGB: a heatmap (the first map's by default) colour-mapped and
-        blended over the image."""
+    @cached_property
+    def _pixels(self) -> np.ndarray:
+        """The image the call was given, decoded once for every overlay()."""
         from .images import load_rgb
 
         if self.image is None:
             raise ValueError("this explanation does not hold its image; pass it to explain()")
-        return maps.overlay(load_rgb(self.image), self.heatmap if heatmap is None else heatmap,
-                            alpha)
+        return load_rgb(self.image)
+
+    def overlay(self, alpha: float = 0.5, heatmap: Optional[np.ndarray] = None) -> np.ndarray:
+        """uint8 (H, W, 3) RGB: a heatmap (the first map's by default) colour-mapped and
+        blended over the image."""
+        return maps.overlay(self._pixels, self.heatmap if heatmap is None else heatmap, alpha)
 
 
 @dataclass(frozen=True)
 class LayerInfo:
+    """A layer the server explains: its map is a ``height`` x ``width`` grid of ``channels``
+    features; ``layout`` says how the layer's output was laid out ("nchw", "tokens" after
+    ``prefix_tokens`` class/register tokens, or "nhwc")."""
+
     name: str
     channels: int
     height: int
     width: int
+    layout: str = "nchw"
+    prefix_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a method needs (a backward pass or not) and whether its map depends on the class."""
+
+    name: str
+    needs_backward: bool
+    class_discriminative: bool
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    labels: Tuple[str, ...]
-    input_size: Size
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-    layers: Tuple[LayerInfo, ...]
-    default_layer: str
-    methods: Tuple[str, ...]
-    max_batch_size: int
-    max_delay_ms: float
-    max_queue: int
-    device: str
-    max_image_bytes: int
-    max_image_pixels: int
-    max_images_per_request: int
-    state: str  # "loading", "serving" or "draining"
+    state: str  # "loading", "serving", "recovering" or "draining"
+    labels: Tuple[str, ...] = ()
+    input_size: Size = (0, 0)
+    mean: Tuple[float, ...] = ()
+    std: Tuple[float, ...] = ()
+    layers: Tuple[LayerInfo, ...] = ()
+    default_layer: str = ""
+    methods: Tuple[str, ...] = ()  # the method names Explain accepts
+    method_info: Tuple[MethodInfo, ...] = ()
+    max_batch_size: int = 0
+    max_delay_ms: float = 0.0
+    max_queue: int = 0
+    workers: int = 0
+    devices: Tuple[str, ...] = ()
+    max_image_bytes: int = 0
+    max_image_pixels: int = 0
+    max_images_per_request: int = 0
+    max_message_bytes: int = 0
+    max_score_cam_channels: int = 0
+    max_faithfulness_steps: int = 0
+
+    @property
+    def device(self) -> str:
+        return self.devices[0] if self.devices else ""
 
     @classmethod
-    def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
+    def from_proto(cls, msg: pb.GetModelInfoResponse) -> ModelInfo:
+        layouts = {pb.LAYER_LAYOUT_TOKENS: "tokens", pb.LAYER_LAYOUT_NHWC: "nhwc"}
         return cls(
-            name=msg.name, labels=tuple(msg.labels),
-            input_size=(msg.input_size.height, msg.input_size.width),
+            name=msg.name, state=pb.ServerState.Name(msg.state)[len("SERVER_STATE_"):].lower(),
+            labels=tuple(msg.labels), input_size=(msg.input_size.height, msg.input_size.width),
             mean=tuple(msg.mean), std=tuple(msg.std),
-            layers=tuple(LayerInfo(i.name, i.channels, i.height, i.width) for i in msg.layers),
+            layers=tuple(LayerInfo(i.name, i.channels, i.height, i.width,
+                                   layouts.get(i.layout, "nchw"), i.prefix_tokens)
+                         for i in msg.layers),
             default_layer=msg.default_layer,
-            methods=tuple(method_name(m) for m in msg.methods),
+            methods=tuple(method_name(m.method) for m in msg.methods),
+            method_info=tuple(MethodInfo(method_name(m.method), m.needs_backward,
+                                         m.class_discriminative) for m in msg.methods),
             max_batch_size=msg.batching.max_batch_size, max_delay_ms=msg.batching.max_delay_ms,
-            max_queue=msg.batching.max_queue, device=msg.device,
+            max_queue=msg.batching.max_queue, workers=msg.batching.workers,
+            devices=tuple(msg.devices),
             max_image_bytes=msg.limits.max_image_bytes,
             max_image_pixels=msg.limits.max_image_pixels,
             max_images_per_request=msg.limits.max_images_per_request,
-            state=pb.ServerState.Name(msg.state)[len("SERVER_STATE_"):].lower())
+            max_message_bytes=msg.limits.max_message_bytes,
+            max_score_cam_channels=msg.limits.max_score_cam_channels,
+            max_faithfulness_steps=msg.limits.max_faithfulness_steps)

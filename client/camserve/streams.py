@@ -9,8 +9,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-import grpc
-
 from . import _calls
 from .errors import CamserveError, invalid
 from .images import to_proto
@@ -61,44 +59,65 @@ def policy_value(policy: str) -> int:
 
 class Tracker:
     """Frames sent and not answered yet, in order: send times for latencies, images for
-    overlays. Thread-safe (gRPC reads requests on its own thread)."""
+    overlays. Builds the stream's messages: a config first (the policy and the stream's
+    options), then frames, with a config before any frame whose options differ from the
+    previous frame's. Each distinct set of options is checked and converted once.
+    Thread-safe (gRPC reads requests on its own thread)."""
 
     def __init__(self, kind: str, options: Mapping[str, Any], policy: str) -> None:
-        if kind == "explain":
-            _calls.explain_fields(**options)  # refuse bad options before anything is sent
         self._kind = kind
         self._options = dict(options)
         self._policy = policy_value(policy)
+        self._configs: dict = {}  # options key -> options message
+        self._current: Optional[tuple] = None  # the options key the server has now
         self._sent: OrderedDict[int, tuple] = OrderedDict()
         self._lock = threading.Lock()
         self._count = 0
         self.error: Optional[CamserveError] = None  # a frame this side could not send
+        self._options_message(self._options)  # refuse bad options before anything is sent
 
-    def request(self, item: Any):
-        """The request message for the next frame (records it as sent)."""
+    def _options_message(self, options: Mapping[str, Any]):
+        key = tuple(sorted((name, repr(value)) for name, value in options.items()))
+        if key not in self._configs:
+            if self._kind == "predict":
+                if set(options) - {"top_k"}:
+                    raise invalid(f"stream_predict frames take only top_k, not "
+                                  f"{sorted(set(options) - {'top_k'})}")
+                self._configs[key] = _calls.predict_options(options.get("top_k", 5))
+            else:
+                self._configs[key] = _calls.explain_options(**options)
+        return key, self._configs[key]
+
+    def _config(self, options_message, first: bool):
+        policy = self._policy if first else pb.STREAM_POLICY_UNSPECIFIED
+        if self._kind == "predict":
+            return pb.StreamPredictRequest(config=pb.StreamPredictConfig(
+                policy=policy, options=options_message))
+        return pb.StreamExplainRequest(config=pb.StreamExplainConfig(
+            policy=policy, options=options_message))
+
+    def messages(self, item: Any) -> list:
+        """The messages for the next frame: a config when its options change, then the frame
+        (records it as sent)."""
         frame = item if isinstance(item, Frame) else Frame(item)
         frame_id = frame.frame_id if frame.frame_id is not None else self._count
-        policy = self._policy if self._count == 0 else pb.STREAM_POLICY_UNSPECIFIED
-        options = {**self._options, **frame.options}
-        if self._kind == "predict":
-            if set(options) - {"top_k"}:
-                raise invalid(f"stream_predict frames take only top_k, not "
-                              f"{sorted(set(options) - {'top_k'})}")
-            message = pb.StreamPredictRequest(
-                frame_id=frame_id, image=to_proto(frame.image),
-                top_k=_calls.check_top_k(options.get("top_k", 5)), policy=policy)
-        else:
-            message = pb.StreamExplainRequest(frame_id=frame_id, image=to_proto(frame.image),
-                                              policy=policy, **_calls.explain_fields(**options))
+        key, options = self._options_message({**self._options, **frame.options})
+        out = []
+        if key != self._current:
+            out.append(self._config(options, first=self._current is None))
+            self._current = key
+        stream_frame = pb.StreamFrame(frame_id=frame_id, image=to_proto(frame.image))
+        out.append(pb.StreamPredictRequest(frame=stream_frame) if self._kind == "predict"
+                   else pb.StreamExplainRequest(frame=stream_frame))
         with self._lock:
             self._sent[frame_id] = (time.perf_counter(), frame.image)
             self._count += 1
-        return message
+        return out
 
     def requests(self, frames):
         try:
             for item in frames:
-                yield self.request(item)
+                yield from self.messages(item)
         except CamserveError as exc:  # raised to the caller once the answers are in
             self.error = exc
 
@@ -106,10 +125,12 @@ class Tracker:
         try:
             if hasattr(frames, "__aiter__"):
                 async for item in frames:
-                    yield self.request(item)
+                    for message in self.messages(item):
+                        yield message
             else:
                 for item in frames:
-                    yield self.request(item)
+                    for message in self.messages(item):
+                        yield message
         except CamserveError as exc:
             self.error = exc
 
@@ -126,9 +147,7 @@ class Tracker:
                     break
         error = None
         if answer.WhichOneof("outcome") == "error":
-            code = next((c for c in grpc.StatusCode if c.value[0] == answer.error.code),
-                        grpc.StatusCode.UNKNOWN)
-            error, value = CamserveError(code, answer.error.message), None
+            error, value = CamserveError.from_status(answer.error), None
         elif self._kind == "predict":
             r = answer.result
             value = Prediction.from_proto(r.prediction, r.image_size, r.timing)

@@ -1,7 +1,9 @@
 """Typed domain errors: each carries the gRPC status it maps to.
 
-Domain code raises these; the API's call wrappers map them to a status at the edge. Anything
-else that escapes a handler is a bug and answers INTERNAL.
+Domain code raises these; ``api/calls.py`` turns them into a status with details at the edge
+(``reason`` becomes a google.rpc.ErrorInfo, ``field`` a google.rpc.BadRequest violation,
+``retry_after_s`` a google.rpc.RetryInfo). Anything else that escapes a handler is a bug and
+answers INTERNAL.
 """
 
 from __future__ import annotations
@@ -10,46 +12,77 @@ from typing import Optional
 
 import grpc
 
+QUOTE_LIMIT = 60  # characters of caller input an error message repeats
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr`` of caller input, cut to ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 4] + "...'"
+
 
 class ServiceError(Exception):
     """An error a caller can act on; ``code`` is the gRPC status it answers with."""
 
     code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"
 
-    def __init__(self, message: str, *, retry_after_s: Optional[float] = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: Optional[float] = None,
+                 field: Optional[str] = None, reason: Optional[str] = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        self.field = field  # the request field at fault, e.g. "images[2]"
+        if reason is not None:
+            self.reason = reason
+
+    def at(self, field: str, prefix: str = "") -> ServiceError:
+        """The same error about ``field`` (nested inside any field it already names), with
+        ``prefix`` before its message."""
+        error = type(self)(prefix + self.message, retry_after_s=self.retry_after_s,
+                           field=field + ("." + self.field if self.field else ""),
+                           reason=self.reason)
+        return error
 
 
 class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
 
 
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "NOT_EXPLAINABLE"
 
 
-class QueueFull(ServiceError):
+class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUEUE_FULL"
+
+
+QueueFull = ResourceExhausted
 
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"
 
 
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_TOO_SHORT"
 
 
 class Cancelled(ServiceError):
     code = grpc.StatusCode.CANCELLED
+    reason = "CANCELLED"
 
 
 class BatchFailed(ServiceError):
     """The engine failed on the batch this item ran in; other batches are unaffected."""
 
     code = grpc.StatusCode.INTERNAL
+    reason = "BATCH_FAILED"
 
 
 class OutOfMemory(Exception):
@@ -58,21 +91,5 @@ class OutOfMemory(Exception):
 
 
 class StartupError(Exception):
-    """The server cannot start: its model, weights, labels, layers or TLS files are wrong."""
-
-
-def abort(context, error: ServiceError) -> None:
-    """End the RPC with the error's status. A retry hint travels as google.rpc.RetryInfo in
-    the rich status details (grpcio-status), which the client reads back."""
-    if error.retry_after_s is None:
-        context.abort(error.code, error.message)
-    from google.protobuf import any_pb2, duration_pb2
-    from google.rpc import error_details_pb2, status_pb2
-    from grpc_status import rpc_status
-
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(int(error.retry_after_s * 1e9))
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    context.abort_with_status(rpc_status.to_status(status_pb2.Status(
-        code=error.code.value[0], message=error.message, details=[detail])))
+    """The server cannot start: its model, weights, labels, layers, port or TLS files are
+    wrong."""

@@ -1,21 +1,29 @@
 """From protobuf requests to validated domain values (the handler's side of the edge).
 
 Everything a caller can get wrong is checked here and answered INVALID_ARGUMENT with a message
-that says what to change. Nothing here touches the model.
+that says what to change and the field at fault. Enum values are named as the .proto names
+them (``CAM_METHOD_GRADCAM``), in every message. Nothing here touches the model or torch.
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from camserve.methods import method_name, method_names
+from camserve.methods import method_name
 from camserve.v1 import camserve_pb2 as pb
 
 from ..domain import METHODS, ExplainSpec, ModelCard, Outputs, RawPixels, Source
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument, quote
+from ..process.settings import Settings
 
 DEFAULT_TOP_K = 5
+
+
+def _enum_names(enum, skip_zero: bool = True) -> str:
+    return ", ".join(name for name, value in enum.items() if value or not skip_zero)
+
 
 class LabelIndex:
     """Case-insensitive label → class index lookup, built once per model."""
@@ -27,144 +35,196 @@ class LabelIndex:
             self._by_name.setdefault(label.strip().lower(), []).append(index)
 
     def index_of(self, label: str) -> int:
-        matches = self._by_name.get(label.strip().lower())
+        key = label.strip().lower()
+        matches = self._by_name.get(key)
         if not matches:
-            close = difflib.get_close_matches(label.strip().lower(), list(self._by_name), n=3)
+            close = difflib.get_close_matches(key[:200], list(self._by_name), n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise InvalidArgument(f"no class is labelled {label!r}{hint} (GetModelInfo lists "
-                                  f"the labels)")
+            raise InvalidArgument(f"no class is labelled {quote(label)}{hint} (GetModelInfo "
+                                  "lists the labels)", reason="UNKNOWN_LABEL")
         if len(matches) > 1:
-            raise InvalidArgument(f"label {label!r} names classes {matches}; pass the class "
-                                  f"index instead")
+            raise InvalidArgument(f"label {quote(label)} names classes {matches}; pass the "
+                                  "class index instead", reason="AMBIGUOUS_LABEL")
         return matches[0]
+
+
+# --- images ----------------------------------------------------------------------------------
 
 
 def image_sources(images: Sequence[pb.Image], max_images: int) -> List[Source]:
     """The request's images as encoded bytes or RawPixels, after the per-request checks."""
     if not images:
-        raise InvalidArgument("the request has no images; add at least one")
+        raise InvalidArgument("the request has no images; add at least one", field="images",
+                              reason="NO_IMAGES")
     if len(images) > max_images:
         raise InvalidArgument(f"the request has {len(images)} images; this server takes at most "
-                              f"{max_images} per request (max_images_per_request): split it")
-    return [source(image, f"image {i}") for i, image in enumerate(images)]
+                              f"{max_images} per request (max_images_per_request): split it",
+                              field="images", reason="TOO_MANY_IMAGES")
+    return [source(image, f"images[{i}]") for i, image in enumerate(images)]
 
 
-def source(image: pb.Image, name: str) -> Source:
-    """One image as encoded bytes or RawPixels; ``name`` says which in an error."""
+def source(image: pb.Image, field: str) -> Source:
+    """One image as encoded bytes or RawPixels; ``field`` names it in an error."""
     which = image.WhichOneof("source")
     if which == "encoded":
         return image.encoded
     if which == "raw":
         return RawPixels(image.raw.pixels, image.raw.height, image.raw.width, image.raw.channels)
-    raise InvalidArgument(f"{name} is empty: set encoded (file bytes) or raw (pixels)")
+    raise InvalidArgument(f"{field} is empty: set encoded (file bytes) or raw (pixels)",
+                          field=field, reason="INVALID_IMAGE")
 
 
-def stream_policy(request) -> Optional[str]:
-    """The policy a stream message names: "all", "latest", or None when unset."""
-    value = request.policy
-    if value == pb.STREAM_POLICY_UNSPECIFIED:
-        return None
-    if value not in (pb.STREAM_POLICY_ALL, pb.STREAM_POLICY_LATEST):
-        raise InvalidArgument(f"policy {value} is not a StreamPolicy; choose ALL or LATEST")
-    return pb.StreamPolicy.Name(value)[len("STREAM_POLICY_"):].lower()
+# --- options ---------------------------------------------------------------------------------
 
 
 def top_k(value: int, num_classes: int) -> int:
     return min(value or DEFAULT_TOP_K, num_classes)
 
 
-MAX_MAPS = 64  # methods x targets x layers per image
-MAX_FAITHFULNESS_STEPS = 256
+@dataclass(frozen=True)
+class ExplainPlan:
+    """An ExplainOptions message, validated: what the engine computes and what the answer
+    carries."""
+
+    spec: ExplainSpec
+    outputs: Outputs
+    top_k: int
+    render_pixels: int  # heatmaps and overlays are rendered at most this large
+
+    @property
+    def maps(self) -> int:
+        spec = self.spec
+        return len(spec.methods) * (len(spec.targets) or spec.top_targets) * len(spec.layers)
 
 
-def method(value: int) -> str:
+def _method(value: int, field: str) -> str:
     try:
         name = method_name(value)
     except ValueError:
-        raise InvalidArgument(f"method {value} is not a CamMethod; choose from "
-                              f"{', '.join(method_names())}") from None
+        raise InvalidArgument(f"{field} is {value}, not a CamMethod; choose from "
+                              f"{_enum_names(pb.CamMethod)}", field=field,
+                              reason="UNKNOWN_METHOD") from None
     if name not in METHODS:
-        raise InvalidArgument(f"method {name!r} is not served here; choose from "
-                              f"{', '.join(METHODS)}")
+        raise InvalidArgument(f"{field} {pb.CamMethod.Name(value)} is not served here; choose "
+                              f"from {', '.join(_method_enum(n) for n in METHODS)}",
+                              field=field, reason="UNKNOWN_METHOD")
     return name
 
 
-def layer(name: str, model: ModelCard) -> str:
+def _method_enum(name: str) -> str:
+    return "CAM_METHOD_" + name.upper()
+
+
+def _layer(name: str, model: ModelCard, field: str) -> str:
     if not model.layers:
         raise FailedPrecondition(f"the model {model.name} has no explainable layer, so it serves "
-                                 "Predict only (a TorchScript model, or one without a 4-D layer)")
+                                 "Predict only (a TorchScript model, or one without a layer "
+                                 "whose output is a grid)", field=field)
     if not name:
         return model.default_layer
     if model.layer(name) is None:
         names = [info.name for info in model.layers]
-        raise InvalidArgument(f"layer {name!r} is not one this server explains; choose from "
-                              f"{', '.join(names)} (start the server with --layer to add one)")
+        raise InvalidArgument(f"{field} {quote(name)} is not a layer this server explains; "
+                              f"choose from {', '.join(names)} (start the server with --layer "
+                              "to add one)", field=field, reason="UNKNOWN_LAYER")
     return name
 
 
-def target(value: pb.Target, labels: LabelIndex) -> Optional[int]:
+def _target(value: pb.Target, labels: LabelIndex, field: str) -> int:
     kind = value.WhichOneof("kind")
     if kind == "class_index":
         if value.class_index >= len(labels.labels):
-            raise InvalidArgument(f"class index {value.class_index} is out of range: the model "
-                                  f"has {len(labels.labels)} classes (0..{len(labels.labels) - 1})")
+            raise InvalidArgument(
+                f"{field}.class_index {value.class_index} is out of range: the model has "
+                f"{len(labels.labels)} classes (0..{len(labels.labels) - 1})",
+                field=f"{field}.class_index", reason="UNKNOWN_CLASS")
         return value.class_index
     if kind == "label":
-        return labels.index_of(value.label)
-    return None
+        try:
+            return labels.index_of(value.label)
+        except InvalidArgument as exc:
+            raise exc.at(f"{field}.label", f"{field}.label: ") from None
+    raise InvalidArgument(f"{field} is empty: set class_index or label", field=field,
+                          reason="UNKNOWN_CLASS")
 
 
 def _unique(values) -> tuple:
     return tuple(dict.fromkeys(values))
 
 
-def explain_spec(request, model: ModelCard, labels: LabelIndex,
-                 max_score_cam_channels: int) -> ExplainSpec:
-    """The ExplainSpec of an ExplainRequest or StreamExplainRequest (they share field names)."""
-    chosen = ([request.method] if request.method else []) + list(request.methods)
-    methods = _unique(method(v) for v in chosen or [pb.CAM_METHOD_UNSPECIFIED])
-    names = ([request.layer] if request.layer else []) + list(request.layers)
-    layers = _unique(layer(name, model) for name in names or [""])
-    given = ([request.target] if request.HasField("target") else []) + list(request.targets)
-    targets = _unique(t for t in (target(v, labels) for v in given) if t is not None)
-    if targets and request.top_targets:
-        raise InvalidArgument("give target/targets or top_targets, not both")
-    top = min(request.top_targets or 1, len(labels.labels))
-    maps = len(methods) * (len(targets) or top) * len(layers)
-    if maps > MAX_MAPS:
-        raise InvalidArgument(f"{len(methods)} methods x {len(targets) or top} targets x "
-                              f"{len(layers)} layers = {maps} maps per image; this server "
-                              f"makes at most {MAX_MAPS}: ask for fewer")
-    if "scorecam" in methods:
-        widest = max(model.layer(name).channels for name in layers)
-        channels = min(request.score_cam_channels or widest, widest)
-        if channels > max_score_cam_channels:
-            raise InvalidArgument(
-                f"Score-CAM on {channels} channels costs {channels} forwards per map; this "
-                f"server allows {max_score_cam_channels} (max_score_cam_channels): set "
-                f"score_cam_channels to at most that")
-    steps = request.faithfulness_steps
-    if steps and not 2 <= steps <= MAX_FAITHFULNESS_STEPS:
-        raise InvalidArgument(f"faithfulness_steps must be 0 (off) or 2..{MAX_FAITHFULNESS_STEPS},"
-                              f" not {steps}")
-    return ExplainSpec(methods=methods, layers=layers, targets=targets, top_targets=top,
-                       counterfactual=request.counterfactual, signed=request.signed,
-                       score_cam_channels=request.score_cam_channels, faithfulness_steps=steps)
-
-
-def outputs(values: Sequence[int]) -> Outputs:
+def _outputs(values: Sequence[int]) -> Outputs:
     known = set(pb.ExplainOutput.values())
-    for v in values:
+    for i, v in enumerate(values):
         if v not in known:
-            raise InvalidArgument(f"output {v} is not an ExplainOutput; choose from "
-                                  f"{', '.join(n for n, x in pb.ExplainOutput.items() if x)}")
+            raise InvalidArgument(f"options.outputs[{i}] is {v}, not an ExplainOutput; choose "
+                                  f"from {_enum_names(pb.ExplainOutput)}",
+                                  field=f"options.outputs[{i}]", reason="UNKNOWN_OUTPUT")
     chosen = set(values) - {pb.EXPLAIN_OUTPUT_UNSPECIFIED} or {pb.EXPLAIN_OUTPUT_RAW_MAP}
     overlays = chosen & {pb.EXPLAIN_OUTPUT_OVERLAY_JPEG, pb.EXPLAIN_OUTPUT_OVERLAY_PNG}
     if len(overlays) > 1:
-        raise InvalidArgument("ask for one overlay format: OVERLAY_JPEG or OVERLAY_PNG")
+        raise InvalidArgument("options.outputs asks for two overlay formats: choose "
+                              "EXPLAIN_OUTPUT_OVERLAY_JPEG or EXPLAIN_OUTPUT_OVERLAY_PNG",
+                              field="options.outputs", reason="UNKNOWN_OUTPUT")
     overlay = None
     if overlays:
         overlay = "jpeg" if pb.EXPLAIN_OUTPUT_OVERLAY_JPEG in overlays else "png"
     return Outputs(raw_map=pb.EXPLAIN_OUTPUT_RAW_MAP in chosen,
                    heatmap_png=pb.EXPLAIN_OUTPUT_HEATMAP_PNG in chosen,
                    overlay_format=overlay)
+
+
+def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelIndex,
+                 limits: Settings) -> ExplainPlan:
+    """Validate an ExplainOptions message (of an Explain call or a stream's config) against
+    the model and the server's limits."""
+    f = "options."
+    methods = _unique(_method(v, f"{f}methods[{i}]") for i, v in enumerate(options.methods)) \
+        or ("gradcam",)
+    layers = _unique(_layer(name, model, f"{f}layers[{i}]")
+                     for i, name in enumerate(options.layers)) or (_layer("", model, f"{f}layers"),)
+    targets = _unique(_target(t, labels, f"{f}targets[{i}]")
+                      for i, t in enumerate(options.targets))
+    if targets and options.top_targets:
+        raise InvalidArgument("set options.targets or options.top_targets, not both",
+                              field=f"{f}top_targets")
+    top = min(options.top_targets or 1, len(labels.labels))
+    maps = len(methods) * (len(targets) or top) * len(layers)
+    if maps > limits.max_maps_per_image:
+        raise InvalidArgument(f"{len(methods)} methods x {len(targets) or top} targets x "
+                              f"{len(layers)} layers = {maps} maps per image; this server "
+                              f"makes at most {limits.max_maps_per_image} "
+                              "(max_maps_per_image): ask for fewer",
+                              field=f"{f}methods", reason="TOO_MANY_MAPS")
+    if "scorecam" in methods:
+        widest = max(model.layer(name).channels for name in layers)
+        channels = min(options.score_cam_channels or widest, widest)
+        if channels > limits.max_score_cam_channels:
+            raise InvalidArgument(
+                f"Score-CAM on {channels} channels costs {channels} forwards per map; this "
+                f"server allows {limits.max_score_cam_channels} (max_score_cam_channels): set "
+                f"options.score_cam_channels to at most that", field=f"{f}score_cam_channels",
+                reason="TOO_MANY_CHANNELS")
+    steps = options.faithfulness_steps
+    if steps and not 2 <= steps <= limits.max_faithfulness_steps:
+        raise InvalidArgument(f"options.faithfulness_steps must be 0 (off) or "
+                              f"2..{limits.max_faithfulness_steps}, not {steps}",
+                              field=f"{f}faithfulness_steps", reason="INVALID_STEPS")
+    spec = ExplainSpec(methods=methods, layers=layers, targets=targets, top_targets=top,
+                       counterfactual=options.counterfactual, signed=options.keep_sign,
+                       score_cam_channels=options.score_cam_channels, faithfulness_steps=steps)
+    return ExplainPlan(spec, _outputs(options.outputs), top_k(options.top_k, model.num_classes),
+                       limits.max_render_pixels)
+
+
+# --- streams ---------------------------------------------------------------------------------
+
+
+def stream_policy(value: int) -> Optional[str]:
+    """A config's policy: "all", "latest", or None when unset."""
+    if value == pb.STREAM_POLICY_UNSPECIFIED:
+        return None
+    if value not in (pb.STREAM_POLICY_ALL, pb.STREAM_POLICY_LATEST):
+        raise InvalidArgument(f"config.policy is {value}, not a StreamPolicy; choose "
+                              f"{_enum_names(pb.StreamPolicy)}", field="config.policy",
+                              reason="UNKNOWN_POLICY")
+    return pb.StreamPolicy.Name(value)[len("STREAM_POLICY_"):].lower()

@@ -1,32 +1,40 @@
-"""From engine results to protobuf answers (the handler's side of the edge, on the way out).
+"""From domain results to protobuf answers (the handler's side of the edge, on the way out).
 
-Rendering (heatmap PNG, overlay) happens here, in the handler thread, with the same NumPy
-functions the client uses (``camserve.maps``).
+Explanations are built one map at a time: each map's heatmap is rendered and encoded before
+the next one's is made, and combined maps keep a running sum, so an answer holds at most one
+full-size float heatmap besides that sum.
 """
 
 from __future__ import annotations
 
-import io
-from typing import Callable, Tuple
+import time
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 
-from camserve import maps
 from camserve.methods import method_value
 from camserve.v1 import camserve_pb2 as pb
 
 from ..batching.batcher import Outcome
-from ..domain import ItemResult, Outputs
+from ..domain import METHODS, ItemResult, ModelCard, Outputs
+from ..render import heatmaps
+from ..render.images import render_size
+from .request import ExplainPlan
+
+UNLIKELY_PROBABILITY = 0.01  # below this, a map's class gets an UNLIKELY_CLASS note
 
 
-def class_score(result: ItemResult, index: int, labels) -> pb.ClassScore:
+def image_size(size: Tuple[int, int]) -> pb.ImageSize:
+    return pb.ImageSize(height=int(size[0]), width=int(size[1]))
+
+
+def class_score(result: ItemResult, index: int, labels: Sequence[str]) -> pb.ClassScore:
     return pb.ClassScore(index=index, label=labels[index],
                          probability=float(result.probabilities[index]),
                          logit=float(result.logits[index]))
 
 
-def prediction(result: ItemResult, labels, top_k: int) -> pb.Prediction:
+def prediction(result: ItemResult, labels: Sequence[str], top_k: int) -> pb.Prediction:
     probs = result.probabilities
     best = np.argpartition(-probs, top_k - 1)[:top_k] if top_k < probs.size else np.arange(
         probs.size)
@@ -34,90 +42,118 @@ def prediction(result: ItemResult, labels, top_k: int) -> pb.Prediction:
     return pb.Prediction(top=[class_score(result, int(i), labels) for i in best])
 
 
-def timing(outcome: Outcome, decode_ms: float) -> pb.Timing:
-    """The item's timing; the handler fills in respond_ms once the answer is built."""
+def timing(outcome: Outcome, decode_ms: float, worker: int) -> pb.Timing:
+    """The item's timing; the caller fills in respond_ms once the answer is built."""
     return pb.Timing(queue_ms=outcome.queue_ms, compute_ms=outcome.compute_ms,
-                     batch_size=outcome.batch_size, decode_ms=decode_ms)
+                     batch_size=outcome.batch_size, decode_ms=decode_ms, worker=worker,
+                     device=outcome.device)
 
 
-def image_size(size: Tuple[int, int]) -> pb.ImageSize:
-    return pb.ImageSize(height=int(size[0]), width=int(size[1]))
+def predict_result(outcome: Outcome, labels: Sequence[str], top_k: int,
+                   size: Tuple[int, int], decode_ms: float, worker: int) -> pb.PredictResult:
+    started = time.perf_counter()
+    result = pb.PredictResult(prediction=prediction(outcome.result, labels, top_k),
+                              image_size=image_size(size),
+                              timing=timing(outcome, decode_ms, worker))
+    result.timing.respond_ms = (time.perf_counter() - started) * 1000.0
+    return result
 
 
-def predict_result(outcome: Outcome, labels, top_k: int, size,
-                   decode_ms: float) -> pb.PredictResult:
-    return pb.PredictResult(prediction=prediction(outcome.result, labels, top_k),
-                            timing=timing(outcome, decode_ms),
-                            image_size=image_size(size))
-
-
-def explain_result(outcome: Outcome, labels, top_k: int, size, decode_ms: float,
-                   outputs: Outputs, full_image: Callable[[], np.ndarray]) -> pb.ExplainResult:
-    """Every map of one image; the first repeated in the top-level fields. ``full_image``
-    gives the whole decoded image, and is called only when an overlay is asked for."""
-    result = outcome.result
-    image = _Once(full_image)
-    heatmaps = {}
-    answers = []
+def explain_result(outcome: Outcome, labels: Sequence[str], plan: ExplainPlan,
+                   size: Tuple[int, int], decode_ms: float, worker: int,
+                   full: Optional[np.ndarray]) -> pb.ExplainResult:
+    """Every map of one image. ``full``: the image at the size overlays are rendered at (None
+    unless an overlay was asked for)."""
+    started = time.perf_counter()
+    result, outputs = outcome.result, plan.outputs
+    shown = tuple(full.shape[:2]) if full is not None else render_size(size,
+                                                                       plan.render_pixels)
+    out = pb.ExplainResult(
+        prediction=prediction(result, labels, plan.top_k), image_size=image_size(size),
+        timing=timing(outcome, decode_ms, worker),
+        overlay_format={None: pb.IMAGE_FORMAT_UNSPECIFIED, "jpeg": pb.IMAGE_FORMAT_JPEG,
+                        "png": pb.IMAGE_FORMAT_PNG}[outputs.overlay_format])
+    if outputs.needs_heatmap:
+        out.rendered_size.CopyFrom(image_size(shown))
+        if shown != tuple(size):
+            out.notes.add(kind=pb.NOTE_KIND_RENDER_DOWNSCALED, message=(
+                f"heatmaps and overlays are {shown[1]}x{shown[0]}, not the image's "
+                f"{size[1]}x{size[0]}: this server renders at most {plan.render_pixels:,} "
+                "pixels (max_render_pixels); the raw map is the same at any size"))
+    layers = list(dict.fromkeys(m.layer for m in result.maps))
+    sums: Dict[Tuple[str, int], np.ndarray] = {}
     for m in result.maps:
-        answer = pb.ClassMap(target=class_score(result, m.target, labels),
-                             method=method_value(m.method), layer=m.layer)
+        answer = out.maps.add(target=class_score(result, m.target, labels),
+                              method=method_value(m.method), layer=m.layer)
         if outputs.raw_map:
             answer.raw_map.height, answer.raw_map.width = m.raw.shape
             answer.raw_map.values.extend(m.raw.ravel().tolist())
-        if outputs.needs_heatmap:
-            heatmaps[(m.method, m.target, m.layer)] = heat = maps.heatmap(m.raw, size)
-            _render(answer, heat, outputs, image)
         if m.deletion is not None:
             answer.faithfulness.deletion = m.deletion
             answer.faithfulness.insertion = m.insertion
             answer.faithfulness.steps = m.steps
-        answers.append(answer)
-    first = answers[0]
-    out = pb.ExplainResult(
-        prediction=prediction(result, labels, top_k), target=first.target, method=first.method,
-        layer=first.layer, image_size=image_size(size), timing=timing(outcome, decode_ms),
-        overlay_format=outputs.overlay_format or "")
-    if first.HasField("raw_map"):
-        out.raw_map.CopyFrom(first.raw_map)
-    out.heatmap_png, out.overlay = first.heatmap_png, first.overlay
-    if len(answers) > 1:
-        out.maps.extend(answers)
-    layers = list(dict.fromkeys(m.layer for m in result.maps))
+        _notes(answer, m.raw, float(result.probabilities[m.target]), m.method, plan)
+        if outputs.needs_heatmap:
+            heat = heatmaps.heatmap(m.raw, shown)
+            _render(answer, heat, outputs, full)
+            if len(layers) > 1:
+                key = (m.method, m.target)
+                sums[key] = heat if key not in sums else sums[key] + heat
     if len(layers) > 1:
         for method, target in dict.fromkeys((m.method, m.target) for m in result.maps):
-            combined = pb.CombinedMap(target=class_score(result, target, labels),
-                                      method=method_value(method), layers=layers)
+            combined = out.combined.add(target=class_score(result, target, labels),
+                                        method=method_value(method), layers=layers)
             if outputs.needs_heatmap:
-                mean = np.mean([heatmaps[(method, target, layer)] for layer in layers], axis=0)
-                _render(combined, mean, outputs, image)
-            out.combined.append(combined)
+                _render(combined, sums.pop((method, target)) / len(layers), outputs, full)
+    out.timing.respond_ms = (time.perf_counter() - started) * 1000.0
     return out
 
 
-def _render(answer, heat: np.ndarray, outputs: Outputs, image: _Once) -> None:
+def _notes(answer: pb.ClassMap, raw: np.ndarray, probability: float, method: str,
+           plan: ExplainPlan) -> None:
+    if not np.any(raw):
+        why = ("lowers" if plan.spec.counterfactual else "raises")
+        answer.notes.add(kind=pb.NOTE_KIND_ALL_ZERO, message=(
+            f"the map is zero everywhere: nothing at layer {answer.layer} {why} the score of "
+            f"{answer.target.label!r} here, so its heatmap is blank"))
+    if probability < UNLIKELY_PROBABILITY and METHODS[method].class_discriminative:
+        answer.notes.add(kind=pb.NOTE_KIND_UNLIKELY_CLASS, message=(
+            f"{answer.target.label!r} has probability {probability:.2%} here: the model does "
+            "not see that class in this image, so the map shows at most what would speak "
+            "for it"))
+
+
+def _render(answer, heat: np.ndarray, outputs: Outputs, full: Optional[np.ndarray]) -> None:
     if outputs.heatmap_png:
-        answer.heatmap_png = encode(np.round(heat * 255.0).astype(np.uint8), "png")
+        answer.heatmap_png = heatmaps.heatmap_png(heat)
     if outputs.overlay_format is not None:
-        answer.overlay = encode(maps.overlay(image(), heat), outputs.overlay_format)
+        answer.overlay = heatmaps.overlay(full, heat, outputs.overlay_format)
 
 
-class _Once:
-    """Calls a function the first time it is needed and keeps the value."""
-
-    def __init__(self, function: Callable[[], np.ndarray]) -> None:
-        self._function, self._value = function, None
-
-    def __call__(self) -> np.ndarray:
-        if self._value is None:
-            self._value = self._function()
-        return self._value
-
-
-def encode(pixels: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "jpeg":
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    else:
-        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+def model_info(card: ModelCard, settings, state: int) -> pb.GetModelInfoResponse:
+    """GetModelInfo's answer for a loaded model."""
+    layout = {"nchw": pb.LAYER_LAYOUT_NCHW, "tokens": pb.LAYER_LAYOUT_TOKENS,
+              "nhwc": pb.LAYER_LAYOUT_NHWC}
+    return pb.GetModelInfoResponse(
+        name=card.name, state=state, labels=card.labels,
+        input_size=image_size(card.input_size), mean=card.mean, std=card.std,
+        layers=[pb.LayerInfo(name=i.name, channels=i.channels, height=i.height, width=i.width,
+                             layout=layout[getattr(i, "layout", "nchw")],
+                             prefix_tokens=getattr(i, "prefix_tokens", 0))
+                for i in card.layers],
+        default_layer=card.default_layer or "",
+        methods=[pb.MethodInfo(method=method_value(name), needs_backward=traits.needs_backward,
+                               class_discriminative=traits.class_discriminative)
+                 for name, traits in METHODS.items()] if card.layers else [],
+        batching=pb.BatchingInfo(max_batch_size=settings.max_batch_size,
+                                 max_delay_ms=settings.max_delay_ms, max_queue=settings.max_queue,
+                                 workers=settings.workers),
+        devices=[card.device],
+        limits=pb.Limits(max_image_bytes=settings.max_image_bytes,
+                         max_image_pixels=settings.max_image_pixels,
+                         max_images_per_request=settings.max_images_per_request,
+                         max_message_bytes=settings.max_message_bytes,
+                         max_stream_frames_in_flight=settings.max_stream_frames_in_flight,
+                         max_score_cam_channels=settings.max_score_cam_channels,
+                         max_maps_per_image=settings.max_maps_per_image,
+                         max_faithfulness_steps=settings.max_faithfulness_steps))

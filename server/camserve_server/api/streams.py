@@ -1,45 +1,51 @@
 """Streams: the frames of a bidirectional call go through the same batcher as unary calls and
-are answered in frame order.
+are answered in frame order. No thread of its own: a reader task takes messages off the call,
+validates, decodes and submits each frame; ``answers()`` yields the answers in order.
 
-A reader thread takes frames off the call, validates and decodes each one and submits it to the
-batcher; the handler thread waits for the frames in order and yields their answers.
+What one stream may hold is bounded: every frame holds one of ``max_in_flight`` slots from
+the moment it is read (whether it is valid or not) until its answer is written or it is
+skipped.
 
-- Policy ALL: every frame is answered. At most ``max_in_flight`` frames of the stream are
-  queued or running; beyond that the reader stops reading, so gRPC flow control pushes back on
-  a sender that is too fast.
-- Policy LATEST: when a frame arrives while the stream's previous frame is still queued, that
-  frame is withdrawn (skipped) before it costs compute, so at most one frame per stream waits.
-  The next answer says how many frames were skipped since the previous one; the last frame is
-  always answered.
+- Policy ALL: every frame is answered. With every slot held, the reader stops reading, so
+  gRPC flow control pushes back on a sender that is too fast (or a caller that does not read).
+- Policy LATEST: the reader never waits for the server. A frame still queued when a newer one
+  arrives is withdrawn (skipped) before it costs compute, and when every slot is held the
+  oldest answers not yet written are dropped (skipped) too, so a caller that does not read
+  its answers costs the server a few frames, not memory. Each answer counts the frames
+  skipped since the previous one; the last frame is always answered.
 
-A bad frame is answered with an error and the stream goes on. When the caller goes away, the
+A bad frame is answered with an error and the stream goes on; so is every frame after a bad
+config, until a good one (a message that is not a request at all ends the stream with
+INVALID_ARGUMENT). A stream that sends no frame
+within ``idle_s`` of opening is ended with DEADLINE_EXCEEDED. When the caller goes away, the
 stream's queued frames are withdrawn at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 from collections import deque
-from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Iterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Optional
 
-from ..batching.batcher import Batcher, Outcome, Ticket
+from ..batching.batcher import Batcher, Ticket
 from ..domain import WorkItem
-from ..errors import InvalidArgument, ServiceError
+from ..errors import DeadlineExceeded, InvalidArgument, ServiceError
+from .calls import Frames, Malformed
+from .request import stream_policy
 
 log = logging.getLogger(__name__)
 
-ALL = "all"  # the other policy is "latest"
+ALL, LATEST = "all", "latest"
 
 
 @dataclass(frozen=True)
-class Frame:
-    """A parsed frame: the work for the engine and how to turn its outcome into a result."""
+class Prepared:
+    """A decoded frame: the work for the engine, and how to turn its outcome into a result."""
 
     work: WorkItem
-    finish: Callable[[Outcome], Any]
+    finish: Callable[[Any], Awaitable[Any]]
 
 
 @dataclass
@@ -47,154 +53,222 @@ class _Entry:
     frame_id: int
     ticket: Optional[Ticket] = None  # None when the frame failed before the batcher
     error: Optional[ServiceError] = None
-    finish: Optional[Callable[[Outcome], Any]] = None
+    finish: Optional[Callable[[Any], Awaitable[Any]]] = None
+    dropped: bool = False  # skipped after it was read (LATEST)
 
 
-_END = _Entry(frame_id=-1)
+@dataclass
+class _End:
+    error: Optional[ServiceError] = None  # why the stream ends early; None: the caller closed
+
+
+async def settled(ticket: Ticket) -> None:
+    """Wait until a batcher ticket is done, in the event loop, without taking its outcome
+    (a withdrawn ticket is cancelled; awaiting it must not look like our own cancellation)."""
+    if ticket.done():
+        return
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def wake(_) -> None:
+        loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+
+    ticket.add_done_callback(wake)
+    await waiter
 
 
 class StreamSession:
-    """One stream. ``answers()`` is the response iterator the handler returns."""
+    """One stream. ``configure(options message) -> options`` validates a config's options;
+    ``prepare(frame, options) -> Prepared`` decodes a frame; ``answer(frame_id, skipped,
+    result=None, error=None)`` builds an answer message."""
 
-    def __init__(self, requests: Iterator, batcher: Batcher, *,
-                 parse: Callable[[Any], Frame], policy_of: Callable[[Any], Optional[str]],
-                 answer: Callable[..., Any], max_in_flight: int,
-                 deadline: Optional[float] = None) -> None:
+    def __init__(self, requests: AsyncIterator, batcher: Batcher, *,
+                 configure: Callable[[Any], Any],
+                 default_options: Any,
+                 prepare: Callable[[Any, Any], Awaitable[Prepared]],
+                 answer: Callable[..., Any], max_in_flight: int, idle_s: float,
+                 deadline: Optional[float], frames: Frames) -> None:
         self._requests = requests
         self._batcher = batcher
-        self._parse = parse
-        self._policy_of = policy_of
+        self._configure = configure
+        self._prepare = prepare
         self._answer = answer
-        self._max_in_flight = max_in_flight
+        self._max = max_in_flight
+        self._idle_s = idle_s
         self._deadline = deadline
-        self._entries: Deque[_Entry] = deque()
-        self._changed = threading.Condition()
-        self._in_flight = 0
-        self._closed = False
-        self._latest: Optional[Ticket] = None  # LATEST: the stream's newest submitted frame
-        self._outstanding: set = set()  # tickets submitted and not yet answered
+        self._frames = frames
+        self._options = default_options
+        self._config_error: Optional[ServiceError] = None  # the last config's, if it was bad
         self.policy: Optional[str] = None
-        self.frames = 0
+        self._entries: Deque[Any] = deque()  # _Entry, then an _End
+        self._changed = asyncio.Event()  # set when entries or slots change
+        self._held = 0  # frames read and not yet answered or skipped
+        self._skipped = 0  # skipped since the previous answer
+        self._queued: Optional[_Entry] = None  # LATEST: the newest submitted frame
 
-    # --- the reader thread ---------------------------------------------------------------
+    # --- the reader task -----------------------------------------------------------------
 
-    def _read(self) -> None:
+    async def _read(self) -> None:
+        end = _End()
         try:
-            for request in self._requests:
-                if self._closed:
-                    break
-                self.frames += 1
-                self._push(self._submit(request))
+            await self._read_messages()
+        except ServiceError as exc:
+            end = _End(exc)
         except Exception as exc:  # the call ended under us (cancelled, deadline, disconnect)
             log.debug("stream input ended: %s", exc)
-        finally:
-            self._push(_END)
+        self._push(end)
 
-    def _submit(self, request) -> _Entry:
-        entry = _Entry(request.frame_id)
+    async def _read_messages(self) -> None:
+        requests = self._requests.__aiter__()
+        while True:
+            if self.policy != LATEST:
+                await self._slot()
+            try:
+                message = await requests.__anext__()
+            except StopAsyncIteration:
+                return
+            if isinstance(message, Malformed):
+                raise message.error
+            which = message.WhichOneof("content")
+            if which == "config":
+                self._apply(message.config)
+                continue
+            if which != "frame":
+                raise InvalidArgument("a stream message is empty: set config or frame",
+                                      reason="MALFORMED_REQUEST")
+            if self.policy is None:
+                self.policy = ALL
+            self._frames.count += 1
+            entry = await self._submit(message.frame)
+            if self.policy == LATEST:
+                self._make_room()
+                if self._held >= self._max:
+                    await self._slot()
+            self._held += 1
+            self._push(entry)
+
+    def _apply(self, config) -> None:
+        """Take a config; a bad one fails the frames after it, until the next config."""
         try:
-            policy = self._policy_of(request)
+            policy = stream_policy(config.policy)
             if self.policy is None:
                 self.policy = policy or ALL
             elif policy not in (None, self.policy):
-                raise InvalidArgument(f"this stream's policy is {self.policy.upper()}; set the "
-                                      "policy on the first frame only")
-            frame = self._parse(request)
+                raise InvalidArgument(f"this stream's policy is {self.policy.upper()}; only "
+                                      "the first message may set it", field="config.policy",
+                                      reason="POLICY_CHANGED")
+            self._options, self._config_error = self._configure(config.options), None
         except ServiceError as exc:
-            entry.error = exc
+            self._config_error = exc
+
+    async def _submit(self, frame) -> _Entry:
+        entry = _Entry(frame.frame_id)
+        if self._config_error is not None:
+            entry.error = self._config_error
             return entry
-        if self.policy == ALL:
-            if not self._acquire():
-                entry.error = InvalidArgument("the stream was closed")
-                return entry
-        elif self._latest is not None:
-            self._latest.withdraw("skipped")  # counted by the batcher when it drops it
         try:
-            entry.ticket = self._batcher.submit(frame.work, self._deadline)
+            prepared = await self._prepare(frame, self._options)
+            entry.ticket = self._batcher.submit(prepared.work, self._deadline)
         except ServiceError as exc:
-            self._release()
             entry.error = exc
             return entry
-        entry.finish = frame.finish
-        with self._changed:
-            self._latest = entry.ticket
-            self._outstanding.add(entry.ticket)
+        entry.finish = prepared.finish
+        if self.policy == LATEST:
+            previous, self._queued = self._queued, entry
+            if previous is not None and previous.ticket.withdraw("skipped"):
+                self._drop(previous)
         return entry
 
-    def _acquire(self) -> bool:
-        """Wait for a free in-flight slot (ALL); False when the stream closed meanwhile."""
-        with self._changed:
-            while self._in_flight >= self._max_in_flight and not self._closed:
-                self._changed.wait()
-            if self._closed:
-                return False
-            self._in_flight += 1
-            return True
+    def _make_room(self) -> None:
+        """LATEST: drop the oldest answers not yet written until a slot is free."""
+        for entry in list(self._entries):
+            if self._held < self._max:
+                return
+            if isinstance(entry, _Entry) and (entry.ticket is None or entry.ticket.done()):
+                self._drop(entry)
 
-    def _release(self) -> None:
-        if self.policy != ALL:
+    def _drop(self, entry: _Entry) -> None:
+        if entry.dropped:
             return
-        with self._changed:
-            self._in_flight -= 1
-            self._changed.notify_all()
+        entry.dropped = True
+        try:
+            self._entries.remove(entry)
+        except ValueError:
+            return  # not pushed yet (it is the entry being submitted): never counted
+        self._held -= 1
+        self._skipped += 1
+        self._changed.set()
 
-    def _push(self, entry: _Entry) -> None:
-        with self._changed:
-            self._entries.append(entry)
-            self._changed.notify_all()
+    async def _slot(self) -> None:
+        while self._held >= self._max:
+            self._changed.clear()
+            await self._changed.wait()
 
-    # --- the handler thread --------------------------------------------------------------
+    def _push(self, item) -> None:
+        self._entries.append(item)
+        self._changed.set()
 
-    def _next(self) -> _Entry:
-        with self._changed:
-            while not self._entries:
-                self._changed.wait()
-            return self._entries.popleft()
+    # --- the handler's side --------------------------------------------------------------
 
-    def answers(self) -> Iterator[Any]:
-        reader = threading.Thread(target=self._read, name="camserve-stream-reader", daemon=True)
-        reader.start()
-        skipped = 0
+    async def _head(self):
+        while not self._entries:
+            self._changed.clear()
+            await self._changed.wait()
+        return self._entries[0]
+
+    async def answers(self) -> AsyncIterator[Any]:
+        reader = asyncio.ensure_future(self._read())
+        idle = asyncio.get_running_loop().call_later(self._idle_s, self._idle)
         try:
             while True:
-                entry = self._next()
-                if entry is _END:
+                entry = await self._head()
+                if isinstance(entry, _End):
+                    if entry.error is not None:
+                        raise entry.error
                     return
-                if entry.ticket is None:
-                    yield self._answer(entry.frame_id, skipped, error=entry.error)
-                    skipped = 0
+                idle.cancel()
+                if entry.ticket is not None:
+                    await settled(entry.ticket)
+                if entry.dropped:
                     continue
-                try:
-                    outcome = entry.ticket.result()
-                except CancelledError:
-                    self._forget(entry.ticket)
-                    if entry.ticket.reason != "skipped":
-                        return  # the caller went away
-                    skipped += 1
-                    continue
-                except ServiceError as exc:
-                    self._forget(entry.ticket)
-                    self._release()
-                    yield self._answer(entry.frame_id, skipped, error=exc)
-                    skipped = 0
-                    continue
-                self._forget(entry.ticket)
-                self._release()
-                yield self._answer(entry.frame_id, skipped, result=entry.finish(outcome))
-                skipped = 0
+                self._entries.popleft()
+                if entry is self._queued:
+                    self._queued = None
+                answer = await self._outcome(entry)
+                if answer is not None:
+                    yield answer
+                self._held -= 1
+                self._changed.set()
         finally:
+            idle.cancel()
+            reader.cancel()
             self.close()
 
-    def _forget(self, ticket: Ticket) -> None:
-        with self._changed:
-            self._outstanding.discard(ticket)
+    async def _outcome(self, entry: _Entry):
+        """The answer for a settled entry (None when its ticket was withdrawn)."""
+        skipped, self._skipped = self._skipped, 0
+        if entry.ticket is None:
+            return self._answer(entry.frame_id, skipped, error=entry.error)
+        ticket = entry.ticket
+        if ticket.cancelled():
+            self._skipped += skipped + 1
+            return None
+        error = ticket.exception()
+        if error is not None:
+            return self._answer(entry.frame_id, skipped, error=error)
+        return self._answer(entry.frame_id, skipped, result=await entry.finish(ticket.result()))
+
+    def _idle(self) -> None:
+        if self._frames.count == 0:
+            self._entries.appendleft(_End(DeadlineExceeded(
+                f"no frame arrived within {self._idle_s:g} s of opening the stream "
+                "(stream_idle_s): open a stream when you have frames to send",
+                reason="STREAM_IDLE")))
+            self._changed.set()
 
     def close(self) -> None:
-        """Withdraw every queued frame and stop reading (the caller went away, or we are done)."""
-        with self._changed:
-            self._closed = True
-            tickets = list(self._outstanding)
-            self._outstanding.clear()
-            self._changed.notify_all()
-        for ticket in tickets:
-            ticket.withdraw("cancelled")
+        """Withdraw every queued frame (the caller went away, or the stream ended)."""
+        for entry in self._entries:
+            if isinstance(entry, _Entry) and entry.ticket is not None:
+                entry.ticket.withdraw("cancelled")
+        self._entries.clear()

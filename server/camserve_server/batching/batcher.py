@@ -1,9 +1,12 @@
 """The batcher: one bounded queue and one worker thread that owns the engine.
 
-Handler threads :meth:`Batcher.submit` work items and wait on the returned future. The worker
-takes the first item, then gathers more until ``max_batch_size`` items or ``max_delay_ms`` after
-the first one arrived, drops items whose caller gave up or whose deadline cannot be met, runs the
-batch on the engine and resolves each item's future.
+Handlers :meth:`Batcher.submit` work items and wait on the returned ticket (a
+``concurrent.futures.Future``). The worker takes every item waiting, up to
+``max_batch_size``: when it is idle a lone item starts at once, and under load items gather
+while the previous batch computes, so batches fill by themselves. With ``max_delay_ms`` > 0 the
+worker also waits up to that long after the first item for the batch to fill. Items whose
+caller gave up or whose deadline cannot be met are dropped before they cost compute; the rest
+run on the engine and each ticket is resolved.
 
 Failures stay local: a full queue refuses at once with a retry hint; a deadline too short for
 the expected wait is refused before it is queued; an exception in a batch fails only that
@@ -15,12 +18,12 @@ NOT_SERVING while no worker runs) and starts a new worker.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, List, Optional, Sequence, Tuple, Union
 
 from ..domain import ItemResult, WorkItem
 from ..errors import BatchFailed, DeadlineExceeded, OutOfMemory, QueueFull, ServiceError
@@ -33,28 +36,30 @@ RunBatch = Callable[[Sequence[WorkItem]], List[Union[ItemResult, ServiceError]]]
 
 @dataclass(frozen=True)
 class Outcome:
-    """What an item's future resolves to: the engine's result and where the time went."""
+    """What an item's ticket resolves to: the engine's result and where the time went."""
 
     result: ItemResult
     queue_ms: float
     compute_ms: float
     batch_size: int
+    device: str
 
 
 class Ticket(Future):
-    """An item's future. ``withdraw`` drops the item if its batch has not started."""
+    """An item's future. ``withdraw`` drops the item from the queue if its batch has not
+    started."""
 
     reason = "cancelled"  # why it was withdrawn, for the metrics: cancelled or skipped
 
     def withdraw(self, reason: str = "cancelled") -> bool:
-        """Cancel the item before it costs compute; False if it already runs or ran."""
+        """Drop the item before it costs compute; False if it already runs or ran."""
         if self.done() or self.running():
             return False
         self.reason = reason
         return self.cancel()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     work: WorkItem
     future: Ticket
@@ -63,18 +68,22 @@ class _Pending:
 
 
 class Batcher:
-    """``submit`` and ``depth`` are thread-safe; ``start``/``stop`` belong to the owner."""
+    """``submit``, ``depth`` and ``expected_wait`` are thread-safe; ``start``/``stop`` belong
+    to the owner."""
 
     def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_delay_ms: float,
                  max_queue: int, metrics: Optional[Metrics] = None,
-                 batch_seconds: float = 0.05,
+                 batch_seconds: float = 0.05, device: str = "cpu",
                  on_worker: Callable[[bool], None] = lambda alive: None,
                  restart_delay_s: float = 0.2) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self._max_delay_s = max_delay_ms / 1000.0
-        self._queue: queue.Queue[Optional[_Pending]] = queue.Queue(maxsize=max_queue)
+        self._max_queue = max_queue
+        self._queue: Deque[_Pending] = deque()
+        self._cond = threading.Condition()
         self._metrics = metrics or Metrics()
+        self.device = device
         # Running mean of one batch's compute time: retry hints and deadline checks use it.
         self._batch_seconds = batch_seconds
         self._on_worker = on_worker
@@ -89,8 +98,8 @@ class Batcher:
         """Queue one item. Raises QueueFull when the queue is full and DeadlineExceeded when
         the deadline leaves less time than the expected wait; both at once, before queueing.
 
-        Cancelling (or withdrawing) the returned ticket before its batch starts drops the item
-        unrun.
+        Withdrawing (or cancelling) the returned ticket before its batch starts removes the
+        item from the queue unrun.
         """
         now = time.monotonic()
         if deadline is not None:
@@ -101,20 +110,31 @@ class Batcher:
                     f"the deadline leaves {max(0.0, deadline - now) * 1000:.0f} ms, and this "
                     f"server needs about {expected * 1000:.0f} ms to answer now; allow more time")
         pending = _Pending(work, Ticket(), now, deadline)
-        try:
-            self._queue.put_nowait(pending)
-        except queue.Full:
-            retry = self.expected_wait()
-            raise QueueFull(f"the server is busy: {self._queue.qsize()} items are waiting; "
-                            f"retry in {retry * 1000:.0f} ms", retry_after_s=retry) from None
+        with self._cond:
+            if len(self._queue) >= self._max_queue:
+                retry = self.expected_wait()
+                raise QueueFull(f"the server is busy: {len(self._queue)} items are waiting; "
+                                f"retry in {retry * 1000:.0f} ms", retry_after_s=retry)
+            self._queue.append(pending)
+            self._cond.notify()
+        pending.future.add_done_callback(lambda f: f.cancelled() and self._forget(pending))
         return pending.future
 
+    def _forget(self, pending: _Pending) -> None:
+        """A withdrawn item leaves the queue at once (so it holds no queue slot)."""
+        with self._cond:
+            try:
+                self._queue.remove(pending)
+            except ValueError:
+                return  # the worker took it already and drops it there
+        self._metrics.dropped.labels(pending.future.reason).inc()
+
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def expected_wait(self) -> float:
         """Seconds until an item queued now would be answered, by the running mean."""
-        batches_ahead = self._queue.qsize() // self.max_batch_size + 1
+        batches_ahead = len(self._queue) // self.max_batch_size + 1
         return self._batch_seconds * batches_ahead
 
     # --- worker side -----------------------------------------------------------------------
@@ -127,10 +147,8 @@ class Batcher:
     def stop(self, timeout: Optional[float] = None) -> None:
         """Finish what is queued, then stop the worker."""
         self._stopping.set()
-        try:
-            self._queue.put_nowait(None)  # wake the worker
-        except queue.Full:
-            pass  # the worker is busy and sees _stopping once the queue drains
+        with self._cond:
+            self._cond.notify_all()
         if self._supervisor is not None:
             self._supervisor.join(timeout)
 
@@ -166,23 +184,20 @@ class Batcher:
 
     def _gather(self) -> Optional[List[_Pending]]:
         """The next batch; an empty list when everything gathered was dropped; None: stop."""
-        try:
-            first = self._queue.get(timeout=0.5 if not self._stopping.is_set() else 0)
-        except queue.Empty:
-            return None if self._stopping.is_set() else []
-        if first is None:
-            return [] if not self._queue.empty() else None
-        batch = [first]
-        closes = first.enqueued + self._max_delay_s
-        while len(batch) < self.max_batch_size:
-            remaining = closes - time.monotonic()
-            try:
-                item = (self._queue.get(timeout=remaining) if remaining > 0
-                        else self._queue.get_nowait())
-            except queue.Empty:
-                break
-            if item is not None:  # None is a stop request: serve this batch and what follows
-                batch.append(item)
+        with self._cond:
+            while not self._queue:
+                if self._stopping.is_set():
+                    return None
+                self._cond.wait(0.5)
+            if self._max_delay_s > 0:
+                closes = self._queue[0].enqueued + self._max_delay_s
+                while len(self._queue) < self.max_batch_size and not self._stopping.is_set():
+                    remaining = closes - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            batch = [self._queue.popleft()
+                     for _ in range(min(self.max_batch_size, len(self._queue)))]
         return [p for p in batch if self._admit(p)]
 
     def _admit(self, pending: _Pending) -> bool:
@@ -213,7 +228,7 @@ class Batcher:
                 _resolve(p.future, exception=answer)
             else:
                 _resolve(p.future, result=Outcome(answer, (started - p.enqueued) * 1000.0,
-                                                  compute * 1000.0, size))
+                                                  compute * 1000.0, size, self.device))
         self._running = []
 
     def _compute(self, works: List[WorkItem]) -> List[Tuple[object, int]]:

@@ -15,7 +15,7 @@ _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
             60.0)
 _BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 
-STATES = ("loading", "serving", "draining", "stopped")
+STATES = ("loading", "serving", "recovering", "draining", "stopped")
 
 
 class Metrics:

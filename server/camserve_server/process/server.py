@@ -1,61 +1,89 @@
-"""Assembling and running the server: gRPC, health, reflection, auth, metrics, model, engine,
-batcher.
+"""Assembling and running one server process: the asyncio gRPC server (camserve's API,
+health, reflection, auth), metrics, model, engine, batcher.
+
+The gRPC server runs on an event loop in a thread of its own, so ``CamServer`` is a plain,
+blocking object: ``start`` returns the bound port once the model serves, ``stop`` drains.
 
 Start-up: listen (health NOT_SERVING, GetModelInfo says LOADING, other calls answer
-UNAVAILABLE), load the model, warm the engine up, start the batcher, report SERVING.
-Shut-down: NOT_SERVING and DRAINING, refuse new calls, let in-flight ones finish within the
-grace period, drain the batcher.
+UNAVAILABLE), load the model, warm the engine up, start the batcher; when its worker runs,
+health and state become SERVING together. Shut-down: state DRAINING and health NOT_SERVING,
+refuse new calls, let in-flight ones finish within the grace period, drain the batcher.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import threading
 import time
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc import aio
+from grpc_health.v1 import health as health_names
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from camserve.v1 import camserve_pb2 as pb
-from camserve.v1 import camserve_pb2_grpc as pb_grpc
 
+from ..api import calls
 from ..api.auth import TokenAuth
+from ..api.health import NOT_SERVING, SERVING, HealthServicer
 from ..api.request import LabelIndex
-from ..api.servicer import CamserveServicer, Runtime, model_info
+from ..api.servicer import SERVICE, CamserveService, Runtime
 from ..batching.batcher import Batcher
 from ..domain import ExplainSpec, WorkItem
-from ..engine.engine import Engine
-from ..engine.models import LoadedModel, load_model
+from ..errors import StartupError
 from ..render import images
 from .metrics import Metrics
 from .settings import Settings
 from .tls import server_credentials
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("camserve_server.access")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Camserve"].full_name
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_NAMES = ("", SERVICE)  # the server as a whole, and camserve's service
+KEEPALIVE_TIMEOUT_MS = 20_000
+
+
+def decode_threads(settings: Settings) -> int:
+    """Threads for decoding and rendering: as set, else one per core (at least 2, at most
+    8), shared by this process's calls."""
+    return settings.decode_threads or max(2, min(8, os.cpu_count() or 2))
+
+
+def torch_threads(settings: Settings) -> int:
+    """torch's intra-op threads: as set, else the cores split between the workers."""
+    return settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers)
 
 
 class CamServer:
-    """One server process's worth of state. ``start`` returns the bound port."""
+    """One server process. ``start``, ``stop`` and ``wait`` may be called from any thread."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.port: Optional[int] = None
-        self.model: Optional[LoadedModel] = None
+        self.model = None
         self.metrics = Metrics()
-        self._servicer = CamserveServicer(settings.model, self.metrics)
-        self._health = health.HealthServicer()
-        self._grpc: Optional[grpc.Server] = None
-        self._engine: Optional[Engine] = None
+        self._service = CamserveService(settings.model)
+        self._health: Optional[HealthServicer] = None
+        self._grpc: Optional[aio.Server] = None
+        self._engine = None
         self._batcher: Optional[Batcher] = None
+        self._pool = ThreadPoolExecutor(max_workers=decode_threads(settings),
+                                        thread_name_prefix="camserve-decode")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="camserve-grpc",
+                                        daemon=True)
+        self._stopping = False
+        self._serving = threading.Event()  # set once state and health first say SERVING
         self._stopped = threading.Event()
+
+    def _on_loop(self, coroutine, timeout: Optional[float] = None):
+        """Run a coroutine on the server's loop from another thread; its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def start(self) -> int:
         """Listen, load the model and warm up; returns once the server reports SERVING."""
@@ -68,98 +96,153 @@ class CamServer:
         return self.port
 
     def listen(self) -> int:
+        if not self._thread.is_alive():
+            self._thread.start()
+        self.port = self._on_loop(self._listen())
         s = self.settings
-        options = [("grpc.max_receive_message_length", s.max_message_bytes),
-                   ("grpc.max_send_message_length", s.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+        if s.metrics_port is not None:
+            metrics_port = self.metrics.serve(s.metrics_address, s.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", s.metrics_address, metrics_port)
+        return self.port
+
+    async def _listen(self) -> int:
+        s = self.settings
+        keepalive_ms = int(s.keepalive_s * 1000)
+        options = [
+            # gRPC's own limit is twice ours, so that a message over ours reaches calls.py
+            # and is answered INVALID_ARGUMENT with what to change.
+            ("grpc.max_receive_message_length", 2 * s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 1 if s.worker_index else 0),
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
         interceptors = []
         if s.auth_tokens:
-            interceptors.append(TokenAuth(s.auth_tokens, on_denied=lambda method: (
-                self.metrics.requests.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc())))
+            interceptors.append(TokenAuth(s.auth_tokens, on_denied=self._denied))
         credentials = server_credentials(s)
-        pool = futures.ThreadPoolExecutor(max_workers=s.threads,
-                                          thread_name_prefix="camserve-handler")
-        server = grpc.server(pool, options=options, interceptors=interceptors)
-        pb_grpc.add_CamserveServicer_to_server(self._servicer, server)
+        server = aio.server(options=options, interceptors=interceptors)
+        recorder = calls.Recorder(self.metrics, lambda: self._stopping)
+        server.add_generic_rpc_handlers((calls.generic_handler(
+            SERVICE, self._service.methods(), s.max_message_bytes, recorder),))
+        self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self._set_health(NOT_SERVING)
+            (SERVICE, health_names.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        await self._health.set_all(HEALTH_NAMES, NOT_SERVING)
         address = f"{s.host}:{s.port}"
-        port = (server.add_secure_port(address, credentials) if credentials is not None
-                else server.add_insecure_port(address))
+        try:
+            port = (server.add_secure_port(address, credentials) if credentials is not None
+                    else server.add_insecure_port(address))
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {address}")
-        server.start()
-        self._grpc, self.port = server, port
-        if s.metrics_port is not None:
-            metrics_port = self.metrics.serve(s.host, s.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", s.host, metrics_port)
+            raise StartupError(f"cannot listen on {address}: port {s.port} is in use (or "
+                               f"{s.host} is not an address of this machine); pass another "
+                               "--port, or stop the server that holds it")
+        await server.start()
+        self._grpc = server
         log.info("listening on %s:%d (%s; loading %s)", s.host, port,
                  "TLS" if credentials is not None else "plaintext", s.model)
         return port
 
+    def _denied(self, method: str, context) -> None:
+        rpc = method.rsplit("/", 1)[-1]
+        self.metrics.requests.labels(rpc, "UNAUTHENTICATED").inc()
+        access.info("%s UNAUTHENTICATED peer=%s", rpc, context.peer(), extra={
+            "rpc": rpc, "code": "UNAUTHENTICATED", "peer": context.peer()})
+
     def load(self) -> None:
+        import torch
+
+        from ..engine.engine import Engine
+        from ..engine.models import load_model
+
         s = self.settings
+        torch.set_num_threads(torch_threads(s))
         model = load_model(s)
         self.metrics.model_load.set(model.load_seconds)
         card = model.card
-        log.info("loaded %s on %s in %.1fs: %d classes, input %dx%d, layers %s", card.name,
-                 model.device, model.load_seconds, card.num_classes, card.input_size[1],
-                 card.input_size[0], ", ".join(i.name for i in card.layers) or "none")
+        log.info("loaded %s on %s in %.1fs: %d classes, input %dx%d, layers %s; %d torch "
+                 "threads", card.name, model.device, model.load_seconds, card.num_classes,
+                 card.input_size[1], card.input_size[0],
+                 ", ".join(i.name for i in card.layers) or "none", torch.get_num_threads())
         engine = Engine(model)
         batch_seconds = _warm_up(engine, s.max_batch_size)
         batcher = Batcher(engine.run, max_batch_size=s.max_batch_size,
                           max_delay_ms=s.max_delay_ms, max_queue=s.max_queue,
                           metrics=self.metrics, batch_seconds=batch_seconds,
-                          on_worker=self._worker_changed)
+                          device=card.device, on_worker=self._worker_changed)
         self.metrics.watch_queue(batcher.depth)
         if model.device.type == "cuda":
-            import torch
-
             self.metrics.watch_device_memory(lambda: torch.cuda.memory_allocated(model.device))
         self.model, self._engine, self._batcher = model, engine, batcher
-        self._servicer.serve(Runtime(
-            settings=s, model=card, batcher=batcher, labels=LabelIndex(card.labels),
-            limits=images.Limits(s.max_image_bytes, s.max_image_pixels),
-            info=model_info(s, card)))
-        batcher.start()  # reports the worker alive: health SERVING
-        self.metrics.set_state("serving")
+        runtime = Runtime(settings=s, model=card, batcher=batcher, labels=LabelIndex(card.labels),
+                          limits=images.Limits(s.max_image_bytes, s.max_image_pixels),
+                          pool=self._pool)
+        self._loop.call_soon_threadsafe(self._service.serve, runtime)
+        batcher.start()  # its worker reports itself alive: state and health SERVING
+        if not self._serving.wait(60):
+            raise StartupError("the batcher's worker did not start within 60 s")
         log.info("serving on port %d", self.port)
 
     def _worker_changed(self, alive: bool) -> None:
-        """Health follows the batcher's worker: NOT_SERVING while none runs."""
-        if not self._stopped.is_set():
-            self._set_health(SERVING if alive else NOT_SERVING)
+        """State and health follow the batcher's worker (called from its supervisor)."""
+        state = pb.SERVER_STATE_SERVING if alive else pb.SERVER_STATE_RECOVERING
+        asyncio.run_coroutine_threadsafe(self._set_state(state), self._loop)
+
+    async def _set_state(self, state: int) -> None:
+        """Change the state and health together: health says SERVING whenever the state does
+        (so it is raised first and lowered after)."""
+        if self._stopping and state != pb.SERVER_STATE_DRAINING:
+            return
+        if state == pb.SERVER_STATE_SERVING:
+            await self._health.set_all(HEALTH_NAMES, SERVING)
+            self._service.state = state
+            self.metrics.set_state("serving")
+            self._serving.set()
+        else:
+            self._service.state = state
+            await self._health.set_all(HEALTH_NAMES, NOT_SERVING)
+            self.metrics.set_state(pb.ServerState.Name(state)[len("SERVER_STATE_"):].lower())
 
     def stop(self, grace: Optional[float] = None) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace`` seconds, drain."""
-        if self._stopped.is_set():
+        if self._stopped.is_set() or self._stopping:
             return
-        self._stopped.set()
+        self._stopping = True
         grace = self.settings.grace_s if grace is None else grace
-        self._health.enter_graceful_shutdown()
-        self._servicer.drain()
-        self.metrics.set_state("draining")
-        if self._grpc is not None:
-            self._grpc.stop(grace).wait()
+        if self._thread.is_alive():
+            self._on_loop(self._drain(grace))
         if self._batcher is not None:
             self._batcher.stop(timeout=grace + 5)
         if self._engine is not None:
             self._engine.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.set_state("stopped")
         self.metrics.close()
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        self._stopped.set()
         log.info("stopped")
+
+    async def _drain(self, grace: float) -> None:
+        if self._health is not None:
+            self._service.state = pb.SERVER_STATE_DRAINING
+            await self._health.enter_graceful_shutdown()
+        self.metrics.set_state("draining")
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         return self._stopped.wait(timeout)
 
-    def _set_health(self, status) -> None:
-        for name in ("", SERVICE_NAME):
-            self._health.set(name, status)
 
-
-def _warm_up(engine: Engine, max_batch_size: int) -> float:
+def _warm_up(engine, max_batch_size: int) -> float:
     """Run the shapes the batcher will use once, so the first callers do not pay for it.
     Returns the time of one full batch: the batcher's first estimate."""
     card = engine.model.card

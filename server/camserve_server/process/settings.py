@@ -19,7 +19,9 @@ DEFAULT_MODEL = "efficientnet_lite0"
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = "0.0.0.0"
+    # Loopback by default: a server is reachable from other machines only when asked
+    # (--host 0.0.0.0, as containers do), since plaintext without tokens is the default.
+    host: str = "127.0.0.1"
     port: int = 50051
     # Model source: "efficientnet_lite0", "torchvision:NAME", "timm:NAME",
     # "torchscript:PATH" or "python:MODULE:FACTORY".
@@ -35,7 +37,20 @@ class Settings:
     max_batch_size: int = 8
     max_delay_ms: float = 5.0
     max_queue: int = 256
-    threads: int = 32
+    # Threads that decode requests' images and render answers' heatmaps (0: from the cores).
+    decode_threads: int = 0
+    # Server processes sharing the port, each with a model replica (--workers auto: from the
+    # cores or GPUs). worker_index is this process's number (0: the only process; 1..N: a
+    # worker of the supervisor); it is set by the supervisor, not by a flag.
+    workers: int = 1
+    worker_index: int = 0
+    torch_threads: int = 0  # torch's intra-op threads per process (0: cores / workers)
+    # Open streams beyond this are refused with RESOURCE_EXHAUSTED and a retry hint.
+    max_streams: int = 4096
+    # A stream that has sent no frame this long after it opened is closed.
+    stream_idle_s: float = 30.0
+    # HTTP/2 keepalive pings to notice dead peers: every keepalive_s, answered within 20 s.
+    keepalive_s: float = 60.0
     # (height, width); None: the model source's default.
     input_size: Optional[Tuple[int, int]] = None
     mean: Optional[Tuple[float, float, float]] = None
@@ -47,6 +62,10 @@ class Settings:
     max_stream_frames_in_flight: int = 4
     # Score-CAM costs one forward per channel: requests beyond this many channels are refused.
     max_score_cam_channels: int = 256
+    max_maps_per_image: int = 64  # methods x targets x layers
+    max_faithfulness_steps: int = 256
+    # Heatmaps and overlays of larger images are rendered downscaled to this many pixels.
+    max_render_pixels: int = 8_388_608
     grace_s: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json": one line per event either way
@@ -59,6 +78,7 @@ class Settings:
     # Never printed: repr=False keeps them out of logs and tracebacks.
     auth_tokens: Tuple[str, ...] = field(default=(), repr=False)
     metrics_port: Optional[int] = None  # Prometheus /metrics over HTTP; 0 picks a free port
+    metrics_host: Optional[str] = None  # where /metrics listens; None: the same as host
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,8 +100,14 @@ class Settings:
             problems.append("max-delay-ms must be 0 or more")
         if self.max_queue < 1:
             problems.append("max-queue must be at least 1")
-        if self.threads < 2:
-            problems.append("threads must be at least 2")
+        if self.decode_threads < 0:
+            problems.append("decode-threads must be 0 (from the cores) or more")
+        if self.workers < 1:
+            problems.append("workers must be at least 1 (or auto)")
+        if self.torch_threads < 0:
+            problems.append("torch-threads must be 0 (automatic) or more")
+        if self.stream_idle_s <= 0 or self.keepalive_s <= 0:
+            problems.append("stream-idle-s and keepalive-s must be positive")
         if self.input_size is not None and min(self.input_size) < 1:
             problems.append("input-size must be positive")
         for name in ("mean", "std"):
@@ -92,11 +118,20 @@ class Settings:
             problems.append("std values must be positive")
         for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request",
                      "max_message_bytes", "max_stream_frames_in_flight",
-                     "max_score_cam_channels"):
+                     "max_score_cam_channels", "max_maps_per_image", "max_streams",
+                     "max_render_pixels"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
+        if self.max_faithfulness_steps < 2:
+            problems.append("max-faithfulness-steps must be at least 2")
+        if self.max_stream_frames_in_flight < 2:
+            problems.append("max-stream-frames-in-flight must be at least 2")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def metrics_address(self) -> str:
+        return self.metrics_host if self.metrics_host is not None else self.host
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -123,6 +158,27 @@ def _size(text: str) -> Tuple[int, int]:
     return values[0], values[1]
 
 
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return auto_workers()
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+def auto_workers() -> int:
+    """--workers auto: one process per GPU when there are several; on CPU, one process (it
+    uses every core through torch's threads; see the README's scaling table)."""
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except ImportError:
+        gpus = 0
+    return gpus if gpus > 1 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(
@@ -130,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve an image classifier over gRPC with Grad-CAM explanations. "
         "Every flag can also be set as CAMSERVE_<FLAG> in the environment.",
     )
-    p.add_argument("--host", default=d.host, help="address to listen on (default %(default)s)")
+    p.add_argument("--host", default=d.host,
+                   help="address to listen on (default %(default)s: this machine only; "
+                   "0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=d.port,
                    help="port; 0 picks a free one and prints it (default %(default)s)")
     p.add_argument("--model", default=d.model,
@@ -149,7 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait for a batch to fill after its first item arrives")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="items waiting beyond this answer RESOURCE_EXHAUSTED")
-    p.add_argument("--threads", type=int, default=d.threads, help="gRPC handler threads")
+    p.add_argument("--decode-threads", type=int, default=d.decode_threads,
+                   help="threads that decode images and render heatmaps (0: from the cores)")
+    p.add_argument("--workers", type=_workers, default=d.workers,
+                   help="server processes sharing the port, each with a model replica; "
+                   "'auto' picks from the cores or GPUs (default %(default)s)")
+    p.add_argument("--torch-threads", type=int, default=d.torch_threads,
+                   help="torch threads per process (0: the cores divided by --workers)")
+    p.add_argument("--max-streams", type=int, default=d.max_streams,
+                   help="open streams beyond this are refused with RESOURCE_EXHAUSTED")
+    p.add_argument("--stream-idle-s", type=float, default=d.stream_idle_s,
+                   help="close a stream that sent no frame this long after it opened")
+    p.add_argument("--keepalive-s", type=float, default=d.keepalive_s,
+                   help="ping idle connections this often to notice dead peers")
 
     p.add_argument("--input-size", type=_size, default=None, help="SIZE or HEIGHTxWIDTH")
     p.add_argument("--mean", type=_floats, default=None, help="R,G,B normalisation mean")
@@ -164,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-score-cam-channels", type=int, default=d.max_score_cam_channels,
                    help="Score-CAM requests over this many channels (one forward each) are "
                    "refused")
+    p.add_argument("--max-maps-per-image", type=int, default=d.max_maps_per_image)
+    p.add_argument("--max-faithfulness-steps", type=int, default=d.max_faithfulness_steps)
+    p.add_argument("--max-render-pixels", type=int, default=d.max_render_pixels,
+                   help="heatmaps and overlays of larger images are rendered downscaled")
     p.add_argument("--grace-s", type=float, default=d.grace_s,
                    help="on SIGTERM, how long in-flight calls may take to finish")
     p.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
@@ -179,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file with one accepted token per line")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (HTTP /metrics)")
+    p.add_argument("--metrics-host", default=None,
+                   help="address /metrics listens on (default: the same as --host)")
     return p
 
 

@@ -35,29 +35,42 @@ class Limits:
 class Decoded:
     pixels: np.ndarray  # uint8 (H, W, 3) at the model's input size
     size: Tuple[int, int]  # (height, width) of the image as decoded, before resizing
+    # The whole image for overlays, at render_size(size, max_pixels); None unless asked for.
+    full: Optional[np.ndarray] = None
 
 
-def prepare(source, input_size: Tuple[int, int], limits: Limits) -> Decoded:
-    """Decode ``source`` (encoded bytes or RawPixels) and resize it to ``input_size`` (h, w)."""
+def render_size(size: Tuple[int, int], max_pixels: int) -> Tuple[int, int]:
+    """The size heatmaps and overlays are rendered at: ``size`` (height, width), scaled down
+    to at most ``max_pixels`` pixels with its aspect ratio kept."""
+    height, width = size
+    if height * width <= max_pixels:
+        return height, width
+    scale = (max_pixels / (height * width)) ** 0.5
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def prepare(source, input_size: Tuple[int, int], limits: Limits,
+            full_pixels: Optional[int] = None) -> Decoded:
+    """Decode ``source`` (encoded bytes or RawPixels) and resize it to ``input_size`` (h, w).
+
+    With ``full_pixels``, the whole image is kept too (for overlays), downscaled to at most
+    that many pixels: the image is decoded once for both."""
     if isinstance(source, RawPixels):
         rgb = raw_rgb(source, limits)
         size = rgb.shape[:2]
-        if size == tuple(input_size):
+        image = None if size == tuple(input_size) and full_pixels is None else Image.fromarray(rgb)
+        if image is None:
             return Decoded(rgb, size)
-        image = Image.fromarray(rgb)
     else:
-        image, size = _open(source, limits, draft=input_size)
+        image, size = _open(source, limits, draft=None if full_pixels else input_size)
+    full = None
+    if full_pixels is not None:
+        shown = render_size(size, full_pixels)
+        full = np.asarray(image if shown == tuple(size) else image.resize(
+            (shown[1], shown[0]), Image.BILINEAR), dtype=np.uint8)
     if image.size != (input_size[1], input_size[0]):
         image = image.resize((input_size[1], input_size[0]), Image.BILINEAR)
-    return Decoded(np.asarray(image, dtype=np.uint8), size)
-
-
-def full_rgb(source, limits: Limits) -> np.ndarray:
-    """The whole image as uint8 (H, W, 3) RGB at its own size (for overlays)."""
-    if isinstance(source, RawPixels):
-        return raw_rgb(source, limits)
-    image, _ = _open(source, limits, draft=None)
-    return np.asarray(image, dtype=np.uint8)
+    return Decoded(np.asarray(image, dtype=np.uint8), size, full)
 
 
 def raw_rgb(raw: RawPixels, limits: Limits) -> np.ndarray:

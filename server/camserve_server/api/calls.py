@@ -1,0 +1,218 @@
+"""Where every RPC enters and leaves the server (the interceptor-like layer around handlers).
+
+- Parsing: a request's bytes become its message here. Bytes that are not that message (or
+  hold invalid UTF-8), and messages over ``--max-message-bytes``, become INVALID_ARGUMENT,
+  answered, logged and counted like any other call, instead of gRPC's own INTERNAL or
+  RESOURCE_EXHAUSTED.
+- Errors: a ServiceError ends the call with its status and rich details (google.rpc
+  ErrorInfo, BadRequest, RetryInfo, plus ``grpc-retry-pushback-ms`` for gRPC's own retries);
+  anything else is a bug: INTERNAL, logged with its traceback, and the server keeps serving.
+- One access-log line and the metrics per call, with the status the caller saw (a call the
+  caller cancelled or lost to the server's shutdown is never logged OK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Optional
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from ..errors import InvalidArgument, ServiceError
+from ..process.metrics import Metrics
+
+log = logging.getLogger(__name__)
+access = logging.getLogger("camserve_server.access")
+
+ERROR_DOMAIN = "camserve.dev"
+MAX_MESSAGE_CHARS = 1000  # an error message is cut to this length
+MAX_REQUEST_ID = 64
+_REQUEST_ID = re.compile(r"[^A-Za-z0-9._:/+=@-]")
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What a request that could not be parsed becomes: the handler answers its error."""
+
+    error: InvalidArgument
+
+
+def parser(message_type, max_bytes: int) -> Callable[[bytes], object]:
+    """A request deserializer that never raises: a message, or Malformed."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes):
+        if len(data) > max_bytes:
+            return Malformed(InvalidArgument(
+                f"the request is {len(data):,} bytes; this server accepts at most "
+                f"{max_bytes:,} (max_message_bytes): send fewer images per call, or send them "
+                "encoded (JPEG, PNG) instead of raw pixels", reason="MESSAGE_TOO_LARGE"))
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError, or its UTF-8 checks
+            return Malformed(InvalidArgument(
+                f"the request is not a valid {name} message ({str(exc)[:120]}); build it "
+                "with the .proto's generated code", reason="MALFORMED_REQUEST"))
+
+    return parse
+
+
+def status_of(error: ServiceError) -> status_pb2.Status:
+    """The google.rpc.Status a ServiceError answers with (unary calls and stream frames)."""
+    message = error.message[:MAX_MESSAGE_CHARS]
+    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)]
+    if error.field:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=error.field,
+                                                        description=message)]))
+    if error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    return status_pb2.Status(code=error.code.value[0], message=message, details=packed)
+
+
+async def abort(context, error: ServiceError) -> None:
+    """End the call with the error's status and details (raises, as context.abort does)."""
+    status = status_of(error)
+    metadata = [("grpc-status-details-bin", status.SerializeToString())]
+    if error.retry_after_s is not None:
+        metadata.append(("grpc-retry-pushback-ms", str(max(1, int(error.retry_after_s * 1000)))))
+    await context.abort(error.code, status.message, trailing_metadata=tuple(metadata))
+
+
+def request_id(context) -> str:
+    """The caller's x-request-id, cut to 64 safe characters; a new id when it sent none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str):
+            clean = _REQUEST_ID.sub("", value)[:MAX_REQUEST_ID]
+            if clean:
+                return clean
+    return uuid.uuid4().hex[:16]
+
+
+class Recorder:
+    """Counts each call and writes its access line."""
+
+    def __init__(self, metrics: Metrics, stopping: Callable[[], bool]) -> None:
+        self._metrics = metrics
+        self._stopping = stopping
+
+    def done(self, rpc: str, code: grpc.StatusCode, seconds: float, items: int, context) -> None:
+        self._metrics.requests.labels(rpc, code.name).inc()
+        self._metrics.latency.labels(rpc).observe(seconds)
+        rid, peer = request_id(context), context.peer()
+        access.info("%s %s %.1f ms id=%s items=%d peer=%s", rpc, code.name, seconds * 1000.0,
+                    rid, items, peer, extra={
+                        "request_id": rid, "rpc": rpc, "code": code.name,
+                        "ms": round(seconds * 1000.0, 2), "items": items, "peer": peer})
+
+    def interrupted(self, context) -> grpc.StatusCode:
+        """The status a caller saw for a call that was cut short under its handler."""
+        if self._stopping():
+            return grpc.StatusCode.UNAVAILABLE
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+
+
+async def _internal(context, rpc: str) -> None:
+    log.exception("unexpected error in %s", rpc)
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"internal error in {rpc}; the server log has details")
+
+
+def unary(rpc: str, behavior: Callable[..., Awaitable], recorder: Recorder):
+    """A unary handler around ``behavior(request, context)``."""
+
+    async def handle(request, context):
+        started = time.perf_counter()
+        code, items = grpc.StatusCode.OK, 0
+        try:
+            if isinstance(request, Malformed):
+                raise request.error
+            items = len(getattr(request, "images", ()))
+            return await behavior(request, context)
+        except ServiceError as exc:
+            code = exc.code
+            await abort(context, exc)
+        except asyncio.CancelledError:
+            code = recorder.interrupted(context)
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            await _internal(context, rpc)
+        finally:
+            recorder.done(rpc, code, time.perf_counter() - started, items, context)
+
+    return handle
+
+
+class Frames:
+    """How many frames a stream handler read: the stream's item count in its access line."""
+
+    count = 0
+
+
+def streaming(rpc: str, behavior: Callable[..., AsyncIterator], recorder: Recorder):
+    """A bidirectional-stream handler around the async generator
+    ``behavior(requests, context, frames)``."""
+
+    async def handle(requests, context):
+        started = time.perf_counter()
+        code, frames = grpc.StatusCode.OK, Frames()
+        try:
+            async for answer in behavior(requests, context, frames):
+                yield answer
+        except ServiceError as exc:
+            code = exc.code
+            await abort(context, exc)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = recorder.interrupted(context)
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            await _internal(context, rpc)
+        finally:
+            recorder.done(rpc, code, time.perf_counter() - started, frames.count, context)
+
+    return handle
+
+
+def generic_handler(service: str, methods: dict, max_bytes: int,
+                    recorder: Recorder) -> grpc.GenericRpcHandler:
+    """The gRPC handler of one service: ``methods`` maps each RPC name to (behavior, request
+    type, response type, streaming)."""
+    handlers = {}
+    for name, (behavior, request_type, response_type, streaming_rpc) in methods.items():
+        kwargs = {"request_deserializer": parser(request_type, max_bytes),
+                  "response_serializer": response_type.SerializeToString}
+        if streaming_rpc:
+            handlers[name] = grpc.stream_stream_rpc_method_handler(
+                streaming(name, behavior, recorder), **kwargs)
+        else:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                unary(name, behavior, recorder), **kwargs)
+    return grpc.method_handlers_generic_handler(service, handlers)
+
+
+def deadline(context) -> Optional[float]:
+    """The call's deadline as a time.monotonic() value; None when it has none."""
+    remaining = context.time_remaining()
+    # gRPC reports "no deadline" as None or as a time centuries away.
+    if remaining is None or remaining > 1e6:
+        return None
+    return time.monotonic() + remaining
