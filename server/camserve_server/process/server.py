@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from camserve.v1 import camserve_pb2 as pb
 
-from ..api import calls
+from ..api import calls, oip
 from ..api.auth import TokenAuth
 from ..api.health import NOT_SERVING, SERVING, HealthServicer
 from ..api.request import LabelIndex
@@ -128,10 +128,11 @@ class CamServer:
         recorder = calls.Recorder(self.metrics, lambda: self._stopping)
         server.add_generic_rpc_handlers((calls.generic_handler(
             SERVICE, self._service.methods(), s.max_message_bytes, recorder),))
+        server.add_generic_rpc_handlers((oip.handler(self._service, s, recorder),))
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE, health_names.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (SERVICE, oip.SERVICE, health_names.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._health.set_all(HEALTH_NAMES, NOT_SERVING)
         address = f"{s.host}:{s.port}"
         try:

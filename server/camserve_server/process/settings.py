@@ -79,6 +79,8 @@ class Settings:
     auth_tokens: Tuple[str, ...] = field(default=(), repr=False)
     metrics_port: Optional[int] = None  # Prometheus /metrics over HTTP; 0 picks a free port
     metrics_host: Optional[str] = None  # where /metrics listens; None: the same as host
+    # The model's name in the Open Inference Protocol (KServe v2 gRPC) served beside camserve's.
+    oip_model_name: str = "camserve"
 
     def __post_init__(self) -> None:
         problems = []
@@ -255,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics on this port (HTTP /metrics)")
     p.add_argument("--metrics-host", default=None,
                    help="address /metrics listens on (default: the same as --host)")
+    p.add_argument("--oip-model-name", default=d.oip_model_name,
+                   help="the model's name in the Open Inference Protocol (KServe v2 gRPC, "
+                   "for tritonclient and perf_analyzer; default %(default)s)")
     return p
 
 

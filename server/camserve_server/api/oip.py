@@ -1,0 +1,513 @@
+"""The Open Inference Protocol (KServe v2 gRPC, ``inference.GRPCInferenceService``) beside
+camserve's own API, on the same port: thin handlers and the tensor conversion at the edge.
+
+Requests take the same path as Predict and Explain (``Runtime``: decode in the pool, one
+batcher, the engine), with the same validation, limits, auth interceptor, access log and
+metrics (``calls.py`` wraps every handler). docs/oip.md describes the tensors for users:
+
+- one model, ``--oip-model-name`` (default ``camserve``), version ``1``;
+- input ``image``: BYTES ``[N]`` or ``[N, 1]`` (encoded image files) or UINT8
+  ``[N, H, W, C]`` (raw pixels, C = 3 RGB, or 1 or 4);
+- outputs ``probabilities`` FP32 ``[N, classes]``, ``top_indices`` INT64 ``[N, k]``,
+  ``top_labels`` BYTES ``[N, k]`` (``top_k`` parameter, default 5), and when the request
+  explains (parameter ``explain``, or ``method``/``layer``/``target``, or asks for these
+  outputs) ``raw_map`` FP32 ``[N, h, w]`` and ``target`` INT64 ``[N]``.
+
+The six RPCs of KServe's protocol are served, and Triton's ModelConfig (perf_analyzer and
+``tritonclient``'s ``get_model_config`` need it); every other RPC of the service (Triton's
+extensions) answers UNIMPLEMENTED, saying what is served.
+
+The protocol's generated messages are loaded when the first server registers the service,
+not on import: ``tritonclient`` registers the same ``inference.*`` messages in protobuf's
+default pool, and a process that holds them already (a test, a notebook) uses those classes
+(their wire format is the same) instead of failing on the duplicate names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import types
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import grpc
+import numpy as np
+
+from camserve.methods import method_names, method_value
+from camserve.v1 import camserve_pb2 as pb
+
+from .. import __version__
+from ..domain import METHODS, RawPixels, Source, WorkItem
+from ..errors import InvalidArgument, ServiceError, quote
+from ..oip.v2 import model_config_pb2
+from . import calls
+from . import request as req
+from .servicer import CamserveService, Runtime
+
+SERVICE = "inference.GRPCInferenceService"
+PROTO = "camserve_server/oip/v2/grpc_predict_v2.proto"
+VERSION = "1"  # the only version of the served model
+PLATFORM = "pytorch"
+EXTENSIONS = ("model_configuration", "parameters")
+
+INPUT = "image"
+PROBABILITIES, TOP_INDICES, TOP_LABELS = "probabilities", "top_indices", "top_labels"
+RAW_MAP, TARGET = "raw_map", "target"
+CLASSIFY_OUTPUTS = (PROBABILITIES, TOP_INDICES, TOP_LABELS)
+EXPLAIN_OUTPUTS = (RAW_MAP, TARGET)
+
+EXPLAIN_PARAMETERS = ("method", "layer", "target")
+PARAMETERS = ("top_k", "explain") + EXPLAIN_PARAMETERS
+# Accepted and ignored: Triton's scheduling parameters, which tritonclient sends when asked
+# to, and its reserved triton_* ones (perf_analyzer sends triton_enable_empty_final_response).
+IGNORED_PARAMETERS = ("priority", "timeout", "binary_data_output")
+IGNORED_PREFIX = "triton_"
+_LENGTH = struct.Struct("<I")  # a BYTES element's length prefix
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "UNKNOWN_MODEL"
+
+
+class Unimplemented(ServiceError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
+
+
+# --- the generated messages ------------------------------------------------------------------
+
+_MESSAGES = ("ServerLiveRequest", "ServerLiveResponse", "ServerReadyRequest",
+             "ServerReadyResponse", "ModelReadyRequest", "ModelReadyResponse",
+             "ServerMetadataRequest", "ServerMetadataResponse", "ModelMetadataRequest",
+             "ModelMetadataResponse", "ModelInferRequest", "ModelInferResponse",
+             "InferParameter", "InferTensorContents")
+_loaded: Optional[types.SimpleNamespace] = None
+
+
+def messages() -> types.SimpleNamespace:
+    """The protocol's message classes by name (``messages().ModelInferRequest``): camserve's
+    generated ones, or, where the process already registered the ``inference`` package (as
+    tritonclient does), the classes it registered."""
+    global _loaded
+    if _loaded is None:
+        try:
+            from ..oip.v2 import grpc_predict_v2_pb2 as module
+
+            classes = {name: getattr(module, name) for name in _MESSAGES}
+        except (TypeError, ValueError):  # "duplicate symbol": protobuf's pool has them
+            classes = {name: _registered("inference." + name) for name in _MESSAGES}
+        _loaded = types.SimpleNamespace(**classes)
+    return _loaded
+
+
+def _registered(full_name: str):
+    from google.protobuf import descriptor_pool, message_factory
+
+    descriptor = descriptor_pool.Default().FindMessageTypeByName(full_name)
+    if hasattr(message_factory, "GetMessageClass"):  # protobuf 4.22 and later
+        return message_factory.GetMessageClass(descriptor)
+    from google.protobuf import symbol_database
+
+    return symbol_database.Default().GetSymbol(full_name)
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+def handler(service: CamserveService, settings, recorder: calls.Recorder,
+            inflight=None) -> grpc.GenericRpcHandler:
+    """The gRPC handler of ``inference.GRPCInferenceService``, for ``add_generic_rpc_handlers``:
+    the served RPCs through ``calls.generic_handler`` (with ``inflight``, the admission by
+    size that camserve's own service uses, where calls.py has one), every other one
+    UNIMPLEMENTED."""
+    oip = OipService(service, settings.oip_model_name)
+    admission = () if inflight is None else (inflight,)
+    served = calls.generic_handler(SERVICE, oip.methods(), settings.max_message_bytes, recorder,
+                                   *admission)
+    return _Handler(served, recorder)
+
+
+class _Handler(grpc.GenericRpcHandler):
+    def __init__(self, served: grpc.GenericRpcHandler, recorder: calls.Recorder) -> None:
+        self._served = served
+        self._recorder = recorder
+
+    def service(self, handler_call_details):
+        found = self._served.service(handler_call_details)
+        method = handler_call_details.method or ""
+        if found is not None or not method.startswith(f"/{SERVICE}/"):
+            return found
+        rpc = method.rsplit("/", 1)[-1]
+
+        async def refuse(requests, context, frames):
+            raise Unimplemented(
+                f"{SERVICE}/{rpc} is not served by camserve; it serves ServerLive, ServerReady, "
+                "ModelReady, ServerMetadata, ModelMetadata, ModelInfer and ModelConfig "
+                "(docs/oip.md)", reason="UNIMPLEMENTED")
+            yield  # an async generator, as calls.streaming expects
+
+        # A streaming handler answers unary and streaming calls alike, without reading them.
+        return grpc.stream_stream_rpc_method_handler(
+            calls.streaming(rpc, refuse, self._recorder), request_deserializer=None,
+            response_serializer=None)
+
+
+class OipService:
+    """The handlers; they share CamserveService's state and runtime."""
+
+    def __init__(self, service: CamserveService, model_name: str) -> None:
+        self._service = service
+        self.model_name = model_name
+
+    def methods(self) -> dict:
+        """RPC name → (handler, request type, response type, streaming), for calls.py."""
+        m = messages()
+        return {
+            "ServerLive": (self.ServerLive, m.ServerLiveRequest, m.ServerLiveResponse, False),
+            "ServerReady": (self.ServerReady, m.ServerReadyRequest, m.ServerReadyResponse,
+                            False),
+            "ModelReady": (self.ModelReady, m.ModelReadyRequest, m.ModelReadyResponse, False),
+            "ServerMetadata": (self.ServerMetadata, m.ServerMetadataRequest,
+                               m.ServerMetadataResponse, False),
+            "ModelMetadata": (self.ModelMetadata, m.ModelMetadataRequest,
+                              m.ModelMetadataResponse, False),
+            "ModelInfer": (self.ModelInfer, m.ModelInferRequest, m.ModelInferResponse, False),
+            "ModelConfig": (self.ModelConfig, model_config_pb2.ModelConfigRequest,
+                            model_config_pb2.ModelConfigResponse, False),
+        }
+
+    def _ready(self) -> bool:
+        return self._service.state == pb.SERVER_STATE_SERVING
+
+    def _model(self, name: str, version: str, field: str = "name") -> None:
+        if not name:
+            raise InvalidArgument(f"{field} is empty: name the model; this server serves "
+                                  f"{self.model_name!r}", field=field, reason="NO_MODEL")
+        if name != self.model_name:
+            raise NotFound(f"model {quote(name)} is not served here; this server serves "
+                           f"{self.model_name!r}", field=field)
+        if version not in ("", VERSION):
+            raise NotFound(f"model {self.model_name!r} has no version {quote(version)}; it "
+                           f"has version {VERSION} only (or leave the version empty)",
+                           field=field.replace("name", "version"), reason="UNKNOWN_VERSION")
+
+    async def ServerLive(self, request, context):
+        return messages().ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return messages().ServerReadyResponse(ready=self._ready())
+
+    async def ModelReady(self, request, context):
+        self._model(request.name, request.version)
+        return messages().ModelReadyResponse(ready=self._ready())
+
+    async def ServerMetadata(self, request, context):
+        return messages().ServerMetadataResponse(name="camserve", version=__version__,
+                                                 extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):
+        self._model(request.name, request.version)
+        rt = self._service._live()  # UNAVAILABLE while loading or draining
+        m = messages().ModelMetadataResponse
+        tensors = [m.TensorMetadata(name=name, datatype=datatype, shape=shape)
+                   for name, datatype, shape in signature(rt)]
+        return m(name=self.model_name, versions=[VERSION], platform=PLATFORM,
+                 inputs=tensors[:1], outputs=tensors[1:])
+
+    async def ModelConfig(self, request, context):
+        self._model(request.name, request.version)
+        rt = self._service._live()
+        return model_config_pb2.ModelConfigResponse(config=model_config_pb2.ModelConfig(
+            name=self.model_name, platform=PLATFORM,
+            max_batch_size=rt.settings.max_images_per_request))
+
+    async def ModelInfer(self, request, context):
+        self._model(request.model_name, request.model_version, "model_name")
+        rt = self._service._live()
+        call = infer_call(request, rt)
+        decoded = await asyncio.gather(*(rt.decode(s, f"{INPUT}[{i}]")
+                                         for i, s in enumerate(call.sources)))
+        spec = call.plan.spec if call.plan is not None else None
+        outcomes = await rt.run([WorkItem(d.image.pixels, spec) for d in decoded], context)
+        tensors = output_tensors([o.result for o in outcomes], rt.model.labels, call)
+        answer = messages().ModelInferResponse(model_name=self.model_name,
+                                               model_version=VERSION, id=request.id)
+        for tensor in tensors:
+            answer.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+            answer.raw_output_contents.append(tensor.data)
+        return answer
+
+
+# --- tensors in ------------------------------------------------------------------------------
+
+
+def signature(rt: Runtime) -> List[Tuple[str, str, List[int]]]:
+    """(name, datatype, shape) of the input, then of each output; -1: any size."""
+    model = rt.model
+    tensors = [(INPUT, "BYTES", [-1, 1]), (PROBABILITIES, "FP32", [-1, model.num_classes]),
+               (TOP_INDICES, "INT64", [-1, -1]), (TOP_LABELS, "BYTES", [-1, -1])]
+    if model.layers:
+        grids = {(info.height, info.width) for info in model.layers}
+        h, w = grids.pop() if len(grids) == 1 else (-1, -1)
+        tensors += [(RAW_MAP, "FP32", [-1, h, w]), (TARGET, "INT64", [-1])]
+    return tensors
+
+
+@dataclass(frozen=True)
+class InferCall:
+    """A ModelInferRequest, validated."""
+
+    sources: List[Source]
+    top_k: int
+    plan: Optional[req.ExplainPlan]  # None: classify only
+    outputs: Tuple[str, ...]  # the output tensors to answer, in order
+
+
+def infer_call(request, rt: Runtime) -> InferCall:
+    params = dict(request.parameters)
+    for name in params:
+        if (name not in PARAMETERS and name not in IGNORED_PARAMETERS
+                and not name.startswith(IGNORED_PREFIX)):
+            raise InvalidArgument(f"parameter {quote(name)} is not one this model takes; "
+                                  f"use {', '.join(PARAMETERS)} (docs/oip.md)",
+                                  field=f"parameters[{name}]", reason="UNKNOWN_PARAMETER")
+    top_k = _int_param(params, "top_k")
+    if top_k is not None and top_k < 1:
+        raise InvalidArgument(f"parameter top_k is {top_k}; it must be at least 1",
+                              field="parameters[top_k]", reason="INVALID_PARAMETER")
+    top_k = min(top_k or req.DEFAULT_TOP_K, rt.model.num_classes)
+
+    known = CLASSIFY_OUTPUTS + (EXPLAIN_OUTPUTS if rt.model.layers else ())
+    asked = _requested(request.outputs, known)
+    explain = _bool_param(params, "explain")
+    reasons = [f"parameter {n}" for n in EXPLAIN_PARAMETERS if n in params] + [
+        f"output {n}" for n in asked if n in EXPLAIN_OUTPUTS]
+    if explain is False and reasons:
+        raise InvalidArgument(f"parameter explain is false, but the request sets "
+                              f"{' and '.join(reasons)}: drop them, or set explain to true",
+                              field="parameters[explain]", reason="INVALID_PARAMETER")
+    plan = None
+    if explain or (explain is None and reasons):
+        plan = _plan(params, rt)
+    outputs = asked or (CLASSIFY_OUTPUTS + (EXPLAIN_OUTPUTS if plan is not None else ()))
+    return InferCall(_sources(request, rt.settings.max_images_per_request), top_k, plan,
+                     outputs)
+
+
+def _param(params, name: str, kinds: Sequence[str], wanted: str):
+    if name not in params:
+        return None
+    value = params[name]
+    kind = value.WhichOneof("parameter_choice")
+    if kind not in kinds:
+        raise InvalidArgument(f"parameter {name} must be {wanted}, not "
+                              f"{kind.replace('_param', '') if kind else 'empty'}",
+                              field=f"parameters[{name}]", reason="INVALID_PARAMETER")
+    return getattr(value, kind)
+
+
+def _int_param(params, name: str) -> Optional[int]:
+    return _param(params, name, ("int64_param",), "an int64")
+
+
+def _bool_param(params, name: str) -> Optional[bool]:
+    return _param(params, name, ("bool_param",), "a bool")
+
+
+def _str_param(params, name: str) -> Optional[str]:
+    return _param(params, name, ("string_param",), "a string")
+
+
+def _requested(outputs, known: Tuple[str, ...]) -> Tuple[str, ...]:
+    names = []
+    for i, output in enumerate(outputs):
+        if output.name not in known:
+            raise InvalidArgument(f"outputs[{i}] asks for {quote(output.name)}, which this "
+                                  f"model does not have; choose from {', '.join(known)}",
+                                  field=f"outputs[{i}]", reason="UNKNOWN_OUTPUT")
+        for key in output.parameters:
+            if key == "binary_data":  # HTTP's binary extension: outputs here are always raw
+                continue
+            hint = (": ask for top_indices and top_labels, with the request parameter top_k"
+                    if key == "classification" else "")
+            raise InvalidArgument(f"outputs[{i}] has parameter {quote(key)}, which this model "
+                                  f"does not take{hint}", field=f"outputs[{i}].parameters",
+                                  reason="INVALID_PARAMETER")
+        names.append(output.name)
+    return tuple(dict.fromkeys(names))
+
+
+def _plan(params, rt: Runtime) -> req.ExplainPlan:
+    """The explanation the parameters ask for, validated as Explain's options are."""
+    model = rt.model
+    if not model.layers:
+        return req.explain_plan(pb.ExplainOptions(), model, rt.labels, rt.settings)  # raises
+    options = pb.ExplainOptions()
+    method = _str_param(params, "method")
+    if method is not None:
+        served = [name for name in method_names() if name in METHODS]
+        try:
+            value = method_value(method)
+        except ValueError:
+            value = None
+        if value is None or pb.CamMethod.Name(value)[len("CAM_METHOD_"):].lower() not in served:
+            raise InvalidArgument(f"parameter method {quote(method)} is not a CAM method "
+                                  f"served here; choose from {', '.join(served)}",
+                                  field="parameters[method]", reason="UNKNOWN_METHOD")
+        options.methods.append(value)
+    layer = _str_param(params, "layer")
+    if layer is not None:
+        if model.layer(layer) is None:
+            raise InvalidArgument(f"parameter layer {quote(layer)} is not a layer this server "
+                                  f"explains; choose from "
+                                  f"{', '.join(info.name for info in model.layers)}",
+                                  field="parameters[layer]", reason="UNKNOWN_LAYER")
+        options.layers.append(layer)
+    target = _param(params, "target", ("int64_param", "string_param"),
+                    "a class index (int64) or a label (string)")
+    if isinstance(target, str):
+        try:
+            options.targets.add(class_index=rt.labels.index_of(target))
+        except InvalidArgument as exc:
+            raise exc.at("parameters[target]", "parameter target: ") from None
+    elif target is not None:
+        if not 0 <= target < model.num_classes:
+            raise InvalidArgument(f"parameter target {target} is not a class index: the model "
+                                  f"has {model.num_classes} classes "
+                                  f"(0..{model.num_classes - 1})",
+                                  field="parameters[target]", reason="UNKNOWN_CLASS")
+        options.targets.add(class_index=target)
+    return req.explain_plan(options, model, rt.labels, rt.settings)
+
+
+def _sources(request, max_images: int) -> List[Source]:
+    """The images of the request's one input tensor, as Predict's sources."""
+    names = [tensor.name for tensor in request.inputs]
+    if INPUT not in names:
+        got = f"its inputs are {', '.join(quote(n) for n in names)}" if names else "it has none"
+        raise InvalidArgument(f"the request has no input {INPUT!r} ({got}); send the images as "
+                              f"input {INPUT!r}: BYTES [N] or [N, 1] (encoded image files) "
+                              "or UINT8 [N, H, W, 3] (RGB pixels)", field="inputs",
+                              reason="MISSING_INPUT")
+    if len(names) > 1:
+        raise InvalidArgument(f"the request has inputs {', '.join(quote(n) for n in names)}; "
+                              f"this model takes one, {INPUT!r}", field="inputs",
+                              reason="UNKNOWN_INPUT")
+    raw = request.raw_input_contents
+    if len(raw) > 1:
+        raise InvalidArgument(f"the request has {len(raw)} raw_input_contents for 1 input",
+                              field="raw_input_contents", reason="INVALID_TENSOR")
+    tensor = request.inputs[0]
+    shape = [int(d) for d in tensor.shape]
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input {INPUT} has shape {shape}; dimensions cannot be negative",
+                              field=f"inputs[{INPUT}].shape", reason="INVALID_SHAPE")
+    if shape and not 1 <= shape[0] <= max_images:
+        raise InvalidArgument(f"input {INPUT} has shape {shape}: {shape[0]} images; this server "
+                              f"takes 1 to {max_images} per request (max_images_per_request)",
+                              field=f"inputs[{INPUT}].shape", reason="TOO_MANY_IMAGES")
+    contents = tensor.contents
+    typed = any(len(getattr(contents, f.name)) for f in contents.DESCRIPTOR.fields)
+    if raw and typed:
+        raise InvalidArgument(f"input {INPUT} has both contents and raw_input_contents; send "
+                              "one", field=f"inputs[{INPUT}].contents", reason="INVALID_TENSOR")
+    if tensor.datatype == "BYTES":
+        return _encoded(shape, raw[0] if raw else None, contents)
+    if tensor.datatype == "UINT8":
+        return _pixels(shape, raw[0] if raw else None, contents)
+    raise InvalidArgument(f"input {INPUT} is {quote(tensor.datatype)}; send BYTES [N] or "
+                          "[N, 1] (encoded image files: JPEG, PNG, WebP, BMP, GIF) or UINT8 "
+                          "[N, H, W, 3] (RGB pixels)", field=f"inputs[{INPUT}].datatype",
+                          reason="INVALID_DATATYPE")
+
+
+def _encoded(shape: List[int], raw: Optional[bytes], contents) -> List[Source]:
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        raise InvalidArgument(f"input {INPUT} is BYTES of shape {shape}; BYTES images have "
+                              "shape [N] or [N, 1]: one encoded file per image",
+                              field=f"inputs[{INPUT}].shape", reason="INVALID_SHAPE")
+    elements = _split(raw) if raw is not None else list(contents.bytes_contents)
+    if len(elements) != shape[0]:
+        raise InvalidArgument(f"input {INPUT} has shape {shape} but holds {len(elements)} "
+                              "elements", field=f"inputs[{INPUT}]", reason="INVALID_TENSOR")
+    return elements
+
+
+def _split(raw: bytes) -> List[bytes]:
+    """A raw BYTES tensor's elements: each a 4-byte little-endian length, then the bytes."""
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + _LENGTH.size > len(raw):
+            raise _truncated(offset)
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += _LENGTH.size
+        if offset + length > len(raw):
+            raise _truncated(offset)
+        elements.append(bytes(raw[offset:offset + length]))
+        offset += length
+    return elements
+
+
+def _truncated(offset: int) -> InvalidArgument:
+    return InvalidArgument(f"input {INPUT}'s raw contents end inside an element (at byte "
+                           f"{offset}): a raw BYTES tensor is, per element, its length as 4 "
+                           "bytes little-endian, then its bytes",
+                           field="raw_input_contents[0]", reason="INVALID_TENSOR")
+
+
+def _pixels(shape: List[int], raw: Optional[bytes], contents) -> List[Source]:
+    if len(shape) != 4 or shape[3] not in (1, 3, 4):
+        raise InvalidArgument(f"input {INPUT} is UINT8 of shape {shape}; pixels have shape "
+                              "[N, H, W, 3] (RGB; also 1 gray or 4 RGBA channels)",
+                              field=f"inputs[{INPUT}].shape", reason="INVALID_SHAPE")
+    n, h, w, c = shape
+    if raw is None:
+        values = np.asarray(contents.uint_contents, dtype=np.uint64)
+        if values.size and values.max() > 255:
+            raise InvalidArgument(f"input {INPUT} is UINT8 but holds {int(values.max())}",
+                                  field=f"inputs[{INPUT}].contents", reason="INVALID_TENSOR")
+        raw = values.astype(np.uint8).tobytes()
+    size = h * w * c
+    if len(raw) != n * size:
+        raise InvalidArgument(f"input {INPUT} has shape {shape}, which needs {n * size:,} bytes, "
+                              f"but holds {len(raw):,}", field=f"inputs[{INPUT}]",
+                              reason="INVALID_TENSOR")
+    return [RawPixels(bytes(raw[i * size:(i + 1) * size]), h, w, c) for i in range(n)]
+
+
+# --- tensors out -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: Tuple[int, ...]
+    data: bytes  # raw contents: little-endian, row-major
+
+
+def output_tensors(results, labels: Sequence[str], call: InferCall) -> List[Tensor]:
+    probabilities = np.stack([r.probabilities for r in results]).astype("<f4")
+    k = call.top_k
+    # A stable sort, as Predict's answer orders its top classes.
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    made: Dict[str, Tensor] = {
+        PROBABILITIES: Tensor(PROBABILITIES, "FP32", probabilities.shape,
+                              probabilities.tobytes()),
+        TOP_INDICES: Tensor(TOP_INDICES, "INT64", top.shape, top.astype("<i8").tobytes()),
+        TOP_LABELS: Tensor(TOP_LABELS, "BYTES", top.shape, _joined(
+            labels[i].encode() for i in top.ravel())),
+    }
+    if call.plan is not None:
+        maps = [r.maps[0] for r in results]
+        raw = np.stack([m.raw for m in maps]).astype("<f4")
+        made[RAW_MAP] = Tensor(RAW_MAP, "FP32", raw.shape, raw.tobytes())
+        made[TARGET] = Tensor(TARGET, "INT64", (len(maps),),
+                              np.array([m.target for m in maps], "<i8").tobytes())
+    return [made[name] for name in call.outputs]
+
+
+def _joined(elements) -> bytes:
+    return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
