@@ -63,17 +63,26 @@ PY
 command=("$PA" -m "$OIP_MODEL" -i grpc -u "$target" --input-data "$work/input.json"
          --measurement-interval "$WINDOW_MS" --stability-percentage 20 --max-trials 8 "$@")
 echo "perf_analyzer $("$PA" --version 2>&1 | head -1 | sed 's/.*Version //'): ${command[*]:1} --concurrency-range N -f CSV   (N in $CONCURRENCY)"
+relaxed=
 for n in $CONCURRENCY; do
-    if ! "${command[@]}" --concurrency-range "$n" -f "$work/c$n.csv" >"$work/c$n.log" 2>&1; then
-        echo "concurrency $n failed:" >&2; tail -5 "$work/c$n.log" >&2
-        [ -f "$work/c$n.csv" ] || continue
+    run=("${command[@]}" --concurrency-range "$n" -f "$work/c$n.csv")
+    if ! "${run[@]}" >"$work/c$n.log" 2>&1; then
+        # A busy machine may never give 3 windows within 20 % of each other: once more, with
+        # windows twice as long and a 40 % band (the table marks such a row with *).
+        relaxed="$relaxed $n"
+        if ! "${run[@]}" --measurement-interval $((2 * WINDOW_MS)) --stability-percentage 40 \
+                >"$work/c$n.log" 2>&1; then
+            echo "concurrency $n failed:" >&2; tail -3 "$work/c$n.log" >&2
+            rm -f "$work/c$n.csv"
+        fi
     fi
 done
 
-"$PY" - "$work" $CONCURRENCY <<'PY'
+RELAXED="$relaxed" "$PY" - "$work" $CONCURRENCY <<'PY'
 import csv, os, sys
 
 work, levels = sys.argv[1], sys.argv[2:]
+relaxed = os.environ["RELAXED"].split()
 print()
 print("| concurrency | infer/s | p50 ms | p90 ms | p99 ms |")
 print("|---:|---:|---:|---:|---:|")
@@ -85,6 +94,10 @@ for n in levels:
     with open(path) as f:
         for row in csv.DictReader(f):
             ms = {k: float(row[f"{k} latency"]) / 1000 for k in ("p50", "p90", "p99")}
-            print(f"| {row['Concurrency']} | {float(row['Inferences/Second']):.1f} | "
+            mark = "*" if n in relaxed else ""
+            print(f"| {row['Concurrency']}{mark} | {float(row['Inferences/Second']):.1f} | "
                   f"{ms['p50']:.1f} | {ms['p90']:.1f} | {ms['p99']:.1f} |")
+if relaxed:
+    print("\n* not stable within 20 % in 8 windows: measured again with windows twice as long, "
+          "within 40 %")
 PY
