@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: serve test proto proto-check lint bench clean
+.PHONY: serve test proto proto-check protoc-venv test-compat lint bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,79 @@ serve: $(VENV)/.serve-installed
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q $(ARGS)
 
-# Regenerate the gRPC code from protos/ (tests/test_proto.py fails when it is stale).
-proto: $(VENV)/.dev-installed
-	$(PY) -m grpc_tools.protoc -I protos --python_out=client --pyi_out=client \
-		--grpc_python_out=client protos/camserve/v1/camserve.proto
+# The gRPC code generator has its own venv, pinned, because its protobuf cannot live in .venv.
+# grpcio-tools 1.51.3 bundles protoc 21.6, whose *_pb2.py has no runtime-version check and whose
+# *_pb2_grpc.py has no grpcio-version check. protobuf's Python runtimes load gencode from 3.20 on
+# (through 8.x at least) but never gencode newer than themselves, so the committed code runs on
+# protobuf 4.21.6 (pyproject.toml's floor) up to 7.x. grpcio-tools 1.51.3 has wheels for
+# Python 3.7 to 3.11 only: elsewhere, e.g. `make proto PROTOC_PYTHON=python3.11`.
+PROTOC_PYTHON ?= $(PYTHON)
+PROTOC_VENV ?= .venv-protoc
+PROTOC_PINS := grpcio-tools==1.51.3 grpcio==1.51.3 protobuf==4.21.12 \
+	googleapis-common-protos==1.56.4 setuptools==69.5.1
+# protos/, then the googleapis .protos (google/rpc/status.proto, ...) in the generator's venv.
+PROTOC = $(PROTOC_VENV)/bin/python -W ignore::DeprecationWarning -m grpc_tools.protoc -Iprotos \
+	-I"$$($(PROTOC_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+PROTOC_OUT = --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1)
+# Each tree under protos/ goes to its package's folder (pyproject.toml's package-dir).
+CLIENT_PROTOS = $(shell find protos/camserve -name '*.proto' | sort)
+SERVER_PROTOS = $(shell find protos/camserve_server -name '*.proto' 2>/dev/null | sort)
+
+# (Re)makes $(PROTOC_VENV) whenever PROTOC_PINS changes.
+protoc-venv:
+	@[ "$$(cat $(PROTOC_VENV)/.pins 2>/dev/null)" = "$(PROTOC_PINS)" ] || { \
+		rm -rf $(PROTOC_VENV) && $(PROTOC_PYTHON) -m venv $(PROTOC_VENV) && \
+		$(PROTOC_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+			$(PROTOC_PINS) && \
+		echo "$(PROTOC_PINS)" > $(PROTOC_VENV)/.pins; }
+
+# Regenerate the gRPC code from protos/.
+proto: protoc-venv
+	$(PROTOC) $(call PROTOC_OUT,client) $(CLIENT_PROTOS)
+	$(if $(SERVER_PROTOS),$(PROTOC) $(call PROTOC_OUT,server) $(SERVER_PROTOS))
+
+# Fails when the committed code differs from what `make proto` would write now (tests/test_proto.py
+# runs it). With PROTO_DESCRIPTOR_SET=FILE it also writes the client .protos' descriptors, comments
+# included.
+PROTO_DESCRIPTORS = $(if $(PROTO_DESCRIPTOR_SET),--descriptor_set_out=$(PROTO_DESCRIPTOR_SET) \
+	--include_source_info)
+proto-check: protoc-venv
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && mkdir "$$tmp/client" "$$tmp/server" && \
+	$(PROTOC) $(call PROTOC_OUT,"$$tmp/client") $(PROTO_DESCRIPTORS) $(CLIENT_PROTOS) && \
+	$(if $(SERVER_PROTOS),$(PROTOC) $(call PROTOC_OUT,"$$tmp/server") $(SERVER_PROTOS) &&) \
+	stale= && for f in $$(cd "$$tmp" && find . -type f | sort); do \
+		cmp -s "$$tmp/$$f" "$$f" || stale="$$stale $${f#./}"; done && \
+	if [ -n "$$stale" ]; then echo "stale generated code, run \`make proto\`:$$stale" >&2; \
+		exit 1; fi
+
+# camserve beside tritonclient, at other protobuf and grpcio versions than .venv's newest: for each
+# SET in COMPAT_SETS, a venv .venv-compat-SET with camserve[server,compat] (tritonclient[grpc] and
+# pytest) installed under the constraints tests/compat/SET.txt, `pip check`, then COMPAT_TESTS.
+# floor.txt pins pyproject.toml's floors (the oldest end); tritonclient-2.73.txt pins tritonclient
+# 2.73.0, which needs protobuf 6.
+COMPAT_SETS ?= floor tritonclient-2.73
+# What runs there: add test files (or folders) to this list.
+COMPAT_TESTS := tests/test_client_without_torch.py tests/test_proto.py tests/test_oip.py tests/compat
+# Tests in those files that need the generator venv (the main suite runs them).
+COMPAT_SKIP := tests/test_proto.py::test_generated_code_is_fresh \
+	tests/test_proto.py::test_every_rpc_message_field_and_enum_value_has_a_comment
+
+.venv-compat-%/.installed: pyproject.toml tests/compat/%.txt
+	rm -rf .venv-compat-$*
+	$(PYTHON) -m venv .venv-compat-$*
+	.venv-compat-$*/bin/python -m pip install --quiet --disable-pip-version-check \
+		-c tests/compat/$*.txt -e '.[server,compat]'
+	touch $@
+
+test-compat: $(foreach set,$(COMPAT_SETS),.venv-compat-$(set)/.installed)
+	@for set in $(COMPAT_SETS); do \
+		py=.venv-compat-$$set/bin/python && \
+		echo "== compat $$set:" $$($$py -m pip freeze --disable-pip-version-check | \
+			grep -E '^(protobuf|grpcio[a-z-]*|googleapis-common-protos|tritonclient)==') && \
+		$$py -m pip check && \
+		$$py -m pytest -q -p no:cacheprovider $(COMPAT_TESTS) \
+			$(addprefix --deselect ,$(COMPAT_SKIP)) $(ARGS) || exit 1; \
+	done
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check client server tests bench

@@ -1,39 +1,51 @@
-"""The committed gRPC code is what the .proto generates, and the .proto documents everything."""
+"""The committed gRPC code is what the pinned generator makes of the .proto, it loads on the
+installed protobuf and grpcio without complaint, and the .proto documents everything."""
 
 from __future__ import annotations
 
-import filecmp
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = "camserve/v1/camserve.proto"
-GENERATED = ("camserve_pb2.py", "camserve_pb2.pyi", "camserve_pb2_grpc.py")
+FLOOR = ROOT / "tests/compat/floor.txt"
+# The distributions whose oldest supported versions tests/compat/floor.txt pins.
+FLOORED = ("grpcio", "protobuf", "grpcio-status", "googleapis-common-protos",
+           "grpcio-health-checking", "grpcio-reflection")
 
 
-def _protoc(*args):
-    grpc_tools = pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools not installed")
-    include = str(Path(grpc_tools.__file__).parent / "_proto")
-    assert grpc_tools.main(["protoc", f"-I{ROOT / 'protos'}", f"-I{include}", *args]) == 0
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    """`make proto-check`: the pinned generator (its venv is made on first use) regenerates the
+    code and compares it with the committed code; it also writes the .proto's descriptors."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make not found")
+    descriptors = tmp_path_factory.mktemp("proto") / "set.pb"
+    done = subprocess.run([make, "-s", "-C", str(ROOT), "proto-check",
+                           f"PROTO_DESCRIPTOR_SET={descriptors}"],
+                          capture_output=True, text=True, timeout=600)
+    return done, descriptors
 
 
-def test_generated_code_is_fresh(tmp_path):
-    _protoc(f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}", PROTO)
-    stale = [name for name in GENERATED
-             if not filecmp.cmp(tmp_path / "camserve/v1" / name,
-                                ROOT / "client/camserve/v1" / name, shallow=False)]
-    assert not stale, f"generated code is stale, run `make proto`: {stale}"
+def test_generated_code_is_fresh(generator):
+    done, _ = generator
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_every_rpc_message_field_and_enum_value_has_a_comment(tmp_path):
+def test_every_rpc_message_field_and_enum_value_has_a_comment(generator):
     from google.protobuf import descriptor_pb2
 
-    out = tmp_path / "set.pb"
-    _protoc(f"--descriptor_set_out={out}", "--include_source_info", PROTO)
-    files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
-    source = files.file[0]
+    done, descriptors = generator
+    assert descriptors.exists(), f"the generator failed: {done.stdout}{done.stderr}"
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptors.read_bytes())
+    source = next(f for f in files.file if f.name == PROTO)
     commented = {tuple(loc.path) for loc in source.source_code_info.location
                  if loc.leading_comments.strip() or loc.trailing_comments.strip()}
     missing = []
@@ -54,3 +66,73 @@ def test_every_rpc_message_field_and_enum_value_has_a_comment(tmp_path):
             if (6, s, 2, r) not in commented:
                 missing.append(f"{service.name}.{method.name}")
     assert not missing, f"document these in {PROTO}: {missing}"
+
+
+def test_generated_code_loads_without_warnings_on_this_protobuf_and_grpcio():
+    """No version check fails or warns, and every message survives a round trip."""
+    script = textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("error")
+        import grpc
+        from google.protobuf import __version__ as protobuf
+        from camserve.v1 import camserve_pb2, camserve_pb2_grpc
+        for name, message in camserve_pb2.DESCRIPTOR.message_types_by_name.items():
+            cls = getattr(camserve_pb2, name)
+            assert cls.FromString(cls().SerializeToString()) == cls(), name
+        services = camserve_pb2.DESCRIPTOR.services_by_name
+        assert services and all(hasattr(camserve_pb2_grpc, s + "Stub") for s in services)
+        print("protobuf", protobuf, "grpcio", grpc.__version__)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def _declared_floors() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["server"]
+    floors = {}
+    for requirement in requirements:
+        found = re.match(r"([A-Za-z0-9._-]+)\s*(?:\[[^]]*\])?\s*(.*)", requirement)
+        name, spec = found.group(1).lower(), found.group(2)
+        low = re.search(r">=\s*([0-9][0-9.]*)", spec)
+        if name in FLOORED:
+            assert low, f"pyproject.toml: {requirement!r} has no floor"
+            floors[name] = low.group(1)
+    return floors
+
+
+def _tested_floors() -> dict:
+    pins = {}
+    for line in FLOOR.read_text().splitlines():
+        found = re.match(r"\s*([A-Za-z0-9._-]+)\s*==\s*([0-9][0-9.]*)", line)
+        if found:
+            pins[found.group(1).lower()] = found.group(2)
+    return pins
+
+
+def test_compat_run_tests_exactly_the_declared_floors():
+    """`make test-compat` installs tests/compat/floor.txt: what pyproject.toml promises."""
+    declared, tested = _declared_floors(), _tested_floors()
+    assert set(declared) == set(FLOORED)
+    assert {name: tested.get(name) for name in declared} == declared, (
+        f"pyproject.toml's floors {declared} differ from {FLOOR.relative_to(ROOT)}'s pins")
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_generated_code_needs_no_newer_protobuf_or_grpcio_than_the_floors():
+    """Newer generators write version checks into the code: they must not exceed the floors."""
+    floors = _declared_floors()
+    v1 = ROOT / "client/camserve/v1"
+    pb2 = (v1 / "camserve_pb2.py").read_text()
+    pb2_grpc = (v1 / "camserve_pb2_grpc.py").read_text()
+    check = re.search(r"ValidateProtobufRuntimeVersion\(\s*[\w.]+,\s*(\d+),\s*(\d+),\s*(\d+)", pb2)
+    if check:
+        assert _version(".".join(check.groups())) <= _version(floors["protobuf"])
+    grpc_check = re.search(r"GRPC_GENERATED_VERSION\s*=\s*'([0-9.]+)'", pb2_grpc)
+    if grpc_check:
+        assert _version(grpc_check.group(1)) <= _version(floors["grpcio"])
