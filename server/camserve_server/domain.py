@@ -22,6 +22,12 @@ class LayerInfo:
     channels: int
     height: int
     width: int
+    # How the layer's output holds that grid: "nchw" (batch, channels, height, width), as a
+    # conv layer; "tokens" (batch, prefix_tokens + height*width, channels), as a ViT block,
+    # whose first prefix_tokens tokens (class, distillation, register tokens) are no patch;
+    # "nhwc" (batch, height, width, channels), as a Swin stage.
+    layout: str = "nchw"
+    prefix_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ explaining items, of their r-th target logit gives every item's gradient for tha
 backward passes as the most targets any item asked for, whatever the mix of methods and layers.
 A batch whose maps need no gradient (EigenCAM, Score-CAM) runs no backward at all. Items are
 independent (eval mode), so each item's answer does not depend on its batch mates.
+
+A layer may hold its grid as tokens (ViT) or channels last (Swin) instead of (N, C, h, w): its
+activations and gradients are recorded as the layer returns them (the gradient is taken with
+respect to that very tensor), and turned into (N, C, h, w) (``tokens.to_nchw``) just before a CAM
+method sees them, so that every method works on every layout unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ..errors import BatchFailed, OutOfMemory
 from . import faithfulness
 from .cams import METHODS, CamInputs
 from .models import LoadedModel
+from .tokens import to_nchw
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -47,6 +53,7 @@ class Engine:
         self._pin = device.type == "cuda"
         self._recording: Optional[frozenset] = None
         self._activations: Dict[str, torch.Tensor] = {}
+        self._layers = {info.name: info for info in model.card.layers}
         modules = dict(model.module.named_modules())
         self._hooks = [modules[info.name].register_forward_hook(self._hook(info.name))
                        for info in model.card.layers]
@@ -67,9 +74,15 @@ class Engine:
                 acts = output.detach().requires_grad_()
             self._activations[name] = acts
             # Hand a copy downstream so that in-place ops after the layer (e.g. ReLU(inplace))
-            # cannot change the activations we explain.
+            # cannot change the activations we explain. Kept in the layer's own layout: the
+            # gradient is taken with respect to this tensor; _grid turns both into (N, C, h, w).
             return acts.clone()
         return hook
+
+    def _grid(self, layer: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A layer's activations or gradients as (N, C, h, w); conv layers' as they are."""
+        info = self._layers[layer]
+        return to_nchw(tensor, info.layout, info.prefix_tokens, info.height, info.width)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 or float (n, H, W, 3) pixels in 0..255 → the model's normalised input."""
@@ -166,10 +179,11 @@ class Engine:
                 index = torch.tensor(rows, device=x.device)
                 grads = None
                 if METHODS[method].needs_gradient:
-                    grads = gradients[rank][layer][index]
+                    grads = self._grid(layer, gradients[rank][layer][index])
                     grads = -grads if counterfactual else grads
                 cams = METHODS[method].compute(CamInputs(
-                    activations=acts[layer][index], gradients=grads, inputs=x[index],
+                    activations=self._grid(layer, acts[layer][index]), gradients=grads,
+                    inputs=x[index],
                     targets=torch.tensor([targets[i][rank] for i in rows], device=x.device),
                     forward=self.forward, max_channels=channels, chunk=self._chunk))
                 if not signed:

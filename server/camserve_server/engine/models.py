@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,6 +22,7 @@ from torch import nn
 from ..domain import LayerInfo, ModelCard
 from ..errors import StartupError
 from ..process.settings import DEFAULT_MODEL, Settings
+from . import tokens
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ class _Built:
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
     hookable: bool = True
+    labels: Optional[Tuple[str, ...]] = None  # the model's own class names (Hugging Face)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -79,7 +84,7 @@ def load_model(settings: Settings) -> LoadedModel:
     std = settings.std or built.std
 
     probe = _probe(module, input_size, device, hookable=built.hookable)
-    labels = _labels(settings.labels, probe.num_classes)
+    labels = _labels(settings.labels, probe.num_classes, built.labels)
     layers = _layers(settings.layers, probe, hookable=built.hookable, model=settings.model)
     card = ModelCard(name=settings.model, labels=labels, input_size=tuple(input_size),
                      mean=tuple(mean), std=tuple(std), layers=layers, device=str(device))
@@ -102,9 +107,11 @@ def _build(settings: Settings) -> _Built:
         return _build_torchscript(rest, settings.weights)
     if source == "python" and rest:
         return _build_python(rest, settings.weights)
+    if source == "hf" and rest:
+        return _build_hf(rest, settings.weights)
     raise StartupError(
         f"--model {settings.model!r} is not a model source; use {DEFAULT_MODEL}, "
-        "torchvision:NAME, timm:NAME, torchscript:PATH or python:MODULE:FACTORY")
+        "torchvision:NAME, timm:NAME, torchscript:PATH, python:MODULE:FACTORY or hf:PATH")
 
 
 def _build_default(weights: Optional[str]) -> _Built:
@@ -201,6 +208,123 @@ def _build_python(spec: str, weights: Optional[str]) -> _Built:
     return _Built(module, (224, 224), IMAGENET_MEAN, IMAGENET_STD)
 
 
+class HuggingFaceClassifier(nn.Module):
+    """A ``transformers`` image classifier as a plain module: ``forward(x)`` returns the logits
+    tensor instead of a ModelOutput.
+
+    The wrapped model's submodules are registered here under their own names (``vit.layers.11.
+    layernorm_before``, as ``print(model)`` shows them), so ``--layer`` takes the names of the
+    Hugging Face documentation. The wrapped model itself is kept unregistered; a model with
+    parameters or buffers of its own (not in a submodule) is registered whole, as ``model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        own = list(model.parameters(recurse=False)) + list(model.buffers(recurse=False))
+        if own:
+            self.model = model
+        else:
+            self.__dict__["model"] = model
+            for name, child in model.named_children():
+                self.add_module(name, child)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def _build_hf(path: str, weights: Optional[str]) -> _Built:
+    """A folder written by ``save_pretrained``: config.json (labels in ``id2label``), the
+    weights, and preprocessor_config.json when saved with the image processor."""
+    if weights is not None:
+        raise StartupError("a Hugging Face folder holds its own weights; drop --weights")
+    # Offline before transformers (and huggingface_hub) read their settings; local_files_only
+    # below is what guarantees it even if they were imported earlier.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from transformers import AutoModelForImageClassification
+    except ImportError:
+        raise StartupError("hf: models need the transformers package: "
+                           "pip install 'camserve[hf]'") from None
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise StartupError(f"hf:{path}: not a folder saved with save_pretrained "
+                           "(no config.json in it)")
+    try:
+        model = AutoModelForImageClassification.from_pretrained(str(folder),
+                                                                local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StartupError(f"hf:{path}: transformers cannot load an image classifier from it: "
+                           f"{first}") from None
+    model = model.float().eval()
+    config = model.config
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    labels = (tuple(id2label[i] for i in range(len(id2label)))
+              if set(id2label) == set(range(len(id2label))) and id2label else None)
+    size, mean, std = _hf_preprocessing(folder, config)
+    return _Built(HuggingFaceClassifier(model), size, mean, std, labels=labels)
+
+
+def _hf_preprocessing(folder: Path, config) -> Tuple[Tuple[int, int], Tuple[float, ...],
+                                                     Tuple[float, ...]]:
+    """Input size, mean and std from preprocessor_config.json, else from the model config.
+
+    The size is the center crop when the processor crops, else its resize (height/width, or a
+    square of shortest_edge); camserve resizes the whole image to it, without cropping. The
+    processor computes (x * rescale_factor - mean) / std from 0..255 pixels; camserve computes
+    (x / 255 - mean') / std', so mean' = mean / (255 rescale_factor), and the same for std."""
+    file = folder / "preprocessor_config.json"
+    processor: dict = {}
+    if file.is_file():
+        try:
+            processor = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot read {str(file)!r}: {exc}") from None
+    size = None
+    if processor.get("do_center_crop") and processor.get("crop_size") is not None:
+        size = _hf_size(processor["crop_size"])
+    if size is None and processor.get("do_resize", True):
+        size = _hf_size(processor.get("size"))
+    if size is None:
+        size = _hf_size(getattr(config, "image_size", None)) or (224, 224)
+    mean = processor.get("image_mean", getattr(config, "image_mean", None))
+    std = processor.get("image_std", getattr(config, "image_std", None))
+    if not processor.get("do_normalize", True):
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if mean is None or std is None:
+        log.warning("%s says no mean/std: normalising with ImageNet's; pass --mean and --std "
+                    "if the model was trained otherwise", folder)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    mean, std = _three(mean), _three(std)
+    factor = float(processor.get("rescale_factor", 1 / 255)) if processor.get(
+        "do_rescale", True) else 1.0
+    if not math.isclose(factor * 255.0, 1.0, rel_tol=1e-6):
+        mean = tuple(m / (255.0 * factor) for m in mean)
+        std = tuple(s / (255.0 * factor) for s in std)
+    return size, mean, std
+
+
+def _hf_size(value) -> Optional[Tuple[int, int]]:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return (int(value[0]), int(value[1]))
+    if isinstance(value, dict):
+        if "height" in value and "width" in value:
+            return (int(value["height"]), int(value["width"]))
+        if "shortest_edge" in value:
+            return (int(value["shortest_edge"]),) * 2
+    return None
+
+
+def _three(values) -> Tuple[float, float, float]:
+    values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    values = values * 3 if len(values) == 1 else values
+    if len(values) != 3:
+        raise StartupError(f"the Hugging Face preprocessing has {len(values)} mean/std values; "
+                           "pass --mean and --std (R,G,B)")
+    return tuple(values)
+
+
 # --- weights -------------------------------------------------------------------------------
 
 
@@ -266,6 +390,10 @@ class _Probe:
     num_classes: int
     # Modules in the order their forward finished: (name, output shape or None, call count).
     modules: Tuple[Tuple[str, Optional[Tuple[int, ...]], int], ...]
+    input_size: Tuple[int, int] = (224, 224)
+    hints: tokens.Hints = tokens.Hints()
+    # Every module by name (also those that did not run, such as a ModuleList).
+    named: Optional[Dict[str, nn.Module]] = None
 
 
 def _probe(module: nn.Module, input_size, device, *, hookable: bool) -> _Probe:
@@ -298,10 +426,14 @@ def _probe(module: nn.Module, input_size, device, *, hookable: bool) -> _Probe:
     if not torch.is_tensor(out) or out.ndim != 2 or out.shape[0] != 1:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise StartupError(f"the model must return (batch, classes) logits; it returned {shape}")
-    return _Probe(int(out.shape[1]), tuple((n, shapes[n], calls[n]) for n in finished))
+    named = dict(module.named_modules()) if hookable else {}
+    hints = tokens.model_hints(module, shapes, finished) if hookable else tokens.Hints()
+    return _Probe(int(out.shape[1]), tuple((n, shapes[n], calls[n]) for n in finished),
+                  tuple(input_size), hints, named)
 
 
-def _labels(path: Optional[str], num_classes: int) -> Tuple[str, ...]:
+def _labels(path: Optional[str], num_classes: int,
+            own: Optional[Tuple[str, ...]] = None) -> Tuple[str, ...]:
     if path is not None:
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -312,13 +444,28 @@ def _labels(path: Optional[str], num_classes: int) -> Tuple[str, ...]:
             raise StartupError(f"labels file {path!r} has {len(labels)} labels, the model "
                                  f"has {num_classes} classes")
         return labels
+    if own is not None and len(own) == num_classes:
+        return own
     if num_classes == 1000:
         return imagenet_labels()
     return tuple(f"class {i}" for i in range(num_classes))
 
 
-def _explainable(shape, calls) -> bool:
-    return calls == 1 and shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
+def _grid(name: str, shape, calls: int, probe: _Probe) -> tokens.Grid:
+    """The layer's layout and grid (``tokens.find_grid``); ValueError says why it has none."""
+    if calls != 1:
+        raise ValueError(f"runs {calls} times per forward")
+    return tokens.find_grid(shape, probe.input_size, probe.hints,
+                            (probe.named or {}).get(name))
+
+
+def _explainable(name: str, shape, calls: int, probe: _Probe) -> Optional[tokens.Grid]:
+    """The grid of a module run once per forward whose output is (N, C, h, w), (N, tokens, C)
+    or (N, h, w, C) with more than one cell; None for any other module."""
+    try:
+        return _grid(name, shape, calls, probe)
+    except ValueError:
+        return None
 
 
 def _layers(names, probe: _Probe, *, hookable: bool, model: str) -> Tuple[LayerInfo, ...]:
@@ -330,25 +477,90 @@ def _layers(names, probe: _Probe, *, hookable: bool, model: str) -> Tuple[LayerI
         return ()
     found = {n: (shape, calls) for n, shape, calls in probe.modules}
     if not names:
-        candidates = [n for n, shape, calls in probe.modules if _explainable(shape, calls)]
+        # A default must tile the image; --layer may also name a 4-D output that does not
+        # (such as attention's (N, heads, tokens, dim)), read as (N, C, h, w) as it always was.
+        candidates = [(n, grid) for n, shape, calls in probe.modules
+                      if (grid := _explainable(n, shape, calls, probe)) is not None
+                      and tokens.fits(grid.height, grid.width, probe.input_size)]
         if not candidates:
-            log.warning("no module of %s has a 4-D output with a spatial grid; Explain is off",
-                        model)
+            log.warning("no module of %s has an output with a spatial grid (batch, channels, "
+                        "height, width), tokens or channels-last; Explain is off", model)
             return ()
-        names = (candidates[-1],)
+        names = (_default_layer(candidates, probe),)
     layers = []
     for name in names:
         if name not in found:
             raise StartupError(f"--layer {name!r}: the model has no module of that name"
                                  f"{_suggest(name, list(found))}")
         shape, calls = found[name]
-        if not _explainable(shape, calls):
-            why = (f"runs {calls} times per forward" if calls != 1
-                   else f"has output shape {shape}, not (batch, channels, height, width)")
-            raise StartupError(f"--layer {name!r} cannot be explained: it {why}")
+        try:
+            grid = _grid(name, shape, calls, probe)
+        except ValueError as exc:
+            raise StartupError(f"--layer {name!r} cannot be explained: it {exc}") from None
         if name not in [info.name for info in layers]:
-            layers.append(LayerInfo(name, shape[1], shape[2], shape[3]))
+            layers.append(LayerInfo(name, grid.channels, grid.height, grid.width,
+                                    layout=grid.layout, prefix_tokens=grid.prefix_tokens))
     return tuple(layers)
+
+
+def _default_layer(candidates: Sequence[Tuple[str, tokens.Grid]], probe: _Probe) -> str:
+    """The layer explained when ``--layer`` is not given, from the explainable modules (whose
+    grid fits the image) in the order their forward finished:
+
+    - The last one holds tokens (ViT, DeiT, their Hugging Face versions): the first norm of the
+      last transformer block (timm ``blocks[-1].norm1``, torchvision ``encoder.layers[-1].ln_1``,
+      Hugging Face ``layers[-1].layernorm_before``), as pytorch-grad-cam's documentation and the
+      literature do. Later layers do not work with a class token: after the last block's
+      attention only the class token reaches the logits, so the patch tokens' gradients are 0.
+    - The last one is channels-last, or the model says it is (Swin): the last channels-last
+      module, the model's final LayerNorm over the last stage (timm and torchvision ``norm``,
+      (N, 7, 7, 768) on Swin-T): the last stage's features at the coarsest grid, every position
+      of which reaches the global average pooling, as a CNN's last block does. Not the stage's
+      own output (timm ``layers[-1]``, torchvision ``features[-1]``): a per-position LayerNorm
+      follows it, and a LayerNorm's output does not change when its input is scaled or shifted,
+      so the gradient at each position is orthogonal to the activations there: sum_k g_k A_k = 0,
+      and HiResCAM (gradient x activation) is zero up to rounding (measured: 1/500 000 of the
+      terms' magnitude). Not pytorch-grad-cam's tutorial choice ``layers[-1].blocks[-1].norm2``
+      either: it sees only the last block's MLP branch, not the residual stream around it.
+    - Otherwise (CNNs): the last module with an (N, C, h, w) output, as before token layouts.
+    """
+    name, grid = candidates[-1]
+    if grid.layout == "tokens":
+        block = _last_block(candidates, probe)
+        if block is None:
+            return name
+        norms = [n for n, g in candidates if n.startswith(block + ".") and g.layout == "tokens"
+                 and _is_norm((probe.named or {}).get(n))]
+        return norms[0] if norms else block
+    if grid.layout == "nhwc" or probe.hints.channels_last:
+        channels_last = [n for n, g in candidates if g.layout == "nhwc"]
+        if channels_last:
+            return channels_last[-1]
+    return name
+
+
+def _last_block(candidates, probe: _Probe) -> Optional[str]:
+    """The last transformer block: walking back from the last token layer, the nearest module
+    (itself or an ancestor) that has submodules and a sibling of its own class (``blocks.11``
+    beside ``blocks.0..10``)."""
+    named = probe.named or {}
+    for name in reversed([n for n, g in candidates if g.layout == "tokens"]):
+        parts = name.split(".")
+        for depth in range(len(parts), 0, -1):
+            here = ".".join(parts[:depth])
+            module = named.get(here)
+            if module is None or next(module.children(), None) is None:
+                continue
+            parent = ".".join(parts[:depth - 1])
+            if any(other and other != here and other.rpartition(".")[0] == parent
+                   and type(sibling) is type(module) for other, sibling in named.items()):
+                return here
+    return None
+
+
+def _is_norm(module: Optional[nn.Module]) -> bool:
+    return module is not None and (isinstance(module, nn.LayerNorm)
+                                   or "norm" in type(module).__name__.lower())
 
 
 def _suggest(name: str, choices) -> str:
