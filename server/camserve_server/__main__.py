@@ -1,4 +1,7 @@
-"""``camserve-server`` / ``python -m camserve_server``: run the server until SIGTERM or SIGINT."""
+"""``camserve-server`` / ``python -m camserve_server``: run the server until SIGTERM or SIGINT.
+
+With ``--workers N`` (N > 1) this process supervises N worker processes (process/workers.py),
+each of them this same command with ``--worker-index``."""
 
 from __future__ import annotations
 
@@ -10,16 +13,26 @@ from typing import Optional, Sequence
 
 from .errors import StartupError
 from .process import logs
-from .process.server import CamServer
 from .process.settings import parse_settings
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     settings = parse_settings(argv)
     logs.configure(settings.log_level, settings.log_format)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    if settings.workers > 1 and not settings.worker_index:
+        from .process.workers import supervise
+
+        return supervise(settings, argv, stop)
+    if settings.worker_index:
+        from .process.workers import become_worker
+
+        settings = become_worker(settings)
+    from .process.server import CamServer
+
     server = CamServer(settings)
     try:
         port = server.listen()

@@ -2,13 +2,26 @@
 ``--metrics-port`` when it is set.
 
 Names start with ``camserve_``. Times are in seconds, as Prometheus expects.
+
+With ``--workers N`` every worker process writes its numbers to a folder that the supervisor
+shares with them (prometheus_client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR``), and
+only the supervisor serves ``/metrics`` (:class:`SupervisorMetrics`): counters and histograms
+are summed over the workers (a restarted worker's past counts stay in), ``camserve_queue_depth``
+is the items waiting summed over the live workers, and ``camserve_requests_total``,
+``camserve_state`` and ``camserve_device_memory_bytes`` carry a ``worker`` label (1..N). A
+single process exports the same names without that label.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import logging
+import threading
+from typing import Callable, Dict, List, Optional, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger(__name__)
 
 # Latency buckets from 1 ms to 60 s.
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -17,15 +30,47 @@ _BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 
 STATES = ("loading", "serving", "recovering", "draining", "stopped")
 
+# How often a worker copies the gauges that are functions (queue depth, device memory) into
+# the shared folder, where set_function cannot reach.
+POLL_S = 0.5
+
+
+def multiprocess() -> bool:
+    """Whether prometheus_client writes this process's values to PROMETHEUS_MULTIPROC_DIR
+    (decided once, when prometheus_client was first imported)."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+class _WorkerLabel:
+    """A labelled metric whose last label, ``worker``, is this process's: callers name the
+    other labels only, as they do in a single process."""
+
+    def __init__(self, metric, worker: str) -> None:
+        self._metric = metric
+        self._worker = worker
+
+    def labels(self, *labels: str):
+        return self._metric.labels(*labels, self._worker)
+
 
 class Metrics:
-    """Every number the server exports. Thread-safe (prometheus_client's metrics are)."""
+    """Every number the server exports. Thread-safe (prometheus_client's metrics are).
 
-    def __init__(self) -> None:
+    ``worker``: this process's index (1..N) when it is one of the supervisor's worker
+    processes; its numbers then go to the shared folder (``shared`` is True) and it serves no
+    /metrics of its own. Without a shared folder (prometheus_client not in multiprocess mode)
+    the index is ignored and the process exports its numbers itself.
+    """
+
+    def __init__(self, worker: Optional[int] = None) -> None:
+        self.shared = worker is not None and multiprocess()
+        self.worker = worker if self.shared else None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("camserve_requests", "RPCs answered, by RPC and status code",
-                                ["rpc", "code"], registry=r)
+        by_worker = ["worker"] if self.shared else []
+        requests = Counter("camserve_requests", "RPCs answered, by RPC and status code"
+                           + (" and worker process" if self.shared else ""),
+                           ["rpc", "code", *by_worker], registry=r)
         self.latency = Histogram("camserve_request_seconds",
                                  "End-to-end handler time of an RPC, by RPC", ["rpc"],
                                  buckets=_SECONDS, registry=r)
@@ -48,39 +93,138 @@ class Metrics:
                                   registry=r)
         self.worker_restarts = Counter("camserve_worker_restarts",
                                        "Batcher worker threads restarted after dying", registry=r)
+        # Gauges of several processes: the queue's depth adds up over the live workers (the
+        # HPA's metric keeps its meaning: items waiting in the pod); a state and a device's
+        # memory are each worker's own (its label), the load time the slowest worker's.
         self.queue_depth = Gauge("camserve_queue_depth", "Items waiting in the batcher's queue",
-                                 registry=r)
+                                 registry=r, multiprocess_mode="livesum")
         self.model_load = Gauge("camserve_model_load_seconds",
-                                "Time it took to load the model", registry=r)
-        self.state = Gauge("camserve_state", "1 for the server's current state", ["state"],
-                           registry=r)
+                                "Time it took to load the model", registry=r,
+                                multiprocess_mode="livemax")
+        state = Gauge("camserve_state", "1 for the server's current state", ["state", *by_worker],
+                      registry=r, multiprocess_mode="livesum")
+        if self.shared:
+            requests, state = (_WorkerLabel(m, str(worker)) for m in (requests, state))
+        self.requests, self.state = requests, state
         self.set_state("loading")
         self._http = None
+        self._watched: List[Tuple[Gauge, Callable[[], float]]] = []
+        self._poller: Optional[threading.Thread] = None
+        self._closed = threading.Event()
 
     def set_state(self, state: str) -> None:
         for name in STATES:
             self.state.labels(name).set(1 if name == state else 0)
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
-        self.queue_depth.set_function(depth)
+        self._watch(self.queue_depth, depth)
 
     def watch_device_memory(self, allocated: Callable[[], float]) -> None:
-        Gauge("camserve_device_memory_bytes", "Device memory held by tensors (CUDA)",
-              registry=self.registry).set_function(allocated)
+        gauge = Gauge("camserve_device_memory_bytes", "Device memory held by tensors (CUDA)",
+                      ["worker"] if self.shared else [], registry=self.registry,
+                      multiprocess_mode="livesum")
+        self._watch(gauge.labels(str(self.worker)) if self.shared else gauge, allocated)
+
+    def _watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """A gauge that is a function's value: read at each scrape in a single process; in a
+        worker (set_function cannot reach the shared folder), copied there every POLL_S."""
+        if not self.shared:
+            gauge.set_function(read)
+            return
+        gauge.set(read())
+        self._watched.append((gauge, read))
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll, name="camserve-metrics",
+                                            daemon=True)
+            self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._closed.wait(POLL_S):
+            for gauge, read in self._watched:
+                try:
+                    gauge.set(read())
+                except Exception:  # a gauge must never take the server down
+                    log.debug("reading a gauge failed", exc_info=True)
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the bound port."""
-        from prometheus_client import start_http_server
-
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = _serve(self.registry, host, port)
         return self._http.server_port
 
     def close(self) -> None:
+        self._closed.set()
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            _shut(self._http)
             self._http = None
 
     @property
     def port(self) -> Optional[int]:
         return self._http.server_port if self._http is not None else None
+
+
+class SupervisorMetrics:
+    """The supervisor's /metrics: its workers' numbers merged from the shared folder, and the
+    supervisor's own: ``camserve_worker_up`` (1 while a worker process runs) and
+    ``camserve_worker_process_restarts_total``, both by ``worker``. Thread-safe."""
+
+    def __init__(self, path: str, workers: int) -> None:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.path = path
+        self.registry = CollectorRegistry()
+        self._lock = threading.Lock()
+        self._up: Dict[int, int] = {i: 0 for i in range(1, workers + 1)}
+        self._restarts: Dict[int, int] = {i: 0 for i in range(1, workers + 1)}
+        self._http = None
+        MultiProcessCollector(self.registry, path=path)
+        self.registry.register(self)
+
+    def started(self, worker: int) -> None:
+        with self._lock:
+            self._up[worker] = 1
+
+    def exited(self, worker: int, pid: int, restarting: bool) -> None:
+        """A worker's process ended: its live gauges leave the merge (its counts stay)."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        mark_process_dead(pid, self.path)
+        with self._lock:
+            self._up[worker] = 0
+            self._restarts[worker] += 1 if restarting else 0
+
+    def collect(self):
+        with self._lock:
+            up, restarts = dict(self._up), dict(self._restarts)
+        family = GaugeMetricFamily("camserve_worker_up",
+                                   "1 while the worker process runs (it may still be loading: "
+                                   "see camserve_state)", labels=["worker"])
+        for worker, value in up.items():
+            family.add_metric([str(worker)], value)
+        yield family
+        family = CounterMetricFamily("camserve_worker_process_restarts",
+                                     "Worker processes restarted after they died",
+                                     labels=["worker"])
+        for worker, value in restarts.items():
+            family.add_metric([str(worker)], value)
+        yield family
+
+    def serve(self, host: str, port: int) -> int:
+        self._http = _serve(self.registry, host, port)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            _shut(self._http)
+            self._http = None
+
+
+def _serve(registry: CollectorRegistry, host: str, port: int):
+    from prometheus_client import start_http_server
+
+    http, _ = start_http_server(port, addr=host, registry=registry)
+    return http
+
+
+def _shut(http) -> None:
+    http.shutdown()
+    http.server_close()

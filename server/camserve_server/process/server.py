@@ -66,7 +66,8 @@ class CamServer:
         self.settings = settings
         self.port: Optional[int] = None
         self.model = None
-        self.metrics = Metrics()
+        # A worker of --workers N shares its metrics with the supervisor, which serves them.
+        self.metrics = Metrics(worker=settings.worker_index or None)
         self._service = CamserveService(settings.model)
         self._health: Optional[HealthServicer] = None
         self._grpc: Optional[aio.Server] = None
@@ -100,7 +101,7 @@ class CamServer:
             self._thread.start()
         self.port = self._on_loop(self._listen())
         s = self.settings
-        if s.metrics_port is not None:
+        if s.metrics_port is not None and not self.metrics.shared:
             metrics_port = self.metrics.serve(s.metrics_address, s.metrics_port)
             log.info("metrics on http://%s:%d/metrics", s.metrics_address, metrics_port)
         return self.port

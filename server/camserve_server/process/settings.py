@@ -41,7 +41,7 @@ class Settings:
     decode_threads: int = 0
     # Server processes sharing the port, each with a model replica (--workers auto: from the
     # cores or GPUs). worker_index is this process's number (0: the only process; 1..N: a
-    # worker of the supervisor); it is set by the supervisor, not by a flag.
+    # worker of the supervisor); the supervisor sets it (hidden flag --worker-index).
     workers: int = 1
     worker_index: int = 0
     torch_threads: int = 0  # torch's intra-op threads per process (0: cores / workers)
@@ -169,16 +169,27 @@ def _workers(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
+# --workers auto on CPU: at most this many processes (each holds a model replica and its own
+# torch, about 0.8 GB for the default model).
+MAX_AUTO_CPU_WORKERS = 4
+
+
 def auto_workers() -> int:
-    """--workers auto: one process per GPU when there are several; on CPU, one process (it
-    uses every core through torch's threads; see the README's scaling table)."""
+    """--workers auto: one process per GPU when there are several, one with a single GPU; on
+    CPU, one process per core up to MAX_AUTO_CPU_WORKERS (torch threads: the cores divided
+    among them). On 2 cores, 2 workers x 1 torch thread answered 14-60 % more images/s than 1 x
+    2, at a lower p50 (bench/bench_workers.py, the README's table): a process's
+    decoding and gRPC work runs beside the other's model, and one-thread convolutions waste
+    less than two threads splitting small batches."""
     try:
         import torch
 
         gpus = torch.cuda.device_count()
     except ImportError:
         gpus = 0
-    return gpus if gpus > 1 else 1
+    if gpus:
+        return gpus
+    return max(1, min(MAX_AUTO_CPU_WORKERS, os.cpu_count() or 1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_workers, default=d.workers,
                    help="server processes sharing the port, each with a model replica; "
                    "'auto' picks from the cores or GPUs (default %(default)s)")
+    p.add_argument("--worker-index", type=int, default=d.worker_index, help=argparse.SUPPRESS)
     p.add_argument("--torch-threads", type=int, default=d.torch_threads,
                    help="torch threads per process (0: the cores divided by --workers)")
     p.add_argument("--max-streams", type=int, default=d.max_streams,

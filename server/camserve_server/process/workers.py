@@ -1,0 +1,327 @@
+"""``--workers N``: N server processes on one port, supervised by the process that was started.
+
+The supervisor (this module's :func:`supervise`, run by ``camserve-server`` when N > 1) starts
+no gRPC server and loads no model (it imports torch only when ``--workers auto`` counts GPUs);
+its workers are fresh interpreters, never forks of it. It:
+
+- chooses the port: it binds it without SO_REUSEPORT first, so a port that anything listens
+  on, even another group of SO_REUSEPORT servers, is refused (exit status 2) instead of being
+  silently shared; then it keeps a SO_REUSEPORT socket bound there, never listening (the kernel
+  sends it no connection), so that no one takes the port while its workers start or restart.
+  It prints ``camserve-server listening on HOST:PORT`` once, as a single process does;
+- starts N workers, each a fresh interpreter (``python -m camserve_server`` with the same flags
+  and ``--worker-index 1..N``): a normal server that binds the same port with SO_REUSEPORT and
+  has its own model replica, batcher and torch threads (cores / N unless --torch-threads). The
+  kernel spreads *connections* over the workers. When all serve, it prints ``camserve-server
+  serving MODEL on HOST:PORT``;
+- restarts a worker that dies, after a backoff that doubles with each death in a row (0.5 s to
+  30 s; a worker that served for a minute starts again from 0.5 s). A worker that exits with
+  status 2 before it served (StartupError: bad model, bad flags, busy port...) stops the whole
+  server with status 2: restarting would fail the same way;
+- on SIGTERM or SIGINT, sends SIGTERM to every worker (each drains its calls within
+  --grace-s, as a single process does), waits for them, kills any still alive after grace + 10
+  s, and exits 0;
+- serves /metrics (``--metrics-port``) for all workers together: the workers write their
+  numbers to a fresh folder (PROMETHEUS_MULTIPROC_DIR), removed at exit.
+
+A worker dies with its supervisor: the kernel sends it SIGTERM (PR_SET_PDEATHSIG) when the
+supervisor goes, however it goes, and it drains and exits. Its log lines start with
+``worker I:``; the supervisor logs ``worker I started (pid P)`` for each start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional, Sequence, Tuple
+
+from .metrics import SupervisorMetrics
+from .settings import Settings
+
+log = logging.getLogger("camserve_server.workers")
+
+BACKOFF_S = 0.5  # the first restart's delay; doubled for each death in a row
+MAX_BACKOFF_S = 30.0
+STABLE_S = 60.0  # a worker that served this long starts its backoff over
+KILL_MARGIN_S = 10.0  # on shut-down, workers alive after grace + this are killed
+FATAL_GRACE_S = 5.0  # after a start-up failure, the other workers get this long
+STARTUP_FAILED = 2  # a worker's exit status for StartupError (and for bad flags)
+SUPERVISOR_PID = "_CAMSERVE_SUPERVISOR_PID"  # in a worker's environment
+
+SERVING = "camserve-server serving "  # the lines a server prints on stdout
+LISTENING = "camserve-server listening on "
+METRICS = "camserve-server metrics on "
+
+
+# --- the supervisor ------------------------------------------------------------------------
+
+def supervise(settings: Settings, argv: Sequence[str], stop: threading.Event) -> int:
+    """Run ``settings.workers`` worker processes until ``stop`` is set (by SIGTERM/SIGINT);
+    the exit status: 0, or 2 when the port or a worker's start-up failed."""
+    return Supervisor(settings, argv).run(stop)
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: Optional[subprocess.Popen] = None
+        self.starts = 0
+        self.serving_since: Optional[float] = None  # since it said it serves (this start)
+        self.deaths = 0  # in a row, for the backoff
+        self.restart_at = 0.0
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, argv: Sequence[str]) -> None:
+        self.settings = settings
+        self.argv = list(argv)
+        self.workers = [_Worker(i) for i in range(1, settings.workers + 1)]
+        self.port = 0
+        self.folder = ""
+        self.metrics: Optional[SupervisorMetrics] = None
+        self._events: queue.Queue = queue.Queue()  # (index, pid) of a worker that serves
+
+    def run(self, stop: threading.Event) -> int:
+        s = self.settings
+        try:
+            keeper, self.port = reserve_port(s.host, s.port)
+        except OSError as exc:
+            print(f"camserve-server: cannot listen on {s.host}:{s.port}: {exc.strerror or exc}"
+                  "; pass another --port, or stop the server that holds it", file=sys.stderr)
+            return STARTUP_FAILED
+        self.folder = tempfile.mkdtemp(prefix="camserve-metrics-")
+        self.metrics = SupervisorMetrics(self.folder, s.workers)
+        try:
+            print(f"{LISTENING}{s.host}:{self.port}", flush=True)
+            if s.metrics_port is not None:
+                try:
+                    metrics_port = self.metrics.serve(s.metrics_address, s.metrics_port)
+                except OSError as exc:
+                    print(f"camserve-server: cannot serve metrics on {s.metrics_address}:"
+                          f"{s.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
+                    return STARTUP_FAILED
+                log.info("metrics of all workers on http://%s:%d/metrics", s.metrics_address,
+                         metrics_port)
+                print(f"{METRICS}{s.metrics_address}:{metrics_port}", flush=True)
+            log.info("starting %d workers on port %d (%s)", s.workers, self.port, s.model)
+            for worker in self.workers:
+                self._start(worker)
+            status = self._supervise(stop)
+            if status == 0:
+                log.info("signal received: draining %d workers (grace %.0fs)", s.workers,
+                         s.grace_s)
+                self._stop_all(s.grace_s)
+            else:
+                self._stop_all(min(s.grace_s, FATAL_GRACE_S))
+            return status
+        finally:
+            self._stop_all(0)  # only if something above raised: kill what is left
+            self.metrics.close()
+            keeper.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _supervise(self, stop: threading.Event) -> int:
+        announced = False
+        while not stop.is_set():
+            self._note_serving()
+            now = time.monotonic()
+            for worker in self.workers:
+                if worker.process is not None:
+                    status = worker.process.poll()
+                    if status is not None and self._exited(worker, status, now):
+                        return STARTUP_FAILED
+                elif now >= worker.restart_at:
+                    self._start(worker)
+            if not announced and all(w.serving_since is not None for w in self.workers):
+                announced = True
+                s = self.settings
+                log.info("all %d workers serve", s.workers)
+                print(f"{SERVING}{s.model} on {s.host}:{self.port}", flush=True)
+            stop.wait(0.1)
+        return 0
+
+    def _start(self, worker: _Worker) -> None:
+        s = self.settings
+        flags = ["--port", str(self.port), "--workers", str(s.workers),
+                 "--worker-index", str(worker.index)]
+        # The environment says the same as the flags, so that a flag equal to its default
+        # (which the environment would otherwise override) still holds.
+        env = dict(os.environ, CAMSERVE_PORT=str(self.port), CAMSERVE_WORKERS=str(s.workers),
+                   CAMSERVE_WORKER_INDEX=str(worker.index), PROMETHEUS_MULTIPROC_DIR=self.folder,
+                   **{SUPERVISOR_PID: str(os.getpid())})
+        process = subprocess.Popen([sys.executable, "-m", "camserve_server", *self.argv, *flags],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env,
+                                   text=True, bufsize=1)
+        log.info("worker %d started (pid %d)%s", worker.index, process.pid,
+                 f"; restart {worker.starts}" if worker.starts else "")
+        worker.process, worker.serving_since = process, None
+        worker.starts += 1
+        self.metrics.started(worker.index)
+        threading.Thread(target=self._read, args=(worker.index, process),
+                         name=f"camserve-worker-{worker.index}-stdout", daemon=True).start()
+
+    def _read(self, index: int, process: subprocess.Popen) -> None:
+        """A worker's stdout: its serving line becomes an event; the lines the supervisor
+        prints itself are swallowed; anything else is passed on."""
+        for line in process.stdout:
+            if line.startswith(SERVING):
+                self._events.put((index, process.pid))
+            elif not line.startswith((LISTENING, METRICS)):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        process.stdout.close()
+
+    def _note_serving(self) -> None:
+        while True:
+            try:
+                index, pid = self._events.get_nowait()
+            except queue.Empty:
+                return
+            worker = self.workers[index - 1]
+            if worker.process is not None and worker.process.pid == pid:
+                worker.serving_since = time.monotonic()
+                log.info("worker %d serves (pid %d)", index, pid)
+
+    def _exited(self, worker: _Worker, status: int, now: float) -> bool:
+        """A worker's process ended on its own: plan its restart; True if it failed to start
+        (the whole server must stop)."""
+        self._note_serving()  # a serving line read just before it died
+        pid, served = worker.process.pid, worker.serving_since
+        worker.process, worker.serving_since = None, None
+        if status == STARTUP_FAILED and served is None:
+            self.metrics.exited(worker.index, pid, restarting=False)
+            log.error("worker %d (pid %d) failed to start (exit status %d): stopping the "
+                      "server", worker.index, pid, status)
+            print(f"camserve-server: worker {worker.index} failed to start (its error is "
+                  "above); stopping", file=sys.stderr, flush=True)
+            return True
+        self.metrics.exited(worker.index, pid, restarting=True)
+        if served is not None and now - served >= STABLE_S:
+            worker.deaths = 0
+        worker.deaths += 1
+        delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (worker.deaths - 1))
+        worker.restart_at = now + delay
+        log.error("worker %d (pid %d) %s; restarting it in %.1f s", worker.index, pid,
+                  describe(status), delay)
+        return False
+
+    def _stop_all(self, grace: float) -> None:
+        """SIGTERM to every worker still running; kill those alive after grace + a margin."""
+        running = [w for w in self.workers if w.process is not None]
+        for worker in running:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace + (KILL_MARGIN_S if grace else 0.0)
+        for worker in running:
+            process = worker.process
+            try:
+                status = process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %d (pid %d) still runs %.0f s after SIGTERM: killing it",
+                            worker.index, process.pid, grace + KILL_MARGIN_S)
+                process.kill()
+                status = process.wait()
+            log.info("worker %d (pid %d) %s", worker.index, process.pid, describe(status))
+            self.metrics.exited(worker.index, process.pid, restarting=False)
+            worker.process = None
+
+
+def describe(status: int) -> str:
+    if status < 0:
+        try:
+            return f"was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+def reserve_port(host: str, port: int) -> Tuple[socket.socket, int]:
+    """Check that nothing listens on ``host:port`` and hold it for the workers: a SO_REUSEPORT
+    socket bound there, never listening. Port 0 picks a free port. Raises OSError."""
+    family, _, _, _, address = socket.getaddrinfo(
+        host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    keeper = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR as gRPC sets it: connections of an earlier server in TIME_WAIT do not
+        # count, a socket that listens (with or without SO_REUSEPORT) does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        chosen = probe.getsockname()[1]
+        keeper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        keeper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        keeper.bind((address[0], chosen, *address[2:]))  # beside the probe: neither listens
+    except BaseException:
+        keeper.close()
+        raise
+    finally:
+        probe.close()
+    return keeper, chosen
+
+
+# --- a worker ------------------------------------------------------------------------------
+
+def become_worker(settings: Settings) -> Settings:
+    """Set up this process as the supervisor's worker ``settings.worker_index``: it dies with
+    the supervisor, tags its log lines, and takes its own GPU when there are several."""
+    _die_with_supervisor()
+    tag = f"worker {settings.worker_index}: "
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Tag(tag))
+    if settings.device in ("auto", "cuda"):
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus > 1:
+            settings = settings.replace(device=f"cuda:{(settings.worker_index - 1) % gpus}")
+    return settings
+
+
+class _Tag(logging.Filter):
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "_camserve_tagged", False):
+            record.msg = self.tag + str(record.msg)
+            record._camserve_tagged = True
+        return True
+
+
+def _die_with_supervisor() -> None:
+    """SIGTERM to this process when the supervisor exits (however it exits)."""
+    supervisor = int(os.environ.get(SUPERVISOR_PID) or 0)
+    if not supervisor:
+        return
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:  # elsewhere: notice that this process was handed to another parent
+        threading.Thread(target=_watch_parent, args=(supervisor,), name="camserve-parent",
+                         daemon=True).start()
+    elif os.getppid() != supervisor:  # it went before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _watch_parent(supervisor: int) -> None:
+    while os.getppid() == supervisor:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
