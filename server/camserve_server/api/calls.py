@@ -7,6 +7,10 @@
 - Errors: a ServiceError ends the call with its status and rich details (google.rpc
   ErrorInfo, BadRequest, RetryInfo, plus ``grpc-retry-pushback-ms`` for gRPC's own retries);
   anything else is a bug: INTERNAL, logged with its traceback, and the server keeps serving.
+- Admission by size: the bytes of unary requests in flight (parsed, decoding, being
+  answered) are bounded; a large request that does not fit answers RESOURCE_EXHAUSTED with a
+  retry hint, so that many large messages at once cannot exhaust memory. Small requests
+  (at most 1 MiB) are always admitted.
 - One access-log line and the metrics per call, with the status the caller saw (a call the
   caller cancelled or lost to the server's shutdown is never logged OK).
 """
@@ -25,7 +29,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from ..errors import InvalidArgument, ServiceError
+from ..errors import InvalidArgument, ResourceExhausted, ServiceError
 from ..process.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,33 @@ ERROR_DOMAIN = "camserve.dev"
 MAX_MESSAGE_CHARS = 1000  # an error message is cut to this length
 MAX_REQUEST_ID = 64
 _REQUEST_ID = re.compile(r"[^A-Za-z0-9._:/+=@-]")
+
+
+SMALL_REQUEST = 1 << 20  # bytes: always admitted
+BUSY_RETRY_S = 1.0
+
+
+class InflightBytes:
+    """The bytes of unary requests the server holds at once, bounded (event-loop only)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def take(self, size: int) -> int:
+        """Reserve ``size`` bytes; returns what to give back. Raises ResourceExhausted when a
+        large request does not fit (one larger than the limit fits when nothing else is in)."""
+        if size <= SMALL_REQUEST:
+            return 0
+        if self.used and self.used + size > self.limit:
+            raise ResourceExhausted(
+                f"the server holds {self.used / 2**20:.0f} MiB of other large requests "
+                f"(max_inflight_bytes {self.limit / 2**20:.0f} MiB); retry in "
+                f"{BUSY_RETRY_S:g} s", retry_after_s=BUSY_RETRY_S, reason="BUSY_WITH_LARGE")
+        self.used += size
+        return size
+
+    def give(self, size: int) -> None:
+        self.used -= size
 
 
 @dataclass(frozen=True)
@@ -129,71 +160,85 @@ class Recorder:
         return grpc.StatusCode.CANCELLED
 
 
+class Call:
+    """One call's record (``items``: its images, or a stream's frames so far), written
+    once: on an error before the status goes out (so that a
+    caller who has seen it also finds it in the metrics), otherwise when the handler ends."""
+
+    def __init__(self, rpc: str, recorder: Recorder, context) -> None:
+        self.rpc, self.recorder, self.context = rpc, recorder, context
+        self.started, self.items, self.recorded = time.perf_counter(), 0, False
+
+    def done(self, code: grpc.StatusCode) -> None:
+        if not self.recorded:
+            self.recorded = True
+            self.recorder.done(self.rpc, code, time.perf_counter() - self.started, self.items,
+                               self.context)
+
+
 async def _internal(context, rpc: str) -> None:
     log.exception("unexpected error in %s", rpc)
     await context.abort(grpc.StatusCode.INTERNAL,
                         f"internal error in {rpc}; the server log has details")
 
 
-def unary(rpc: str, behavior: Callable[..., Awaitable], recorder: Recorder):
+def unary(rpc: str, behavior: Callable[..., Awaitable], recorder: Recorder,
+          inflight: InflightBytes):
     """A unary handler around ``behavior(request, context)``."""
 
     async def handle(request, context):
-        started = time.perf_counter()
-        code, items = grpc.StatusCode.OK, 0
+        call = Call(rpc, recorder, context)
+        held = 0
         try:
             if isinstance(request, Malformed):
                 raise request.error
-            items = len(getattr(request, "images", ()))
+            call.items = len(getattr(request, "images", ()))
+            held = inflight.take(request.ByteSize())
             return await behavior(request, context)
         except ServiceError as exc:
-            code = exc.code
+            inflight.give(held)
+            held = 0
+            call.done(exc.code)  # before the caller can see the status
             await abort(context, exc)
         except asyncio.CancelledError:
-            code = recorder.interrupted(context)
+            call.done(recorder.interrupted(context))
             raise
         except Exception:
-            code = grpc.StatusCode.INTERNAL
+            call.done(grpc.StatusCode.INTERNAL)
             await _internal(context, rpc)
         finally:
-            recorder.done(rpc, code, time.perf_counter() - started, items, context)
+            inflight.give(held)
+            call.done(grpc.StatusCode.OK)
 
     return handle
-
-
-class Frames:
-    """How many frames a stream handler read: the stream's item count in its access line."""
-
-    count = 0
 
 
 def streaming(rpc: str, behavior: Callable[..., AsyncIterator], recorder: Recorder):
     """A bidirectional-stream handler around the async generator
-    ``behavior(requests, context, frames)``."""
+    ``behavior(requests, context, call)``; the behavior counts frames in ``call.items``."""
 
     async def handle(requests, context):
-        started = time.perf_counter()
-        code, frames = grpc.StatusCode.OK, Frames()
+        call = Call(rpc, recorder, context)
         try:
-            async for answer in behavior(requests, context, frames):
+            async for answer in behavior(requests, context, call):
                 yield answer
         except ServiceError as exc:
-            code = exc.code
+            call.done(exc.code)
             await abort(context, exc)
         except (asyncio.CancelledError, GeneratorExit):
-            code = recorder.interrupted(context)
+            call.done(recorder.interrupted(context))
             raise
         except Exception:
-            code = grpc.StatusCode.INTERNAL
+            call.done(grpc.StatusCode.INTERNAL)
             await _internal(context, rpc)
         finally:
-            recorder.done(rpc, code, time.perf_counter() - started, frames.count, context)
+            call.done(grpc.StatusCode.OK)
 
     return handle
 
 
-def generic_handler(service: str, methods: dict, max_bytes: int,
-                    recorder: Recorder) -> grpc.GenericRpcHandler:
+def generic_handler(service: str, methods: dict, max_bytes: int, recorder: Recorder,
+                    inflight: InflightBytes) -> grpc.GenericRpcHandler:
     """The gRPC handler of one service: ``methods`` maps each RPC name to (behavior, request
     type, response type, streaming)."""
     handlers = {}
@@ -205,7 +250,7 @@ def generic_handler(service: str, methods: dict, max_bytes: int,
                 streaming(name, behavior, recorder), **kwargs)
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                unary(name, behavior, recorder), **kwargs)
+                unary(name, behavior, recorder, inflight), **kwargs)
     return grpc.method_handlers_generic_handler(service, handlers)
 
 

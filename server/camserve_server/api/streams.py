@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Optional
 from ..batching.batcher import Batcher, Ticket
 from ..domain import WorkItem
 from ..errors import DeadlineExceeded, InvalidArgument, ServiceError
-from .calls import Frames, Malformed
+from .calls import Call, Malformed
 from .request import stream_policy
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class StreamSession:
                  default_options: Any,
                  prepare: Callable[[Any, Any], Awaitable[Prepared]],
                  answer: Callable[..., Any], max_in_flight: int, idle_s: float,
-                 deadline: Optional[float], frames: Frames) -> None:
+                 deadline: Optional[float], frames: Call) -> None:
         self._requests = requests
         self._batcher = batcher
         self._configure = configure
@@ -138,7 +138,7 @@ class StreamSession:
                                       reason="MALFORMED_REQUEST")
             if self.policy is None:
                 self.policy = ALL
-            self._frames.count += 1
+            self._frames.items += 1
             entry = await self._submit(message.frame)
             if self.policy == LATEST:
                 self._make_room()
@@ -259,7 +259,7 @@ class StreamSession:
         return self._answer(entry.frame_id, skipped, result=await entry.finish(ticket.result()))
 
     def _idle(self) -> None:
-        if self._frames.count == 0:
+        if self._frames.items == 0:
             self._entries.appendleft(_End(DeadlineExceeded(
                 f"no frame arrived within {self._idle_s:g} s of opening the stream "
                 "(stream_idle_s): open a stream when you have frames to send",
