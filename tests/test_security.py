@@ -141,3 +141,45 @@ def test_cli_token_and_tls_options(certs):
         assert "python:tiny_models:tiny_cnn" in done.stdout
         done = subprocess.run(base + ["info"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr
+
+
+def _get(url: str, token=None, context=None):
+    """(status, body) of an HTTP GET; errors answer their status too."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_metrics_serve_only_metrics_and_follow_tls_and_tokens(certs):
+    """/metrics listens where gRPC does (127.0.0.1 by default), answers no other path, and is
+    as protected as the gRPC port: HTTPS with --tls-cert, a Bearer token with --auth-token."""
+    import ssl
+
+    with running(model=TINY, metrics_port=0) as (server, _):
+        base = f"http://127.0.0.1:{server.metrics.port}"
+        assert server.metrics._http.server_address[0] == "127.0.0.1"
+        status, body = _get(base + "/metrics")
+        assert status == 200 and "camserve_state" in body
+        assert _get(base + "/metrics?name[]=camserve_state")[0] == 200
+        for path in ("/", "/debug", "/metrics/x", "/../etc/passwd"):
+            assert _get(base + path)[0] == 404, path
+    token = "scrape-token-value"
+    with running(model=TINY, metrics_port=0, auth_tokens=(token,),
+                 tls_cert=str(certs / "server.pem"),
+                 tls_key=str(certs / "server.key")) as (server, _):
+        https = f"https://localhost:{server.metrics.port}/metrics"
+        trusted = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        status, body = _get(https, token, trusted)
+        assert status == 200 and "camserve_requests_total" in body
+        assert _get(https, None, trusted)[0] == 401
+        assert _get(https, "wrong", trusted)[0] == 401
+        with pytest.raises(OSError):  # plaintext HTTP is not answered
+            _get(f"http://localhost:{server.metrics.port}/metrics", token)

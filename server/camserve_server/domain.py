@@ -105,6 +105,32 @@ class ExplainSpec:
     score_cam_channels: int = 0  # Score-CAM: top channels by mean activation (0: all)
     faithfulness_steps: int = 0  # deletion/insertion scores in this many steps (0: off)
 
+    @property
+    def ranks(self) -> int:
+        """Target classes per image: one partial backward each."""
+        return len(self.targets) or self.top_targets
+
+    @property
+    def extra_cost(self) -> int:
+        """Forwards beyond the batch's own forward and backward: one per Score-CAM channel of
+        every Score-CAM map, 2 (steps + 1) per map for faithfulness. The engine runs them in
+        slices between batches (validation resolves score_cam_channels to a count first)."""
+        ranks, layers = self.ranks, len(self.layers)
+        cost = 0
+        if "scorecam" in self.methods:
+            cost += ranks * layers * self.score_cam_channels
+        if self.faithfulness_steps:
+            cost += len(self.methods) * ranks * layers * 2 * (self.faithfulness_steps + 1)
+        return cost
+
+    @property
+    def cost(self) -> int:
+        """What one image's explanation costs the engine, in forwards of one image: the
+        forward, a partial backward per target rank (counted as a forward) when a method
+        needs it, and the extra forwards."""
+        backward = self.ranks if any(METHODS[m].needs_backward for m in self.methods) else 0
+        return 1 + backward + self.extra_cost
+
 
 @dataclass(frozen=True)
 class Outputs:
@@ -125,6 +151,11 @@ class WorkItem:
 
     pixels: np.ndarray  # uint8 (height, width, 3) RGB at the model's input size
     explain: Optional[ExplainSpec] = None
+
+    @property
+    def cost(self) -> int:
+        """What the item costs the engine, in forwards of one image (ExplainSpec.cost)."""
+        return 1 if self.explain is None else self.explain.cost
 
 
 # --- what the engine answers -----------------------------------------------------------------

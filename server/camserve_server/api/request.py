@@ -195,13 +195,17 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
                               f"makes at most {limits.max_maps_per_image} "
                               "(max_maps_per_image): ask for fewer",
                               field=f"{f}methods", reason="TOO_MANY_MAPS")
+    channels = 0
     if "scorecam" in methods:
+        # Unset: every channel, or the max_score_cam_channels most active ones of a wider
+        # layer. Resolved to a count here, so that the item's cost is known.
         widest = max(model.layer(name).channels for name in layers)
-        channels = min(options.score_cam_channels or widest, widest)
-        if channels > limits.max_score_cam_channels:
+        cap = limits.max_score_cam_channels
+        channels = min(options.score_cam_channels or min(widest, cap), widest)
+        if channels > cap:
             raise InvalidArgument(
                 f"Score-CAM on {channels} channels costs {channels} forwards per map; this "
-                f"server allows {limits.max_score_cam_channels} (max_score_cam_channels): set "
+                f"server allows {cap} (max_score_cam_channels): set "
                 f"options.score_cam_channels to at most that", field=f"{f}score_cam_channels",
                 reason="TOO_MANY_CHANNELS")
     steps = options.faithfulness_steps
@@ -211,7 +215,16 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
                               field=f"{f}faithfulness_steps", reason="INVALID_STEPS")
     spec = ExplainSpec(methods=methods, layers=layers, targets=targets, top_targets=top,
                        counterfactual=options.counterfactual, signed=options.keep_sign,
-                       score_cam_channels=options.score_cam_channels, faithfulness_steps=steps)
+                       score_cam_channels=channels, faithfulness_steps=steps)
+    if spec.cost > limits.max_item_cost:
+        raise InvalidArgument(
+            f"this explanation costs about {spec.cost:,} forwards per image ({maps} maps"
+            + (f", Score-CAM on {channels} channels" if channels else "")
+            + (f", faithfulness in {steps} steps" if steps else "")
+            + f"); this server allows {limits.max_item_cost:,} (max_item_cost): ask for fewer "
+            "methods, targets or layers, or lower score_cam_channels or faithfulness_steps",
+            field=f"{f}faithfulness_steps" if steps else f"{f}score_cam_channels",
+            reason="ITEM_TOO_COSTLY")
     return ExplainPlan(spec, _outputs(options.outputs), top_k(options.top_k, model.num_classes),
                        limits.max_render_pixels)
 
@@ -228,3 +241,16 @@ def stream_policy(value: int) -> Optional[str]:
                               f"{_enum_names(pb.StreamPolicy)}", field="config.policy",
                               reason="UNKNOWN_POLICY")
     return pb.StreamPolicy.Name(value)[len("STREAM_POLICY_"):].lower()
+
+
+def check_request_cost(spec: ExplainSpec, images: int, max_forwards: int) -> None:
+    """A request's extra forwards (Score-CAM, faithfulness) must fit what the server queues
+    at once, or it could never run."""
+    total = spec.extra_cost * images
+    if total > max_forwards:
+        raise InvalidArgument(
+            f"these {images} images cost about {total:,} extra forwards (Score-CAM channels and "
+            f"faithfulness steps, {spec.extra_cost:,} each); this server runs at most "
+            f"{max_forwards:,} at once (4 x max_item_cost): send fewer images per call, or "
+            "lower score_cam_channels or faithfulness_steps", field="images",
+            reason="REQUEST_TOO_COSTLY")

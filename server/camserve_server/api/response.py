@@ -109,6 +109,22 @@ def explain_result(outcome: Outcome, labels: Sequence[str], plan: ExplainPlan,
     return out
 
 
+def explain_bound(plan: ExplainPlan, size: Tuple[int, int], card: ModelCard) -> int:
+    """An upper estimate of one image's ExplainResult in bytes, before any work: what
+    Explain checks against the message limit."""
+    spec, outputs = plan.spec, plan.outputs
+    per_layer = plan.maps // len(spec.layers)
+    total = 1024 + plan.top_k * 64 + plan.maps * 256
+    if outputs.raw_map:
+        total += per_layer * sum(5 * card.layer(name).height * card.layer(name).width + 16
+                                 for name in spec.layers)
+    if outputs.needs_heatmap:
+        pictures = plan.maps + (len(spec.methods) * spec.ranks if len(spec.layers) > 1 else 0)
+        total += pictures * heatmaps.encoded_size_bound(
+            render_size(size, plan.render_pixels), outputs.heatmap_png, outputs.overlay_format)
+    return total
+
+
 def _notes(answer: pb.ClassMap, raw: np.ndarray, probability: float, method: str,
            plan: ExplainPlan) -> None:
     if not np.any(raw):

@@ -18,7 +18,7 @@ from camserve.v1 import camserve_pb2 as pb
 
 from ..batching.batcher import Batcher, Outcome, Ticket
 from ..domain import ModelCard, Source, WorkItem
-from ..errors import Cancelled, ResourceExhausted, ServiceError, Unavailable
+from ..errors import Cancelled, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from ..process.settings import Settings
 from ..render import images
 from . import calls
@@ -151,6 +151,8 @@ class CamserveService:
         rt = self._live()
         plan = req.explain_plan(request.options, rt.model, rt.labels, rt.settings)
         sources = req.image_sources(request.images, rt.settings.max_images_per_request)
+        req.check_request_cost(plan.spec, len(sources), rt.settings.max_queued_forwards)
+        _check_answer_size(rt, plan, sources)
         decoded = await rt.decode_all(sources, full=plan.outputs.overlay_format is not None)
         outcomes = await rt.run([WorkItem(d.image.pixels, plan.spec) for d in decoded], context)
 
@@ -229,6 +231,20 @@ class CamserveService:
                 yield message
         finally:
             self.open_streams -= 1
+
+
+def _check_answer_size(rt: Runtime, plan: req.ExplainPlan, sources: Sequence[Source]) -> None:
+    """Refuse, before any work, an answer that could not be sent (over max_message_bytes)."""
+    sizes = [images.peek_size(source) for source in sources]
+    total = sum(resp.explain_bound(plan, size, rt.model) for size in sizes if size is not None)
+    limit = rt.settings.max_message_bytes
+    if total > limit:
+        raise InvalidArgument(
+            f"the answer would take up to {total / 2**20:.0f} MiB ({len(sources)} images x "
+            f"{plan.maps} maps), over the {limit / 2**20:.0f} MiB message limit "
+            "(max_message_bytes): send fewer images per call, ask for fewer maps, or for raw "
+            "maps or JPEG overlays instead of PNGs", field="options.outputs",
+            reason="ANSWER_TOO_LARGE")
 
 
 def _status(error: Optional[ServiceError]) -> Any:

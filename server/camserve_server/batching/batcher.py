@@ -8,6 +8,15 @@ worker also waits up to that long after the first item for the batch to fill. It
 caller gave up or whose deadline cannot be met are dropped before they cost compute; the rest
 run on the engine and each ticket is resolved.
 
+Expensive work never holds the worker for long. An item whose explanation needs extra
+forwards (Score-CAM channels, faithfulness steps) runs its forward and backward in an ordinary
+batch; the engine then hands back a job (a generator) that the worker advances one slice (one
+chunk of forwards) at a time, taking turns between the jobs and running any waiting batch
+between slices. Before each slice the job's caller is checked: a caller that has gone, or
+whose deadline has passed, stops the job there. Waiting work is counted in forwards: the
+expected wait that deadlines and retry hints use includes the jobs ahead, and the jobs' total
+is bounded (``max_job_forwards``).
+
 Failures stay local: a full queue refuses at once with a retry hint; a deadline too short for
 the expected wait is refused before it is queued; an exception in a batch fails only that
 batch's items; a batch that runs out of device memory is split in two and retried; and if the
@@ -21,17 +30,29 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Generator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Deque, List, Optional, Sequence, Tuple, Union
 
 from ..domain import ItemResult, WorkItem
-from ..errors import BatchFailed, DeadlineExceeded, OutOfMemory, QueueFull, ServiceError
+from ..errors import (
+    BatchFailed,
+    Cancelled,
+    DeadlineExceeded,
+    OutOfMemory,
+    QueueFull,
+    ServiceError,
+    Unavailable,
+)
 from ..process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[Sequence[WorkItem]], List[Union[ItemResult, ServiceError]]]
+# The engine's answer per item: a result, an error, or a job whose slices are still to run (a
+# generator that yields the number of images each slice forwarded and returns the result).
+Job = Generator
+RunBatch = Callable[[Sequence[WorkItem]], List[Union[ItemResult, ServiceError, Job]]]
 
 
 @dataclass(frozen=True)
@@ -47,15 +68,19 @@ class Outcome:
 
 class Ticket(Future):
     """An item's future. ``withdraw`` drops the item from the queue if its batch has not
-    started."""
+    started, and stops its job at the next slice if it has."""
 
     reason = "cancelled"  # why it was withdrawn, for the metrics: cancelled or skipped
+    abandoned = False  # withdrawn while running: its job stops at the next slice
 
     def withdraw(self, reason: str = "cancelled") -> bool:
         """Drop the item before it costs compute; False if it already runs or ran."""
-        if self.done() or self.running():
+        if self.done():
             return False
         self.reason = reason
+        if self.running():
+            self.abandoned = True
+            return False
         return self.cancel()
 
 
@@ -67,6 +92,19 @@ class _Pending:
     deadline: Optional[float]  # time.monotonic() value; None: no deadline
 
 
+@dataclass(eq=False)
+class _Job:
+    """An item whose batch ran and whose extra forwards run in slices."""
+
+    pending: _Pending
+    slices: Job
+    started: float  # when its batch started
+    batch_size: int
+    forwards_left: int
+    compute: float = 0.0  # seconds of its batch and slices so far
+    done_forwards: int = field(default=0)
+
+
 class Batcher:
     """``submit``, ``depth`` and ``expected_wait`` are thread-safe; ``start``/``stop`` belong
     to the owner."""
@@ -74,23 +112,31 @@ class Batcher:
     def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_delay_ms: float,
                  max_queue: int, metrics: Optional[Metrics] = None,
                  batch_seconds: float = 0.05, device: str = "cpu",
+                 max_job_forwards: int = 1 << 30,
                  on_worker: Callable[[bool], None] = lambda alive: None,
                  restart_delay_s: float = 0.2) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self._max_delay_s = max_delay_ms / 1000.0
         self._max_queue = max_queue
+        self._max_job_forwards = max_job_forwards
         self._queue: Deque[_Pending] = deque()
+        self._jobs: Deque[_Job] = deque()  # the worker's: jobs with slices left, in turn
+        self._job_forwards = 0  # extra forwards of the queued items and the jobs, not yet run
         self._cond = threading.Condition()
         self._metrics = metrics or Metrics()
         self.device = device
-        # Running mean of one batch's compute time: retry hints and deadline checks use it.
+        # Running means of one batch's compute time and of one forward's (from the slices):
+        # retry hints and deadline checks use them.
         self._batch_seconds = batch_seconds
+        self._forward_seconds = batch_seconds / max_batch_size
         self._on_worker = on_worker
         self._restart_delay_s = restart_delay_s
         self._stopping = threading.Event()
+        self._abandon_jobs = threading.Event()  # set by stop(): end jobs instead of finishing
         self._supervisor: Optional[threading.Thread] = None
-        self._running: List[_Pending] = []  # the batch the worker is running now
+        self._running: List[_Pending] = []  # the batch (or job) the worker is running now
+        self._running_job: Optional[_Job] = None
 
     # --- handler side ----------------------------------------------------------------------
 
@@ -102,20 +148,28 @@ class Batcher:
         item from the queue unrun.
         """
         now = time.monotonic()
+        extra = work.explain.extra_cost if work.explain is not None else 0
         if deadline is not None:
-            expected = self.expected_wait()
+            expected = self.expected_wait(extra)
             if deadline - now < expected:
                 self._metrics.dropped.labels("deadline").inc()
                 raise DeadlineExceeded(
                     f"the deadline leaves {max(0.0, deadline - now) * 1000:.0f} ms, and this "
-                    f"server needs about {expected * 1000:.0f} ms to answer now; allow more time")
+                    f"server needs about {expected * 1000:.0f} ms to answer now; allow more "
+                    "time (the call's timeout)")
         pending = _Pending(work, Ticket(), now, deadline)
         with self._cond:
             if len(self._queue) >= self._max_queue:
                 retry = self.expected_wait()
                 raise QueueFull(f"the server is busy: {len(self._queue)} items are waiting; "
                                 f"retry in {retry * 1000:.0f} ms", retry_after_s=retry)
+            if extra and self._job_forwards + extra > self._max_job_forwards:
+                retry = self._job_forwards * self._forward_seconds
+                raise QueueFull(f"the server is busy with {self._job_forwards} forwards of "
+                                f"expensive explanations; retry in {retry:.0f} s",
+                                retry_after_s=retry, reason="EXPENSIVE_WORK_FULL")
             self._queue.append(pending)
+            self._job_forwards += extra
             self._cond.notify()
         pending.future.add_done_callback(lambda f: f.cancelled() and self._forget(pending))
         return pending.future
@@ -127,15 +181,23 @@ class Batcher:
                 self._queue.remove(pending)
             except ValueError:
                 return  # the worker took it already and drops it there
+            self._job_forwards -= _extra(pending)
         self._metrics.dropped.labels(pending.future.reason).inc()
 
     def depth(self) -> int:
         return len(self._queue)
 
-    def expected_wait(self) -> float:
-        """Seconds until an item queued now would be answered, by the running mean."""
+    def expected_wait(self, extra_forwards: int = 0) -> float:
+        """Seconds until an item queued now (with that many extra forwards) would be
+        answered: the batches ahead, a slice of the jobs' between each, and for an expensive
+        item the jobs' forwards ahead, which it shares the worker with, and its own."""
         batches_ahead = len(self._queue) // self.max_batch_size + 1
-        return self._batch_seconds * batches_ahead
+        wait = self._batch_seconds * batches_ahead
+        if self._job_forwards:
+            wait += batches_ahead * _SLICE_FORWARDS * self._forward_seconds
+        if extra_forwards:
+            wait += (self._job_forwards + extra_forwards) * self._forward_seconds
+        return wait
 
     # --- worker side -----------------------------------------------------------------------
 
@@ -145,8 +207,10 @@ class Batcher:
         self._supervisor.start()
 
     def stop(self, timeout: Optional[float] = None) -> None:
-        """Finish what is queued, then stop the worker."""
+        """Finish the batches queued, end the jobs at their next slice (their callers are gone
+        by now: the server stops its calls first), then stop the worker."""
         self._stopping.set()
+        self._abandon_jobs.set()
         with self._cond:
             self._cond.notify_all()
         if self._supervisor is not None:
@@ -164,10 +228,14 @@ class Batcher:
             # bug here): fail what it was running, report it, start another.
             self._on_worker(False)
             self._metrics.worker_restarts.inc()
-            died = self._running
-            self._running = []
+            died, job = self._running, self._running_job
+            self._running, self._running_job = [], None
             log.error("the batcher's worker thread died running %d items; restarting", len(died))
             for p in died:
+                if job is not None:
+                    self._finish_job(job)
+                else:
+                    self._settle(p)
                 _resolve(p.future, exception=BatchFailed(
                     "the server's worker died while running this batch; retry"))
             if self._stopping.is_set():
@@ -175,17 +243,23 @@ class Batcher:
             time.sleep(self._restart_delay_s)
 
     def _loop(self) -> None:
+        """A waiting batch, then a slice of the next job, in turn, until stopped and idle."""
         while True:
             batch = self._gather()
             if batch is None:
                 return
             if batch:
                 self._run(batch)
+            if self._jobs:
+                self._slice()
 
     def _gather(self) -> Optional[List[_Pending]]:
-        """The next batch; an empty list when everything gathered was dropped; None: stop."""
+        """The next batch; an empty list when everything gathered was dropped or when jobs
+        wait for their slices; None: stop."""
         with self._cond:
             while not self._queue:
+                if self._jobs:
+                    return []
                 if self._stopping.is_set():
                     return None
                 self._cond.wait(0.5)
@@ -204,10 +278,12 @@ class Batcher:
         """Drop an item whose caller cancelled, or whose deadline would pass before its batch
         could finish, before it costs compute."""
         if not pending.future.set_running_or_notify_cancel():
+            self._settle(pending)
             self._metrics.dropped.labels(pending.future.reason).inc()
             return False
         if pending.deadline is not None and (
                 pending.deadline - time.monotonic() < self._batch_seconds):
+            self._settle(pending)
             self._metrics.dropped.labels("deadline").inc()
             pending.future.set_exception(DeadlineExceeded(
                 "the deadline would pass before this item's batch finished; allow more time"))
@@ -224,12 +300,77 @@ class Batcher:
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * compute
         self._metrics.compute.observe(compute)
         for p, (answer, size) in zip(batch, answers):
+            if isinstance(answer, Generator):
+                self._jobs.append(_Job(p, answer, started, size, _extra(p), compute))
+                continue
+            self._settle(p)
             if isinstance(answer, ServiceError):
                 _resolve(p.future, exception=answer)
             else:
                 _resolve(p.future, result=Outcome(answer, (started - p.enqueued) * 1000.0,
                                                   compute * 1000.0, size, self.device))
         self._running = []
+
+    def _settle(self, pending: _Pending) -> None:
+        """The item's extra forwards will not run (or have run): stop counting them."""
+        with self._cond:
+            self._job_forwards -= _extra(pending)
+
+    def _slice(self) -> None:
+        """One slice of the job whose turn it is; a job whose caller has gone (or whose
+        deadline has passed) ends here, unrun."""
+        job = self._jobs.popleft()
+        future, p = job.pending.future, job.pending
+        stop: Optional[ServiceError] = None
+        if future.abandoned:
+            stop = Cancelled("the call was cancelled")
+            self._metrics.dropped.labels("cancelled").inc()
+        elif p.deadline is not None and time.monotonic() >= p.deadline:
+            stop = DeadlineExceeded("the deadline passed while this explanation was computed; "
+                                    "allow more time")
+            self._metrics.dropped.labels("deadline").inc()
+        elif self._abandon_jobs.is_set():
+            stop = Unavailable("the server shut down before this explanation was finished; "
+                               "send it to another replica", reason="DRAINING")
+        if stop is not None:
+            job.slices.close()
+            self._finish_job(job)
+            _resolve(future, exception=stop)
+            return
+        self._running, self._running_job = [p], job
+        started = time.monotonic()
+        try:
+            forwards = next(job.slices)
+        except StopIteration as finished:
+            job.compute += time.monotonic() - started
+            self._finish_job(job)
+            _resolve(future, result=Outcome(finished.value, (job.started - p.enqueued) * 1000.0,
+                                            job.compute * 1000.0, job.batch_size, self.device))
+            return
+        except Exception as exc:  # out of memory, or a bug: this item only
+            log.exception("an explanation's slice failed")
+            self._metrics.batch_failures.labels("exception").inc()
+            self._finish_job(job)
+            _resolve(future, exception=BatchFailed(
+                f"the model failed on this explanation: {type(exc).__name__}: "
+                f"{str(exc)[:200]}"))
+            return
+        finally:
+            self._running, self._running_job = [], None
+        spent = time.monotonic() - started
+        job.compute += spent
+        if forwards:
+            self._forward_seconds = 0.8 * self._forward_seconds + 0.2 * spent / forwards
+            done = min(forwards, job.forwards_left)
+            job.forwards_left -= done
+            with self._cond:
+                self._job_forwards -= done
+        self._jobs.append(job)
+
+    def _finish_job(self, job: _Job) -> None:
+        with self._cond:
+            self._job_forwards -= job.forwards_left
+        job.forwards_left = 0
 
     def _compute(self, works: List[WorkItem]) -> List[Tuple[object, int]]:
         """Each item's result or error, with the size of the batch it ran in. Out of device
@@ -256,6 +397,14 @@ class Batcher:
         if failed:
             self._metrics.batch_failures.labels("non_finite").inc(failed)
         return [(r, len(works)) for r in results]
+
+
+_SLICE_FORWARDS = 16  # images per slice of a job (the engine's chunk)
+
+
+def _extra(pending: _Pending) -> int:
+    explain = pending.work.explain
+    return explain.extra_cost if explain is not None else 0
 
 
 def _resolve(future: Future, result=None, exception: Optional[BaseException] = None) -> None:

@@ -14,7 +14,7 @@ differs from the paper it is said below.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Generator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ class CamInputs:
 class CamMethod:
     name: str
     compute: Callable[[CamInputs], torch.Tensor]
+    # Methods that run extra forwards per map: the same map of one image as a generator of
+    # forward chunks, which the engine hands to the batcher as a job (scorecam_slices).
+    slices: Optional[Callable[..., Generator[int, None, torch.Tensor]]] = None
 
     @property
     def needs_gradient(self) -> bool:
@@ -113,26 +116,42 @@ def scorecam(c: CamInputs) -> torch.Tensor:
     As pytorch-grad-cam: logits and a softmax over channels (the paper scores with the class
     probability, relative to a baseline). ``max_channels`` keeps the channels with the highest
     mean activation (the others get no weight), since each channel costs one forward."""
-    n, k, h, w = c.activations.shape
-    keep = k if not c.max_channels or c.max_channels >= k else c.max_channels
     maps = []
-    for i in range(n):
-        acts = c.activations[i]
-        channels = torch.arange(k, device=acts.device) if keep == k else torch.topk(
-            acts.mean(dim=(1, 2)), keep).indices
-        masks = F.interpolate(acts[channels][None], size=c.inputs.shape[-2:], mode="bilinear",
-                              align_corners=True)[0]  # (keep, H, W)
-        flat = masks.reshape(keep, -1)
-        low, high = flat.min(dim=1).values, flat.max(dim=1).values
-        masks = (masks - low[:, None, None]) / (high - low + 1e-8)[:, None, None]
-        scores = []
-        for start in range(0, keep, c.chunk):
-            masked = c.inputs[i][None] * masks[start:start + c.chunk, None]
-            scores.append(c.forward(masked)[:, c.targets[i]])
-        weights = torch.zeros(k, device=acts.device, dtype=acts.dtype)
-        weights[channels] = torch.softmax(torch.cat(scores).to(acts.dtype), dim=0)
-        maps.append(_weighted(weights[None], acts[None])[0])
+    for i in range(c.activations.shape[0]):
+        slices = scorecam_slices(c.activations[i], c.inputs[i], int(c.targets[i]), c.forward,
+                                 c.max_channels, c.chunk)
+        while True:
+            try:
+                next(slices)
+            except StopIteration as done:
+                maps.append(done.value)
+                break
     return torch.stack(maps)
+
+
+def scorecam_slices(acts: torch.Tensor, inputs: torch.Tensor, target: int,
+                    forward: Callable[[torch.Tensor], torch.Tensor], max_channels: int,
+                    chunk: int) -> Generator[int, None, torch.Tensor]:
+    """Score-CAM of one image, a chunk of masked forwards at a time: yields the number of
+    images each chunk forwarded; returns the (h, w) map before the final ReLU. ``acts``:
+    (K, h, w); ``inputs``: (3, H, W) normalised."""
+    k = acts.shape[0]
+    keep = k if not max_channels or max_channels >= k else max_channels
+    channels = torch.arange(k, device=acts.device) if keep == k else torch.topk(
+        acts.mean(dim=(1, 2)), keep).indices
+    masks = F.interpolate(acts[channels][None], size=inputs.shape[-2:], mode="bilinear",
+                          align_corners=True)[0]  # (keep, H, W)
+    flat = masks.reshape(keep, -1)
+    low, high = flat.min(dim=1).values, flat.max(dim=1).values
+    masks = (masks - low[:, None, None]) / (high - low + 1e-8)[:, None, None]
+    scores = []
+    for start in range(0, keep, chunk):
+        masked = inputs[None] * masks[start:start + chunk, None]
+        scores.append(forward(masked)[:, target])
+        yield masked.shape[0]
+    weights = torch.zeros(k, device=acts.device, dtype=acts.dtype)
+    weights[channels] = torch.softmax(torch.cat(scores).to(acts.dtype), dim=0)
+    return _weighted(weights[None], acts[None])[0]
 
 
 def random_map(c: CamInputs) -> torch.Tensor:
@@ -155,7 +174,7 @@ METHODS: Dict[str, CamMethod] = {
         CamMethod("layercam", layercam),
         CamMethod("hirescam", hirescam),
         CamMethod("eigencam", eigencam),
-        CamMethod("scorecam", scorecam),
+        CamMethod("scorecam", scorecam, slices=scorecam_slices),
         CamMethod("random", random_map),
     )
 }

@@ -17,6 +17,7 @@ method sees them, so that every method works on every layout unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -41,9 +42,9 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 class Engine:
     """Runs batches on one model. Not thread-safe: one worker thread owns it."""
 
-    def __init__(self, model: LoadedModel, chunk: int = 32) -> None:
+    def __init__(self, model: LoadedModel, chunk: int = 16) -> None:
         self.model = model
-        self._chunk = chunk  # images per extra forward (Score-CAM, faithfulness)
+        self._chunk = chunk  # images per extra forward (Score-CAM, faithfulness): one slice
         device = model.device
         mean = torch.tensor(model.card.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         std = torch.tensor(model.card.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -104,8 +105,16 @@ class Engine:
                               for i in range(0, x.shape[0], self._chunk)])
 
     def run(self, items: Sequence[WorkItem]) -> List[Union[ItemResult, BatchFailed]]:
-        """One result per item, in order. An item whose output is not finite gets a
-        BatchFailed instead. Raises OutOfMemory when the batch does not fit the device."""
+        """One result per item, in order, every job run to its end (for in-process use; the
+        server's batcher uses :meth:`run_batch`)."""
+        return [finish(answer) for answer in self.run_batch(items)]
+
+    def run_batch(self, items: Sequence[WorkItem]) -> List[Answer]:
+        """One answer per item, in order: its result; a BatchFailed when its output is not
+        finite; or, for an item whose explanation needs extra forwards (Score-CAM,
+        faithfulness), a job: a generator that runs them a chunk at a time, yielding the
+        images each chunk forwarded and returning the result. Raises OutOfMemory when the
+        batch does not fit the device."""
         try:
             return self._run(items)
         except Exception as exc:
@@ -115,17 +124,17 @@ class Engine:
                 torch.cuda.empty_cache()
             raise OutOfMemory(str(exc).splitlines()[0][:200]) from exc
 
-    def _run(self, items: Sequence[WorkItem]) -> List[Union[ItemResult, BatchFailed]]:
+    def _run(self, items: Sequence[WorkItem]) -> List[Answer]:
         pixels = self._to_device(np.stack([item.pixels for item in items]))
         x = self.normalise(pixels)
         explaining = [i for i, item in enumerate(items) if item.explain is not None]
         if not explaining:
             with torch.inference_mode():
-                logits = self.model.module(x)
-            return self._results(items, logits, {})
+                logits, probs = _outputs(self.model.module(x))
+            return [_result(logits[i], probs[i], ()) for i in range(len(items))]
         return self._explain(items, pixels, x, explaining)
 
-    def _explain(self, items, pixels, x, explaining: List[int]) -> List[ItemResult]:
+    def _explain(self, items, pixels, x, explaining: List[int]) -> List[Answer]:
         specs = {i: items[i].explain for i in explaining}
         layers = sorted({layer for spec in specs.values() for layer in spec.layers})
         gradient_items = [i for i in explaining
@@ -143,10 +152,25 @@ class Engine:
             self._recording = None
             self._activations = {}
         acts = {name: a.detach() for name, a in zip(layers, activations)}
-        maps = self._maps(specs, targets, acts, gradients, x)
-        if any(spec.faithfulness_steps for spec in specs.values()):
-            maps = self._faithfulness(specs, maps, pixels)
-        return self._results(items, logits.detach(), maps)
+        computed = self._maps(specs, targets, acts, gradients, x)
+        logits, probs = _outputs(logits.detach())
+        answers: List[Answer] = []
+        for i, item in enumerate(items):
+            spec = item.explain
+            if spec is not None and (spec.faithfulness_steps or any(
+                    METHODS[m].slices is not None for m in spec.methods)):
+                # Score-CAM channels or faithfulness steps: the rest runs as a job, in
+                # slices between batches. It keeps only this item's tensors.
+                item_acts = {layer: self._grid(layer, acts[layer][i:i + 1])[0].clone()
+                             for layer in spec.layers}
+                answers.append(self._job(spec, targets[i], computed, i, item_acts,
+                                         x[i].clone(), pixels[i].clone(), logits[i], probs[i]))
+                continue
+            maps = [] if spec is None else [
+                MapResult(method, targets[i][rank], layer, computed[(i, method, rank, layer)])
+                for method, rank, layer in _order(spec, targets[i])]
+            answers.append(_result(logits[i], probs[i], maps))
+        return answers
 
     @staticmethod
     def _gradients(logits, activations, rows, targets, layers) -> List[Dict[str, torch.Tensor]]:
@@ -162,20 +186,18 @@ class Engine:
             out.append(dict(zip(layers, grads)))
         return out
 
-    def _maps(self, specs, targets, acts, gradients, x) -> Dict[int, List[MapResult]]:
-        """Every item's maps, computed in groups of items that share method, layer, target
-        rank and options."""
+    def _maps(self, specs, targets, acts, gradients, x) -> Dict[tuple, np.ndarray]:
+        """Every map that needs no extra forwards, by (item, method, rank, layer), computed in
+        groups of items that share method, layer, target rank and options."""
         groups: Dict[tuple, List[int]] = {}
         for i, spec in specs.items():
-            for method in spec.methods:
-                for rank in range(len(targets[i])):
-                    for layer in spec.layers:
-                        key = (method, rank, layer, spec.counterfactual, spec.signed,
-                               spec.score_cam_channels)
-                        groups.setdefault(key, []).append(i)
+            for method, rank, layer in _order(spec, targets[i]):
+                if METHODS[method].slices is None:
+                    key = (method, rank, layer, spec.counterfactual, spec.signed)
+                    groups.setdefault(key, []).append(i)
         computed: Dict[tuple, np.ndarray] = {}
         with torch.no_grad():
-            for (method, rank, layer, counterfactual, signed, channels), rows in groups.items():
+            for (method, rank, layer, counterfactual, signed), rows in groups.items():
                 index = torch.tensor(rows, device=x.device)
                 grads = None
                 if METHODS[method].needs_gradient:
@@ -185,41 +207,72 @@ class Engine:
                     activations=self._grid(layer, acts[layer][index]), gradients=grads,
                     inputs=x[index],
                     targets=torch.tensor([targets[i][rank] for i in rows], device=x.device),
-                    forward=self.forward, max_channels=channels, chunk=self._chunk))
+                    forward=self.forward, chunk=self._chunk))
                 if not signed:
                     cams = torch.relu(cams)
                 for i, cam in zip(rows, cams.float().cpu().numpy()):
                     computed[(i, method, rank, layer)] = cam
-        return {i: [MapResult(method, targets[i][rank], layer, computed[(i, method, rank, layer)])
-                    for method in spec.methods for rank in range(len(targets[i]))
-                    for layer in spec.layers]
-                for i, spec in specs.items()}
+        return computed
 
-    def _faithfulness(self, specs, maps, pixels) -> Dict[int, List[MapResult]]:
-        out = {}
-        for i, item_maps in maps.items():
-            steps = specs[i].faithfulness_steps
-            if not steps:
-                out[i] = item_maps
-                continue
-            out[i] = [MapResult(m.method, m.target, m.layer, m.raw, *faithfulness.scores(
-                self.forward, self.normalise, pixels[i], torch.from_numpy(m.raw), m.target,
-                steps), steps=steps) for m in item_maps]
-        return out
+    def _job(self, spec: ExplainSpec, targets: List[int], computed, i: int, acts, x, pixels,
+             logits: np.ndarray, probs: np.ndarray) -> Job:
+        """One item's maps that need extra forwards, and its faithfulness scores, a chunk of
+        forwards at a time (a generator: the batcher runs it in slices, see batcher.py)."""
+        maps = []
+        for method, rank, layer in _order(spec, targets):
+            raw = computed.get((i, method, rank, layer))
+            if raw is None:
+                with torch.no_grad():
+                    cam = yield from METHODS[method].slices(
+                        acts[layer], x, targets[rank], self.forward, spec.score_cam_channels,
+                        self._chunk)
+                raw = (cam if spec.signed else torch.relu(cam)).float().cpu().numpy()
+            maps.append(MapResult(method, targets[rank], layer, raw))
+        if spec.faithfulness_steps:
+            steps = spec.faithfulness_steps
+            scored = []
+            for m in maps:
+                deletion, insertion = yield from faithfulness.score_slices(
+                    self.forward, self.normalise, pixels, torch.from_numpy(m.raw), m.target,
+                    steps, self._chunk)
+                scored.append(MapResult(m.method, m.target, m.layer, m.raw, deletion,
+                                        insertion, steps=steps))
+            maps = scored
+        return _result(logits, probs, maps)
 
-    @staticmethod
-    def _results(items, logits, maps) -> List[Union[ItemResult, BatchFailed]]:
-        logits = logits.float()
-        probs = torch.softmax(logits, dim=1).cpu().numpy()
-        logits = logits.cpu().numpy()
-        results = []
-        for i in range(len(items)):
-            item_maps = tuple(maps.get(i, ()))
-            finite = np.isfinite(logits[i]).all() and all(
-                np.isfinite(m.raw).all() for m in item_maps)
-            results.append(ItemResult(logits[i], probs[i], item_maps) if finite else BatchFailed(
-                "the model's output for this image is not finite (NaN or Inf)"))
-        return results
+
+Answer = Union[ItemResult, BatchFailed, Generator]
+Job = Generator  # of int (images forwarded per slice), returning the ItemResult or BatchFailed
+
+
+def finish(answer: Answer) -> Union[ItemResult, BatchFailed]:
+    """An answer with its job, if it has one, run to the end."""
+    if not isinstance(answer, Generator):
+        return answer
+    while True:
+        try:
+            next(answer)
+        except StopIteration as done:
+            return done.value
+
+
+def _outputs(logits: torch.Tensor):
+    """Logits and probabilities of a batch, on the host."""
+    logits = logits.float()
+    return logits.cpu().numpy(), torch.softmax(logits, dim=1).cpu().numpy()
+
+
+def _result(logits: np.ndarray, probs: np.ndarray, maps) -> Union[ItemResult, BatchFailed]:
+    maps = tuple(maps)
+    if np.isfinite(logits).all() and all(np.isfinite(m.raw).all() for m in maps):
+        return ItemResult(logits, probs, maps)
+    return BatchFailed("the model's output for this image is not finite (NaN or Inf)")
+
+
+def _order(spec: ExplainSpec, targets: List[int]):
+    """An item's maps in the order it asked for them: (method, target rank, layer)."""
+    return [(method, rank, layer) for method in spec.methods
+            for rank in range(len(targets)) for layer in spec.layers]
 
 
 def _targets(spec: ExplainSpec, logits: torch.Tensor) -> List[int]:

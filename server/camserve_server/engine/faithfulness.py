@@ -10,7 +10,7 @@ batches.
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Generator, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,24 @@ def _area(probabilities: torch.Tensor) -> float:
 
 def scores(forward: Callable[[torch.Tensor], torch.Tensor],
            normalise: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
-           raw_map: torch.Tensor, target: int, steps: int) -> Tuple[float, float]:
+           raw_map: torch.Tensor, target: int, steps: int, chunk: int = 32
+           ) -> Tuple[float, float]:
     """(deletion, insertion) for one map. ``pixels``: uint8 (H, W, 3) on the device;
     ``forward``: logits of normalised inputs; ``normalise``: pixels → model input."""
+    slices = score_slices(forward, normalise, pixels, raw_map, target, steps, chunk)
+    while True:
+        try:
+            next(slices)
+        except StopIteration as done:
+            return done.value
+
+
+def score_slices(forward: Callable[[torch.Tensor], torch.Tensor],
+                 normalise: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
+                 raw_map: torch.Tensor, target: int, steps: int, chunk: int
+                 ) -> Generator[int, None, Tuple[float, float]]:
+    """As :func:`scores`, a chunk of forwards at a time: yields the number of images each
+    chunk forwarded; returns (deletion, insertion)."""
     height, width = pixels.shape[:2]
     image = pixels.float()
     saliency = F.interpolate(raw_map.float()[None, None].to(image.device), size=(height, width),
@@ -52,10 +67,18 @@ def scores(forward: Callable[[torch.Tensor], torch.Tensor],
     rank[order] = torch.arange(order.numel(), device=order.device)
     rank = rank.view(height, width, 1)
     cut = torch.linspace(0, height * width, steps + 1, device=image.device).round()
-    shown = rank[None] < cut.view(-1, 1, 1, 1)  # (steps + 1, H, W, 1): the first k pixels
-    deleted = torch.where(shown, torch.zeros_like(image), image)
-    inserted = torch.where(shown, image, _blur(image))
-    with torch.inference_mode():
-        logits = forward(normalise(torch.cat([deleted, inserted])))
-    probabilities = torch.softmax(logits.float(), dim=1)[:, target]
+    blurred = _blur(image)
+    probabilities = []
+    # Images 0..steps delete, steps+1..2 steps+1 insert; each chunk is built when it runs.
+    for start in range(0, 2 * (steps + 1), chunk):
+        index = torch.arange(start, min(start + chunk, 2 * (steps + 1)), device=image.device)
+        inserting = (index > steps).view(-1, 1, 1, 1)
+        shown = rank[None] < cut[index % (steps + 1)].view(-1, 1, 1, 1)
+        batch = torch.where(inserting, torch.where(shown, image, blurred),
+                            torch.where(shown, torch.zeros_like(image), image))
+        with torch.inference_mode():
+            logits = forward(normalise(batch))
+        probabilities.append(torch.softmax(logits.float(), dim=1)[:, target])
+        yield index.numel()
+    probabilities = torch.cat(probabilities)
     return _area(probabilities[:steps + 1]), _area(probabilities[steps + 1:])

@@ -14,12 +14,26 @@ single process exports the same names without that label.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import ssl
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, List, Optional, Tuple
+from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    values,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +160,9 @@ class Metrics:
                 except Exception:  # a gauge must never take the server down
                     log.debug("reading a gauge failed", exc_info=True)
 
-    def serve(self, host: str, port: int) -> int:
-        """Expose /metrics over HTTP; returns the bound port."""
-        self._http = _serve(self.registry, host, port)
+    def serve(self, settings: Settings) -> int:
+        """Expose /metrics (see :func:`_serve`); returns the bound port."""
+        self._http = _serve(self.registry, settings)
         return self._http.server_port
 
     def close(self) -> None:
@@ -208,8 +222,8 @@ class SupervisorMetrics:
             family.add_metric([str(worker)], value)
         yield family
 
-    def serve(self, host: str, port: int) -> int:
-        self._http = _serve(self.registry, host, port)
+    def serve(self, settings: Settings) -> int:
+        self._http = _serve(self.registry, settings)
         return self._http.server_port
 
     def close(self) -> None:
@@ -218,10 +232,52 @@ class SupervisorMetrics:
             self._http = None
 
 
-def _serve(registry: CollectorRegistry, host: str, port: int):
-    from prometheus_client import start_http_server
+def _serve(registry: CollectorRegistry, settings: Settings):
+    """/metrics on ``--metrics-host`` (default: ``--host``) and ``--metrics-port``, in a thread.
+    Only that path answers (404 elsewhere). With ``--auth-token`` a scrape must send one of the
+    tokens as ``Authorization: Bearer``; with ``--tls-cert`` it is HTTPS with the server's
+    certificate (and ``--tls-client-ca`` requires a client certificate), so /metrics is never
+    less protected than the gRPC port."""
+    tokens = [t.encode() for t in settings.auth_tokens]
 
-    http, _ = start_http_server(port, addr=host, registry=registry)
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if urlsplit(self.path).path != "/metrics":
+                return self._answer(404, b"only /metrics is served here\n")
+            if tokens:
+                sent = self.headers.get("Authorization", "")
+                token = sent[7:].strip().encode() if sent.startswith("Bearer ") else b""
+                if not any(hmac.compare_digest(token, t) for t in tokens):
+                    return self._answer(401, b"send a token as Authorization: Bearer\n",
+                                        [("WWW-Authenticate", "Bearer")])
+            return self._answer(200, generate_latest(registry),
+                                [("Content-Type", CONTENT_TYPE_LATEST)])
+
+        def _answer(self, code: int, body: bytes, headers=()) -> None:
+            self.send_response(code)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # no access lines for scrapes
+            pass
+
+    http = ThreadingHTTPServer((settings.metrics_address, settings.metrics_port), Handler)
+    http.daemon_threads = True
+    if settings.tls_cert is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_client_ca:
+            context.load_verify_locations(settings.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        # The handshake happens in each request's thread, so that a client that connects and
+        # stays silent holds only its own thread, not the accepting one.
+        http.socket = context.wrap_socket(http.socket, server_side=True,
+                                          do_handshake_on_connect=False)
+    threading.Thread(target=http.serve_forever, name="camserve-metrics-http",
+                     daemon=True).start()
     return http
 
 

@@ -102,7 +102,7 @@ class CamServer:
         self.port = self._on_loop(self._listen())
         s = self.settings
         if s.metrics_port is not None and not self.metrics.shared:
-            metrics_port = self.metrics.serve(s.metrics_address, s.metrics_port)
+            metrics_port = self.metrics.serve(s)
             log.info("metrics on http://%s:%d/metrics", s.metrics_address, metrics_port)
         return self.port
 
@@ -127,9 +127,10 @@ class CamServer:
         credentials = server_credentials(s)
         server = aio.server(options=options, interceptors=interceptors)
         recorder = calls.Recorder(self.metrics, lambda: self._stopping)
+        inflight = calls.InflightBytes(s.max_inflight_bytes)
         server.add_generic_rpc_handlers((calls.generic_handler(
-            SERVICE, self._service.methods(), s.max_message_bytes, recorder),))
-        server.add_generic_rpc_handlers((oip.handler(self._service, s, recorder),))
+            SERVICE, self._service.methods(), s.max_message_bytes, recorder, inflight),))
+        server.add_generic_rpc_handlers((oip.handler(self._service, s, recorder, inflight),))
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -174,10 +175,11 @@ class CamServer:
                  ", ".join(i.name for i in card.layers) or "none", torch.get_num_threads())
         engine = Engine(model)
         batch_seconds = _warm_up(engine, s.max_batch_size)
-        batcher = Batcher(engine.run, max_batch_size=s.max_batch_size,
+        batcher = Batcher(engine.run_batch, max_batch_size=s.max_batch_size,
                           max_delay_ms=s.max_delay_ms, max_queue=s.max_queue,
                           metrics=self.metrics, batch_seconds=batch_seconds,
-                          device=card.device, on_worker=self._worker_changed)
+                          device=card.device, max_job_forwards=s.max_queued_forwards,
+                          on_worker=self._worker_changed)
         self.metrics.watch_queue(batcher.depth)
         if model.device.type == "cuda":
             self.metrics.watch_device_memory(lambda: torch.cuda.memory_allocated(model.device))

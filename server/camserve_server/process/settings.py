@@ -63,6 +63,12 @@ class Settings:
     # Score-CAM costs one forward per channel: requests beyond this many channels are refused.
     max_score_cam_channels: int = 256
     max_maps_per_image: int = 64  # methods x targets x layers
+    # One image's explanation may cost at most this many forwards (Score-CAM channels and
+    # faithfulness steps make most of it); the worker runs them in slices between batches.
+    max_item_cost: int = 4096
+    # Bytes of requests being parsed, decoded and answered at once; a request (over 1 MiB)
+    # that does not fit waits for RESOURCE_EXHAUSTED's retry hint.
+    max_inflight_bytes: int = 256 * 1024 * 1024
     max_faithfulness_steps: int = 256
     # Heatmaps and overlays of larger images are rendered downscaled to this many pixels.
     max_render_pixels: int = 8_388_608
@@ -81,6 +87,12 @@ class Settings:
     metrics_host: Optional[str] = None  # where /metrics listens; None: the same as host
     # The model's name in the Open Inference Protocol (KServe v2 gRPC) served beside camserve's.
     oip_model_name: str = "camserve"
+
+    @property
+    def max_queued_forwards(self) -> int:
+        """The extra forwards (Score-CAM, faithfulness) queued and running at once, and so
+        the most one request may ask for: four of the costliest images."""
+        return 4 * self.max_item_cost
 
     def __post_init__(self) -> None:
         problems = []
@@ -121,7 +133,7 @@ class Settings:
         for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request",
                      "max_message_bytes", "max_stream_frames_in_flight",
                      "max_score_cam_channels", "max_maps_per_image", "max_streams",
-                     "max_render_pixels"):
+                     "max_render_pixels", "max_item_cost", "max_inflight_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
         if self.max_faithfulness_steps < 2:
@@ -249,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Score-CAM requests over this many channels (one forward each) are "
                    "refused")
     p.add_argument("--max-maps-per-image", type=int, default=d.max_maps_per_image)
+    p.add_argument("--max-item-cost", type=int, default=d.max_item_cost,
+                   help="most forwards one image's explanation may cost (Score-CAM channels, "
+                   "faithfulness steps); costlier requests are refused")
+    p.add_argument("--max-inflight-bytes", type=int, default=d.max_inflight_bytes,
+                   help="bytes of requests decoded and answered at once; beyond it large "
+                   "requests answer RESOURCE_EXHAUSTED with a retry hint")
     p.add_argument("--max-faithfulness-steps", type=int, default=d.max_faithfulness_steps)
     p.add_argument("--max-render-pixels", type=int, default=d.max_render_pixels,
                    help="heatmaps and overlays of larger images are rendered downscaled")

@@ -104,7 +104,7 @@ class Supervisor:
             print(f"{LISTENING}{s.host}:{self.port}", flush=True)
             if s.metrics_port is not None:
                 try:
-                    metrics_port = self.metrics.serve(s.metrics_address, s.metrics_port)
+                    metrics_port = self.metrics.serve(s)
                 except OSError as exc:
                     print(f"camserve-server: cannot serve metrics on {s.metrics_address}:"
                           f"{s.metrics_port}: {exc.strerror or exc}", file=sys.stderr)

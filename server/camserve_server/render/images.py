@@ -39,6 +39,19 @@ class Decoded:
     full: Optional[np.ndarray] = None
 
 
+def peek_size(source) -> Optional[Tuple[int, int]]:
+    """(height, width) from the header alone, without decoding; None when the header cannot
+    be read (decoding then says why)."""
+    if isinstance(source, RawPixels):
+        return source.height, source.width
+    try:
+        with Image.open(io.BytesIO(source), formats=FORMATS) as image:
+            width, height = image.size
+    except Exception:  # anything Pillow raises on a bad header: decoding reports it
+        return None
+    return height, width
+
+
 def render_size(size: Tuple[int, int], max_pixels: int) -> Tuple[int, int]:
     """The size heatmaps and overlays are rendered at: ``size`` (height, width), scaled down
     to at most ``max_pixels`` pixels with its aspect ratio kept."""
