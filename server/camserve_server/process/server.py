@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,7 @@ from ..domain import ExplainSpec, WorkItem
 from ..errors import StartupError
 from ..render import images
 from .metrics import Metrics
-from .settings import Settings
+from .settings import Settings, usable_cpus
 from .tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -51,12 +50,12 @@ KEEPALIVE_TIMEOUT_MS = 20_000
 def decode_threads(settings: Settings) -> int:
     """Threads for decoding and rendering: as set, else one per core (at least 2, at most
     8), shared by this process's calls."""
-    return settings.decode_threads or max(2, min(8, os.cpu_count() or 2))
+    return settings.decode_threads or max(2, min(8, usable_cpus()))
 
 
 def torch_threads(settings: Settings) -> int:
     """torch's intra-op threads: as set, else the cores split between the workers."""
-    return settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers)
+    return settings.torch_threads or max(1, usable_cpus() // settings.workers)
 
 
 class CamServer:
@@ -121,6 +120,10 @@ class CamServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0),
         ]
+        if s.max_connection_age_s > 0:
+            options += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms",
+                         int(s.max_connection_age_grace_s * 1000))]
         interceptors = []
         if s.auth_tokens:
             interceptors.append(TokenAuth(s.auth_tokens, on_denied=self._denied))

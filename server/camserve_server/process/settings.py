@@ -51,6 +51,10 @@ class Settings:
     stream_idle_s: float = 30.0
     # HTTP/2 keepalive pings to notice dead peers: every keepalive_s, answered within 20 s.
     keepalive_s: float = 60.0
+    # Close a connection this long after it opened (0: never), after letting its calls finish
+    # within max_connection_age_grace_s, so that clients reconnect and spread over replicas.
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 30.0
     # (height, width); None: the model source's default.
     input_size: Optional[Tuple[int, int]] = None
     mean: Optional[Tuple[float, float, float]] = None
@@ -122,6 +126,8 @@ class Settings:
             problems.append("torch-threads must be 0 (automatic) or more")
         if self.stream_idle_s <= 0 or self.keepalive_s <= 0:
             problems.append("stream-idle-s and keepalive-s must be positive")
+        if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:
+            problems.append("max-connection-age-s and its grace must be 0 or more")
         if self.input_size is not None and min(self.input_size) < 1:
             problems.append("input-size must be positive")
         for name in ("mean", "std"):
@@ -186,6 +192,24 @@ def _workers(text: str) -> int:
 MAX_AUTO_CPU_WORKERS = 4
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity (what a container's cpuset or
+    ``taskset`` grants, unlike os.cpu_count, which counts the host's), and no more than a
+    cgroup v2 CPU quota (``cpu.max``, Kubernetes' CPU limit) allows, rounded up."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
 def auto_workers() -> int:
     """--workers auto: one process per GPU when there are several, one with a single GPU; on
     CPU, one process per core up to MAX_AUTO_CPU_WORKERS (torch threads: the cores divided
@@ -201,7 +225,7 @@ def auto_workers() -> int:
         gpus = 0
     if gpus:
         return gpus
-    return max(1, min(MAX_AUTO_CPU_WORKERS, os.cpu_count() or 1))
+    return max(1, min(MAX_AUTO_CPU_WORKERS, usable_cpus()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a stream that sent no frame this long after it opened")
     p.add_argument("--keepalive-s", type=float, default=d.keepalive_s,
                    help="ping idle connections this often to notice dead peers")
+    p.add_argument("--max-connection-age-s", type=float, default=d.max_connection_age_s,
+                   help="close connections this long after they opened (0: never), so that "
+                   "clients reconnect and spread over replicas behind a load balancer")
+    p.add_argument("--max-connection-age-grace-s", type=float,
+                   default=d.max_connection_age_grace_s,
+                   help="how long calls on a connection closed for its age may take to finish")
 
     p.add_argument("--input-size", type=_size, default=None, help="SIZE or HEIGHTxWIDTH")
     p.add_argument("--mean", type=_floats, default=None, help="R,G,B normalisation mean")
