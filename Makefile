@@ -102,8 +102,16 @@ test-compat: $(foreach set,$(COMPAT_SETS),.venv-compat-$(set)/.installed)
 			$(addprefix --deselect ,$(COMPAT_SKIP)) $(ARGS) || exit 1; \
 	done
 
+# ruff; Buf's linter (buf.yaml) on protos/camserve, with google/rpc/status.proto copied from the
+# googleapis-common-protos package into build/buf-deps (nothing comes from the Buf registry);
+# then tests/test_proto.py (generated code fresh, .proto documented).
+BUF_DEPS := build/buf-deps
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check client server tests bench
+	mkdir -p $(BUF_DEPS)/google/rpc
+	cp "$$($(PY) -c 'import google.rpc, os; print(os.path.join(list(google.rpc.__path__)[0], \
+		"status.proto"))')" $(BUF_DEPS)/google/rpc/
+	$(VENV)/bin/buf lint
 	$(PY) -m pytest -q tests/test_proto.py
 
 bench: $(VENV)/.dev-installed

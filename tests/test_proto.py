@@ -1,8 +1,11 @@
 """The committed gRPC code is what the pinned generator makes of the .proto, it loads on the
-installed protobuf and grpcio without complaint, and the .proto documents everything."""
+installed protobuf and grpcio without complaint, the .proto documents everything, and Buf's
+linter (STANDARD and COMMENTS rules, buf.yaml) passes on it."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -136,3 +139,59 @@ def test_generated_code_needs_no_newer_protobuf_or_grpcio_than_the_floors():
     grpc_check = re.search(r"GRPC_GENERATED_VERSION\s*=\s*'([0-9.]+)'", pb2_grpc)
     if grpc_check:
         assert _version(grpc_check.group(1)) <= _version(floors["grpcio"])
+
+
+def _buf() -> str:
+    """Buf's CLI (the dev extra's buf-bin installs it beside this Python)."""
+    beside = Path(sys.executable).parent / "buf"
+    found = str(beside) if beside.exists() else shutil.which("buf")
+    if found is None:
+        pytest.skip("buf is not installed: pip install buf-bin (the dev extra has it)")
+    return found
+
+
+def _buf_workspace(root: Path) -> Path:
+    """buf.yaml and protos/ as `make lint` sees them, google/rpc/status.proto from
+    googleapis-common-protos in build/buf-deps."""
+    import google.rpc
+
+    shutil.copy(ROOT / "buf.yaml", root / "buf.yaml")
+    shutil.copytree(ROOT / "protos", root / "protos")
+    deps = root / "build/buf-deps/google/rpc"
+    deps.mkdir(parents=True)
+    shutil.copy(Path(list(google.rpc.__path__)[0]) / "status.proto", deps)
+    return root
+
+
+def _buf_lint(buf: str, root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([buf, "lint", "--error-format", "json"], cwd=root, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, BUF_CACHE_DIR=str(
+                              root / "cache")))
+
+
+def test_buf_lint_passes_with_standard_and_comment_rules(tmp_path):
+    done = _buf_lint(_buf(), _buf_workspace(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_buf_lint_catches_what_the_api_review_found(tmp_path):
+    """The linter runs on camserve's .proto with the rules that caught the review's findings
+    (a service without the Service suffix, an RPC answering another message, an uncommented
+    oneof), and leaves KServe's OIP protos alone."""
+    buf = _buf()
+    root = _buf_workspace(tmp_path)
+    proto = root / "protos" / PROTO
+    text = proto.read_text()
+    for old, new in (("service CamserveService {", "service Camserve {"),
+                     ("returns (GetModelInfoResponse)", "returns (ModelInfo)\n  "),
+                     ("  // Exactly one must be set; an Image with neither answers "
+                      "INVALID_ARGUMENT.\n", "")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    proto.write_text(text + "\n// Stands for the old GetModelInfo answer.\nmessage ModelInfo {}\n")
+    done = _buf_lint(buf, root)
+    assert done.returncode != 0
+    found = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert {f["path"] for f in found} == {f"protos/{PROTO}"}, found
+    rules = {f["type"] for f in found}
+    assert {"SERVICE_SUFFIX", "RPC_RESPONSE_STANDARD_NAME", "COMMENT_ONEOF"} <= rules, rules
