@@ -23,8 +23,10 @@ def test_model_info(default_server):
     assert info.name == "efficientnet_lite0"
     assert len(info.labels) == 1000 and info.labels[967] == "espresso"
     assert info.input_size == (224, 224)
-    assert [layer.name for layer in info.layers] == ["bn2"] and info.default_layer == "bn2"
-    assert (info.layers[0].channels, info.layers[0].height, info.layers[0].width) == (1280, 7, 7)
+    assert [layer.name for layer in info.layers] == ["bn2", "blocks.4"]
+    assert info.default_layer == "bn2"
+    assert [(layer.channels, layer.height, layer.width) for layer in info.layers] == [
+        (1280, 7, 7), (112, 14, 14)]
     assert info.methods == ("gradcam", "gradcam_plus_plus", "xgradcam", "layercam", "hirescam",
                             "eigencam", "scorecam", "random")
     assert info.max_batch_size == server.settings.max_batch_size

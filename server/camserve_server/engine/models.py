@@ -48,6 +48,8 @@ class _Built:
     std: Tuple[float, float, float]
     hookable: bool = True
     labels: Optional[Tuple[str, ...]] = None  # the model's own class names (Hugging Face)
+    # The layers offered when --layer is not given (the first is the default); empty: found.
+    layers: Tuple[str, ...] = ()
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -85,7 +87,8 @@ def load_model(settings: Settings) -> LoadedModel:
 
     probe = _probe(module, input_size, device, hookable=built.hookable)
     labels = _labels(settings.labels, probe.num_classes, built.labels)
-    layers = _layers(settings.layers, probe, hookable=built.hookable, model=settings.model)
+    layers = _layers(settings.layers or built.layers, probe, hookable=built.hookable,
+                     model=settings.model)
     card = ModelCard(name=settings.model, labels=labels, input_size=tuple(input_size),
                      mean=tuple(mean), std=tuple(std), layers=layers, device=str(device))
     return LoadedModel(module=module, device=device, card=card,
@@ -138,7 +141,10 @@ def _build_default(weights: Optional[str]) -> _Built:
             _load_state(module, state, weights)
         else:
             _load_by_position(module, state, weights)
-    return _Built(module, (224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    # bn2 (1280x7x7, before global pooling) explains by default; blocks.4 (112x14x14) is an
+    # earlier, finer grid for multi-layer explanations.
+    return _Built(module, (224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+                  layers=("bn2", "blocks.4"))
 
 
 def _build_torchvision(name: str, weights: Optional[str]) -> _Built:
