@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from conftest import DATA
+from camserve._calls import resolve_target
+from camserve_server.process.server import CamServer
+from camserve_server.process.settings import Settings
+
+from conftest import DATA, TINY, running, wait_for
 
 CLI = str(Path(sys.executable).parent / "camserve")
 
@@ -91,6 +98,146 @@ def test_server_down_is_one_clear_error(tmp_path, cat_path):
     done = run("predict", str(cat_path), str(cat_path), target="127.0.0.1:1", )
     assert done.returncode == 1
     assert done.stderr.count("UNAVAILABLE") == 1
+    assert "cannot reach a camserve server at 127.0.0.1:1 " in done.stderr
+    assert "camserve-server" in done.stderr and "--target HOST:PORT" in done.stderr
+    assert "Traceback" not in done.stderr
+    # A name that does not resolve says the same, with the port it would have used.
+    done = run("info", "--target", "no-such-host.invalid")
+    assert done.returncode == 1
+    assert "cannot reach a camserve server at no-such-host.invalid:50051 " in done.stderr
+
+
+def test_a_host_without_a_port_gets_the_default_port():
+    assert resolve_target("localhost") == "localhost:50051"
+    assert resolve_target("10.0.0.7") == "10.0.0.7:50051"
+    assert resolve_target("::1") == "[::1]:50051" and resolve_target("[::1]") == "[::1]:50051"
+    assert resolve_target("localhost:7000") == "localhost:7000"
+    assert resolve_target("dns:///camserve.default.svc:50051") == \
+        "dns:///camserve.default.svc:50051"
+
+
+def test_connection_flags_after_the_subcommand(default_server, cat_path):
+    server, _ = default_server
+    target = f"127.0.0.1:{server.port}"
+    done = run("info", "--target", target, "--timeout", "30")
+    assert done.returncode == 0, done.stderr
+    assert "state:        serving" in done.stdout
+    done = run("predict", str(cat_path), "--top-k", "1", "--target", target)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{cat_path}: Egyptian cat")
+    # Given on both sides, the one after the subcommand wins.
+    done = run("--target", "127.0.0.1:1", "info", "--target", target)
+    assert done.returncode == 0, done.stderr
+
+
+def test_info_while_the_model_loads_shows_the_state():
+    server = CamServer(Settings(host="127.0.0.1", port=0,
+                                model="python:tiny_models:slow_loading_cnn"))
+    port = server.listen()
+    loader = threading.Thread(target=server.load)
+    loader.start()
+    try:
+        done = run("info", target=f"127.0.0.1:{port}")
+        assert done.returncode == 1
+        assert "state:        loading" in done.stdout and "run this again" in done.stdout
+        assert "classes" not in done.stdout and "methods" not in done.stdout
+        done = run("info", "--json", target=f"127.0.0.1:{port}")
+        assert done.returncode == 1 and json.loads(done.stdout)["state"] == "loading"
+    finally:
+        loader.join()
+        server.stop(grace=0)
+
+
+def test_a_reader_that_goes_away_ends_the_cli_quietly(default_server, cat_path):
+    """`camserve predict ... | head -c0`: no BrokenPipeError traceback, exit 141 as Unix tools
+    do. The pipe's reading end is closed before the CLI writes, so the write always fails."""
+    server, _ = default_server
+    for args in (["predict", str(cat_path)], ["info", "--json"]):
+        child = subprocess.Popen([CLI, "--target", f"127.0.0.1:{server.port}", *args],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        child.stdout.close()
+        stderr = child.stderr.read().decode()
+        assert child.wait(timeout=300) == 141, stderr
+        assert stderr == ""
+
+
+def test_the_callers_request_id_is_in_the_access_log(default_server, caplog):
+    server, _ = default_server
+    caplog.set_level(logging.INFO, logger="camserve_server.access")
+    done = run("--request-id", "cli-test-4711", "info", target=f"127.0.0.1:{server.port}")
+    assert done.returncode == 0, done.stderr
+
+    def lines():
+        return [r.getMessage() for r in caplog.records if r.name == "camserve_server.access"
+                and "id=cli-test-4711" in r.getMessage()]
+
+    wait_for(lambda: lines())
+    assert len(lines()) == 1
+    line = lines()[0]
+    assert line.startswith("GetModelInfo OK") and "items=0" in line and "peer=ipv" in line
+
+
+def test_an_all_zero_map_is_explained(default_server, coffee_path, tmp_path):
+    """A counterfactual map of the class the model is sure of is zero everywhere: said, with
+    what it means, on the terminal and in the JSON."""
+    server, _ = default_server
+    target = f"127.0.0.1:{server.port}"
+    done = run("explain", str(coffee_path), "-o", str(tmp_path), "--counterfactual",
+               target=target)
+    assert done.returncode == 0, done.stderr
+    assert ("note: the map is zero everywhere: nothing at layer bn2 lowers the score of "
+            "'espresso' here, so its heatmap is blank") in done.stdout
+    done = run("explain", str(coffee_path), "-o", str(tmp_path), "--counterfactual", "--json",
+               target=target)
+    notes = json.loads(done.stdout)[0]["maps"][0]["notes"]
+    assert [n["kind"] for n in notes] == ["all_zero"]
+    done = run("explain", str(coffee_path), "-o", str(tmp_path), "--json", target=target)
+    assert json.loads(done.stdout)[0]["maps"][0]["notes"] == []
+
+
+@pytest.fixture(scope="module")
+def flat_and_noisy_video(tmp_path_factory):
+    """4 frames, 160x120: flat grey (a JPEG of about 1 kB) and noise (over 20 kB), in turn."""
+    cv2 = pytest.importorskip("cv2", reason="camserve stream needs OpenCV")
+    path = tmp_path_factory.mktemp("video") / "flat-and-noisy.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        frame = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8) if i % 2 else \
+            np.full((120, 160, 3), 128, np.uint8)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_stream_prints_each_failed_frame_and_goes_on(flat_and_noisy_video, tmp_path):
+    with running(model=TINY, max_image_bytes=8_000) as (server, _):
+        done = run("stream", str(flat_and_noisy_video), "-o", str(tmp_path / "out.mp4"),
+                   target=f"127.0.0.1:{server.port}")
+    assert done.returncode == 1
+    failed = [line for line in done.stderr.splitlines() if line.startswith("camserve: frame")]
+    assert [line.split(":")[1].strip() for line in failed] == ["frame 1", "frame 3"]
+    assert all("INVALID_ARGUMENT" in line and "8000" in line.replace(",", "")
+               for line in failed), failed
+    assert "frames sent 4, answered 2, skipped 0, failed 2" in done.stdout
+
+
+def test_stream_refuses_a_class_out_of_range_once(default_server, flat_and_noisy_video):
+    server, _ = default_server
+    done = run("stream", str(flat_and_noisy_video), "--explain", "--class", "1000",
+               target=f"127.0.0.1:{server.port}")
+    assert done.returncode == 1
+    assert done.stderr.count("class index 1000 is out of range") == 1
+    assert "frame" not in done.stderr
+
+
+def test_a_second_server_on_a_busy_port_says_so(default_server):
+    server, _ = default_server
+    done = subprocess.run([str(Path(sys.executable).parent / "camserve-server"), "--port",
+                           str(server.port)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert f"port {server.port} is in use" in done.stderr and "--port" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_usage_errors():

@@ -9,9 +9,9 @@
     camserve stream VIDEO|--camera N [-o OUT.mp4] [--explain] [--policy all|latest]
 
 The server address comes from ``--target`` or ``CAMSERVE_TARGET`` (default localhost:50051;
-a port-less host gets :50051). Connection flags (--target, --timeout, --token, TLS) go before
-or after the subcommand. Exit status: 0 when every image was answered, 1 when any failed (or
-the server could not be reached), 2 for usage errors.
+a port-less host gets :50051). Connection flags (--target, --timeout, --token, TLS,
+--request-id) go before or after the subcommand. Exit status: 0 when every image was answered,
+1 when any failed (or the server could not be reached), 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -285,12 +285,15 @@ def cmd_stream(client: Client, args) -> int:
         raise _LocalError(f"cannot write {args.output}: choose a video file name ending in "
                           f"{', '.join(VIDEO_SUFFIXES)}")
     target = _target(args.target_class)
-    if isinstance(target, str) or args.layer:
+    if target is not None or args.layer:
         # Refuse a misspelled class or layer once, here, instead of once per frame.
         info = client.model_info()
         lowered = {label.lower() for label in info.labels}
         if isinstance(target, str) and target.strip().lower() not in lowered:
             raise invalid(f"no class is labelled {target!r} (camserve info lists the labels)")
+        if isinstance(target, int) and target >= len(info.labels):
+            raise invalid(f"class index {target} is out of range: the model has "
+                          f"{len(info.labels)} classes, 0 to {len(info.labels) - 1}")
         if args.layer and args.layer not in {layer.name for layer in info.layers}:
             raise invalid(f"layer {args.layer!r} is not one the server explains; choose from "
                           f"{', '.join(layer.name for layer in info.layers)}")
@@ -444,6 +447,9 @@ def _connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
                         help="client certificate (mutual TLS)")
     parser.add_argument("--client-key", metavar="PEM", default=d(None),
                         help="key of --client-cert")
+    parser.add_argument("--request-id", metavar="ID", default=d(None),
+                        help="sent as x-request-id with every call, for the server's access "
+                        "log (default: the server makes one per call)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -535,9 +541,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("camserve: --top-k must be at least 1", file=sys.stderr)
         return 2
     try:
+        metadata = [("x-request-id", args.request_id)] if args.request_id else []
         with Client(args.target, timeout=args.timeout, token=args.token, tls=args.tls,
                     root_certificates=args.ca_cert, client_cert=args.client_cert,
-                    client_key=args.client_key) as client:
+                    client_key=args.client_key, metadata=metadata) as client:
             return args.run(client, args)
     except CamserveError as exc:
         print(f"camserve: {exc.code.name}: {exc.details}", file=sys.stderr)

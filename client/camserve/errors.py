@@ -8,7 +8,7 @@ import grpc
 
 _CONNECT_FAILURES = ("failed to connect", "dns resolution failed", "connection refused",
                      "name resolution", "connections to all backends failing",
-                     "no address", "could not resolve")
+                     "no address", "could not resolve", "errors resolving")
 
 
 class CamserveError(Exception):
@@ -42,7 +42,8 @@ class CamserveError(Exception):
         code, details = code or grpc.StatusCode.UNKNOWN, details or ""
         if target is not None and code == grpc.StatusCode.UNAVAILABLE and any(
                 text in details.lower() for text in _CONNECT_FAILURES):
-            details = (f"cannot reach a camserve server at {target} ({_short(details)}); start "
+            details = (f"cannot reach a camserve server at {_address(target)} "
+                       f"({_short(details)}); start "
                        "one with `camserve-server` (or `make serve` in a checkout), or pass "
                        "--target HOST:PORT")
         metadata = error.trailing_metadata() if callable(
@@ -66,8 +67,21 @@ class CamserveError(Exception):
         return cls(code, status.message, **_details(status))
 
 
+def _address(target: str) -> str:
+    """The address dialled, as a person would write it: a port-less host gets the default
+    port (several addresses and URIs are shown as given)."""
+    from ._calls import resolve_target
+
+    if "," in target:
+        return target
+    try:
+        return resolve_target(target)
+    except Exception:  # an unusable target: show it as given
+        return target
+
+
 def _short(details: str) -> str:
-    last = details.rsplit(":", 1)[-1].strip()
+    last = details.rsplit(":", 1)[-1].strip(" []")
     return last or details[:80]
 
 
