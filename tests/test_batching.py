@@ -55,14 +55,17 @@ def _batched(client, requests):
     return answers
 
 
-def test_alone_equals_in_a_full_mixed_batch(cat, coffee):
+def test_alone_equals_in_a_full_mixed_batch(default_server, cat, coffee):
     requests = _requests(cat, coffee)
-    # A long max delay makes the 8 concurrent requests fill one batch.
-    with running(max_batch_size=8, max_delay_ms=1500) as (_, client):
+    # A long max delay makes the 8 concurrent requests fill one batch; a full batch starts at
+    # once, so the delay is never waited out.
+    with running(max_batch_size=8, max_delay_ms=60_000) as (_, client):
         batched = _batched(client, requests)
-        assert max(a.timing.batch_size for a in batched) == 8
-        alone = [_call(client, *r) for r in requests]
-        assert all(a.timing.batch_size == 1 for a in alone)
+    assert [a.timing.batch_size for a in batched] == [8] * 8
+    # The same model, one request at a time.
+    _, client = default_server
+    alone = [_call(client, *r) for r in requests]
+    assert all(a.timing.batch_size == 1 for a in alone)
     for a, b in zip(alone, batched):
         _same(a, b)
 
@@ -72,8 +75,8 @@ def test_batch_of_one_server_equals_batching_server(cat, coffee):
     requests = _requests(cat, coffee)[:4]
     with running(model=TINY, max_batch_size=1) as (_, client):
         alone = [_call(client, *r) for r in requests]
-    with running(model=TINY, max_batch_size=4, max_delay_ms=1500) as (_, client):
+    with running(model=TINY, max_batch_size=4, max_delay_ms=60_000) as (_, client):
         batched = _batched(client, requests)
-    assert max(a.timing.batch_size for a in batched) == 4
+    assert [a.timing.batch_size for a in batched] == [4] * 4
     for a, b in zip(alone, batched):
         _same(a, b)
