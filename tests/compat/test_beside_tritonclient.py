@@ -6,6 +6,7 @@ protobuf is newer than any tritonclient allows) it is skipped."""
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
@@ -16,7 +17,6 @@ tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 
 def test_camserve_and_tritonclient_in_one_process():
     import google.protobuf
-    import grpc
     from tritonclient.grpc import service_pb2 as triton_pb2
     from tritonclient.utils import InferenceServerException
 
@@ -35,14 +35,47 @@ def test_camserve_and_tritonclient_in_one_process():
         assert len(prediction.top) == 2
         assert 0.0 <= prediction.best.probability <= 1.0
 
-        # tritonclient's stub reaches the same server over the same grpcio: it gets an answer at
-        # the gRPC level (UNIMPLEMENTED until camserve serves the inference protocol).
+        # tritonclient's stub reaches the same server over the same grpcio: camserve serves the
+        # inference protocol on the same port (tests/test_oip.py tests it in depth).
         triton = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{server.port}")
         try:
-            assert triton.is_server_live() in (True, False)
-        except InferenceServerException as error:
-            assert "UNIMPLEMENTED" in str(error.status()), error
+            assert triton.is_server_live() is True and triton.is_model_ready("camserve") is True
+            with pytest.raises(InferenceServerException) as caught:
+                triton.is_model_ready("no-such-model")
+            assert "NOT_FOUND" in str(caught.value.status()), caught.value
         finally:
             triton.close()
         assert client.predict(pixels).top  # camserve still answers
     print("protobuf", google.protobuf.__version__, "grpcio", grpc.__version__)
+
+
+HEALTH_NAMES = ("", "camserve.v1.CamserveService", "inference.GRPCInferenceService")
+
+
+def test_health_at_this_grpcio():
+    """The health service answers Check for the server and each API at every supported
+    grpcio-health-checking."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with running(model=TINY) as (server, client):
+        client.wait_until_ready(60)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            statuses = {name: health.Check(health_pb2.HealthCheckRequest(service=name),
+                                           timeout=10).status for name in HEALTH_NAMES}
+    assert statuses == dict.fromkeys(HEALTH_NAMES, health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_health_list_where_the_protocol_has_it():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if not hasattr(health_pb2, "HealthListRequest"):
+        pytest.skip("this grpcio-health-checking (1.81 or older) has no Health.List; camserve "
+                    "serves Check and Watch there")
+    with running(model=TINY) as (server, client):
+        client.wait_until_ready(60)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            listed = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(),
+                                                              timeout=10).statuses
+    assert {name: s.status for name, s in listed.items()} == dict.fromkeys(
+        HEALTH_NAMES, health_pb2.HealthCheckResponse.SERVING)

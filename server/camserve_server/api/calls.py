@@ -182,9 +182,15 @@ async def _internal(context, rpc: str) -> None:
                         f"internal error in {rpc}; the server log has details")
 
 
+def images_of(request) -> int:
+    """A camserve request's item count for the access log: its images."""
+    return len(getattr(request, "images", ()))
+
+
 def unary(rpc: str, behavior: Callable[..., Awaitable], recorder: Recorder,
-          inflight: InflightBytes):
-    """A unary handler around ``behavior(request, context)``."""
+          inflight: InflightBytes, items: Callable[[object], int] = images_of):
+    """A unary handler around ``behavior(request, context)``; ``items(request)`` is the count
+    the access log shows."""
 
     async def handle(request, context):
         call = Call(rpc, recorder, context)
@@ -192,7 +198,7 @@ def unary(rpc: str, behavior: Callable[..., Awaitable], recorder: Recorder,
         try:
             if isinstance(request, Malformed):
                 raise request.error
-            call.items = len(getattr(request, "images", ()))
+            call.items = items(request)
             held = inflight.take(request.ByteSize())
             return await behavior(request, context)
         except ServiceError as exc:
@@ -238,9 +244,10 @@ def streaming(rpc: str, behavior: Callable[..., AsyncIterator], recorder: Record
 
 
 def generic_handler(service: str, methods: dict, max_bytes: int, recorder: Recorder,
-                    inflight: InflightBytes) -> grpc.GenericRpcHandler:
+                    inflight: InflightBytes,
+                    items: Callable[[object], int] = images_of) -> grpc.GenericRpcHandler:
     """The gRPC handler of one service: ``methods`` maps each RPC name to (behavior, request
-    type, response type, streaming)."""
+    type, response type, streaming); ``items`` counts a unary request's items."""
     handlers = {}
     for name, (behavior, request_type, response_type, streaming_rpc) in methods.items():
         kwargs = {"request_deserializer": parser(request_type, max_bytes),
@@ -250,7 +257,7 @@ def generic_handler(service: str, methods: dict, max_bytes: int, recorder: Recor
                 streaming(name, behavior, recorder), **kwargs)
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                unary(name, behavior, recorder, inflight), **kwargs)
+                unary(name, behavior, recorder, inflight, items), **kwargs)
     return grpc.method_handlers_generic_handler(service, handlers)
 
 

@@ -1,8 +1,10 @@
 """The standard gRPC health service (grpc.health.v1.Health), asyncio, with List.
 
-grpcio-health-checking's asyncio servicer answers Check and Watch; List (in the protocol since
-grpcio 1.71) is answered here from the same statuses. With an older grpcio-health-checking,
-whose protocol has no List, the service offers Check and Watch only.
+grpcio-health-checking's asyncio servicer answers Check and Watch; List is answered here from
+the same statuses. With a grpcio-health-checking whose protocol has no List (1.81 and older:
+``health_pb2`` has no ``HealthListRequest``; 1.85 has it), the service offers Check and Watch
+only. ``process/server.py`` sets one status for the server as a whole ("") and one per API
+(camserve.v1.CamserveService, inference.GRPCInferenceService): a probe may name either.
 """
 
 from __future__ import annotations

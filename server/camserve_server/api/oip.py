@@ -39,7 +39,7 @@ from camserve.v1 import camserve_pb2 as pb
 
 from .. import __version__
 from ..domain import METHODS, RawPixels, Source, WorkItem
-from ..errors import InvalidArgument, ServiceError, quote
+from ..errors import InvalidArgument, NotFound, Unimplemented, quote
 from ..oip.v2 import model_config_pb2
 from . import calls
 from . import request as req
@@ -64,16 +64,6 @@ PARAMETERS = ("top_k", "explain") + EXPLAIN_PARAMETERS
 IGNORED_PARAMETERS = ("priority", "timeout", "binary_data_output")
 IGNORED_PREFIX = "triton_"
 _LENGTH = struct.Struct("<I")  # a BYTES element's length prefix
-
-
-class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "UNKNOWN_MODEL"
-
-
-class Unimplemented(ServiceError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "UNIMPLEMENTED"
 
 
 # --- the generated messages ------------------------------------------------------------------
@@ -117,16 +107,23 @@ def _registered(full_name: str):
 
 
 def handler(service: CamserveService, settings, recorder: calls.Recorder,
-            inflight=None) -> grpc.GenericRpcHandler:
+            inflight: calls.InflightBytes) -> grpc.GenericRpcHandler:
     """The gRPC handler of ``inference.GRPCInferenceService``, for ``add_generic_rpc_handlers``:
     the served RPCs through ``calls.generic_handler`` (with ``inflight``, the admission by
-    size that camserve's own service uses, where calls.py has one), every other one
-    UNIMPLEMENTED."""
+    size that camserve's own service uses), every other one UNIMPLEMENTED."""
     oip = OipService(service, settings.oip_model_name)
-    admission = () if inflight is None else (inflight,)
     served = calls.generic_handler(SERVICE, oip.methods(), settings.max_message_bytes, recorder,
-                                   *admission)
+                                   inflight, items=batch_of)
     return _Handler(served, recorder)
+
+
+def batch_of(request) -> int:
+    """A call's item count for the access log: a ModelInferRequest's images (its input's first
+    dimension, as the request states it); 0 for the other RPCs."""
+    for tensor in getattr(request, "inputs", ()):
+        if tensor.name == INPUT and tensor.shape:
+            return max(0, int(tensor.shape[0]))
+    return 0
 
 
 class _Handler(grpc.GenericRpcHandler):
@@ -187,7 +184,7 @@ class OipService:
                                   f"{self.model_name!r}", field=field, reason="NO_MODEL")
         if name != self.model_name:
             raise NotFound(f"model {quote(name)} is not served here; this server serves "
-                           f"{self.model_name!r}", field=field)
+                           f"{self.model_name!r}", field=field, reason="UNKNOWN_MODEL")
         if version not in ("", VERSION):
             raise NotFound(f"model {self.model_name!r} has no version {quote(version)}; it "
                            f"has version {VERSION} only (or leave the version empty)",
@@ -209,7 +206,7 @@ class OipService:
 
     async def ModelMetadata(self, request, context):
         self._model(request.name, request.version)
-        rt = self._service._live()  # UNAVAILABLE while loading or draining
+        rt = self._service.live()  # UNAVAILABLE while loading or draining
         m = messages().ModelMetadataResponse
         tensors = [m.TensorMetadata(name=name, datatype=datatype, shape=shape)
                    for name, datatype, shape in signature(rt)]
@@ -218,15 +215,18 @@ class OipService:
 
     async def ModelConfig(self, request, context):
         self._model(request.name, request.version)
-        rt = self._service._live()
+        rt = self._service.live()
         return model_config_pb2.ModelConfigResponse(config=model_config_pb2.ModelConfig(
             name=self.model_name, platform=PLATFORM,
             max_batch_size=rt.settings.max_images_per_request))
 
     async def ModelInfer(self, request, context):
         self._model(request.model_name, request.model_version, "model_name")
-        rt = self._service._live()
+        rt = self._service.live()
         call = infer_call(request, rt)
+        if call.plan is not None:  # the bound Explain has on one caller's forwards
+            req.check_request_cost(call.plan.spec, len(call.sources),
+                                   rt.settings.max_queued_forwards)
         decoded = await asyncio.gather(*(rt.decode(s, f"{INPUT}[{i}]")
                                          for i, s in enumerate(call.sources)))
         spec = call.plan.spec if call.plan is not None else None

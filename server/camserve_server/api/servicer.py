@@ -119,7 +119,7 @@ class CamserveService:
                               pb.StreamExplainResponse, True),
         }
 
-    def _live(self) -> Runtime:
+    def live(self) -> Runtime:
         runtime = self._runtime
         if runtime is None or self.state == pb.SERVER_STATE_LOADING:
             raise Unavailable("the model is still loading; retry shortly (the health service "
@@ -138,7 +138,7 @@ class CamserveService:
         return info
 
     async def Predict(self, request, context):
-        rt = self._live()
+        rt = self.live()
         top_k = req.top_k(request.options.top_k, rt.model.num_classes)
         sources = req.image_sources(request.images, rt.settings.max_images_per_request)
         decoded = await rt.decode_all(sources)
@@ -148,7 +148,7 @@ class CamserveService:
                                 rt.settings.worker_index) for d, o in zip(decoded, outcomes)])
 
     async def Explain(self, request, context):
-        rt = self._live()
+        rt = self.live()
         plan = req.explain_plan(request.options, rt.model, rt.labels, rt.settings)
         sources = req.image_sources(request.images, rt.settings.max_images_per_request)
         req.check_request_cost(plan.spec, len(sources), rt.settings.max_queued_forwards)
@@ -165,7 +165,7 @@ class CamserveService:
         return await rt.in_pool(build) if plan.outputs.needs_heatmap else build()
 
     async def StreamPredict(self, requests, context, frames):
-        rt = self._live()
+        rt = self.live()
 
         def configure(options) -> int:
             return req.top_k(options.top_k, rt.model.num_classes)
@@ -187,7 +187,7 @@ class CamserveService:
             yield message
 
     async def StreamExplain(self, requests, context, frames):
-        rt = self._live()
+        rt = self.live()
 
         def configure(options) -> req.ExplainPlan:
             return req.explain_plan(options, rt.model, rt.labels, rt.settings)

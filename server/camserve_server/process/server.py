@@ -43,7 +43,7 @@ from .tls import server_credentials
 log = logging.getLogger(__name__)
 access = logging.getLogger("camserve_server.access")
 
-HEALTH_NAMES = ("", SERVICE)  # the server as a whole, and camserve's service
+HEALTH_NAMES = ("", SERVICE, oip.SERVICE)  # the server as a whole, and each served API
 KEEPALIVE_TIMEOUT_MS = 20_000
 
 
