@@ -21,10 +21,10 @@ from ..domain import ModelCard, Source, WorkItem
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from ..process.settings import Settings
 from ..render import images
-from . import calls
+from . import calls, sanity
 from . import request as req
 from . import response as resp
-from .streams import Prepared, StreamSession, settled
+from .streams import Prepared, StreamSession, Tally, settled
 
 SERVICE = pb.DESCRIPTOR.services_by_name["CamserveService"].full_name
 STREAMS_RETRY_S = 1.0  # the retry hint when every stream slot is taken
@@ -46,6 +46,7 @@ class Runtime:
     labels: req.LabelIndex
     limits: images.Limits
     pool: Executor  # decoding and rendering
+    sanity: Any = None  # engine/sanity.py's SanityChecker: CheckSanity runs on it
 
     async def decode(self, source: Source, field: str, full: bool = False) -> Decoded:
         """Decode and resize one image in the pool; ``full`` keeps it whole for overlays."""
@@ -100,6 +101,7 @@ class CamserveService:
         self._info: Optional[pb.GetModelInfoResponse] = None
         self.state = pb.SERVER_STATE_LOADING
         self.open_streams = 0
+        self.stream_frames = Tally()
 
     def serve(self, runtime: Runtime) -> None:
         """Take the loaded model; calls still answer UNAVAILABLE until the state is SERVING."""
@@ -117,6 +119,8 @@ class CamserveService:
                               pb.StreamPredictResponse, True),
             "StreamExplain": (self.StreamExplain, pb.StreamExplainRequest,
                               pb.StreamExplainResponse, True),
+            "CheckSanity": (self.CheckSanity, pb.CheckSanityRequest, pb.CheckSanityResponse,
+                            False),
         }
 
     def live(self) -> Runtime:
@@ -163,6 +167,17 @@ class CamserveService:
                 for d, o in zip(decoded, outcomes)])
 
         return await rt.in_pool(build) if plan.outputs.needs_heatmap else build()
+
+    async def CheckSanity(self, request, context):
+        rt = self.live()
+        sources = req.image_sources(request.images, rt.settings.max_images_per_request)
+        plan = sanity.plan(request, rt.model, rt.settings, len(sources))
+        if rt.sanity is None:
+            raise Unavailable("this server runs no sanity checks", reason="NO_SANITY_CHECKS")
+        decoded = await rt.decode_all(sources)
+        report = await sanity.run(rt.sanity, [d.image.pixels for d in decoded], plan,
+                                  calls.deadline(context))
+        return sanity.response(report)
 
     async def StreamPredict(self, requests, context, frames):
         rt = self.live()
@@ -226,7 +241,7 @@ class CamserveService:
                 prepare=prepare, answer=answer,
                 max_in_flight=rt.settings.max_stream_frames_in_flight,
                 idle_s=rt.settings.stream_idle_s, deadline=calls.deadline(context),
-                frames=frames)
+                frames=frames, tally=self.stream_frames)
             async for message in session.answers():
                 yield message
         finally:

@@ -58,6 +58,14 @@ class _Entry:
 
 
 @dataclass
+class Tally:
+    """The frames every stream holds together (read, not yet answered or skipped): a
+    metric (camserve_stream_frames_held), bounded by max_streams x max_in_flight."""
+
+    frames: int = 0
+
+
+@dataclass
 class _End:
     error: Optional[ServiceError] = None  # why the stream ends early; None: the caller closed
 
@@ -87,7 +95,7 @@ class StreamSession:
                  default_options: Any,
                  prepare: Callable[[Any, Any], Awaitable[Prepared]],
                  answer: Callable[..., Any], max_in_flight: int, idle_s: float,
-                 deadline: Optional[float], frames: Call) -> None:
+                 deadline: Optional[float], frames: Call, tally: Tally) -> None:
         self._requests = requests
         self._batcher = batcher
         self._configure = configure
@@ -102,9 +110,19 @@ class StreamSession:
         self.policy: Optional[str] = None
         self._entries: Deque[Any] = deque()  # _Entry, then an _End
         self._changed = asyncio.Event()  # set when entries or slots change
-        self._held = 0  # frames read and not yet answered or skipped
+        self._tally = tally
+        self._count = 0  # frames read and not yet answered or skipped (_held)
         self._skipped = 0  # skipped since the previous answer
         self._queued: Optional[_Entry] = None  # LATEST: the newest submitted frame
+
+    @property
+    def _held(self) -> int:
+        return self._count
+
+    @_held.setter
+    def _held(self, value: int) -> None:
+        self._tally.frames += value - self._count
+        self._count = value
 
     # --- the reader task -----------------------------------------------------------------
 
@@ -272,3 +290,4 @@ class StreamSession:
             if isinstance(entry, _Entry) and entry.ticket is not None:
                 entry.ticket.withdraw("cancelled")
         self._entries.clear()
+        self._held = 0

@@ -107,6 +107,12 @@ class Metrics:
                                   registry=r)
         self.worker_restarts = Counter("camserve_worker_restarts",
                                        "Batcher worker threads restarted after dying", registry=r)
+        # One engine and worker per device (--device cuda:0 --device cuda:1): what each ran.
+        self.device_batches = Counter("camserve_device_batches",
+                                      "Batches run, by device", ["device"], registry=r)
+        self.device_seconds = Counter("camserve_device_compute_seconds",
+                                      "Engine time of the batches run, by device", ["device"],
+                                      registry=r)
         # Gauges of several processes: the queue's depth adds up over the live workers (the
         # HPA's metric keeps its meaning: items waiting in the pod); a state and a device's
         # memory are each worker's own (its label), the load time the slowest worker's.
@@ -133,11 +139,23 @@ class Metrics:
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self._watch(self.queue_depth, depth)
 
-    def watch_device_memory(self, allocated: Callable[[], float]) -> None:
+    def watch_streams(self, open_streams: Callable[[], int], frames: Callable[[], int]) -> None:
+        for name, text, read in (
+                ("camserve_streams_open", "Streams open", open_streams),
+                ("camserve_stream_frames_held", "Frames the open streams hold: read and not "
+                 "yet answered or skipped", frames)):
+            self._watch(Gauge(name, text, registry=self.registry, multiprocess_mode="livesum"),
+                        read)
+
+    def watch_device_memory(self, allocated: Dict[str, Callable[[], float]]) -> None:
+        """``camserve_device_memory_bytes`` by device (and worker): device name → reader."""
+        by_worker = ["worker"] if self.shared else []
         gauge = Gauge("camserve_device_memory_bytes", "Device memory held by tensors (CUDA)",
-                      ["worker"] if self.shared else [], registry=self.registry,
+                      ["device", *by_worker], registry=self.registry,
                       multiprocess_mode="livesum")
-        self._watch(gauge.labels(str(self.worker)) if self.shared else gauge, allocated)
+        for device, read in allocated.items():
+            labels = (device, str(self.worker)) if self.shared else (device,)
+            self._watch(gauge.labels(*labels), read)
 
     def _watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """A gauge that is a function's value: read at each scrape in a single process; in a

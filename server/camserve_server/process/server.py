@@ -13,6 +13,7 @@ refuse new calls, let in-flight ones finish within the grace period, drain the b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -70,7 +71,7 @@ class CamServer:
         self._service = CamserveService(settings.model)
         self._health: Optional[HealthServicer] = None
         self._grpc: Optional[aio.Server] = None
-        self._engine = None
+        self._engines = []  # one per device
         self._batcher: Optional[Batcher] = None
         self._pool = ThreadPoolExecutor(max_workers=decode_threads(settings),
                                         thread_name_prefix="camserve-decode")
@@ -164,32 +165,46 @@ class CamServer:
     def load(self) -> None:
         import torch
 
-        from ..engine.engine import Engine
-        from ..engine.models import load_model
+        from ..engine.engine import Engine, check_precision
+        from ..engine.models import load_model, resolve_devices
+        from ..engine.sanity import SanityChecker
 
         s = self.settings
         torch.set_num_threads(torch_threads(s))
-        model = load_model(s)
-        self.metrics.model_load.set(model.load_seconds)
-        card = model.card
+        devices = resolve_devices(s.device)
+        for device in devices:  # before minutes of loading
+            check_precision(s.precision, device)
+        # One model replica, engine and batcher worker per device, sharing one queue.
+        models = [load_model(s, device) for device in devices]
+        model = models[0]
+        self.metrics.model_load.set(sum(m.load_seconds for m in models))
+        names = [str(m.device) for m in models]
+        card = dataclasses.replace(model.card, device=",".join(names))
         log.info("loaded %s on %s in %.1fs: %d classes, input %dx%d, layers %s; %d torch "
-                 "threads", card.name, model.device, model.load_seconds, card.num_classes,
-                 card.input_size[1], card.input_size[0],
-                 ", ".join(i.name for i in card.layers) or "none", torch.get_num_threads())
-        engine = Engine(model)
-        batch_seconds = _warm_up(engine, s.max_batch_size)
-        batcher = Batcher(engine.run_batch, max_batch_size=s.max_batch_size,
+                 "threads; precision %s", card.name, card.device,
+                 sum(m.load_seconds for m in models), card.num_classes, card.input_size[1],
+                 card.input_size[0], ", ".join(i.name for i in card.layers) or "none",
+                 torch.get_num_threads(), s.precision)
+        cuda = all(m.device.type == "cuda" for m in models)
+        device_jpeg = s.jpeg_decode == "device" or (s.jpeg_decode == "auto" and cuda)
+        engines = [Engine(m, precision=s.precision) for m in models]
+        batch_seconds = max(_warm_up(e, s.max_batch_size, device_jpeg) for e in engines)
+        batcher = Batcher([e.run_batch for e in engines], max_batch_size=s.max_batch_size,
                           max_delay_ms=s.max_delay_ms, max_queue=s.max_queue,
                           metrics=self.metrics, batch_seconds=batch_seconds,
-                          device=card.device, max_job_forwards=s.max_queued_forwards,
-                          on_worker=self._worker_changed)
+                          device=names, max_job_forwards=s.max_queued_forwards,
+                          on_worker=self._worker_changed, prefetch=cuda)
         self.metrics.watch_queue(batcher.depth)
-        if model.device.type == "cuda":
-            self.metrics.watch_device_memory(lambda: torch.cuda.memory_allocated(model.device))
-        self.model, self._engine, self._batcher = model, engine, batcher
+        self.metrics.watch_streams(lambda: self._service.open_streams,
+                                   lambda: self._service.stream_frames.frames)
+        self.metrics.watch_device_memory({
+            str(m.device): (lambda d=m.device: torch.cuda.memory_allocated(d))
+            for m in models if m.device.type == "cuda"})
+        self.model, self._engines, self._batcher = model, engines, batcher
         runtime = Runtime(settings=s, model=card, batcher=batcher, labels=LabelIndex(card.labels),
-                          limits=images.Limits(s.max_image_bytes, s.max_image_pixels),
-                          pool=self._pool)
+                          limits=images.Limits(s.max_image_bytes, s.max_image_pixels,
+                                               device_jpeg=device_jpeg),
+                          pool=self._pool, sanity=SanityChecker(model))
         self._loop.call_soon_threadsafe(self._service.serve, runtime)
         batcher.start()  # its worker reports itself alive: state and health SERVING
         if not self._serving.wait(60):
@@ -226,8 +241,8 @@ class CamServer:
             self._on_loop(self._drain(grace))
         if self._batcher is not None:
             self._batcher.stop(timeout=grace + 5)
-        if self._engine is not None:
-            self._engine.close()
+        for engine in self._engines:
+            engine.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.set_state("stopped")
         self.metrics.close()
@@ -249,13 +264,16 @@ class CamServer:
         return self._stopped.wait(timeout)
 
 
-def _warm_up(engine, max_batch_size: int) -> float:
-    """Run the shapes the batcher will use once, so the first callers do not pay for it.
-    Returns the time of one full batch: the batcher's first estimate."""
+def _warm_up(engine, max_batch_size: int, device_jpeg: bool = False) -> float:
+    """Run the shapes the batcher will use once, so the first callers do not pay for it (and
+    the device's JPEG decoder, when it decodes). Returns the time of one full batch: the
+    batcher's first estimate."""
     card = engine.model.card
     blank = np.zeros((*card.input_size, 3), dtype=np.uint8)
     spec = ExplainSpec(layers=(card.default_layer,)) if card.layers else None
     started = time.perf_counter()
+    if device_jpeg:
+        engine.run([WorkItem(images.blank_jpeg(card.input_size))] * 2)
     for size in sorted({1, max_batch_size}):
         engine.run([WorkItem(blank)] * size)
         if spec is not None:

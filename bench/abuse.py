@@ -1,0 +1,323 @@
+"""Abuse: what a hostile or careless caller can make one server hold or wait for.
+
+Starts a server on the default model with default settings, keeps 2 background callers
+sending Predict, and runs each case below against it, one after the other. For each case it
+prints the server's memory (RSS before, peak, after), the background callers' p50 and worst
+latency during the case, the codes the abusive calls got, and whether the server still
+answers. Goals on a 2-core machine: no case raises memory by more than 1 GB, no background
+call waits more than 2 s, the server serves after every case, and every call is answered.
+
+    .venv/bin/python bench/abuse.py              # every case
+    .venv/bin/python bench/abuse.py --quick      # smaller sizes, for a try-out
+    .venv/bin/python bench/abuse.py --case unread_latest --case sigterm
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Dict, List, Optional
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from camserve import CamserveError, Client
+from camserve.v1 import camserve_pb2 as pb
+from camserve.v1 import camserve_pb2_grpc as pb_grpc
+
+GOAL_MEMORY_MB = 1024
+GOAL_WAIT_S = 2.0
+
+
+def jpeg(height: int, width: int, quality: int = 90, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(1, height // 16), max(1, width // 16), 3), np.uint8)
+    picture = Image.fromarray(small).resize((width, height), Image.BILINEAR)
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+class Server:
+    """The server process, its port and its memory, sampled every 50 ms."""
+
+    def __init__(self, *flags: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "camserve_server", "--host", "127.0.0.1", "--port", "0",
+             "--log-level", "WARNING", *flags], stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        self.target = "127.0.0.1:" + line.rsplit(":", 1)[1].strip()
+        with Client(self.target) as client:
+            client.wait_until_ready(600)
+        self.peak = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def rss_mb(self) -> float:
+        try:
+            with open(f"/proc/{self.process.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+        return 0.0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.rss_mb())
+
+    def serving(self) -> bool:
+        try:
+            with Client(self.target, timeout=30, retries=0) as client:
+                return bool(client.predict(np.full((64, 64, 3), 90, np.uint8)).top)
+        except CamserveError:
+            return False
+
+    def close(self) -> Optional[int]:
+        self._stop.set()
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(120)
+
+
+class Background:
+    """Two callers sending Predict in a loop; latencies by case."""
+
+    def __init__(self, target: str) -> None:
+        self.times: List[float] = []
+        self.codes: Counter = Counter()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        image = jpeg(480, 640, seed=3)
+        self._threads = [threading.Thread(target=self._call, args=(target, image), daemon=True)
+                         for _ in range(2)]
+        for thread in self._threads:
+            thread.start()
+
+    def _call(self, target: str, image: bytes) -> None:
+        with Client(target, timeout=120) as client:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                try:
+                    client.predict(image)
+                    code = "OK"
+                except CamserveError as exc:
+                    code = exc.code.name
+                with self._lock:
+                    self.times.append(time.perf_counter() - started)
+                    self.codes[code] += 1
+                time.sleep(0.05)
+
+    def take(self):
+        with self._lock:
+            times, codes = self.times, self.codes
+            self.times, self.codes = [], Counter()
+        return times, codes
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(150)
+
+
+@dataclass
+class Outcome:
+    codes: Counter = field(default_factory=Counter)
+
+    def record(self, call: Callable[[], object]) -> None:
+        try:
+            call()
+            self.codes["OK"] += 1
+        except CamserveError as exc:
+            self.codes[exc.code.name] += 1
+        except grpc.RpcError as exc:
+            self.codes[exc.code().name] += 1
+
+
+def _stub(target: str, channel_options=()) -> pb_grpc.CamserveServiceStub:
+    channel = grpc.insecure_channel(target, options=[
+        ("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30),
+        *channel_options])
+    return pb_grpc.CamserveServiceStub(channel)
+
+
+def unread_latest(target: str, quick: bool, out: Outcome) -> None:
+    """A LATEST stream of large frames whose answers are never read."""
+    frame = pb.Image(encoded=jpeg(1080, 1920, quality=95))  # about 280 KB
+    count = 500 if quick else 10_000
+
+    def requests():
+        yield pb.StreamPredictRequest(config=pb.StreamPredictConfig(
+            policy=pb.STREAM_POLICY_LATEST))
+        for i in range(count):
+            yield pb.StreamPredictRequest(frame=pb.StreamFrame(frame_id=i, image=frame))
+
+    answers = _stub(target).StreamPredict(requests(), timeout=600)
+    time.sleep(5 if quick else 40)
+    answers.cancel()
+    out.codes[f"{count} frames sent, stream CANCELLED by its caller"] += 1
+
+
+def failed_frames(target: str, quick: bool, out: Outcome) -> None:
+    """A LATEST stream of frames that all fail validation, answers never read."""
+    frame = pb.Image(encoded=b"not an image at all")
+    count = 20_000 if quick else 300_000
+
+    def requests():
+        yield pb.StreamPredictRequest(config=pb.StreamPredictConfig(
+            policy=pb.STREAM_POLICY_LATEST))
+        for i in range(count):
+            yield pb.StreamPredictRequest(frame=pb.StreamFrame(frame_id=i, image=frame))
+
+    answers = _stub(target).StreamPredict(requests(), timeout=600)
+    time.sleep(5 if quick else 30)
+    answers.cancel()
+    out.codes[f"{count} bad frames sent, stream CANCELLED by its caller"] += 1
+
+
+def long_work_abandoned(target: str, quick: bool, out: Outcome) -> None:
+    """4 maps of Score-CAM on 256 channels with 256 faithfulness steps; gives up after 2 s."""
+    image = jpeg(480, 640, seed=5)
+    with Client(target, retries=0) as client:
+        for _ in range(2 if quick else 4):
+            out.record(lambda: client.explain(
+                image, method="scorecam", score_cam_channels=256, faithfulness_steps=256,
+                timeout=2.0))
+
+
+def many_maps_full_size(target: str, quick: bool, out: Outcome) -> None:
+    """A 50-megapixel image with 16 maps and heatmap PNGs."""
+    image = jpeg(2000, 2500) if quick else jpeg(5773, 8660)
+    methods = ["gradcam", "gradcam_plus_plus", "xgradcam", "layercam"]
+    with Client(target, retries=0, timeout=600) as client:
+        out.record(lambda: client.explain(image, method=methods, top_targets=4,
+                                          outputs=("raw", "heatmap")))
+
+
+def answer_too_large(target: str, quick: bool, out: Outcome) -> None:
+    """64 images of 4000x4000 with PNG overlays: an answer that could never be sent."""
+    image = jpeg(4000, 4000)
+    with Client(target, retries=0, timeout=600) as client:
+        out.record(lambda: client.explain_many([image] * (16 if quick else 64),
+                                               outputs=("overlay_png",)))
+
+
+def large_in_parallel(target: str, quick: bool, out: Outcome) -> None:
+    """Sixteen 60 MB requests at once (raw pixels)."""
+    pixels = np.random.default_rng(1).integers(0, 256, (4000, 5000, 3), np.uint8)  # 60 MB
+    request = pb.PredictRequest(images=[pb.Image(raw=pb.RawImage(
+        pixels=pixels.tobytes(), height=4000, width=5000, channels=3))])
+    stub = _stub(target)
+    calls = [stub.Predict.future(request, timeout=600) for _ in range(4 if quick else 16)]
+    for call in calls:
+        out.record(call.result)
+
+
+def hostile_messages(target: str, quick: bool, out: Outcome) -> None:
+    """Bytes that are not protobuf, a 1 MB label, a 15 KB request id."""
+    channel = grpc.insecure_channel(target)
+    raw = channel.unary_unary("/camserve.v1.CamserveService/Predict")
+    out.record(lambda: raw(b"\xff\xfe definitely not protobuf", timeout=30))
+    stub = _stub(target)
+    image = pb.Image(encoded=jpeg(64, 64))
+    out.record(lambda: stub.Explain(pb.ExplainRequest(images=[image], options=pb.ExplainOptions(
+        targets=[pb.Target(label="x" * (1 << 20))])), timeout=30))
+    out.record(lambda: stub.Predict(pb.PredictRequest(images=[image]), timeout=30,
+                                    metadata=[("x-request-id", "r" * 15_000)]))
+
+
+CASES: Dict[str, Callable[[str, bool, Outcome], None]] = {
+    "unread_latest": unread_latest,
+    "failed_frames": failed_frames,
+    "long_work_abandoned": long_work_abandoned,
+    "many_maps_full_size": many_maps_full_size,
+    "answer_too_large": answer_too_large,
+    "large_in_parallel": large_in_parallel,
+    "hostile_messages": hostile_messages,
+}
+
+
+def sigterm_during_long_work(quick: bool, flags: List[str]) -> Dict[str, object]:
+    """SIGTERM while a long explanation runs (caller waiting, then caller gone): the exit
+    status and the seconds from the signal to the exit (grace 10 s)."""
+    rows = {}
+    for caller in ("waiting", "gone"):
+        server = Server(*flags)
+        client = Client(server.target, retries=0, timeout=600)
+        outcome = Outcome()
+        long_call = partial(client.explain, jpeg(480, 640), method="scorecam",
+                            score_cam_channels=256, faithfulness_steps=256)
+        thread = threading.Thread(target=outcome.record, args=(long_call,), daemon=True)
+        thread.start()
+        time.sleep(3)
+        if caller == "gone":
+            client.close()
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(120)
+        rows[caller] = (code, time.monotonic() - signalled, dict(outcome.codes) or "-")
+        thread.join(30)
+        server.close()
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a try-out")
+    p.add_argument("--case", action="append", choices=[*CASES, "sigterm"],
+                   help="run only these cases (repeatable; default: all)")
+    p.add_argument("--model", default="efficientnet_lite0")
+    args = p.parse_args(argv)
+    chosen = args.case or [*CASES, "sigterm"]
+    flags = ["--model", args.model]
+    failures = 0
+    print(f"{'case':<22} {'MB before':>9} {'peak':>7} {'after':>7} {'bg p50 ms':>9} "
+          f"{'bg worst ms':>11} {'serving':>7}  abusive calls' codes")
+    server = Server(*flags)
+    background = Background(server.target)
+    try:
+        for name in [c for c in chosen if c in CASES]:
+            time.sleep(1)
+            background.take()
+            before = server.rss_mb()
+            server.peak = before
+            outcome = Outcome()
+            CASES[name](server.target, args.quick, outcome)
+            time.sleep(2)
+            after = server.rss_mb()
+            times, codes = background.take()
+            serving = server.serving()
+            p50 = statistics.median(times) * 1000 if times else float("nan")
+            worst = max(times) * 1000 if times else float("nan")
+            bad = (server.peak - before > GOAL_MEMORY_MB or (times and max(times) > GOAL_WAIT_S)
+                   or not serving or set(codes) - {"OK"})
+            failures += bool(bad)
+            print(f"{name:<22} {before:>9.0f} {server.peak:>7.0f} {after:>7.0f} {p50:>9.0f} "
+                  f"{worst:>11.0f} {'yes' if serving else 'NO':>7}  "
+                  f"{dict(outcome.codes)}" + ("  <- misses a goal" if bad else ""), flush=True)
+    finally:
+        background.stop()
+        server.close()
+    if "sigterm" in chosen:
+        for caller, (code, seconds, codes) in sigterm_during_long_work(args.quick, flags).items():
+            bad = code != 0 or seconds > 10 + 5
+            failures += bad
+            print(f"sigterm, caller {caller:<8} exit status {code}, {seconds:.1f} s after the "
+                  f"signal (grace 10 s); the call: {codes}" + ("  <- misses a goal" if bad
+                                                                 else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
