@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -274,3 +275,71 @@ def test_evaluate_prints_a_table(default_server, tmp_path):
     assert set(rows) == {"gradcam", "layercam", "random"}
     for deletion, insertion, images in rows.values():
         assert 0 <= float(deletion) <= 1 and 0 <= float(insertion) <= 1 and images == "2"
+
+
+def test_evaluate_a_single_map_per_image(default_server, cat_path, tmp_path):
+    """`--method random` alone gives one map per image (it used to end in a TypeError)."""
+    server, _ = default_server
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(cat_path.read_bytes())
+    done = run("evaluate", str(folder), "--method", "random", "--steps", "2",
+               target=f"127.0.0.1:{server.port}")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["random"] and rows[0][3] == "1"
+
+
+def test_evaluate_sizes_its_timeout_to_the_work(default_server, cat_path, tmp_path,
+                                                monkeypatch, capsys):
+    """Each call's timeout grows with the forwards it asks for (--timeout per 64), and a call
+    that still runs out says which timeout it had and how to raise it."""
+    from camserve import CamserveError, Client, cli
+
+    server, client = default_server
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(cat_path.read_bytes())
+    timeouts = []
+
+    def explain_many(self, images, **options):
+        timeouts.append(options["timeout"])
+        raise CamserveError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    monkeypatch.setattr(Client, "explain_many", explain_many)
+    code = cli.main(["--target", f"127.0.0.1:{server.port}", "evaluate", str(folder),
+                     "--steps", "16", "--timeout", "10"])
+    assert code == 1
+    # Every method the server has (random among them): 2 x (16 + 1) forwards a map, plus 64
+    # Score-CAM channels.
+    forwards = len(client.model_info().methods) * (2 * 16 + 2) + 64
+    assert timeouts == [pytest.approx(10 * forwards / 64)]
+    err = capsys.readouterr().err
+    assert f"DEADLINE_EXCEEDED: Deadline Exceeded (the call's timeout was " \
+           f"{10 * forwards / 64:.0f} s; pass --timeout SECONDS for more)" in err
+
+
+def test_stream_reports_local_problems_as_local(default_server, tmp_path):
+    """A file OpenCV cannot open, a missing file, a camera that is not there and an output
+    OpenCV cannot write are this machine's problems: said once, not as a server's
+    INVALID_ARGUMENT; a misspelled class is refused once, before the first frame."""
+    pytest.importorskip("cv2", reason="camserve stream needs OpenCV")
+    server, _ = default_server
+    target = f"127.0.0.1:{server.port}"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a video")
+    for args, message in (
+            ([str(notes)], f"camserve: cannot open video file '{notes}'"),
+            ([str(tmp_path / "missing.mp4")], "cannot open video file"),
+            (["--camera", "97"], "camserve: cannot open camera 97"),
+            ([str(notes), "-o", str(tmp_path / "out.gif")],
+             "choose a video file name ending in .mp4, .avi, .mkv, .mov"),
+            ([str(notes), "--explain", "--class", "unicorn"],
+             "no class is labelled 'unicorn'")):
+        done = run("stream", *args, target=target)
+        assert done.returncode == 1, args
+        lines = [line for line in done.stderr.splitlines() if line.startswith("camserve:")]
+        assert len(lines) == 1 and message in lines[0], done.stderr
+        if "unicorn" not in message:
+            assert "INVALID_ARGUMENT" not in done.stderr
+        assert "frames sent" not in done.stdout

@@ -195,3 +195,36 @@ def test_buf_lint_catches_what_the_api_review_found(tmp_path):
     assert {f["path"] for f in found} == {f"protos/{PROTO}"}, found
     rules = {f["type"] for f in found}
     assert {"SERVICE_SUFFIX", "RPC_RESPONSE_STANDARD_NAME", "COMMENT_ONEOF"} <= rules, rules
+
+
+# Words that generators for C++, Java, C#, Go, JavaScript or Python rename (protoc's C++
+# generator turns `signed` into `signed_()`): no field, enum value or message may use one.
+KEYWORDS = set("""alignas alignof and asm auto bool break case catch char class const constexpr
+continue default delete do double else enum explicit export extern false float for friend goto
+if inline int long mutable namespace new noexcept not nullptr operator or private protected
+public register return short signed sizeof static struct switch template this throw true try
+typedef typeid typename union unsigned using virtual void volatile while abstract boolean byte
+extends final finally implements import instanceof interface native package super synchronized
+throws transient base checked decimal event fixed implicit in internal is lock object out
+override params readonly ref sbyte sealed stackalloc string uint ulong unchecked unsafe ushort
+chan defer fallthrough func go map range select type var await function let yield def del elif
+except from global lambda nonlocal pass raise with""".split())
+
+
+def test_the_api_is_usable_from_other_languages():
+    """Go, Java and C# generators need their options (protoc-gen-go refuses a file without
+    go_package), and no name may be a keyword there."""
+    from camserve.v1 import camserve_pb2
+
+    options = camserve_pb2.DESCRIPTOR.GetOptions()
+    assert options.go_package.split(";")[-1] == "camservev1"
+    assert options.java_package and options.java_multiple_files and options.csharp_namespace
+    names = []
+    for message in camserve_pb2.DESCRIPTOR.message_types_by_name.values():
+        names += [message.name] + [f.name for f in message.fields]
+        names += [o.name for o in message.oneofs]
+    for enum in camserve_pb2.DESCRIPTOR.enum_types_by_name.values():
+        names += [enum.name] + [v.name.lower() for v in enum.values]
+    clashes = sorted({n for n in names if n.lower() in KEYWORDS})
+    assert not clashes, f"rename these in {PROTO}: {clashes}"
+    assert "keep_sign" in names
