@@ -40,11 +40,15 @@ class ModelCard:
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
     layers: Tuple[LayerInfo, ...]  # explainable layers; the first is the default
-    device: str
+    device: str  # "cpu", "cuda:0"; several devices (one engine each): "cuda:0,cuda:1"
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def devices(self) -> Tuple[str, ...]:
+        return tuple(self.device.split(","))
 
     @property
     def default_layer(self) -> Optional[str]:
@@ -146,10 +150,20 @@ class Outputs:
 
 
 @dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG whose header the handler checked (format, pixel limit) and whose pixels the
+    engine decodes and resizes on its device, batched (``--jpeg-decode``; on CUDA by default)."""
+
+    data: bytes
+    size: Tuple[int, int]  # (height, width), from the header
+
+
+@dataclass(frozen=True)
 class WorkItem:
     """One image for the engine: the batcher's unit of work."""
 
-    pixels: np.ndarray  # uint8 (height, width, 3) RGB at the model's input size
+    # uint8 (height, width, 3) RGB at the model's input size, or a JPEG the engine decodes
+    pixels: Union[np.ndarray, EncodedJpeg]
     explain: Optional[ExplainSpec] = None
 
     @property

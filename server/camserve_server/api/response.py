@@ -164,7 +164,7 @@ def model_info(card: ModelCard, settings, state: int) -> pb.GetModelInfoResponse
         batching=pb.BatchingInfo(max_batch_size=settings.max_batch_size,
                                  max_delay_ms=settings.max_delay_ms, max_queue=settings.max_queue,
                                  workers=settings.workers),
-        devices=[card.device],
+        devices=list(card.devices),
         limits=pb.Limits(max_image_bytes=settings.max_image_bytes,
                          max_image_pixels=settings.max_image_pixels,
                          max_images_per_request=settings.max_images_per_request,

@@ -1,4 +1,4 @@
-"""The batcher: one bounded queue and one worker thread that owns the engine.
+"""The batcher: one bounded queue, and one worker thread per device that owns its engine.
 
 Handlers :meth:`Batcher.submit` work items and wait on the returned ticket (a
 ``concurrent.futures.Future``). The worker takes every item waiting, up to
@@ -17,6 +17,16 @@ whose deadline has passed, stops the job there. Waiting work is counted in forwa
 expected wait that deadlines and retry hints use includes the jobs ahead, and the jobs' total
 is bounded (``max_job_forwards``).
 
+Several devices (``--device cuda:0 --device cuda:1``): one engine and one worker per device
+take batches from the same queue, so an idle worker takes the next batch; a job's slices run on
+the worker (device) whose batch made it; running out of memory splits the batch on that device
+only; the expected wait counts the workers.
+
+Prefetch (``prefetch=True``, on CUDA): while a batch runs, a worker that sees a full batch
+already waiting (and no idle worker to take it) takes it at once and hands it to the engine as
+the upcoming batch, which the engine copies to the device (and decodes) while the current one
+computes; it runs next on the same worker.
+
 Failures stay local: a full queue refuses at once with a retry hint; a deadline too short for
 the expected wait is refused before it is queued; an exception in a batch fails only that
 batch's items; a batch that runs out of device memory is split in two and retried; and if the
@@ -27,6 +37,7 @@ NOT_SERVING while no worker runs) and starts a new worker.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -105,27 +116,46 @@ class _Job:
     done_forwards: int = field(default=0)
 
 
+@dataclass(eq=False)
+class _Worker:
+    """One device's worker thread and what it is doing."""
+
+    device: str
+    run_batch: RunBatch
+    jobs: Deque[_Job] = field(default_factory=deque)  # jobs with slices left, in turn
+    running: List[_Pending] = field(default_factory=list)  # its batch (or job) now, and the
+    running_job: Optional[_Job] = None  # upcoming batch it has taken
+    supervisor: Optional[threading.Thread] = None
+
+
 class Batcher:
     """``submit``, ``depth`` and ``expected_wait`` are thread-safe; ``start``/``stop`` belong
     to the owner."""
 
-    def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_delay_ms: float,
-                 max_queue: int, metrics: Optional[Metrics] = None,
-                 batch_seconds: float = 0.05, device: str = "cpu",
+    def __init__(self, run_batch: Union[RunBatch, Sequence[RunBatch]], *, max_batch_size: int,
+                 max_delay_ms: float, max_queue: int, metrics: Optional[Metrics] = None,
+                 batch_seconds: float = 0.05, device: Union[str, Sequence[str]] = "cpu",
                  max_job_forwards: int = 1 << 30,
                  on_worker: Callable[[bool], None] = lambda alive: None,
-                 restart_delay_s: float = 0.2) -> None:
-        self._run_batch = run_batch
+                 restart_delay_s: float = 0.2, prefetch: bool = False) -> None:
+        """``run_batch`` and ``device``: one each, or a list each (one worker per device).
+        With ``prefetch`` the run functions take the upcoming batch as a second argument."""
+        runs = list(run_batch) if isinstance(run_batch, (list, tuple)) else [run_batch]
+        devices = [device] * len(runs) if isinstance(device, str) else list(device)
+        if len(devices) != len(runs):
+            raise ValueError(f"{len(runs)} run functions for {len(devices)} devices")
+        self._workers = [_Worker(d, r) for d, r in zip(devices, runs)]
+        self.devices = tuple(devices)
         self.max_batch_size = max_batch_size
         self._max_delay_s = max_delay_ms / 1000.0
         self._max_queue = max_queue
         self._max_job_forwards = max_job_forwards
+        self._prefetch = prefetch
         self._queue: Deque[_Pending] = deque()
-        self._jobs: Deque[_Job] = deque()  # the worker's: jobs with slices left, in turn
         self._job_forwards = 0  # extra forwards of the queued items and the jobs, not yet run
         self._cond = threading.Condition()
         self._metrics = metrics or Metrics()
-        self.device = device
+        self.device = devices[0]
         # Running means of one batch's compute time and of one forward's (from the slices):
         # retry hints and deadline checks use them.
         self._batch_seconds = batch_seconds
@@ -134,9 +164,8 @@ class Batcher:
         self._restart_delay_s = restart_delay_s
         self._stopping = threading.Event()
         self._abandon_jobs = threading.Event()  # set by stop(): end jobs instead of finishing
-        self._supervisor: Optional[threading.Thread] = None
-        self._running: List[_Pending] = []  # the batch (or job) the worker is running now
-        self._running_job: Optional[_Job] = None
+        self._alive = 0  # workers running (under _cond)
+        self._idle = 0  # workers waiting for items (under _cond)
 
     # --- handler side ----------------------------------------------------------------------
 
@@ -191,20 +220,23 @@ class Batcher:
         """Seconds until an item queued now (with that many extra forwards) would be
         answered: the batches ahead, a slice of the jobs' between each, and for an expensive
         item the jobs' forwards ahead, which it shares the worker with, and its own."""
-        batches_ahead = len(self._queue) // self.max_batch_size + 1
+        workers = len(self._workers)
+        batches_ahead = math.ceil((len(self._queue) // self.max_batch_size + 1) / workers)
         wait = self._batch_seconds * batches_ahead
         if self._job_forwards:
             wait += batches_ahead * _SLICE_FORWARDS * self._forward_seconds
         if extra_forwards:
-            wait += (self._job_forwards + extra_forwards) * self._forward_seconds
+            wait += (self._job_forwards / workers + extra_forwards) * self._forward_seconds
         return wait
 
     # --- worker side -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._supervisor = threading.Thread(target=self._supervise, name="camserve-supervisor",
-                                            daemon=True)
-        self._supervisor.start()
+        for i, w in enumerate(self._workers):
+            suffix = f"-{i}" if len(self._workers) > 1 else ""
+            w.supervisor = threading.Thread(target=self._supervise, args=(w, suffix),
+                                            name=f"camserve-supervisor{suffix}", daemon=True)
+            w.supervisor.start()
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Finish the batches queued, end the jobs at their next slice (their callers are gone
@@ -213,24 +245,37 @@ class Batcher:
         self._abandon_jobs.set()
         with self._cond:
             self._cond.notify_all()
-        if self._supervisor is not None:
-            self._supervisor.join(timeout)
+        ends = None if timeout is None else time.monotonic() + timeout
+        for w in self._workers:
+            if w.supervisor is not None:
+                w.supervisor.join(None if ends is None else max(0.0, ends - time.monotonic()))
 
-    def _supervise(self) -> None:
+    def _alive_changed(self, change: int) -> None:
+        """Health follows the workers: serving while at least one runs."""
+        with self._cond:
+            self._alive += change
+            alive = self._alive
+        self._on_worker(alive > 0)
+
+    def _supervise(self, w: _Worker, suffix: str = "") -> None:
         while True:
-            worker = threading.Thread(target=self._loop, name="camserve-batcher", daemon=True)
+            worker = threading.Thread(target=self._loop, args=(w,),
+                                      name=f"camserve-batcher{suffix}", daemon=True)
             worker.start()
-            self._on_worker(True)
+            self._alive_changed(+1)
             worker.join()
-            if self._stopping.is_set() and not self._running:
+            if self._stopping.is_set() and not w.running:
+                with self._cond:
+                    self._alive -= 1
                 return
             # The worker died (an exception that is not an Exception escaped the model, or a
             # bug here): fail what it was running, report it, start another.
-            self._on_worker(False)
+            self._alive_changed(-1)
             self._metrics.worker_restarts.inc()
-            died, job = self._running, self._running_job
-            self._running, self._running_job = [], None
-            log.error("the batcher's worker thread died running %d items; restarting", len(died))
+            died, job = w.running, w.running_job
+            w.running, w.running_job = [], None
+            log.error("the batcher's worker thread on %s died running %d items; restarting",
+                      w.device, len(died))
             for p in died:
                 if job is not None:
                     self._finish_job(job)
@@ -242,27 +287,35 @@ class Batcher:
                 return
             time.sleep(self._restart_delay_s)
 
-    def _loop(self) -> None:
+    def _loop(self, w: _Worker) -> None:
         """A waiting batch, then a slice of the next job, in turn, until stopped and idle."""
+        upcoming: List[_Pending] = []
         while True:
-            batch = self._gather()
+            batch = upcoming or self._gather(w)
             if batch is None:
                 return
+            upcoming = []
             if batch:
-                self._run(batch)
-            if self._jobs:
-                self._slice()
+                if self._prefetch:
+                    upcoming = self._take_full_batch()
+                self._run(w, batch, upcoming)
+            if w.jobs:
+                self._slice(w)
 
-    def _gather(self) -> Optional[List[_Pending]]:
+    def _gather(self, w: _Worker) -> Optional[List[_Pending]]:
         """The next batch; an empty list when everything gathered was dropped or when jobs
         wait for their slices; None: stop."""
         with self._cond:
-            while not self._queue:
-                if self._jobs:
-                    return []
-                if self._stopping.is_set():
-                    return None
-                self._cond.wait(0.5)
+            self._idle += 1
+            try:
+                while not self._queue:
+                    if w.jobs:
+                        return []
+                    if self._stopping.is_set():
+                        return None
+                    self._cond.wait(0.5)
+            finally:
+                self._idle -= 1
             if self._max_delay_s > 0:
                 closes = self._queue[0].enqueued + self._max_delay_s
                 while len(self._queue) < self.max_batch_size and not self._stopping.is_set():
@@ -274,7 +327,17 @@ class Batcher:
                      for _ in range(min(self.max_batch_size, len(self._queue)))]
         return [p for p in batch if self._admit(p)]
 
-    def _admit(self, pending: _Pending) -> bool:
+    def _take_full_batch(self) -> List[_Pending]:
+        """A full batch that is already waiting, when no worker is idle to take it: the
+        upcoming batch, staged while the current one computes. Else nothing."""
+        with self._cond:
+            if self._idle or len(self._queue) < self.max_batch_size:
+                return []
+            batch = [self._queue.popleft() for _ in range(self.max_batch_size)]
+        # It runs after the current batch: its deadline must allow two.
+        return [p for p in batch if self._admit(p, batches=2)]
+
+    def _admit(self, pending: _Pending, batches: int = 1) -> bool:
         """Drop an item whose caller cancelled, or whose deadline would pass before its batch
         could finish, before it costs compute."""
         if not pending.future.set_running_or_notify_cancel():
@@ -282,7 +345,7 @@ class Batcher:
             self._metrics.dropped.labels(pending.future.reason).inc()
             return False
         if pending.deadline is not None and (
-                pending.deadline - time.monotonic() < self._batch_seconds):
+                pending.deadline - time.monotonic() < batches * self._batch_seconds):
             self._settle(pending)
             self._metrics.dropped.labels("deadline").inc()
             pending.future.set_exception(DeadlineExceeded(
@@ -290,36 +353,38 @@ class Batcher:
             return False
         return True
 
-    def _run(self, batch: List[_Pending]) -> None:
-        self._running = batch
+    def _run(self, w: _Worker, batch: List[_Pending], upcoming: List[_Pending]) -> None:
+        w.running = batch + upcoming
         started = time.monotonic()
         for p in batch:
             self._metrics.queue.observe(started - p.enqueued)
-        answers = self._compute([p.work for p in batch])
+        answers = self._compute(w, [p.work for p in batch], [p.work for p in upcoming])
         compute = time.monotonic() - started
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * compute
         self._metrics.compute.observe(compute)
+        self._metrics.device_batches.labels(w.device).inc()
+        self._metrics.device_seconds.labels(w.device).inc(compute)
         for p, (answer, size) in zip(batch, answers):
             if isinstance(answer, Generator):
-                self._jobs.append(_Job(p, answer, started, size, _extra(p), compute))
+                w.jobs.append(_Job(p, answer, started, size, _extra(p), compute))
                 continue
             self._settle(p)
             if isinstance(answer, ServiceError):
                 _resolve(p.future, exception=answer)
             else:
                 _resolve(p.future, result=Outcome(answer, (started - p.enqueued) * 1000.0,
-                                                  compute * 1000.0, size, self.device))
-        self._running = []
+                                                  compute * 1000.0, size, w.device))
+        w.running = list(upcoming)  # taken: the worker runs it next
 
     def _settle(self, pending: _Pending) -> None:
         """The item's extra forwards will not run (or have run): stop counting them."""
         with self._cond:
             self._job_forwards -= _extra(pending)
 
-    def _slice(self) -> None:
+    def _slice(self, w: _Worker) -> None:
         """One slice of the job whose turn it is; a job whose caller has gone (or whose
         deadline has passed) ends here, unrun."""
-        job = self._jobs.popleft()
+        job = w.jobs.popleft()
         future, p = job.pending.future, job.pending
         stop: Optional[ServiceError] = None
         if future.abandoned:
@@ -337,7 +402,7 @@ class Batcher:
             self._finish_job(job)
             _resolve(future, exception=stop)
             return
-        self._running, self._running_job = [p], job
+        w.running, w.running_job = [p], job
         started = time.monotonic()
         try:
             forwards = next(job.slices)
@@ -345,7 +410,7 @@ class Batcher:
             job.compute += time.monotonic() - started
             self._finish_job(job)
             _resolve(future, result=Outcome(finished.value, (job.started - p.enqueued) * 1000.0,
-                                            job.compute * 1000.0, job.batch_size, self.device))
+                                            job.compute * 1000.0, job.batch_size, w.device))
             return
         except Exception as exc:  # out of memory, or a bug: this item only
             log.exception("an explanation's slice failed")
@@ -356,7 +421,7 @@ class Batcher:
                 f"{str(exc)[:200]}"))
             return
         finally:
-            self._running, self._running_job = [], None
+            w.running, w.running_job = [], None
         spent = time.monotonic() - started
         job.compute += spent
         if forwards:
@@ -365,27 +430,29 @@ class Batcher:
             job.forwards_left -= done
             with self._cond:
                 self._job_forwards -= done
-        self._jobs.append(job)
+        w.jobs.append(job)
 
     def _finish_job(self, job: _Job) -> None:
         with self._cond:
             self._job_forwards -= job.forwards_left
         job.forwards_left = 0
 
-    def _compute(self, works: List[WorkItem]) -> List[Tuple[object, int]]:
+    def _compute(self, w: _Worker, works: List[WorkItem],
+                 upcoming: Sequence[WorkItem] = ()) -> List[Tuple[object, int]]:
         """Each item's result or error, with the size of the batch it ran in. Out of device
-        memory, the batch is split in two and each half retried; any other exception fails
-        this batch's items only."""
+        memory, the batch is split in two and each half retried on the same device; any other
+        exception fails this batch's items only."""
         try:
-            results = self._run_batch(works)
+            results = w.run_batch(works, upcoming) if upcoming else w.run_batch(works)
         except OutOfMemory as exc:
             if len(works) == 1:
                 self._metrics.batch_failures.labels("out_of_memory").inc()
                 return [(BatchFailed(f"out of device memory even for one image: {exc}"), 1)]
             self._metrics.oom_splits.inc()
-            log.warning("out of device memory on a batch of %d: splitting it", len(works))
+            log.warning("out of device memory on a batch of %d on %s: splitting it",
+                        len(works), w.device)
             half = len(works) // 2
-            return self._compute(works[:half]) + self._compute(works[half:])
+            return self._compute(w, works[:half]) + self._compute(w, works[half:])
         except Exception as exc:
             log.exception("a batch of %d failed", len(works))
             self._metrics.batch_failures.labels("exception").inc()

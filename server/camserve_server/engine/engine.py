@@ -9,6 +9,14 @@ backward passes as the most targets any item asked for, whatever the mix of meth
 A batch whose maps need no gradient (EigenCAM, Score-CAM) runs no backward at all. Items are
 independent (eval mode), so each item's answer does not depend on its batch mates.
 
+Precision (``--precision``): fp32 runs as it always did; bf16 and fp16 run the forward and the
+partial backward under ``torch.autocast`` (the hooked activations and their gradients are
+cast back to float32 before a CAM method sees them, and so are the logits). fp16 needs CUDA.
+
+The data path (pinned buffers, a copy stream, JPEG decoded on the device, answers back in one
+copy) is ``device.py``; ``run_batch(items, upcoming)`` stages the upcoming batch there while
+this one computes.
+
 A layer may hold its grid as tokens (ViT) or channels last (Swin) instead of (N, C, h, w): its
 activations and gradients are recorded as the layer returns them (the gradient is taken with
 respect to that very tensor), and turned into (N, C, h, w) (``tokens.to_nchw``) just before a CAM
@@ -17,6 +25,7 @@ method sees them, so that every method works on every layout unchanged.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -24,9 +33,10 @@ import numpy as np
 import torch
 
 from ..domain import ExplainSpec, ItemResult, MapResult, WorkItem
-from ..errors import BatchFailed, OutOfMemory
+from ..errors import BatchFailed, OutOfMemory, ServiceError, StartupError
 from . import faithfulness
 from .cams import METHODS, CamInputs
+from .device import DataPath, Staged, key
 from .models import LoadedModel
 from .tokens import to_nchw
 
@@ -39,19 +49,41 @@ def _is_out_of_memory(exc: BaseException) -> bool:
                                               or "can't allocate memory" in text)
 
 
-class Engine:
-    """Runs batches on one model. Not thread-safe: one worker thread owns it."""
+# Autocast dtypes. fp32 is strict float32: on CUDA, TF32 tensor cores are off for this engine's
+# convolutions and matrix products (PyTorch lets cuDNN use TF32 by default, about 1e-3 off);
+# tf32 lets them on (CUDA only), still without autocast.
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, model: LoadedModel, chunk: int = 16) -> None:
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raises StartupError when ``precision`` cannot run on ``device``."""
+    if precision not in PRECISIONS:
+        raise StartupError(f"--precision {precision!r}: choose fp32, tf32, bf16 or fp16")
+    if precision in ("fp16", "tf32") and device.type != "cuda":
+        raise StartupError(f"--precision {precision} needs a CUDA device, and this engine runs "
+                           f"on {device}: use --precision bf16 (or fp32) on CPU")
+
+
+class Engine:
+    """Runs batches on one model. Not thread-safe: one worker thread owns it.
+
+    ``precision``: fp32, bf16 or fp16 (CUDA only). Items whose pixels are an EncodedJpeg are
+    decoded on the engine's device (``device.py``)."""
+
+    def __init__(self, model: LoadedModel, chunk: int = 16, precision: str = "fp32") -> None:
         self.model = model
         self._chunk = chunk  # images per extra forward (Score-CAM, faithfulness): one slice
         device = model.device
+        check_precision(precision, device)
+        self.precision = precision
+        self._dtype = PRECISIONS[precision]
+        self._data = DataPath(device, model.card.input_size)
+        self._staged: Optional[Staged] = None  # the upcoming batch, staged in advance
         mean = torch.tensor(model.card.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         std = torch.tensor(model.card.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         # (x / 255 - mean) / std as one multiply-add on the device.
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
-        self._pin = device.type == "cuda"
         self._recording: Optional[frozenset] = None
         self._activations: Dict[str, torch.Tensor] = {}
         self._layers = {info.name: info for info in model.card.layers}
@@ -92,49 +124,96 @@ class Engine:
         x = pixels.permute(0, 3, 1, 2).float() * self._scale + self._shift
         return x.contiguous(memory_format=torch.channels_last)
 
-    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
-        batch = torch.from_numpy(pixels)
-        if self._pin:
-            batch = batch.pin_memory()
-        return batch.to(self.model.device, non_blocking=True)
+    def _autocast(self):
+        """The precision's autocast; nothing in fp32."""
+        if self._dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.model.device.type, dtype=self._dtype)
+
+    def _on_device(self):
+        """The engine's CUDA device as the current one (streams, autocast), on any thread, and
+        TF32 as its precision says (process-wide flags: every engine of a server shares one
+        precision)."""
+        if self.model.device.type != "cuda":
+            return contextlib.nullcontext()
+        tf32 = self.precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        return torch.cuda.device(self.model.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of normalised inputs, in chunks, without hooks or gradients."""
-        with torch.inference_mode():
-            return torch.cat([self.model.module(x[i:i + self._chunk])
-                              for i in range(0, x.shape[0], self._chunk)])
+        """Logits of normalised inputs, in chunks, without hooks or gradients (float32)."""
+        with torch.inference_mode(), self._on_device(), self._autocast():
+            logits = torch.cat([self.model.module(x[i:i + self._chunk])
+                                for i in range(0, x.shape[0], self._chunk)])
+        return logits if self._dtype is None else logits.float()
 
     def run(self, items: Sequence[WorkItem]) -> List[Union[ItemResult, BatchFailed]]:
         """One result per item, in order, every job run to its end (for in-process use; the
         server's batcher uses :meth:`run_batch`)."""
         return [finish(answer) for answer in self.run_batch(items)]
 
-    def run_batch(self, items: Sequence[WorkItem]) -> List[Answer]:
+    def run_batch(self, items: Sequence[WorkItem],
+                  upcoming: Optional[Sequence[WorkItem]] = None) -> List[Answer]:
         """One answer per item, in order: its result; a BatchFailed when its output is not
-        finite; or, for an item whose explanation needs extra forwards (Score-CAM,
-        faithfulness), a job: a generator that runs them a chunk at a time, yielding the
-        images each chunk forwarded and returning the result. Raises OutOfMemory when the
-        batch does not fit the device."""
+        finite; an InvalidArgument for a JPEG that cannot be decoded; or, for an item whose
+        explanation needs extra forwards (Score-CAM, faithfulness), a job: a generator that
+        runs them a chunk at a time, yielding the images each chunk forwarded and returning
+        the result. Raises OutOfMemory when the batch does not fit the device.
+
+        ``upcoming``: the batch the caller will run next; it is staged (copied to the device,
+        its JPEGs decoded) once this batch's forward is launched, so that on CUDA its copy
+        overlaps this batch's compute."""
         try:
-            return self._run(items)
+            with self._on_device():
+                return self._run(items, upcoming)
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
+            self._staged = None
             if self.model.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise OutOfMemory(str(exc).splitlines()[0][:200]) from exc
 
-    def _run(self, items: Sequence[WorkItem]) -> List[Answer]:
-        pixels = self._to_device(np.stack([item.pixels for item in items]))
+    def _run(self, items: Sequence[WorkItem], upcoming=None) -> List[Answer]:
+        staged, self._staged = self._staged, None
+        if staged is None or staged.key != key(items):
+            staged = self._data.stage(items)
+        pixels = self._data.wait(staged)
+        if staged.errors:  # JPEGs that could not be decoded answer alone; the rest run
+            ok = [i for i in range(len(items)) if i not in staged.errors]
+            answers: List[Answer] = list(staged.errors.get(i) for i in range(len(items)))
+            if ok:
+                for i, answer in zip(ok, self._compute([items[i] for i in ok], pixels,
+                                                       upcoming)):
+                    answers[i] = answer
+            elif upcoming:
+                self._stage_upcoming(upcoming)
+            return answers
+        return self._compute(items, pixels, upcoming)
+
+    def _stage_upcoming(self, upcoming) -> None:
+        """Stage the next batch now (the current one's forward is launched)."""
+        if not upcoming:
+            return
+        try:
+            self._staged = self._data.stage(upcoming)
+        except Exception:  # staged again (and its error raised) when that batch runs
+            self._staged = None
+
+    def _compute(self, items: Sequence[WorkItem], pixels: torch.Tensor,
+                 upcoming) -> List[Answer]:
         x = self.normalise(pixels)
         explaining = [i for i, item in enumerate(items) if item.explain is not None]
         if not explaining:
-            with torch.inference_mode():
-                logits, probs = _outputs(self.model.module(x))
+            with torch.inference_mode(), self._autocast():
+                logits = self.model.module(x)
+            self._stage_upcoming(upcoming)
+            logits, probs = self._data.to_host(_outputs(logits))
             return [_result(logits[i], probs[i], ()) for i in range(len(items))]
-        return self._explain(items, pixels, x, explaining)
+        return self._explain(items, pixels, x, explaining, upcoming)
 
-    def _explain(self, items, pixels, x, explaining: List[int]) -> List[Answer]:
+    def _explain(self, items, pixels, x, explaining: List[int], upcoming=None) -> List[Answer]:
         specs = {i: items[i].explain for i in explaining}
         layers = sorted({layer for spec in specs.values() for layer in spec.layers})
         gradient_items = [i for i in explaining
@@ -143,17 +222,19 @@ class Engine:
         self._activations = {}
         try:
             mode = torch.enable_grad() if gradient_items else torch.inference_mode()
-            with mode:
+            with mode, self._autocast():
                 logits = self.model.module(x)
-                targets = {i: _targets(specs[i], logits[i].detach()) for i in explaining}
+                self._stage_upcoming(upcoming)  # on CUDA the forward runs meanwhile
+                targets = _targets(specs, logits.detach())
                 activations = [self._activations[name] for name in layers]
                 gradients = self._gradients(logits, activations, gradient_items, targets, layers)
         finally:
             self._recording = None
             self._activations = {}
-        acts = {name: a.detach() for name, a in zip(layers, activations)}
-        computed = self._maps(specs, targets, acts, gradients, x)
-        logits, probs = _outputs(logits.detach())
+        # Reduced precision: the methods work on float32 (a no-op in fp32).
+        acts = {name: a.detach().float() for name, a in zip(layers, activations)}
+        computed, (logits, probs) = self._maps(specs, targets, acts, gradients, x,
+                                               _outputs(logits.detach()))
         answers: List[Answer] = []
         for i, item in enumerate(items):
             spec = item.explain
@@ -186,9 +267,10 @@ class Engine:
             out.append(dict(zip(layers, grads)))
         return out
 
-    def _maps(self, specs, targets, acts, gradients, x) -> Dict[tuple, np.ndarray]:
+    def _maps(self, specs, targets, acts, gradients, x, outputs) -> tuple:
         """Every map that needs no extra forwards, by (item, method, rank, layer), computed in
-        groups of items that share method, layer, target rank and options."""
+        groups of items that share method, layer, target rank and options; and ``outputs``
+        (device tensors) on the host: everything copied back together."""
         groups: Dict[tuple, List[int]] = {}
         for i, spec in specs.items():
             for method, rank, layer in _order(spec, targets[i]):
@@ -196,12 +278,13 @@ class Engine:
                     key = (method, rank, layer, spec.counterfactual, spec.signed)
                     groups.setdefault(key, []).append(i)
         computed: Dict[tuple, np.ndarray] = {}
+        maps: List[tuple] = []  # (rows, method, rank, layer, cams on the device)
         with torch.no_grad():
             for (method, rank, layer, counterfactual, signed), rows in groups.items():
                 index = torch.tensor(rows, device=x.device)
                 grads = None
                 if METHODS[method].needs_gradient:
-                    grads = self._grid(layer, gradients[rank][layer][index])
+                    grads = self._grid(layer, gradients[rank][layer][index].float())
                     grads = -grads if counterfactual else grads
                 cams = METHODS[method].compute(CamInputs(
                     activations=self._grid(layer, acts[layer][index]), gradients=grads,
@@ -210,9 +293,12 @@ class Engine:
                     forward=self.forward, chunk=self._chunk))
                 if not signed:
                     cams = torch.relu(cams)
-                for i, cam in zip(rows, cams.float().cpu().numpy()):
-                    computed[(i, method, rank, layer)] = cam
-        return computed
+                maps.append((rows, method, rank, layer, cams))
+        host = self._data.to_host([*outputs, *(m[4] for m in maps)])
+        for (rows, method, rank, layer, _), cams in zip(maps, host[len(outputs):]):
+            for i, cam in zip(rows, cams):
+                computed[(i, method, rank, layer)] = cam
+        return computed, host[:len(outputs)]
 
     def _job(self, spec: ExplainSpec, targets: List[int], computed, i: int, acts, x, pixels,
              logits: np.ndarray, probs: np.ndarray) -> Job:
@@ -241,7 +327,7 @@ class Engine:
         return _result(logits, probs, maps)
 
 
-Answer = Union[ItemResult, BatchFailed, Generator]
+Answer = Union[ItemResult, BatchFailed, ServiceError, Generator]
 Job = Generator  # of int (images forwarded per slice), returning the ItemResult or BatchFailed
 
 
@@ -257,9 +343,10 @@ def finish(answer: Answer) -> Union[ItemResult, BatchFailed]:
 
 
 def _outputs(logits: torch.Tensor):
-    """Logits and probabilities of a batch, on the host."""
+    """Logits and probabilities of a batch, on the device (``DataPath.to_host`` brings
+    them back)."""
     logits = logits.float()
-    return logits.cpu().numpy(), torch.softmax(logits, dim=1).cpu().numpy()
+    return logits, torch.softmax(logits, dim=1)
 
 
 def _result(logits: np.ndarray, probs: np.ndarray, maps) -> Union[ItemResult, BatchFailed]:
@@ -275,8 +362,16 @@ def _order(spec: ExplainSpec, targets: List[int]):
             for rank in range(len(targets)) for layer in spec.layers]
 
 
-def _targets(spec: ExplainSpec, logits: torch.Tensor) -> List[int]:
-    if spec.targets:
-        return list(spec.targets)
-    k = max(1, min(spec.top_targets, logits.shape[0]))
-    return torch.topk(logits.float(), k).indices.tolist()
+def _targets(specs: Dict[int, ExplainSpec], logits: torch.Tensor) -> Dict[int, List[int]]:
+    """Each explaining item's target classes: as asked, or its top classes (one top-k of the
+    batch, one synchronisation)."""
+    classes = logits.shape[1]
+    ks = {i: max(1, min(spec.top_targets, classes)) for i, spec in specs.items()
+          if not spec.targets}
+    top: Dict[int, List[int]] = {}
+    if ks:
+        rows = sorted(ks)
+        index = torch.tensor(rows, device=logits.device)
+        best = torch.topk(logits[index].float(), max(ks.values()), dim=1).indices.tolist()
+        top = {i: b[:ks[i]] for i, b in zip(rows, best)}
+    return {i: list(spec.targets) if spec.targets else top[i] for i, spec in specs.items()}

@@ -64,6 +64,24 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def resolve_devices(spec: str) -> List[torch.device]:
+    """``--device`` (comma-separated when repeated) as devices, one engine each: "cuda" alone
+    is every GPU; "auto" is CUDA's current GPU when there is one, else the CPU."""
+    names = [name.strip() for name in spec.split(",")]
+    if names == ["cuda"]:
+        if not torch.cuda.is_available():
+            raise StartupError("--device cuda: CUDA is not available on this machine")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    devices = [resolve_device(name) for name in names]
+    for device in devices:
+        if device.type == "cuda" and device.index is not None and (
+                device.index >= torch.cuda.device_count()):
+            raise StartupError(f"--device {device}: this machine has "
+                               f"{torch.cuda.device_count()} CUDA devices (cuda:0.."
+                               f"cuda:{torch.cuda.device_count() - 1})")
+    return devices
+
+
 def imagenet_labels() -> Tuple[str, ...]:
     """The 1000 ImageNet class names that torchvision ships (no download)."""
     from torchvision.models import ResNet50_Weights
@@ -71,10 +89,11 @@ def imagenet_labels() -> Tuple[str, ...]:
     return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Build the model the settings name, load its weights, find its labels and layers."""
+def load_model(settings: Settings, device: Optional[torch.device] = None) -> LoadedModel:
+    """Build the model the settings name, load its weights, find its labels and layers; on
+    ``device``, or else the first of the settings' devices."""
     started = time.perf_counter()
-    device = resolve_device(settings.device)
+    device = device if device is not None else resolve_devices(settings.device)[0]
     built = _build(settings)
     module = built.module
     module.eval()

@@ -35,7 +35,9 @@ class Settings:
     labels: Optional[str] = None
     device: str = "auto"
     max_batch_size: int = 8
-    max_delay_ms: float = 5.0
+    # 0: an idle worker starts a lone item at once, and under load items gather while the
+    # previous batch computes; > 0 also waits that long for a batch to fill.
+    max_delay_ms: float = 0.0
     max_queue: int = 256
     # Threads that decode requests' images and render answers' heatmaps (0: from the cores).
     decode_threads: int = 0
@@ -253,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda:N")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     p.add_argument("--max-delay-ms", type=float, default=d.max_delay_ms,
-                   help="longest wait for a batch to fill after its first item arrives")
+                   help="longest wait for a batch to fill after its first item arrives "
+                   "(default 0: start at once; batches fill while the previous computes)")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="items waiting beyond this answer RESOURCE_EXHAUSTED")
     p.add_argument("--decode-threads", type=int, default=d.decode_threads,

@@ -5,6 +5,11 @@ uint8 at the model's input size: the whole image resized (no crop), so a map cov
 picture. JPEGs are rotated as their EXIF orientation says; the size reported back to the
 caller is the size after that rotation.
 
+With ``Limits.device_jpeg`` (CUDA: the engine decodes JPEGs on its device, in batches) a plain
+JPEG (RGB or gray, no EXIF rotation, no overlay asked for) is only checked here, from its
+header (format, pixel limit), and travels as an EncodedJpeg; everything else is decoded here
+as above.
+
 Errors are InvalidArgument whose message starts with a verb ("is empty: ..."); the handler
 puts the image's name in front ("image 2 is empty: ...", "frame 17 ...").
 """
@@ -13,12 +18,12 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..domain import RawPixels
+from ..domain import EncodedJpeg, RawPixels
 from ..errors import InvalidArgument
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -29,11 +34,13 @@ _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 class Limits:
     max_image_bytes: int
     max_image_pixels: int
+    device_jpeg: bool = False  # plain JPEGs go to the engine encoded (EncodedJpeg)
 
 
 @dataclass(frozen=True)
 class Decoded:
-    pixels: np.ndarray  # uint8 (H, W, 3) at the model's input size
+    # uint8 (H, W, 3) at the model's input size, or a JPEG the engine decodes on its device
+    pixels: Union[np.ndarray, EncodedJpeg]
     size: Tuple[int, int]  # (height, width) of the image as decoded, before resizing
     # The whole image for overlays, at render_size(size, max_pixels); None unless asked for.
     full: Optional[np.ndarray] = None
@@ -68,6 +75,10 @@ def prepare(source, input_size: Tuple[int, int], limits: Limits,
 
     With ``full_pixels``, the whole image is kept too (for overlays), downscaled to at most
     that many pixels: the image is decoded once for both."""
+    if limits.device_jpeg and full_pixels is None and not isinstance(source, RawPixels):
+        deferred = _device_jpeg(source, limits)
+        if deferred is not None:
+            return deferred
     if isinstance(source, RawPixels):
         rgb = raw_rgb(source, limits)
         size = rgb.shape[:2]
@@ -109,6 +120,31 @@ def _check_pixels(height: int, width: int, limits: Limits) -> None:
         raise InvalidArgument(
             f"is {width}x{height} = {height * width:,} pixels; this server accepts at most "
             f"{limits.max_image_pixels:,} (max_image_pixels); send a smaller image")
+
+
+def blank_jpeg(size: Tuple[int, int]) -> EncodedJpeg:
+    """A black JPEG of ``size`` (height, width): warms the engine's JPEG decoder up."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size[1], size[0])).save(buffer, format="JPEG")
+    return EncodedJpeg(buffer.getvalue(), tuple(size))
+
+
+def _device_jpeg(data: bytes, limits: Limits) -> Optional[Decoded]:
+    """A plain JPEG, checked from its header only, for the engine to decode on its device;
+    None for anything else (or anything wrong: the host path then says what)."""
+    if not data or len(data) > limits.max_image_bytes or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:
+            width, height = image.size
+            mode = image.mode
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        return None
+    if mode not in ("RGB", "L") or orientation != 1:
+        return None
+    _check_pixels(height, width, limits)
+    return Decoded(EncodedJpeg(bytes(data), (height, width)), (height, width))
 
 
 def _open(data: bytes, limits: Limits, draft: Optional[Tuple[int, int]]):
