@@ -19,9 +19,12 @@ from .results import (
     Explanation,
     LayerInfo,
     MethodInfo,
+    MethodSanity,
     ModelInfo,
     Note,
     Prediction,
+    SanityReport,
+    SanityStage,
     Timing,
 )
 from .streams import Frame, StreamResult
@@ -40,7 +43,10 @@ __all__ = [
     "MethodInfo",
     "ModelInfo",
     "Note",
+    "MethodSanity",
     "Prediction",
+    "SanityReport",
+    "SanityStage",
     "StreamResult",
     "Timing",
     "method_names",

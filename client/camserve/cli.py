@@ -6,6 +6,7 @@
     camserve explain IMAGE... -o DIR [--class N|LABEL]... [--layer NAME]... [--method NAME]...
                                     [--grid] [--counterfactual]
     camserve evaluate FOLDER [--method NAME]... [--steps N]
+    camserve evaluate --sanity IMAGE|FOLDER... [--method NAME]... [--stages N]
     camserve stream VIDEO|--camera N [-o OUT.mp4] [--explain] [--policy all|latest]
 
 The server address comes from ``--target`` or ``CAMSERVE_TARGET`` (default localhost:50051;
@@ -31,7 +32,7 @@ from . import _calls
 from .client import Client
 from .errors import CamserveError, invalid
 from .methods import method_names
-from .results import ClassMap, Explanation, ModelInfo, Prediction
+from .results import ClassMap, Explanation, ModelInfo, Prediction, SanityReport
 
 CHUNK = 8  # images per RPC, so the server can batch them
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -232,7 +233,11 @@ def cmd_evaluate(client: Client, args) -> int:
     """Faithfulness of every method (and a random map) over a folder of images."""
     import numpy as np
 
-    folder = Path(args.folder)
+    if args.sanity:
+        return cmd_sanity(client, args)
+    if len(args.folder) != 1:
+        raise invalid("evaluate takes one FOLDER (several images or folders: with --sanity)")
+    folder = Path(args.folder[0])
     if not folder.is_dir():
         raise invalid(f"{folder} is not a folder of images")
     paths = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -247,6 +252,8 @@ def cmd_evaluate(client: Client, args) -> int:
     progress = Progress(len(paths), not args.json)
     # The deadline grows with the work one call asks for: 2 (steps + 1) forwards per map,
     # plus one per Score-CAM channel.
+    if args.score_cam_channels is None:
+        args.score_cam_channels = 64
     channels = args.score_cam_channels or info.max_score_cam_channels
     forwards = len(methods) * (2 * args.steps + 2) + (channels if "scorecam" in methods else 0)
     timeout = args.timeout * max(1.0, forwards / FORWARDS_PER_TIMEOUT)
@@ -272,6 +279,84 @@ def cmd_evaluate(client: Client, args) -> int:
             print(f"{method:20} {row['deletion']:9.3f} {row['insertion']:10.3f} "
                   f"{row['images']:7d}")
     return _report(errors, timeout)
+
+
+def cmd_sanity(client: Client, args) -> int:
+    """The server's sanity checks of every method on these images: a pass/fail table."""
+    paths: List[str] = []
+    for name in args.folder:
+        path = Path(name)
+        if path.is_dir():
+            paths += sorted(str(p) for p in path.iterdir()
+                            if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            paths.append(str(path))
+        else:
+            raise invalid(f"{name} is neither an image file nor a folder")
+    if not paths:
+        raise invalid(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(args.folder)}")
+    info = client.model_info()
+    methods = args.method or list(info.methods)
+    stages = args.stages or 4
+    channels = args.score_cam_channels or 16
+    # The deadline grows with the work: per image and model (trained, each stage), an
+    # explanation of two classes, two Score-CAM forwards per channel.
+    forwards = len(paths) * (1 + stages) * (len(methods) * 2 + 2 * channels * (
+        "scorecam" in methods))
+    timeout = args.timeout * max(1.0, forwards / FORWARDS_PER_TIMEOUT)
+    report = client.check_sanity(paths, method=methods, layer=args.layer,
+                                 score_cam_channels=args.score_cam_channels or 0,
+                                 contrast_rank=args.contrast_rank, stages=args.stages,
+                                 seed=args.seed, threshold=args.threshold, timeout=timeout)
+    if args.json:
+        print(json.dumps(_sanity_json(report, paths, info), indent=2))
+    else:
+        _print_sanity(report, paths, info)
+    return 0
+
+
+def _sanity_json(report: SanityReport, paths: Sequence[str], info: ModelInfo) -> dict:
+    return {"layer": report.layer, "threshold": report.threshold, "seed": report.seed,
+            "stages": [{"name": s.name, "modules": list(s.modules)} for s in report.stages],
+            "verdict_stage": report.stages[report.verdict_stage].name if report.stages else None,
+            "classes": {p: {"top": info.labels[t], "contrast": info.labels[c]}
+                        for p, (t, c) in zip(paths, report.classes)},
+            "methods": {m.method: {"randomisation": dict(zip(
+                [s.name for s in report.stages], m.randomisation)),
+                "randomisation_passed": m.randomisation_passed,
+                "discrimination": m.discrimination,
+                "discrimination_passed": m.discrimination_passed} for m in report.methods}}
+
+
+def _print_sanity(report: SanityReport, paths: Sequence[str], info: ModelInfo) -> None:
+    print(f"sanity checks on {info.name}, layer {report.layer}, {len(paths)} images, seed "
+          f"{report.seed}; a method passes a check when its correlation is below "
+          f"{report.threshold:g}")
+    print("parameter randomisation (Adebayo et al. 2018): mean |Spearman| of each map before "
+          "and after randomising, cascading from the top (* decides)")
+    before: set = set()
+    for i, stage in enumerate(report.stages):
+        added = [m for m in stage.modules if m not in before]
+        before |= set(added)
+        mark = "*" if i == report.verdict_stage else " "
+        print(f"  {stage.name + mark:10} + {', '.join(added)}")
+    print("class discrimination: Spearman of the top class's map and another class's")
+    for path, (top, other) in zip(paths, report.classes):
+        print(f"  {Path(path).name}: {info.labels[top]!r} vs {info.labels[other]!r}")
+    names = [s.name + ("*" if i == report.verdict_stage else "")
+             for i, s in enumerate(report.stages)]
+    print()
+    print(f"{'':18} {'parameter randomisation':{10 * len(names) + 7}} {'class discrimination'}")
+    print(f"{'method':18} " + " ".join(f"{n:>9}" for n in names)
+          + f" {'verdict':>7} {'Spearman':>9} {'verdict':>7}")
+    for m in report.methods:
+        print(f"{m.method:18} " + " ".join(f"{v:9.2f}" for v in m.randomisation)
+              + f" {_verdict(m.randomisation_passed):>7} {m.discrimination:9.2f} "
+              f"{_verdict(m.discrimination_passed):>7}")
+
+
+def _verdict(passed: bool) -> str:
+    return "pass" if passed else "FAIL"
 
 
 def cmd_stream(client: Client, args) -> int:
@@ -498,15 +583,28 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(run=cmd_explain)
 
     evaluate = command("evaluate", help="deletion/insertion scores of every method over a "
-                       "folder of images, beside a random map")
-    evaluate.add_argument("folder", metavar="FOLDER")
+                       "folder of images, beside a random map; with --sanity, the server's "
+                       "sanity checks of every method on images")
+    evaluate.add_argument("folder", metavar="FOLDER", nargs="+",
+                          help="a folder of images; with --sanity, images or folders")
+    evaluate.add_argument("--sanity", action="store_true",
+                          help="run the parameter-randomisation (Adebayo et al. 2018) and "
+                          "class-discrimination checks: a pass/fail table per method")
+    evaluate.add_argument("--stages", type=int, default=0,
+                          help="--sanity: stages of the cascading randomisation, 1-4 (default 4)")
+    evaluate.add_argument("--contrast-rank", type=int, default=0, metavar="RANK",
+                          help="--sanity: compare the top class with the class at this rank "
+                          "(default: the middle one)")
+    evaluate.add_argument("--seed", type=int, default=0, help="--sanity: random parameters' seed")
+    evaluate.add_argument("--threshold", type=float, default=0.0,
+                          help="--sanity: pass below this correlation (default: the server's 0.5)")
     evaluate.add_argument("--method", action="append", choices=method_names(),
                           help="method to score (repeatable; default: all the server has)")
     evaluate.add_argument("--layer", help="layer to explain (default: the server's)")
     evaluate.add_argument("--steps", type=int, default=16, help="steps per curve (default 16)")
-    evaluate.add_argument("--score-cam-channels", type=int, default=64,
-                          help="Score-CAM: top channels by activation (default 64; 0: the "
-                          "server's limit)")
+    evaluate.add_argument("--score-cam-channels", type=int, default=None,
+                          help="Score-CAM: top channels by activation (default 64, with "
+                          "--sanity 16; 0: the server's limit)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
 

@@ -8,8 +8,10 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
 import grpc
 
 from . import _calls
-from .errors import CamserveError
-from .results import Explanation, ModelInfo, Prediction
+from .errors import CamserveError, invalid
+from .images import to_proto
+from .methods import method_value
+from .results import Explanation, ModelInfo, Prediction, SanityReport
 from .streams import StreamResult, Tracker
 from .v1 import camserve_pb2 as pb
 from .v1 import camserve_pb2_grpc as pb_grpc
@@ -150,6 +152,40 @@ class Client:
                                          outputs=outputs, top_k=top_k, **options)
         return _calls.explanations(self._call(self._stub.Explain, request, timeout, metadata,
                                               request_id), images)
+
+    def check_sanity(self, images: Iterable[Any], *,
+                     method: Union[None, str, Sequence[str]] = None, layer: Optional[str] = None,
+                     score_cam_channels: int = 0, contrast_rank: int = 0, stages: int = 0,
+                     seed: int = 0, threshold: float = 0.0, timeout: Any = _UNSET,
+                     metadata: _calls.Metadata = None,
+                     request_id: Optional[str] = None) -> SanityReport:
+        """How far to trust each method's maps on the served model, measured by the server on
+        these images: the parameter-randomisation check (Adebayo et al. 2018: the top of the
+        model randomised in up to ``stages`` cascading stages, on a copy) and the
+        class-discrimination check (each image's top class against the class at
+        ``contrast_rank``, 0: the middle rank). A method passes a check when its correlation
+        is below ``threshold`` (0: the server's 0.5).
+
+        ``method``: one name or a list (None: every method the server has, the random
+        baseline included). Zero means the server's default for every number. Costly: several
+        explanations of every image per method, so give it a generous ``timeout``. Raises
+        CamserveError: INVALID_ARGUMENT for a bad option or a check over the server's cost
+        limits, RESOURCE_EXHAUSTED while another check runs on that server."""
+        methods = [] if method is None else [method] if isinstance(method, str) else list(method)
+        try:
+            method_enums = [method_value(m) for m in methods]
+        except (ValueError, AttributeError) as exc:
+            raise invalid(str(exc)) from None
+        numbers = {"score_cam_channels": score_cam_channels, "contrast_rank": contrast_rank,
+                   "stages": stages, "seed": seed}
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise invalid(f"{name} must be a non-negative integer, got {value!r}")
+        request = pb.CheckSanityRequest(images=[to_proto(i) for i in images],
+                                        methods=method_enums, layer=layer or "",
+                                        threshold=float(threshold), **numbers)
+        return SanityReport.from_proto(self._call(self._stub.CheckSanity, request, timeout,
+                                                  metadata, request_id))
 
     def stream_predict(self, frames: Iterable[Any], *, top_k: int = 5, policy: str = "all",
                        timeout: Optional[float] = None, metadata: _calls.Metadata = None,

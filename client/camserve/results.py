@@ -318,3 +318,61 @@ class ModelInfo:
             max_message_bytes=msg.limits.max_message_bytes,
             max_score_cam_channels=msg.limits.max_score_cam_channels,
             max_faithfulness_steps=msg.limits.max_faithfulness_steps)
+
+
+@dataclass(frozen=True)
+class SanityStage:
+    """A stage of the cascading randomisation: the modules whose parameters are random."""
+
+    name: str  # "head", "head + 2", ...
+    modules: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MethodSanity:
+    """One method's sanity figures (Spearman's rank correlation of raw maps, averaged over
+    the images) and verdicts."""
+
+    method: str
+    randomisation: Tuple[float, ...]  # per stage: |correlation| trained vs randomised
+    randomisation_passed: bool  # below the threshold at the verdict stage
+    discrimination: float  # correlation of the top class's map with another class's
+    discrimination_passed: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.randomisation_passed and self.discrimination_passed
+
+
+@dataclass(frozen=True)
+class SanityReport:
+    """What ``Client.check_sanity`` returns: the parameter-randomisation check (Adebayo et al.
+    2018, cascading from the top of the model) and the class-discrimination check, per
+    method."""
+
+    layer: str
+    stages: Tuple[SanityStage, ...]
+    verdict_stage: int  # the index into stages whose figures decide randomisation_passed
+    threshold: float  # a method passes a check when its correlation is below this
+    classes: Tuple[Tuple[int, int], ...]  # per image: (top class, contrast class)
+    methods: Tuple[MethodSanity, ...]
+    seed: int = 0
+
+    def method(self, name: str) -> MethodSanity:
+        """The figures of one method; KeyError if it was not checked."""
+        for m in self.methods:
+            if m.method == name:
+                return m
+        raise KeyError(name)
+
+    @classmethod
+    def from_proto(cls, msg: pb.CheckSanityResponse) -> SanityReport:
+        return cls(
+            layer=msg.layer,
+            stages=tuple(SanityStage(s.name, tuple(s.modules)) for s in msg.stages),
+            verdict_stage=msg.verdict_stage, threshold=msg.threshold,
+            classes=tuple((c.top, c.contrast) for c in msg.classes),
+            methods=tuple(MethodSanity(method_name(m.method), tuple(m.randomisation),
+                                       m.randomisation_passed, m.discrimination,
+                                       m.discrimination_passed) for m in msg.methods),
+            seed=msg.seed)

@@ -191,3 +191,61 @@ class ItemResult:
     logits: np.ndarray  # float32 (classes,)
     probabilities: np.ndarray  # float32 (classes,)
     maps: Tuple[MapResult, ...] = ()  # methods x targets x layers, in that nesting order
+
+
+# --- sanity checks (engine/sanity.py) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SanityPlan:
+    """A sanity check, validated: which methods at which layer, and how it is judged."""
+
+    methods: Tuple[str, ...]
+    layer: str
+    score_cam_channels: int = 0  # resolved to a count, as in ExplainSpec
+    contrast_rank: int = 1  # class discrimination: the top class against this rank's class
+    stages: int = 4  # of the cascading randomisation, from the top (engine/sanity.py)
+    seed: int = 0  # the randomised parameters
+    threshold: float = 0.5  # a method passes a check when its correlation is below this
+
+    @property
+    def cost(self) -> int:
+        """What one image costs, in forwards of one image: a forward for its ranking, then
+        per model (the trained one and each stage) an explanation of its two classes."""
+        one = ExplainSpec(methods=self.methods, layers=(self.layer,), targets=(0, 1),
+                          score_cam_channels=self.score_cam_channels).cost
+        return 1 + (1 + self.stages) * one
+
+
+SANITY_STAGES = 4  # the cascade's stages at most: the head, then 2, 4 and 8 modules more
+
+
+@dataclass(frozen=True)
+class SanityStage:
+    """A stage of the cascading randomisation: the modules randomised so far."""
+
+    name: str
+    modules: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MethodSanity:
+    method: str
+    randomisation: Tuple[float, ...]  # mean |Spearman| trained vs randomised, per stage
+    randomisation_pass: bool  # below the threshold at the verdict stage
+    discrimination: float  # mean Spearman, top class vs the contrast class
+    discrimination_pass: bool
+
+
+@dataclass(frozen=True)
+class SanityReport:
+    layer: str
+    stages: Tuple[SanityStage, ...]
+    verdict_stage: int  # the stage whose figures decide the randomisation verdict
+    threshold: float
+    classes: Tuple[Tuple[int, int], ...]  # per image: (top class, contrast class)
+    methods: Tuple[MethodSanity, ...]
+    seed: int = 0
+
+    def method(self, name: str) -> MethodSanity:
+        return next(m for m in self.methods if m.method == name)

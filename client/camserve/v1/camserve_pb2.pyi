@@ -52,6 +52,44 @@ class BatchingInfo(_message.Message):
     workers: int
     def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
+class CheckSanityRequest(_message.Message):
+    __slots__ = ["contrast_rank", "images", "layer", "methods", "score_cam_channels", "seed", "stages", "threshold"]
+    CONTRAST_RANK_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CAM_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    contrast_rank: int
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    layer: str
+    methods: _containers.RepeatedScalarFieldContainer[CamMethod]
+    score_cam_channels: int
+    seed: int
+    stages: int
+    threshold: float
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., layer: _Optional[str] = ..., score_cam_channels: _Optional[int] = ..., contrast_rank: _Optional[int] = ..., stages: _Optional[int] = ..., seed: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class CheckSanityResponse(_message.Message):
+    __slots__ = ["classes", "layer", "methods", "seed", "stages", "threshold", "verdict_stage"]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_STAGE_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedCompositeFieldContainer[SanityClasses]
+    layer: str
+    methods: _containers.RepeatedCompositeFieldContainer[MethodSanity]
+    seed: int
+    stages: _containers.RepeatedCompositeFieldContainer[SanityStage]
+    threshold: float
+    verdict_stage: int
+    def __init__(self, layer: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[SanityStage, _Mapping]]] = ..., verdict_stage: _Optional[int] = ..., threshold: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[SanityClasses, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[MethodSanity, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
+
 class ClassMap(_message.Message):
     __slots__ = ["faithfulness", "heatmap_png", "layer", "method", "notes", "overlay", "raw_map", "target"]
     FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +298,20 @@ class MethodInfo(_message.Message):
     needs_backward: bool
     def __init__(self, method: _Optional[_Union[CamMethod, str]] = ..., needs_backward: bool = ..., class_discriminative: bool = ...) -> None: ...
 
+class MethodSanity(_message.Message):
+    __slots__ = ["discrimination", "discrimination_passed", "method", "randomisation", "randomisation_passed"]
+    DISCRIMINATION_FIELD_NUMBER: _ClassVar[int]
+    DISCRIMINATION_PASSED_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RANDOMISATION_FIELD_NUMBER: _ClassVar[int]
+    RANDOMISATION_PASSED_FIELD_NUMBER: _ClassVar[int]
+    discrimination: float
+    discrimination_passed: bool
+    method: CamMethod
+    randomisation: _containers.RepeatedScalarFieldContainer[float]
+    randomisation_passed: bool
+    def __init__(self, method: _Optional[_Union[CamMethod, str]] = ..., randomisation: _Optional[_Iterable[float]] = ..., randomisation_passed: bool = ..., discrimination: _Optional[float] = ..., discrimination_passed: bool = ...) -> None: ...
+
 class Note(_message.Message):
     __slots__ = ["kind", "message"]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +377,22 @@ class RawMap(_message.Message):
     values: _containers.RepeatedScalarFieldContainer[float]
     width: int
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SanityClasses(_message.Message):
+    __slots__ = ["contrast", "top"]
+    CONTRAST_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    contrast: int
+    top: int
+    def __init__(self, top: _Optional[int] = ..., contrast: _Optional[int] = ...) -> None: ...
+
+class SanityStage(_message.Message):
+    __slots__ = ["modules", "name"]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    modules: _containers.RepeatedScalarFieldContainer[str]
+    name: str
+    def __init__(self, name: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StreamExplainConfig(_message.Message):
     __slots__ = ["options", "policy"]

@@ -41,6 +41,11 @@ class CamserveServiceStub(object):
                 request_serializer=camserve_dot_v1_dot_camserve__pb2.StreamExplainRequest.SerializeToString,
                 response_deserializer=camserve_dot_v1_dot_camserve__pb2.StreamExplainResponse.FromString,
                 )
+        self.CheckSanity = channel.unary_unary(
+                '/camserve.v1.CamserveService/CheckSanity',
+                request_serializer=camserve_dot_v1_dot_camserve__pb2.CheckSanityRequest.SerializeToString,
+                response_deserializer=camserve_dot_v1_dot_camserve__pb2.CheckSanityResponse.FromString,
+                )
 
 
 class CamserveServiceServicer(object):
@@ -85,6 +90,17 @@ class CamserveServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckSanity(self, request, context):
+        """How far to trust each method's maps on the served model, measured on the caller's images:
+        the parameter-randomisation check (Adebayo et al. 2018) and the class-discrimination
+        check, with the figures. The server does the work on a copy of the model, one check at a
+        time (another answers RESOURCE_EXHAUSTED with a retry hint); it costs several
+        explanations of every image per method.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CamserveServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +128,11 @@ def add_CamserveServiceServicer_to_server(servicer, server):
                     servicer.StreamExplain,
                     request_deserializer=camserve_dot_v1_dot_camserve__pb2.StreamExplainRequest.FromString,
                     response_serializer=camserve_dot_v1_dot_camserve__pb2.StreamExplainResponse.SerializeToString,
+            ),
+            'CheckSanity': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckSanity,
+                    request_deserializer=camserve_dot_v1_dot_camserve__pb2.CheckSanityRequest.FromString,
+                    response_serializer=camserve_dot_v1_dot_camserve__pb2.CheckSanityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -207,5 +228,22 @@ class CamserveService(object):
         return grpc.experimental.stream_stream(request_iterator, target, '/camserve.v1.CamserveService/StreamExplain',
             camserve_dot_v1_dot_camserve__pb2.StreamExplainRequest.SerializeToString,
             camserve_dot_v1_dot_camserve__pb2.StreamExplainResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def CheckSanity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/camserve.v1.CamserveService/CheckSanity',
+            camserve_dot_v1_dot_camserve__pb2.CheckSanityRequest.SerializeToString,
+            camserve_dot_v1_dot_camserve__pb2.CheckSanityResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
