@@ -343,3 +343,17 @@ def test_stream_reports_local_problems_as_local(default_server, tmp_path):
         if "unicorn" not in message:
             assert "INVALID_ARGUMENT" not in done.stderr
         assert "frames sent" not in done.stdout
+
+
+def test_scorecam_by_default_on_a_layer_wider_than_the_servers_cap(tiny_server, cat_path,
+                                                                   tmp_path):
+    """Without --score-cam-channels, Score-CAM uses the server's cap of most active channels
+    (it used to be refused when the layer had more channels than the cap)."""
+    server, client = tiny_server
+    info = client.model_info()
+    assert info.layers[0].channels > info.max_score_cam_channels  # what this test is about
+    done = run("explain", str(cat_path), "-o", str(tmp_path), "--method", "scorecam", "--json",
+               target=f"127.0.0.1:{server.port}")
+    assert done.returncode == 0, done.stderr
+    maps = json.loads(done.stdout)[0]["maps"]
+    assert [m["method"] for m in maps] == ["scorecam"] and np.ptp(maps[0]["raw"]) > 0

@@ -228,3 +228,19 @@ def test_the_api_is_usable_from_other_languages():
     clashes = sorted({n for n in names if n.lower() in KEYWORDS})
     assert not clashes, f"rename these in {PROTO}: {clashes}"
     assert "keep_sign" in names
+
+
+def test_one_options_message_per_call_kind_and_no_singular_plural_pairs():
+    """Unary requests and stream configs share PredictOptions / ExplainOptions (a field added to
+    one copy and not the other became an INTERNAL error), and no message has both `x` and
+    `xs` (target/targets, method/methods, layer/layers)."""
+    from camserve.v1 import camserve_pb2 as pb
+
+    for holder, options in ((pb.PredictRequest, pb.PredictOptions),
+                            (pb.StreamPredictConfig, pb.PredictOptions),
+                            (pb.ExplainRequest, pb.ExplainOptions),
+                            (pb.StreamExplainConfig, pb.ExplainOptions)):
+        assert holder.DESCRIPTOR.fields_by_name["options"].message_type is options.DESCRIPTOR
+    for name, message in pb.DESCRIPTOR.message_types_by_name.items():
+        fields = set(message.fields_by_name)
+        assert not {f for f in fields if f + "s" in fields}, name
