@@ -33,7 +33,15 @@ class Settings:
     # Explainable layers (dotted module names); the first is the default. Empty: found.
     layers: Tuple[str, ...] = ()
     labels: Optional[str] = None
+    # "auto" (CUDA when available), "cpu", "cuda" (every GPU), "cuda:N"; several devices
+    # comma-separated (--device cuda:0 --device cuda:1): one engine and worker thread each.
     device: str = "auto"
+    # fp32 (strict), tf32 (CUDA: TF32 tensor cores), bf16 (autocast; CPU too) or fp16
+    # (autocast; CUDA only)
+    precision: str = "fp32"
+    # JPEGs decoded on the engine's device (batched, nvJPEG on CUDA) or on the host in the
+    # handler: "auto" = on the device when it is CUDA.
+    jpeg_decode: str = "auto"
     max_batch_size: int = 8
     # 0: an idle worker starts a lone item at once, and under load items gather while the
     # previous batch computes; > 0 also waits that long for a batch to fill.
@@ -116,6 +124,14 @@ class Settings:
             problems.append(f"metrics-port {self.metrics_port} is not in 0..65535")
         if self.max_batch_size < 1:
             problems.append("max-batch-size must be at least 1")
+        if self.precision not in ("fp32", "tf32", "bf16", "fp16"):
+            problems.append(f"precision must be fp32, tf32, bf16 or fp16, not "
+                            f"{self.precision!r}")
+        if self.jpeg_decode not in ("auto", "host", "device"):
+            problems.append(f"jpeg-decode must be auto, host or device, not "
+                            f"{self.jpeg_decode!r}")
+        if not self.device or any(not d.strip() for d in self.device.split(",")):
+            problems.append(f"device {self.device!r}: name a device, e.g. cpu or cuda:0")
         if self.max_delay_ms < 0:
             problems.append("max-delay-ms must be 0 or more")
         if self.max_queue < 1:
@@ -150,6 +166,11 @@ class Settings:
             problems.append("max-stream-frames-in-flight must be at least 2")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def devices(self) -> Tuple[str, ...]:
+        """--device as a list: one engine per entry."""
+        return tuple(d.strip() for d in self.device.split(","))
 
     @property
     def metrics_address(self) -> str:
@@ -252,7 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer that may be explained (repeatable; the first is the default; "
                    "default: the last 4-D layer before global pooling)")
     p.add_argument("--labels", default=None, help="text file with one class label per line")
-    p.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda:N")
+    p.add_argument("--device", action="append", default=None,
+                   help="auto (CUDA when available; the default), cpu, cuda (every GPU) or "
+                   "cuda:N; repeat it for several devices, one engine and worker each, sharing "
+                   "one queue")
+    p.add_argument("--precision", default=d.precision,
+                   choices=("fp32", "tf32", "bf16", "fp16"),
+                   help="fp32 (default), tf32 (CUDA), bf16 (autocast, CPU too) or fp16 "
+                   "(autocast, CUDA only)")
+    p.add_argument("--jpeg-decode", default=d.jpeg_decode, choices=("auto", "host", "device"),
+                   help="decode JPEGs on the engine's device (nvJPEG on CUDA) or on the host; "
+                   "auto: on the device when it is CUDA")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     p.add_argument("--max-delay-ms", type=float, default=d.max_delay_ms,
                    help="longest wait for a batch to fill after its first item arrives "
@@ -336,7 +367,7 @@ def _env_args(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> li
         value = environ.get("CAMSERVE_" + long[2:].upper().replace("-", "_"))
         if value is None or value == "":
             continue
-        repeatable = action.dest in ("layers", "auth_tokens")
+        repeatable = action.dest in ("layers", "auth_tokens", "device")
         values = [v.strip() for v in value.split(",")] if repeatable else [value]
         for v in values:
             args += [long, v]
@@ -357,6 +388,7 @@ def parse_settings(argv: Optional[Sequence[str]] = None,
         if value != defaults[key]:
             merged[key] = value
     merged["layers"] = tuple(merged["layers"] or ())
+    merged["device"] = ",".join(merged["device"] or ()) or Settings.device
     tokens = list(merged["auth_tokens"] or ())
     token_file = merged.pop("auth_token_file")
     if token_file:
