@@ -157,3 +157,12 @@ def test_the_knobs_table_matches_the_servers_flags():
             f"the knobs table says {flag} defaults to {shown.strip()}; the server says "
             f"{defaults[flag]}")
 
+
+
+def test_repository_scripts_run_with_the_venvs_python():
+    """`make serve` installs into .venv, and the system Python lacks what the scripts import:
+    a command on this page that runs one of the repository's scripts says .venv/bin/python."""
+    bare = [(number, line.strip()) for number, line in
+            enumerate(README.read_text().splitlines(), 1)
+            if re.search(r"(?<![\w/.-])python3? +(-m +\S+|[\w./-]+\.py)", line)]
+    assert not bare, f"use .venv/bin/python: {bare}"
