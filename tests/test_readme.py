@@ -118,9 +118,9 @@ def test_the_readme_examples_run_as_written(default_server, workdir, monkeypatch
         code = code.replace(f'"{MAKE_SERVE}"', f'"{target}"')
         exec(compile(code, f"README.md:{number}", "exec"), {"__name__": "readme"})
         ran["python"].append(number)
-    # What the page shows today, so that a parsing slip cannot make this test pass empty:
-    # 5 Quick start lines, 10 CLI lines (one of them parsed only), 3 Python examples.
-    assert (len(ran["sh"]), len(ran["parsed"]), len(ran["python"])) == (14, 1, 3), ran
+    # At least what the page showed when this test was written, so that a parsing slip cannot
+    # make it pass empty: 5 Quick start lines, 10 CLI lines (one parsed only), 3 Python blocks.
+    assert len(ran["sh"]) >= 14 and len(ran["parsed"]) >= 1 and len(ran["python"]) >= 3, ran
     assert (workdir / "out/cat.overlay.png").exists() and (workdir / "annotated.mp4").exists()
 
 
