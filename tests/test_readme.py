@@ -166,3 +166,31 @@ def test_repository_scripts_run_with_the_venvs_python():
             enumerate(README.read_text().splitlines(), 1)
             if re.search(r"(?<![\w/.-])python3? +(-m +\S+|[\w./-]+\.py)", line)]
     assert not bare, f"use .venv/bin/python: {bare}"
+
+
+def test_every_file_the_page_names_exists():
+    """Paths in `code` on this page (tests/test_cli.py, render/images.py, calls.py) name files
+    of the checkout: from its root, from server/camserve_server/, or found under server/,
+    client/, bench/ or tests/ when only a file name is given (google/... is a package's)."""
+    text = README.read_text()
+    tokens = set(re.findall(r"`([\w./*-]+\.(?:py|proto|sh|yaml|yml|toml|txt|md|png|jpg))`",
+                            text))
+    tokens |= set(re.findall(r"^([\w./-]+\.(?:py|proto))\s", text, re.M))  # the layout block
+    tokens |= set(re.findall(r"^((?:client|server|protos|tests|bench)/[\w./-]*/)\s", text,
+                             re.M))
+    assert len(tokens) >= 10, tokens
+    missing = []
+    for token in sorted(tokens):
+        if token.startswith(("$", "/", "google/")) or token in ("cat.jpg", "cup.jpg") or \
+                token.split("/")[0] in ("out", "photos", "docs"):
+            if token.startswith("docs/") and not (ROOT / token).exists():
+                missing.append(token)
+            continue
+        places = [ROOT / token, ROOT / "server/camserve_server" / token]
+        if "/" not in token:
+            places += [p for folder in ("server", "client", "bench", "tests")
+                       for p in (ROOT / folder).rglob(token)]
+        if not any(any(ROOT.glob(str(p.relative_to(ROOT)))) if "*" in token else p.exists()
+                   for p in places):
+            missing.append(token)
+    assert not missing, f"README.md names files that do not exist: {missing}"
