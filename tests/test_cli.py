@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -357,3 +358,25 @@ def test_scorecam_by_default_on_a_layer_wider_than_the_servers_cap(tiny_server, 
     assert done.returncode == 0, done.stderr
     maps = json.loads(done.stdout)[0]["maps"]
     assert [m["method"] for m in maps] == ["scorecam"] and np.ptp(maps[0]["raw"]) > 0
+
+
+def test_stream_latest_writes_the_sources_timeline(tmp_path):
+    """Under --policy latest a slow model skips frames; the video written still has one frame
+    per source frame (a skipped frame repeats the answer before it), not one per answer."""
+    cv2 = pytest.importorskip("cv2", reason="camserve stream needs OpenCV")
+    source = tmp_path / "twelve.avi"
+    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    for i in range(12):
+        writer.write(np.full((120, 160, 3), 20 * i, np.uint8))
+    writer.release()
+    out = tmp_path / "out.mp4"
+    with running(model="python:tiny_models:slow_cnn", max_delay_ms=0) as (server, _):
+        done = run("stream", str(source), "-o", str(out), "--policy", "latest",
+                   target=f"127.0.0.1:{server.port}")
+    assert done.returncode == 0, done.stderr
+    counts = re.search(r"frames sent (\d+), answered (\d+), skipped (\d+), failed 0", done.stdout)
+    sent, answered, skipped = (int(n) for n in counts.groups())
+    assert sent == 12 and answered + skipped == 12
+    assert skipped > 0, "the model kept up: the test did not make it skip"
+    assert f"wrote 12 frames to {out}" in done.stdout
+    assert int(cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FRAME_COUNT)) == 12
