@@ -1,0 +1,89 @@
+"""One caller's latency: a Predict or Explain over gRPC against the same work done in process.
+
+The server runs in this process (on its own threads, as `camserve-server` does), so that both
+sides share one torch thread pool and one CPU budget: the difference is what the RPC, the
+batcher hand-off and the answer cost, not two processes' torch threads fighting over the cores.
+The in-process side does what the server does for one image: decode and resize the JPEG and run
+the engine (Explain: Grad-CAM of the top class, the raw map, as the client asks by default).
+Rounds alternate the two sides.
+
+    .venv/bin/python bench/bench_latency.py                 # default model, the cat photo
+    .venv/bin/python bench/bench_latency.py --model torchvision:resnet18 --weights random
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTO = ROOT / "tests" / "data" / "chelsea.jpg"
+
+
+def timed(call: Callable[[], object], n: int) -> List[float]:
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000.0)
+    return times
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--calls", type=int, default=20, help="calls per side per round")
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+
+    from camserve import Client
+    from camserve_server.domain import ExplainSpec, WorkItem
+    from camserve_server.process.server import CamServer
+    from camserve_server.process.settings import Settings
+    from camserve_server.render import images
+
+    jpeg = PHOTO.read_bytes()
+    server = CamServer(Settings(host="127.0.0.1", port=0, model=args.model,
+                                weights=args.weights))
+    port = server.start()
+    try:
+        engine, card = server._engines[0], server.model.card
+        limits = images.Limits(server.settings.max_image_bytes, server.settings.max_image_pixels)
+        spec = ExplainSpec(methods=("gradcam",), layers=(card.layers[0].name,), top_targets=1)
+
+        def in_process(explain: bool) -> None:
+            decoded = images.prepare(jpeg, card.input_size, limits, None)
+            engine.run([WorkItem(decoded.pixels, spec if explain else None)])
+
+        rows = []
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            for rpc in ("predict", "explain"):
+                remote = partial(getattr(client, rpc), jpeg)
+                local = partial(in_process, rpc == "explain")
+                grpc_ms, local_ms = [], []
+                timed(remote, 3)  # warm both paths
+                timed(local, 3)
+                for _ in range(args.rounds):
+                    grpc_ms += timed(remote, args.calls)
+                    local_ms += timed(local, args.calls)
+                rows.append((rpc, statistics.median(grpc_ms), statistics.median(local_ms)))
+    finally:
+        server.stop(grace=1)
+    print(f"{args.model}, {PHOTO.name} ({len(jpeg) // 1024} KB JPEG), one caller, "
+          f"{args.rounds} rounds x {args.calls} calls per side")
+    print("| one caller | p50 over gRPC ms | p50 in process ms | difference ms | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for rpc, remote, local in rows:
+        print(f"| {rpc} | {remote:.1f} | {local:.1f} | {remote - local:+.1f} | "
+              f"{remote / local:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
