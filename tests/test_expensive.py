@@ -258,3 +258,25 @@ def test_sigterm_during_long_work_exits_0_and_logs_what_the_caller_saw(caller):
     assert "Explain OK" not in log and "terminate called" not in log, log
     if caller == "waiting":
         assert outcome["error"].code == grpc.StatusCode.UNAVAILABLE, outcome
+
+
+def test_large_requests_beyond_the_inflight_bytes_are_refused_with_a_retry_hint():
+    """Two 2.4 MB requests and a 3 MiB budget: while the first computes, the second is refused
+    (before it is parsed) with RESOURCE_EXHAUSTED and a retry hint; small requests pass."""
+    big = np.zeros((800, 1000, 3), np.uint8)
+    request = pb.PredictRequest(images=[pb.Image(raw=pb.RawImage(
+        pixels=big.tobytes(), height=800, width=1000, channels=3))])
+    with running(model=SLOW, max_delay_ms=0, max_inflight_bytes=3 << 20) as (server, client):
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.CamserveServiceStub(channel)
+            before = len(tiny_models.SlowNet.batches)
+            first = stub.Predict.future(request, timeout=60)
+            _slices_started(before, 1, first)  # it is being computed: its bytes are held
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Predict(request, timeout=60)
+            error = CamserveError.from_rpc_error(refused.value)
+            assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.reason == "BUSY_WITH_LARGE" and error.retry_after > 0
+            assert "max_inflight_bytes" in error.details
+            assert client.predict(PLAIN).top  # small requests are always admitted
+            assert first.result(60).results[0].prediction.top

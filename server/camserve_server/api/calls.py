@@ -51,16 +51,24 @@ class InflightBytes:
     def __init__(self, limit: int) -> None:
         self.limit, self.used = limit, 0
 
+    def refusal(self, size: int) -> Optional[ResourceExhausted]:
+        """Why a request of ``size`` bytes cannot be admitted now; None when it can (a small
+        one always can, and one larger than the limit when nothing else is in)."""
+        if size <= SMALL_REQUEST or not self.used or self.used + size <= self.limit:
+            return None
+        return ResourceExhausted(
+            f"the server holds {self.used / 2**20:.0f} MiB of other large requests "
+            f"(max_inflight_bytes {self.limit / 2**20:.0f} MiB); retry in {BUSY_RETRY_S:g} s",
+            retry_after_s=BUSY_RETRY_S, reason="BUSY_WITH_LARGE")
+
     def take(self, size: int) -> int:
         """Reserve ``size`` bytes; returns what to give back. Raises ResourceExhausted when a
-        large request does not fit (one larger than the limit fits when nothing else is in)."""
+        large request does not fit."""
+        refused = self.refusal(size)
+        if refused is not None:
+            raise refused
         if size <= SMALL_REQUEST:
             return 0
-        if self.used and self.used + size > self.limit:
-            raise ResourceExhausted(
-                f"the server holds {self.used / 2**20:.0f} MiB of other large requests "
-                f"(max_inflight_bytes {self.limit / 2**20:.0f} MiB); retry in "
-                f"{BUSY_RETRY_S:g} s", retry_after_s=BUSY_RETRY_S, reason="BUSY_WITH_LARGE")
         self.used += size
         return size
 
@@ -70,16 +78,22 @@ class InflightBytes:
 
 @dataclass(frozen=True)
 class Malformed:
-    """What a request that could not be parsed becomes: the handler answers its error."""
+    """What a request that was not parsed becomes: the handler answers its error."""
 
-    error: InvalidArgument
+    error: ServiceError
 
 
-def parser(message_type, max_bytes: int) -> Callable[[bytes], object]:
-    """A request deserializer that never raises: a message, or Malformed."""
+def parser(message_type, max_bytes: int,
+           inflight: Optional[InflightBytes] = None) -> Callable[[bytes], object]:
+    """A request deserializer that never raises: a message, or Malformed. With ``inflight``
+    (unary calls), a large request that would not be admitted is refused before it is parsed,
+    so that its parsed copy never exists (the handler still reserves its bytes)."""
     name = message_type.DESCRIPTOR.full_name
 
     def parse(data: bytes):
+        busy = inflight.refusal(len(data)) if inflight is not None else None
+        if busy is not None:
+            return Malformed(busy)
         if len(data) > max_bytes:
             return Malformed(InvalidArgument(
                 f"the request is {len(data):,} bytes; this server accepts at most "
@@ -227,6 +241,9 @@ def streaming(rpc: str, behavior: Callable[..., AsyncIterator], recorder: Record
         call = Call(rpc, recorder, context)
         try:
             async for answer in behavior(requests, context, call):
+                if context.done():  # the caller went away: a write would only fail (and
+                    call.done(recorder.interrupted(context))  # gRPC would log it as an error)
+                    return
                 yield answer
         except ServiceError as exc:
             call.done(exc.code)
@@ -250,14 +267,15 @@ def generic_handler(service: str, methods: dict, max_bytes: int, recorder: Recor
     type, response type, streaming); ``items`` counts a unary request's items."""
     handlers = {}
     for name, (behavior, request_type, response_type, streaming_rpc) in methods.items():
-        kwargs = {"request_deserializer": parser(request_type, max_bytes),
-                  "response_serializer": response_type.SerializeToString}
+        kwargs = {"response_serializer": response_type.SerializeToString}
         if streaming_rpc:
             handlers[name] = grpc.stream_stream_rpc_method_handler(
-                streaming(name, behavior, recorder), **kwargs)
+                streaming(name, behavior, recorder),
+                request_deserializer=parser(request_type, max_bytes), **kwargs)
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                unary(name, behavior, recorder, inflight, items), **kwargs)
+                unary(name, behavior, recorder, inflight, items),
+                request_deserializer=parser(request_type, max_bytes, inflight), **kwargs)
     return grpc.method_handlers_generic_handler(service, handlers)
 
 
