@@ -280,3 +280,35 @@ def test_large_requests_beyond_the_inflight_bytes_are_refused_with_a_retry_hint(
             assert "max_inflight_bytes" in error.details
             assert client.predict(PLAIN).top  # small requests are always admitted
             assert first.result(60).results[0].prediction.top
+
+
+def test_a_cancelled_stream_of_bad_frames_leaves_the_server_serving():
+    """A LATEST stream of 20,000 frames that all fail validation, answers unread, cancelled by
+    its caller: the server process lives on (it used to crash reading the ended call's peer
+    for the access log) and serves the next call."""
+    process, port = start("--port", "0", "--model", "python:tiny_models:tiny_cnn")
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            client.wait_until_ready(60)
+            sent = []
+
+            def requests():
+                yield pb.StreamPredictRequest(config=pb.StreamPredictConfig(
+                    policy=pb.STREAM_POLICY_LATEST))
+                for i in range(20_000):
+                    yield pb.StreamPredictRequest(frame=pb.StreamFrame(
+                        frame_id=i, image=pb.Image(encoded=b"not an image")))
+                    sent.append(i)
+
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                answers = pb_grpc.CamserveServiceStub(channel).StreamPredict(requests())
+                while len(sent) < 20_000:
+                    time.sleep(0.05)
+                time.sleep(1)
+                answers.cancel()
+            time.sleep(1)
+            assert process.poll() is None, f"the server exited with {process.poll()}"
+            assert client.predict(PLAIN).top
+    finally:
+        process.terminate()
+        assert process.wait(60) == 0

@@ -155,39 +155,42 @@ class Recorder:
         self._metrics = metrics
         self._stopping = stopping
 
-    def done(self, rpc: str, code: grpc.StatusCode, seconds: float, items: int, context) -> None:
+    def done(self, rpc: str, code: grpc.StatusCode, seconds: float, items: int, rid: str,
+             peer: str) -> None:
         self._metrics.requests.labels(rpc, code.name).inc()
         self._metrics.latency.labels(rpc).observe(seconds)
-        rid, peer = request_id(context), context.peer()
         access.info("%s %s %.1f ms id=%s items=%d peer=%s", rpc, code.name, seconds * 1000.0,
                     rid, items, peer, extra={
                         "request_id": rid, "rpc": rpc, "code": code.name,
                         "ms": round(seconds * 1000.0, 2), "items": items, "peer": peer})
 
-    def interrupted(self, context) -> grpc.StatusCode:
+    def interrupted(self, call: Call) -> grpc.StatusCode:
         """The status a caller saw for a call that was cut short under its handler."""
         if self._stopping():
             return grpc.StatusCode.UNAVAILABLE
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if call.deadline is not None and time.monotonic() >= call.deadline:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
 
 
 class Call:
     """One call's record (``items``: its images, or a stream's frames so far), written
-    once: on an error before the status goes out (so that a
-    caller who has seen it also finds it in the metrics), otherwise when the handler ends."""
+    once: on an error before the status goes out (so that a caller who has seen it also finds
+    it in the metrics), otherwise when the handler ends. The request id and peer are read when
+    the call starts: gRPC's context of a call that has ended must not be touched (its ``peer()``
+    crashes the process after a cancelled stream)."""
 
     def __init__(self, rpc: str, recorder: Recorder, context) -> None:
-        self.rpc, self.recorder, self.context = rpc, recorder, context
+        self.rpc, self.recorder = rpc, recorder
+        self.request_id, self.peer = request_id(context), context.peer()
+        self.deadline = deadline(context)
         self.started, self.items, self.recorded = time.perf_counter(), 0, False
 
     def done(self, code: grpc.StatusCode) -> None:
         if not self.recorded:
             self.recorded = True
             self.recorder.done(self.rpc, code, time.perf_counter() - self.started, self.items,
-                               self.context)
+                               self.request_id, self.peer)
 
 
 async def _internal(context, rpc: str) -> None:
@@ -221,7 +224,7 @@ def unary(rpc: str, behavior: Callable[..., Awaitable], recorder: Recorder,
             call.done(exc.code)  # before the caller can see the status
             await abort(context, exc)
         except asyncio.CancelledError:
-            call.done(recorder.interrupted(context))
+            call.done(recorder.interrupted(call))
             raise
         except Exception:
             call.done(grpc.StatusCode.INTERNAL)
@@ -241,15 +244,12 @@ def streaming(rpc: str, behavior: Callable[..., AsyncIterator], recorder: Record
         call = Call(rpc, recorder, context)
         try:
             async for answer in behavior(requests, context, call):
-                if context.done():  # the caller went away: a write would only fail (and
-                    call.done(recorder.interrupted(context))  # gRPC would log it as an error)
-                    return
                 yield answer
         except ServiceError as exc:
             call.done(exc.code)
             await abort(context, exc)
         except (asyncio.CancelledError, GeneratorExit):
-            call.done(recorder.interrupted(context))
+            call.done(recorder.interrupted(call))
             raise
         except Exception:
             call.done(grpc.StatusCode.INTERNAL)
