@@ -244,6 +244,9 @@ def streaming(rpc: str, behavior: Callable[..., AsyncIterator], recorder: Record
         call = Call(rpc, recorder, context)
         try:
             async for answer in behavior(requests, context, call):
+                if context.done():  # the caller went away: a write would only fail, and gRPC
+                    call.done(recorder.interrupted(call))  # would log that as an error
+                    return
                 yield answer
         except ServiceError as exc:
             call.done(exc.code)
