@@ -75,3 +75,29 @@ def test_access_log_lines_are_json(caplog):
     assert len(predict["request_id"]) == 16 and predict["peer"]
     explain = next(line for line in lines if line["rpc"] == "Explain")
     assert explain["code"] == "INVALID_ARGUMENT" and explain["level"] == "INFO"
+
+
+def test_a_write_to_a_caller_that_has_gone_is_not_logged_as_an_error(capsys):
+    """gRPC's ERROR with a traceback for an answer that could not be written (the caller went
+    away mid-write) is lowered to DEBUG; other gRPC errors stay errors."""
+    import logging
+
+    from camserve_server.process import logs
+
+    class ExecuteBatchError(Exception):
+        pass
+
+    root, grpc_log = logging.getLogger(), logging.getLogger("grpc._cython.cygrpc")
+    saved = root.handlers[:], root.level, grpc_log.filters[:]
+    try:
+        logs.configure("INFO", "text")
+        try:
+            raise ExecuteBatchError('Failed "execute_batch"')
+        except ExecuteBatchError:
+            grpc_log.exception("ExecuteBatchError raised in core by servicer method [/x/Y]")
+        grpc_log.error("something else went wrong")
+    finally:
+        root.handlers[:], grpc_log.filters[:] = saved[0], saved[2]
+        root.setLevel(saved[1])
+    err = capsys.readouterr().err
+    assert "ExecuteBatchError" not in err and "something else went wrong" in err

@@ -27,6 +27,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line)
 
 
+class CallerGone(logging.Filter):
+    """gRPC logs an ERROR with a traceback when a stream's answer cannot be written because
+    its caller has just gone (cancelled, disconnected): an ordinary event, which the access
+    line already records as CANCELLED. Such records are lowered to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "ExecuteBatchError" in record.getMessage() \
+                or (record.exc_info and record.exc_info[0] is not None
+                    and record.exc_info[0].__name__ == "ExecuteBatchError"):
+            record.levelno, record.levelname, record.exc_info = logging.DEBUG, "DEBUG", None
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -36,3 +50,4 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("grpc._cython.cygrpc").addFilter(CallerGone())
