@@ -35,10 +35,7 @@ import argparse
 import asyncio
 import io
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +46,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from grpc import aio
 from PIL import Image
+from server_process import Server
 
 from camserve import AsyncClient
 from camserve.v1 import camserve_pb2 as pb
@@ -109,42 +107,6 @@ def small_jpeg(photo: bytes) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
-
-
-class Server:
-    """The server subprocess; its log goes to a temporary file (shown if it fails)."""
-
-    def __init__(self, model: str, extra: List[str]) -> None:
-        weights = [] if model == "efficientnet_lite0" else ["--weights", "random"]
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "camserve_server", "--host", "127.0.0.1", "--port", "0",
-             "--model", model, *weights, "--log-level", "WARNING", "--stream-idle-s", "600",
-             "--max-streams", "4096", *extra],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.port = 0
-        for line in self.process.stdout:
-            if line.startswith("camserve-server listening on "):
-                self.port = int(line.rsplit(":", 1)[1])
-            if line.startswith("camserve-server serving "):
-                return
-        self.stop()
-        raise RuntimeError(f"the server did not start:\n{self.tail()}")
-
-    def tail(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-3000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process.stdout.close()
-        self.log.close()
 
 
 # --- in process ------------------------------------------------------------------------------
@@ -470,7 +432,8 @@ def main(argv=None) -> int:
     photo = PHOTO.read_bytes()
     load_before = load_average()
     inproc = InProcess(args.model, photo)
-    server = Server(args.model, args.server_arg)
+    server = Server(args.model, ["--stream-idle-s", "600", "--max-streams", "4096",
+                                 *args.server_arg])
     try:
         out = asyncio.run(run_all(args, server.port, server.process.pid, inproc, photo))
     except BaseException:

@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from server_process import Server
 
 from camserve import AsyncClient
 
@@ -59,39 +57,6 @@ def configs(text: str):
         workers, threads = part.lower().split("x")
         out.append((int(workers), int(threads)))
     return out
-
-
-class Server:
-    """A server subprocess; its log goes to a temporary file (shown if it fails)."""
-
-    def __init__(self, model: str, workers: int, threads: int, extra) -> None:
-        weights = [] if model == "efficientnet_lite0" else ["--weights", "random"]
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "camserve_server", "--host", "127.0.0.1", "--port", "0",
-             "--model", model, *weights, "--workers", str(workers), "--torch-threads",
-             str(threads), "--log-level", "WARNING", *extra],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.port = 0
-        for line in self.process.stdout:
-            if line.startswith("camserve-server listening on "):
-                self.port = int(line.rsplit(":", 1)[1])
-            if line.startswith("camserve-server serving "):
-                return
-        self.stop()
-        self.log.seek(0)
-        raise RuntimeError(f"the server did not start:\n{self.log.read()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process.stdout.close()
-        self.log.close()
 
 
 async def load(port: int, callers: int, warmup: float, seconds: float, photo: bytes):
@@ -133,7 +98,8 @@ def main(argv=None) -> int:
     for model in models:
         for round_ in range(args.rounds):
             for workers, threads in grid:
-                server = Server(model, workers, threads, args.server_arg)
+                server = Server(model, ["--workers", str(workers), "--torch-threads", str(threads),
+                                         *args.server_arg])
                 try:
                     calls, seconds = asyncio.run(load(server.port, args.callers, args.warmup,
                                                       slice_s, photo))
