@@ -13,8 +13,8 @@ from camserve.methods import method_names
 from camserve_server.domain import ExplainSpec, SanityPlan, WorkItem
 from camserve_server.engine import sanity
 from camserve_server.engine.cams import METHODS
-from camserve_server.engine.engine import Engine
-from camserve_server.engine.faithfulness import scores
+from camserve_server.engine.engine import Engine, finish
+from camserve_server.engine.faithfulness import score_slices
 from camserve_server.engine.models import load_model
 from camserve_server.process.settings import Settings
 
@@ -203,8 +203,9 @@ def test_faithfulness_matches_a_plain_reimplementation():
     pixels = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
     raw = rng.random((28, 28)).astype(np.float32)
     steps = 8
-    deletion, insertion = scores(engine.forward, engine.normalise, torch.from_numpy(pixels),
-                                 torch.from_numpy(raw), 2, steps)
+    deletion, insertion = finish(score_slices(engine.forward, engine.normalise,
+                                              torch.from_numpy(pixels), torch.from_numpy(raw),
+                                              2, steps, 32))
     saliency = torch.nn.functional.interpolate(torch.from_numpy(raw)[None, None], (224, 224),
                                                mode="bilinear", align_corners=False)[0, 0]
     order = np.argsort(-saliency.numpy().ravel(), kind="stable")

@@ -249,8 +249,12 @@ class CamserveService:
 
 
 def _check_answer_size(rt: Runtime, plan: req.ExplainPlan, sources: Sequence[Source]) -> None:
-    """Refuse, before any work, an answer that could not be sent (over max_message_bytes)."""
-    sizes = [images.peek_size(source) for source in sources]
+    """Refuse, before any work, an answer that could not be sent (over max_message_bytes).
+    Only rendered pictures depend on an image's size: their headers are read only then."""
+    if plan.outputs.needs_heatmap:
+        sizes = [images.peek_size(source) for source in sources]
+    else:
+        sizes = [(1, 1)] * len(sources)
     total = sum(resp.explain_bound(plan, size, rt.model) for size in sizes if size is not None)
     limit = rt.settings.max_message_bytes
     if total > limit:

@@ -29,16 +29,16 @@ class CamInputs:
     inputs: torch.Tensor  # (n, 3, H, W), normalised, as the model saw them
     targets: torch.Tensor  # (n,) class indices
     forward: Callable[[torch.Tensor], torch.Tensor]  # logits of a batch; no hooks, no grad
-    max_channels: int = 0  # Score-CAM: use the top channels by mean activation (0: all)
-    chunk: int = 32  # Score-CAM: masked images per forward
 
 
 @dataclass(frozen=True)
 class CamMethod:
+    """A method computes the maps of a group of items at once (``compute``), or, when it runs
+    extra forwards per map, one image's map as a generator of forward chunks (``slices``), which
+    the engine hands to the batcher as a job."""
+
     name: str
-    compute: Callable[[CamInputs], torch.Tensor]
-    # Methods that run extra forwards per map: the same map of one image as a generator of
-    # forward chunks, which the engine hands to the batcher as a job (scorecam_slices).
+    compute: Optional[Callable[[CamInputs], torch.Tensor]]
     slices: Optional[Callable[..., Generator[int, None, torch.Tensor]]] = None
 
     @property
@@ -108,33 +108,20 @@ def eigencam(c: CamInputs) -> torch.Tensor:
     return (projection[:, :, 0] * sign[:, None]).reshape(n, h, w).to(c.activations.dtype)
 
 
-def scorecam(c: CamInputs) -> torch.Tensor:
-    """Score-CAM (Wang et al., CVPR-W 2020): each channel, upsampled to the input and min-max
-    scaled, masks the input; the masked image's target logit is that channel's score; the
-    weights are the softmax of the scores over the channels; L = ReLU(sum_k w_k A_k).
-
-    As pytorch-grad-cam: logits and a softmax over channels (the paper scores with the class
-    probability, relative to a baseline). ``max_channels`` keeps the channels with the highest
-    mean activation (the others get no weight), since each channel costs one forward."""
-    maps = []
-    for i in range(c.activations.shape[0]):
-        slices = scorecam_slices(c.activations[i], c.inputs[i], int(c.targets[i]), c.forward,
-                                 c.max_channels, c.chunk)
-        while True:
-            try:
-                next(slices)
-            except StopIteration as done:
-                maps.append(done.value)
-                break
-    return torch.stack(maps)
-
-
 def scorecam_slices(acts: torch.Tensor, inputs: torch.Tensor, target: int,
                     forward: Callable[[torch.Tensor], torch.Tensor], max_channels: int,
                     chunk: int) -> Generator[int, None, torch.Tensor]:
-    """Score-CAM of one image, a chunk of masked forwards at a time: yields the number of
-    images each chunk forwarded; returns the (h, w) map before the final ReLU. ``acts``:
-    (K, h, w); ``inputs``: (3, H, W) normalised."""
+    """Score-CAM (Wang et al., CVPR-W 2020) of one image: each channel, upsampled to the input
+    and min-max scaled, masks the input; the masked image's target logit is that channel's
+    score; the weights are the softmax of the scores over the channels; L = ReLU(sum_k w_k A_k).
+
+    As pytorch-grad-cam: logits and a softmax over channels (the paper scores with the class
+    probability, relative to a baseline). ``max_channels`` keeps the channels with the highest
+    mean activation (the others get no weight), since each channel costs one forward.
+
+    A chunk of masked forwards at a time: yields the number of images each chunk forwarded;
+    returns the (h, w) map before the final ReLU. ``acts``: (K, h, w); ``inputs``: (3, H, W)
+    normalised."""
     k = acts.shape[0]
     keep = k if not max_channels or max_channels >= k else max_channels
     channels = torch.arange(k, device=acts.device) if keep == k else torch.topk(
@@ -174,7 +161,7 @@ METHODS: Dict[str, CamMethod] = {
         CamMethod("layercam", layercam),
         CamMethod("hirescam", hirescam),
         CamMethod("eigencam", eigencam),
-        CamMethod("scorecam", scorecam, slices=scorecam_slices),
+        CamMethod("scorecam", None, slices=scorecam_slices),
         CamMethod("random", random_map),
     )
 }

@@ -290,7 +290,7 @@ class Engine:
                     activations=self._grid(layer, acts[layer][index]), gradients=grads,
                     inputs=x[index],
                     targets=torch.tensor([targets[i][rank] for i in rows], device=x.device),
-                    forward=self.forward, chunk=self._chunk))
+                    forward=self.forward))
                 if not signed:
                     cams = torch.relu(cams)
                 maps.append((rows, method, rank, layer, cams))

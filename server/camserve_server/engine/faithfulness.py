@@ -5,7 +5,7 @@ sets the most salient pixels to black, a fraction 1/steps at a time; insertion s
 blurred copy of the image and puts the original pixels back in the same order. After each step
 the target class's softmax probability is recorded; each score is the area under its curve
 (trapezoids over x = 0, 1/steps, ..., 1). All 2 (steps + 1) images go through the model in
-batches.
+chunks, which the batcher runs as slices of a job between batches.
 """
 
 from __future__ import annotations
@@ -37,26 +37,13 @@ def _area(probabilities: torch.Tensor) -> float:
     return float((probabilities.sum() - (probabilities[0] + probabilities[-1]) / 2) / steps)
 
 
-def scores(forward: Callable[[torch.Tensor], torch.Tensor],
-           normalise: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
-           raw_map: torch.Tensor, target: int, steps: int, chunk: int = 32
-           ) -> Tuple[float, float]:
-    """(deletion, insertion) for one map. ``pixels``: uint8 (H, W, 3) on the device;
-    ``forward``: logits of normalised inputs; ``normalise``: pixels → model input."""
-    slices = score_slices(forward, normalise, pixels, raw_map, target, steps, chunk)
-    while True:
-        try:
-            next(slices)
-        except StopIteration as done:
-            return done.value
-
-
 def score_slices(forward: Callable[[torch.Tensor], torch.Tensor],
                  normalise: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
                  raw_map: torch.Tensor, target: int, steps: int, chunk: int
                  ) -> Generator[int, None, Tuple[float, float]]:
-    """As :func:`scores`, a chunk of forwards at a time: yields the number of images each
-    chunk forwarded; returns (deletion, insertion)."""
+    """(deletion, insertion) for one map, a chunk of forwards at a time: yields the number of
+    images each chunk forwarded. ``pixels``: uint8 (H, W, 3) on the device; ``forward``:
+    logits of normalised inputs; ``normalise``: pixels → model input."""
     height, width = pixels.shape[:2]
     image = pixels.float()
     saliency = F.interpolate(raw_map.float()[None, None].to(image.device), size=(height, width),
