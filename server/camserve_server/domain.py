@@ -166,11 +166,6 @@ class WorkItem:
     pixels: Union[np.ndarray, EncodedJpeg]
     explain: Optional[ExplainSpec] = None
 
-    @property
-    def cost(self) -> int:
-        """What the item costs the engine, in forwards of one image (ExplainSpec.cost)."""
-        return 1 if self.explain is None else self.explain.cost
-
 
 # --- what the engine answers -----------------------------------------------------------------
 

@@ -113,7 +113,6 @@ class _Job:
     batch_size: int
     forwards_left: int
     compute: float = 0.0  # seconds of its batch and slices so far
-    done_forwards: int = field(default=0)
 
 
 @dataclass(eq=False)
@@ -123,8 +122,9 @@ class _Worker:
     device: str
     run_batch: RunBatch
     jobs: Deque[_Job] = field(default_factory=deque)  # jobs with slices left, in turn
-    running: List[_Pending] = field(default_factory=list)  # its batch (or job) now, and the
-    running_job: Optional[_Job] = None  # upcoming batch it has taken
+    # What it runs now: its batch and the upcoming batch it has taken, or a job's item.
+    running: List[_Pending] = field(default_factory=list)
+    running_job: Optional[_Job] = None  # the job whose slice runs now
     supervisor: Optional[threading.Thread] = None
 
 
