@@ -362,7 +362,8 @@ def test_scorecam_by_default_on_a_layer_wider_than_the_servers_cap(tiny_server, 
 
 def test_stream_latest_writes_the_sources_timeline(tmp_path):
     """Under --policy latest a slow model skips frames; the video written still has one frame
-    per source frame (a skipped frame repeats the answer before it), not one per answer."""
+    per source frame (a skipped frame repeats the answer before it; before the first answer,
+    the first answer), not one per answer, even when only the last frame is answered."""
     cv2 = pytest.importorskip("cv2", reason="camserve stream needs OpenCV")
     source = tmp_path / "twelve.avi"
     writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))

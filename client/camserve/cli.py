@@ -446,11 +446,11 @@ def cmd_stream(client: Client, args) -> int:
         if writer is None:
             writer = video.VideoWriter(args.output, fps_in or 30.0, rgb.shape[:2])
         # Each answered frame is written at its own place in the source's timeline: the
-        # frames skipped before it repeat the previous answer, so the video keeps the
-        # source's pace (and length) under --policy latest too.
-        if last_picture is not None:
-            for _ in range(r.frame_id - written_up_to):
-                writer.write(last_picture)
+        # frames skipped before it repeat the previous answer (before the first answer, the
+        # first answer), so the video keeps the source's pace (and length) under --policy
+        # latest too.
+        for _ in range(r.frame_id - written_up_to):
+            writer.write(picture if last_picture is None else last_picture)
         writer.write(picture)
         written_up_to, last_picture = r.frame_id + 1, picture
     elapsed = time.monotonic() - started
