@@ -27,6 +27,10 @@ def test_environment_then_flags():
         6000, ("layer4", "layer3"), (0.1, 0.2, 0.3), 2.5, (192, 256))
     s = parse_settings(["--port", "7000", "--layer", "layer2"], environ=env)
     assert s.port == 7000 and s.layers == ("layer2",) and s.max_delay_ms == 2.5
+    assert s.fold_batchnorm is True
+    assert parse_settings([], environ={"CAMSERVE_FOLD_BATCHNORM": "off"}).fold_batchnorm is False
+    assert parse_settings(["--fold-batchnorm", "on"],
+                          environ={"CAMSERVE_FOLD_BATCHNORM": "off"}).fold_batchnorm is True
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -35,6 +39,7 @@ def test_environment_then_flags():
     (["--mean", "0.5,0.5"], "mean needs 3 values"),
     (["--std", "1,0,1"], "std values must be positive"),
     (["--input-size", "abc"], "HEIGHTxWIDTH"),
+    (["--fold-batchnorm", "maybe"], "say on or off"),
 ])
 def test_invalid_settings_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
