@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from camserve_server.engine.models import imagenet_labels, load_model
 from camserve_server.errors import StartupError
@@ -68,7 +69,8 @@ def test_python_source_labels_and_input_size(tmp_path):
 
 
 def test_weights_file_round_trip_and_mismatch(tmp_path, resnet_weights):
-    model = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights)))
+    model = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights),
+                                fold_batchnorm=False))  # the weights as the file holds them
     expected = torch.load(resnet_weights)
     actual = model.module.state_dict()
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
@@ -104,3 +106,60 @@ def test_torchscript_serves_predict_only(tmp_path):
     with pytest.raises(StartupError, match="TorchScript"):
         load_model(Settings(model=f"torchscript:{path}", layers=("features",)))
 
+
+
+def test_batch_norms_fold_into_convolutions_but_not_the_served_layers(resnet_weights):
+    """Folding keeps the logits and leaves every served layer as it was."""
+    folded = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights),
+                                 layers=("layer4", "layer3.1.bn2", "layer2.0.conv1")))
+    plain = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights),
+                                layers=("layer4", "layer3.1.bn2", "layer2.0.conv1"),
+                                fold_batchnorm=False))
+    kinds = {name: type(m).__name__ for name, m in folded.module.named_modules()}
+    assert kinds["layer1.0.bn1"] == "Identity" and kinds["layer4.1.bn2"] == "Identity"
+    assert kinds["layer3.1.bn2"] == "BatchNorm2d"  # served
+    assert kinds["layer2.0.bn1"] == "BatchNorm2d"  # its convolution is served
+    original = dict(plain.module.named_parameters())
+    assert torch.equal(folded.module.layer2[0].conv1.weight, original["layer2.0.conv1.weight"])
+    assert not torch.equal(folded.module.layer1[0].conv1.weight, original["layer1.0.conv1.weight"])
+    assert all(type(m).__name__ != "Identity" for m in plain.module.modules())
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 224, 224)
+    with torch.inference_mode():
+        assert (folded.module(x) - plain.module(x)).abs().max().item() <= 1e-4
+
+
+def test_default_model_folds_inside_blocks_and_keeps_bn2():
+    folded = load_model(Settings())
+    kinds = {name: type(m).__name__ for name, m in folded.module.named_modules()}
+    assert kinds["bn2"] == "BatchNormAct2d" and kinds["bn2.act"] == "ReLU6"
+    assert kinds["bn1"] == "_AfterNorm" and kinds["bn1.act"] == "ReLU6"
+    assert sum(kind == "_AfterNorm" for kind in kinds.values()) > 40
+
+
+def test_a_convolution_whose_output_is_reused_is_not_folded():
+    """The norm reads the convolution's output, which is also added back: folding would
+    change the answer, so the check on the logits keeps the model as it was."""
+    from camserve_server.engine.fold import fold_batchnorms
+
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.head((self.bn(y) + y).mean(dim=(2, 3)))
+
+    model = Reuse().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(0.5, 2)
+    same, folds = fold_batchnorms(model, (16, 16), torch.device("cpu"))
+    assert same is model and folds == 0 and isinstance(model.bn, nn.BatchNorm2d)
+    plain = nn.Sequential(model.conv, model.bn).eval()
+    folded, folds = fold_batchnorms(plain, (16, 16), torch.device("cpu"))
+    assert folds == 1 and isinstance(folded[1], nn.Identity) and plain[1] is model.bn

@@ -23,6 +23,7 @@ from ..domain import LayerInfo, ModelCard
 from ..errors import StartupError
 from ..process.settings import DEFAULT_MODEL, Settings
 from . import tokens
+from .fold import fold_batchnorms
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,10 @@ def load_model(settings: Settings, device: Optional[torch.device] = None) -> Loa
     labels = _labels(settings.labels, probe.num_classes, built.labels)
     layers = _layers(settings.layers or built.layers, probe, hookable=built.hookable,
                      model=settings.model)
+    if settings.fold_batchnorm and built.hookable:
+        module, folds = fold_batchnorms(module, tuple(input_size), device,
+                                        keep=[info.name for info in layers])
+        log.info("%d batch norms folded into their convolutions", folds)
     card = ModelCard(name=settings.model, labels=labels, input_size=tuple(input_size),
                      mean=tuple(mean), std=tuple(std), layers=layers, device=str(device))
     return LoadedModel(module=module, device=device, card=card,
