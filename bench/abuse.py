@@ -198,12 +198,13 @@ def long_work_abandoned(target: str, quick: bool, out: Outcome) -> None:
 
 
 def many_maps_full_size(target: str, quick: bool, out: Outcome) -> None:
-    """A 50-megapixel image with 6 maps and heatmap PNGs (the most whose PNGs' upper bound fits
-    the 64 MiB message limit; 16 are refused before any work), then with 16 maps."""
+    """A 50-megapixel image with 3 maps and heatmap PNGs (the most whose PNGs' upper bound, 1
+    byte per rendered pixel, fits the 32 MiB message limit; 16 are refused before any work),
+    then with 16 maps."""
     image = jpeg(2000, 2500) if quick else jpeg(5773, 8660)
     methods = ["gradcam", "xgradcam", "layercam"]
     with Client(target, retries=0, timeout=600) as client:
-        out.record(lambda: client.explain(image, method=methods, top_targets=2,
+        out.record(lambda: client.explain(image, method=methods, top_targets=1,
                                           outputs=("raw", "heatmap")))
         out.record(lambda: client.explain(image, method=[*methods, "hirescam"], top_targets=4,
                                           outputs=("raw", "heatmap")))
@@ -217,15 +218,25 @@ def answer_too_large(target: str, quick: bool, out: Outcome) -> None:
                                                outputs=("overlay_png",)))
 
 
-def large_in_parallel(target: str, quick: bool, out: Outcome) -> None:
-    """Sixteen 60 MB requests at once (raw pixels)."""
-    pixels = np.random.default_rng(1).integers(0, 256, (4000, 5000, 3), np.uint8)  # 60 MB
+def _raw_in_parallel(target: str, height: int, width: int, calls: int, out: Outcome) -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (height, width, 3), np.uint8)
     request = pb.PredictRequest(images=[pb.Image(raw=pb.RawImage(
-        pixels=pixels.tobytes(), height=4000, width=5000, channels=3))])
+        pixels=pixels.tobytes(), height=height, width=width, channels=3))])
     stub = _stub(target)
-    calls = [stub.Predict.future(request, timeout=600) for _ in range(4 if quick else 16)]
-    for call in calls:
-        out.record(call.result)
+    futures = [stub.Predict.future(request, timeout=600) for _ in range(calls)]
+    for future in futures:
+        out.record(future.result)
+
+
+def large_in_parallel(target: str, quick: bool, out: Outcome) -> None:
+    """Sixteen 60 MB requests at once (raw pixels), over the message limit."""
+    _raw_in_parallel(target, 4000, 5000, 4 if quick else 16, out)
+
+
+def at_limit_in_parallel(target: str, quick: bool, out: Outcome) -> None:
+    """Sixteen requests at once just under the default message limit (33.3 MB of raw pixels
+    each, 32 MiB allowed)."""
+    _raw_in_parallel(target, 3000, 3700, 4 if quick else 16, out)
 
 
 def hostile_messages(target: str, quick: bool, out: Outcome) -> None:
@@ -249,6 +260,7 @@ CASES: Dict[str, Callable[[str, bool, Outcome], None]] = {
     "many_maps_full_size": many_maps_full_size,
     "answer_too_large": answer_too_large,
     "large_in_parallel": large_in_parallel,
+    "at_limit_in_parallel": at_limit_in_parallel,
     "hostile_messages": hostile_messages,
 }
 

@@ -150,6 +150,16 @@ def test_message_over_the_limit_is_invalid_argument_not_resource_exhausted():
                 stub.Predict(big, timeout=30)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_message_bytes" in error.value.details()
+        # Over the limit by more than the slack (1 MiB), gRPC refuses from the length prefix,
+        # without reading the message, and the server serves on.
+        huge = pb.PredictRequest(images=[pb.Image(encoded=b"\xff\xd8" + b"\0" * 3_000_000)])
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[
+                ("grpc.max_send_message_length", -1)]) as channel:
+            with pytest.raises(grpc.RpcError) as error:
+                pb_grpc.CamserveServiceStub(channel).Predict(huge, timeout=30)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in error.value.details()
+        assert client.predict(np.zeros((64, 64, 3), np.uint8)).top
         # The client refuses what it cannot send, before gRPC's own RESOURCE_EXHAUSTED.
         with pytest.raises(CamserveError) as refused:
             client.predict(np.zeros((6000, 6000, 3), np.uint8))

@@ -18,7 +18,7 @@ from .v1 import camserve_pb2 as pb
 
 DEFAULT_PORT = 50051
 DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # the server's default --max-message-bytes
 DEFAULT_RETRIES = 4
 SERVICE = "camserve.v1.CamserveService"
 UNARY_METHODS = ("Predict", "Explain", "GetModelInfo")

@@ -46,6 +46,7 @@ access = logging.getLogger("camserve_server.access")
 
 HEALTH_NAMES = ("", SERVICE, oip.SERVICE)  # the server as a whole, and each served API
 KEEPALIVE_TIMEOUT_MS = 20_000
+OVER_LIMIT_SLACK = 1 << 20  # bytes over --max-message-bytes still read, to answer INVALID_ARGUMENT
 
 
 def decode_threads(settings: Settings) -> int:
@@ -110,9 +111,11 @@ class CamServer:
         s = self.settings
         keepalive_ms = int(s.keepalive_s * 1000)
         options = [
-            # gRPC's own limit is twice ours, so that a message over ours reaches calls.py
-            # and is answered INVALID_ARGUMENT with what to change.
-            ("grpc.max_receive_message_length", 2 * s.max_message_bytes),
+            # gRPC refuses a larger message from its length prefix, before reading it
+            # (RESOURCE_EXHAUSTED, nothing buffered); up to OVER_LIMIT_SLACK over ours it
+            # reaches calls.py and is answered INVALID_ARGUMENT with what to change. A larger
+            # slack would let every call in flight hold that much more.
+            ("grpc.max_receive_message_length", s.max_message_bytes + OVER_LIMIT_SLACK),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1 if s.worker_index else 0),
             ("grpc.keepalive_time_ms", keepalive_ms),

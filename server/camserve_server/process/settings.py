@@ -75,7 +75,10 @@ class Settings:
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     max_images_per_request: int = 64
-    max_message_bytes: int = 64 * 1024 * 1024
+    # gRPC receives each request whole before any camserve code runs, so the server may hold
+    # calls in flight x this limit in gRPC's own buffers: 32 MiB keeps sixteen at once under
+    # 1 GB (a raw 4K frame is 24.9 MB; send larger images encoded).
+    max_message_bytes: int = 32 * 1024 * 1024
     max_stream_frames_in_flight: int = 4
     # Score-CAM costs one forward per channel: requests beyond this many channels are refused.
     max_score_cam_channels: int = 256
@@ -84,8 +87,9 @@ class Settings:
     # faithfulness steps make most of it); the worker runs them in slices between batches.
     max_item_cost: int = 4096
     # Bytes of requests being parsed, decoded and answered at once; a request (over 1 MiB)
-    # that does not fit waits for RESOURCE_EXHAUSTED's retry hint.
-    max_inflight_bytes: int = 256 * 1024 * 1024
+    # that does not fit waits for RESOURCE_EXHAUSTED's retry hint. Each holds about 4 times
+    # its size meanwhile (the message, its parsed copy, the pixels, the decoded image).
+    max_inflight_bytes: int = 96 * 1024 * 1024
     max_faithfulness_steps: int = 256
     # Heatmaps and overlays of larger images are rendered downscaled to this many pixels.
     max_render_pixels: int = 8_388_608
