@@ -26,10 +26,12 @@ unless something crashed. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -43,6 +45,7 @@ import torch
 
 DEFAULT_MODELS = ("torchvision:resnet18", "efficientnet_lite0")
 BATCH = 8
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # one connection per caller
 TARGETS = (("Explain", "captum b8", 0.9), ("Explain", "pytorch-grad-cam b8", 2.5),
            ("Predict", "forward b8", 0.9))
 
@@ -62,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--callers", default="1,8", help="concurrent gRPC callers (default 1,8)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="a short smoke run")
+    p.add_argument("--server-flags", default="",
+                   help="more camserve-server flags, e.g. '--workers 2 --torch-threads 1' "
+                   "(each caller has a connection of its own, so that workers share them)")
     args = p.parse_args(argv)
     args.models = [m.strip() for ms in (args.model or DEFAULT_MODELS) for m in ms.split(",")
                    if m.strip()]
@@ -127,9 +133,9 @@ def seeded_weights(model: str, folder: str):
 class Server:
     """``python -m camserve_server`` on a free port of 127.0.0.1; SIGTERM on exit."""
 
-    def __init__(self, model: str, weights, log_path: str) -> None:
+    def __init__(self, model: str, weights, log_path: str, flags=()) -> None:
         cmd = [sys.executable, "-m", "camserve_server", "--host", "127.0.0.1", "--port", "0",
-               "--model", model] + (["--weights", weights] if weights else [])
+               "--model", model] + (["--weights", weights] if weights else []) + list(flags)
         self._log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
@@ -179,7 +185,7 @@ def drive(call, callers: int, seconds: float) -> dict:
         try:
             while time.perf_counter() < stop_at:
                 started = time.perf_counter()
-                answer = call()
+                answer = call(i)
                 latencies[i].append(time.perf_counter() - started)
                 timings[i].append(answer.timing)
         except BaseException as exc:  # re-raised by the main thread
@@ -199,9 +205,11 @@ def drive(call, callers: int, seconds: float) -> dict:
             "timings": [t for ts in timings for t in ts]}
 
 
-def grpc_cases(client, jpeg: bytes, callers) -> list:
-    """(label, rpc, callers, call) for every gRPC measurement."""
-    calls = (("Predict", lambda: client.predict(jpeg)), ("Explain", lambda: client.explain(jpeg)))
+def grpc_cases(clients, jpeg: bytes, callers) -> list:
+    """(label, rpc, callers, call(caller)) for every gRPC measurement: caller i uses
+    ``clients[i]``."""
+    calls = (("Predict", lambda i: clients[i].predict(jpeg)),
+             ("Explain", lambda i: clients[i].explain(jpeg)))
     return [(f"gRPC {rpc} {n} caller{'s' if n > 1 else ''}", rpc, n, call)
             for rpc, call in calls for n in callers]
 
@@ -292,10 +300,14 @@ def measure(model: str, weights, jpeg: bytes, args, log_path: str) -> dict:
     """Every row for one model: gRPC and in-process slices taking turns, ``args.rounds`` times."""
     from camserve import Client
 
-    with Server(model, weights, log_path) as server, \
-            Client(f"127.0.0.1:{server.port}") as client:
-        device = client.wait_until_ready(timeout=300).device
-        remote = grpc_cases(client, jpeg, args.callers)
+    with Server(model, weights, log_path, shlex.split(args.server_flags)) as server, \
+            contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(Client(f"127.0.0.1:{server.port}", options=OWN_CONNECTION))
+                   for _ in range(max(args.callers))]
+        device = clients[0].wait_until_ready(timeout=300).device
+        for client in clients[1:]:
+            client.wait_until_ready(timeout=300)
+        remote = grpc_cases(clients, jpeg, args.callers)
         local, layer, close = in_process_cases(model, weights, jpeg)
         slices = {label: [] for label, *_ in remote + local}
         try:
@@ -367,7 +379,8 @@ def main(argv=None) -> int:
     print("machine: " + "  ".join(f"{k}={v}" for k, v in info.items()))
     print(f"gRPC: {args.seconds:g} s per row after {args.warmup:g} s warm-ups; in process: "
           f"{args.baseline_seconds:g} s per row at batch {BATCH}; {args.rounds} rounds; "
-          f"callers {args.callers}")
+          f"callers {args.callers}, a connection each" +
+          (f"; server flags: {args.server_flags}" if args.server_flags else ""))
     jpeg = photo_jpeg()
     results = {"machine": info, "jpeg_bytes": len(jpeg), "args": vars(args), "models": {}}
     with tempfile.TemporaryDirectory(prefix="camserve-bench-") as folder:
