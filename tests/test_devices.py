@@ -204,6 +204,50 @@ def test_out_of_memory_splits_on_its_own_device():
         batcher.stop(10)
 
 
+def test_each_worker_prepares_on_its_own_thread_before_it_counts_alive():
+    """The server's warm-up and torch thread count run on the thread that computes; a worker
+    counts alive (health SERVING) only once it has prepared."""
+    engines = [FakeEngine(f"fake:{i}") for i in range(2)]
+    release = threading.Event()
+    prepared, alive = [], []
+
+    def prepare(name):
+        def run():
+            prepared.append((name, threading.current_thread().name))
+            assert release.wait(30)
+            return 0.5
+        return run
+
+    batcher = Batcher([e.run_batch for e in engines], device=[e.name for e in engines],
+                      max_batch_size=4, max_delay_ms=0, max_queue=16, on_worker=alive.append,
+                      prepare=[prepare(e.name) for e in engines])
+    batcher.start()
+    try:
+        deadline = threading.Event()
+        while len(prepared) < 2 and not deadline.wait(0.01):
+            pass
+        assert sorted(prepared) == [("fake:0", "camserve-batcher-0"),
+                                    ("fake:1", "camserve-batcher-1")]
+        assert alive == []  # nobody counts alive while preparing
+        release.set()
+        assert batcher.submit(_item(3)).result(10).result.logits[0] == 3.0
+        assert alive and alive[-1] is True
+    finally:
+        release.set()
+        batcher.stop(10)
+
+
+def test_a_failing_warm_up_stops_the_server_from_starting(monkeypatch):
+    from camserve_server.process import server as server_module
+
+    def broken(*_args):
+        raise RuntimeError("no memory for the warm-up batch")
+
+    monkeypatch.setattr(server_module, "_warm_up", broken)
+    with pytest.raises(StartupError, match="fails its warm-up: no memory"):
+        CamServer(Settings(model=TINY, port=0)).start()
+
+
 def test_prefetched_batch_runs_next_on_the_same_worker():
     gate = Gate()
     engine = FakeEngine("fake:0", gate)

@@ -121,6 +121,10 @@ class _Worker:
 
     device: str
     run_batch: RunBatch
+    # Run first on each worker thread, before it takes work (torch's thread settings are per
+    # thread; the warm-up): a full batch's seconds, the batcher's first estimate (0: none).
+    prepare: Optional[Callable[[], float]] = None
+    counted: bool = False  # its thread is counted alive (it has prepared)
     jobs: Deque[_Job] = field(default_factory=deque)  # jobs with slices left, in turn
     # What it runs now: its batch and the upcoming batch it has taken, or a job's item.
     running: List[_Pending] = field(default_factory=list)
@@ -137,14 +141,19 @@ class Batcher:
                  batch_seconds: float = 0.05, device: Union[str, Sequence[str]] = "cpu",
                  max_job_forwards: int = 1 << 30,
                  on_worker: Callable[[bool], None] = lambda alive: None,
-                 restart_delay_s: float = 0.2, prefetch: bool = False) -> None:
+                 restart_delay_s: float = 0.2, prefetch: bool = False,
+                 prepare: Optional[Sequence[Callable[[], float]]] = None) -> None:
         """``run_batch`` and ``device``: one each, or a list each (one worker per device).
-        With ``prefetch`` the run functions take the upcoming batch as a second argument."""
+        With ``prefetch`` the run functions take the upcoming batch as a second argument.
+        ``prepare``: one per worker, run on its thread before it takes work; a worker counts
+        as alive (``on_worker``) once prepared."""
         runs = list(run_batch) if isinstance(run_batch, (list, tuple)) else [run_batch]
         devices = [device] * len(runs) if isinstance(device, str) else list(device)
-        if len(devices) != len(runs):
-            raise ValueError(f"{len(runs)} run functions for {len(devices)} devices")
-        self._workers = [_Worker(d, r) for d, r in zip(devices, runs)]
+        prepares = list(prepare) if prepare is not None else [None] * len(runs)
+        if not len(devices) == len(prepares) == len(runs):
+            raise ValueError(f"{len(runs)} run functions for {len(devices)} devices and "
+                             f"{len(prepares)} prepare functions")
+        self._workers = [_Worker(d, r, p) for d, r, p in zip(devices, runs, prepares)]
         self.devices = tuple(devices)
         self.max_batch_size = max_batch_size
         self._max_delay_s = max_delay_ms / 1000.0
@@ -165,6 +174,7 @@ class Batcher:
         self._stopping = threading.Event()
         self._abandon_jobs = threading.Event()  # set by stop(): end jobs instead of finishing
         self._alive = 0  # workers running (under _cond)
+        self.prepare_error: Optional[Exception] = None  # a worker's prepare failed with it
         self._idle = 0  # workers waiting for items (under _cond)
 
     # --- handler side ----------------------------------------------------------------------
@@ -259,18 +269,20 @@ class Batcher:
 
     def _supervise(self, w: _Worker, suffix: str = "") -> None:
         while True:
-            worker = threading.Thread(target=self._loop, args=(w,),
+            worker = threading.Thread(target=self._work, args=(w,),
                                       name=f"camserve-batcher{suffix}", daemon=True)
             worker.start()
-            self._alive_changed(+1)
             worker.join()
+            counted, w.counted = w.counted, False
             if self._stopping.is_set() and not w.running:
-                with self._cond:
-                    self._alive -= 1
+                if counted:
+                    with self._cond:
+                        self._alive -= 1
                 return
             # The worker died (an exception that is not an Exception escaped the model, or a
             # bug here): fail what it was running, report it, start another.
-            self._alive_changed(-1)
+            if counted:
+                self._alive_changed(-1)
             self._metrics.worker_restarts.inc()
             died, job = w.running, w.running_job
             w.running, w.running_job = [], None
@@ -286,6 +298,21 @@ class Batcher:
             if self._stopping.is_set():
                 return
             time.sleep(self._restart_delay_s)
+
+    def _work(self, w: _Worker) -> None:
+        """A worker thread: prepare, report alive, then batches until stopped."""
+        if w.prepare is not None:
+            try:
+                seconds = w.prepare()
+            except Exception as exc:
+                self.prepare_error = exc
+                raise
+            if seconds > 0:
+                self._batch_seconds = seconds
+                self._forward_seconds = seconds / self.max_batch_size
+        w.counted = True
+        self._alive_changed(+1)
+        self._loop(w)
 
     def _loop(self, w: _Worker) -> None:
         """A waiting batch, then a slice of the next job, in turn, until stopped and idle."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -173,7 +174,12 @@ class CamServer:
         from ..engine.sanity import SanityChecker
 
         s = self.settings
-        torch.set_num_threads(torch_threads(s))
+        # Only the batcher's worker threads compute in parallel: this thread loads the model
+        # on one torch thread, and each worker sets its own count (torch's OpenMP threads are
+        # per calling thread). Once one thread has run parallel work, OpenMP keeps its team,
+        # and another thread's parallel work runs about 2x slower beside it (bench_threads.py).
+        torch.set_num_threads(1)
+        threads = torch_threads(s)
         devices = resolve_devices(s.device)
         for device in devices:  # before minutes of loading
             check_precision(s.precision, device)
@@ -187,16 +193,21 @@ class CamServer:
                  "threads; precision %s", card.name, card.device,
                  sum(m.load_seconds for m in models), card.num_classes, card.input_size[1],
                  card.input_size[0], ", ".join(i.name for i in card.layers) or "none",
-                 torch.get_num_threads(), s.precision)
+                 threads, s.precision)
         cuda = all(m.device.type == "cuda" for m in models)
         device_jpeg = s.jpeg_decode == "device" or (s.jpeg_decode == "auto" and cuda)
         engines = [Engine(m, precision=s.precision) for m in models]
-        batch_seconds = max(_warm_up(e, s.max_batch_size, device_jpeg) for e in engines)
+
+        def prepare(engine) -> float:  # on the engine's worker thread
+            torch.set_num_threads(threads)
+            return _warm_up(engine, s.max_batch_size, device_jpeg)
+
         batcher = Batcher([e.run_batch for e in engines], max_batch_size=s.max_batch_size,
                           max_delay_ms=s.max_delay_ms, max_queue=s.max_queue,
-                          metrics=self.metrics, batch_seconds=batch_seconds,
-                          device=names, max_job_forwards=s.max_queued_forwards,
-                          on_worker=self._worker_changed, prefetch=cuda)
+                          metrics=self.metrics, device=names,
+                          max_job_forwards=s.max_queued_forwards,
+                          on_worker=self._worker_changed, prefetch=cuda,
+                          prepare=[functools.partial(prepare, e) for e in engines])
         self.metrics.watch_queue(batcher.depth)
         self.metrics.watch_streams(lambda: self._service.open_streams,
                                    lambda: self._service.stream_frames.frames)
@@ -209,9 +220,11 @@ class CamServer:
                                                device_jpeg=device_jpeg),
                           pool=self._pool, sanity=SanityChecker(model))
         self._loop.call_soon_threadsafe(self._service.serve, runtime)
-        batcher.start()  # its worker reports itself alive: state and health SERVING
-        if not self._serving.wait(60):
-            raise StartupError("the batcher's worker did not start within 60 s")
+        batcher.start()  # its workers warm up, then report alive: state and health SERVING
+        while not self._serving.wait(0.1):
+            if batcher.prepare_error is not None:
+                batcher.stop(0)
+                raise StartupError(f"the model fails its warm-up: {batcher.prepare_error}")
         log.info("serving on port %d", self.port)
 
     def _worker_changed(self, alive: bool) -> None:
