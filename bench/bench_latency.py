@@ -1,11 +1,14 @@
 """One caller's latency: a Predict or Explain over gRPC against the same work done in process.
 
-The server runs in this process (on its own threads, as `camserve-server` does), so that both
-sides share one torch thread pool and one CPU budget: the difference is what the RPC, the
-batcher hand-off and the answer cost, not two processes' torch threads fighting over the cores.
-The in-process side does what the server does for one image: decode and resize the JPEG and run
-the engine (Explain: Grad-CAM of the top class, the raw map, as the client asks by default).
-Rounds alternate the two sides.
+The server runs in this process (on its own threads, as `camserve-server` does), and the
+in-process side runs the server's engine on the server's own worker thread (through its batcher,
+with nothing else queued), so that both sides use the same torch threads and one CPU budget:
+the difference is what the RPC, the event loop, the decode pool and the answer cost. (Running
+the engine on this script's main thread instead would not compare like with like: torch's
+OpenMP threads belong to the thread that calls them, see bench_threads.py.) The in-process side
+does what the server does for one image: decode and resize the JPEG and run the engine
+(Explain: Grad-CAM of the top class, the raw map, as the client asks by default). Rounds
+alternate the two sides.
 
     .venv/bin/python bench/bench_latency.py                 # default model, the cat photo
     .venv/bin/python bench/bench_latency.py --model torchvision:resnet18 --weights random
@@ -53,13 +56,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 weights=args.weights))
     port = server.start()
     try:
-        engine, card = server._engines[0], server.model.card
+        batcher, card = server._batcher, server.model.card
         limits = images.Limits(server.settings.max_image_bytes, server.settings.max_image_pixels)
         spec = ExplainSpec(methods=("gradcam",), layers=(card.layers[0].name,), top_targets=1)
 
         def in_process(explain: bool) -> None:
             decoded = images.prepare(jpeg, card.input_size, limits, None)
-            engine.run([WorkItem(decoded.pixels, spec if explain else None)])
+            batcher.submit(WorkItem(decoded.pixels, spec if explain else None)).result()
 
         rows = []
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
