@@ -3,9 +3,12 @@ keeps serving."""
 
 from __future__ import annotations
 
+import io
+
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from camserve import CamserveError
 from camserve.v1 import camserve_pb2 as pb
@@ -214,3 +217,52 @@ def test_torchscript_model_refuses_explain_clearly(tmp_path):
             client.explain(JPEG)
         assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "Predict only" in error.value.details
+
+
+def _batches(server) -> float:
+    return server.metrics.registry.get_sample_value("camserve_device_batches_total",
+                                                    {"device": "cpu"}) or 0.0
+
+
+def test_an_answer_too_large_to_send_is_refused_before_any_work():
+    """Heatmap PNGs of a large image are bounded at 1 byte per rendered pixel: over the message
+    limit, the call is refused before decoding or computing anything; raw maps of the same
+    image are answered."""
+    from conftest import TINY, running
+
+    big = pb.Image(encoded=encode(np.full((800, 1000, 3), 128, np.uint8)))
+    with running(model=TINY, max_message_bytes=1_000_000) as (server, client):
+        before = _batches(server)
+        request = pb.ExplainRequest(images=[big], options=pb.ExplainOptions(
+            methods=[pb.CAM_METHOD_GRADCAM, pb.CAM_METHOD_XGRADCAM],
+            outputs=[pb.EXPLAIN_OUTPUT_HEATMAP_PNG]))
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.CamserveServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Explain(request, timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "max_message_bytes" in error.value.details()
+            assert "fewer maps" in error.value.details()
+            assert _batches(server) == before  # nothing was computed
+            raw = stub.Explain(pb.ExplainRequest(images=[big], options=pb.ExplainOptions(
+                methods=[pb.CAM_METHOD_GRADCAM, pb.CAM_METHOD_XGRADCAM],
+                outputs=[pb.EXPLAIN_OUTPUT_RAW_MAP])), timeout=30)
+            assert len(raw.results[0].maps) == 2 and _batches(server) == before + 1
+
+
+def test_heatmaps_of_a_large_image_are_rendered_downscaled_and_say_so():
+    from conftest import TINY, running
+
+    big = pb.Image(encoded=encode(np.full((600, 800, 3), 90, np.uint8)))
+    with running(model=TINY, max_render_pixels=120_000) as (server, _client):
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            answer = pb_grpc.CamserveServiceStub(channel).Explain(pb.ExplainRequest(
+                images=[big], options=pb.ExplainOptions(
+                    outputs=[pb.EXPLAIN_OUTPUT_HEATMAP_PNG])), timeout=30).results[0]
+    shown = answer.rendered_size
+    assert (answer.image_size.height, answer.image_size.width) == (600, 800)
+    assert shown.height * shown.width <= 120_000 and shown.height / shown.width == 0.75
+    assert [n.kind for n in answer.notes] == [pb.NOTE_KIND_RENDER_DOWNSCALED]
+    assert "max_render_pixels" in answer.notes[0].message
+    png = Image.open(io.BytesIO(answer.maps[0].heatmap_png))
+    assert png.size == (shown.width, shown.height)
