@@ -1,9 +1,10 @@
 """Where every RPC enters and leaves the server (the interceptor-like layer around handlers).
 
 - Parsing: a request's bytes become its message here. Bytes that are not that message (or
-  hold invalid UTF-8), and messages over ``--max-message-bytes``, become INVALID_ARGUMENT,
-  answered, logged and counted like any other call, instead of gRPC's own INTERNAL or
-  RESOURCE_EXHAUSTED.
+  hold invalid UTF-8), and messages up to 1 MiB over ``--max-message-bytes``, become
+  INVALID_ARGUMENT, answered, logged and counted like any other call, instead of gRPC's own
+  INTERNAL or RESOURCE_EXHAUSTED. (gRPC refuses a larger message itself, RESOURCE_EXHAUSTED,
+  from its length prefix and without reading it: process/server.py OVER_LIMIT_SLACK.)
 - Errors: a ServiceError ends the call with its status and rich details (google.rpc
   ErrorInfo, BadRequest, RetryInfo, plus ``grpc-retry-pushback-ms`` for gRPC's own retries);
   anything else is a bug: INTERNAL, logged with its traceback, and the server keeps serving.
