@@ -248,6 +248,42 @@ def test_a_failing_warm_up_stops_the_server_from_starting(monkeypatch):
         CamServer(Settings(model=TINY, port=0)).start()
 
 
+def test_after_a_batch_with_company_the_worker_waits_for_as_many(monkeypatch):
+    """Closed-loop callers come back one by one: after a batch of n, the worker waits (a
+    fraction of a batch's time) for n items instead of starting a batch of 1. After a batch of
+    1 it never waits. (The window is made 5 s here so that the 50 ms gaps fall inside it.)"""
+    import time
+
+    from camserve_server.batching import batcher as module
+
+    monkeypatch.setattr(module, "COMPANY_WAIT", 100.0)
+    monkeypatch.setattr(module, "COMPANY_WAIT_MAX_S", 5.0)
+    engine = FakeEngine("fake:0")
+    batcher = Batcher(engine.run_batch, device="fake:0", max_batch_size=8, max_delay_ms=0,
+                      max_queue=16)
+    batcher.start()
+    try:
+        batcher.submit(_item(1)).result(10)
+        second = batcher.submit(_item(2))
+        time.sleep(0.05)
+        third = batcher.submit(_item(3))
+        second.result(10), third.result(10)
+        engine._gate = Gate()  # hold the next batch while three items queue behind it
+        engine.started.clear()
+        held = batcher.submit(_item(4))
+        assert engine.started.wait(10)
+        company = [batcher.submit(_item(v)) for v in (5, 6, 7)]
+        engine._gate.set()
+        held.result(10), [t.result(10) for t in company]
+        back = [batcher.submit(_item(8))]
+        time.sleep(0.05)
+        back += [batcher.submit(_item(v)) for v in (9, 10)]
+        [t.result(10) for t in back]
+    finally:
+        batcher.stop(10)
+    assert engine.batches == [[1.0], [2.0], [3.0], [4.0], [5.0, 6.0, 7.0], [8.0, 9.0, 10.0]]
+
+
 def test_prefetched_batch_runs_next_on_the_same_worker():
     gate = Gate()
     engine = FakeEngine("fake:0", gate)

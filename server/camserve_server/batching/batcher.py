@@ -3,8 +3,11 @@
 Handlers :meth:`Batcher.submit` work items and wait on the returned ticket (a
 ``concurrent.futures.Future``). The worker takes every item waiting, up to
 ``max_batch_size``: when it is idle a lone item starts at once, and under load items gather
-while the previous batch computes, so batches fill by themselves. With ``max_delay_ms`` > 0 the
-worker also waits up to that long after the first item for the batch to fill. Items whose
+while the previous batch computes, so batches fill by themselves. After a batch of n > 1 items
+it waits up to a quarter of a batch's compute time (50 ms at most) for n items: closed-loop
+callers answered together come back one by one, and would otherwise split into a batch of 1
+and a batch of n - 1. With ``max_delay_ms`` > 0 the worker instead waits up to that long after
+the first item for the batch to fill. Items whose
 caller gave up or whose deadline cannot be met are dropped before they cost compute; the rest
 run on the engine and each ticket is resolved.
 
@@ -59,6 +62,11 @@ from ..errors import (
 from ..process.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# After a batch of n > 1 items, wait up to this fraction of a batch's compute time (at most
+# COMPANY_WAIT_MAX_S) for n items before starting the next (--max-delay-ms 0 only).
+COMPANY_WAIT = 0.25
+COMPANY_WAIT_MAX_S = 0.05
 
 # The engine's answer per item: a result, an error, or a job whose slices are still to run (a
 # generator that yields the number of images each slice forwarded and returns the result).
@@ -125,6 +133,7 @@ class _Worker:
     # thread; the warm-up): a full batch's seconds, the batcher's first estimate (0: none).
     prepare: Optional[Callable[[], float]] = None
     counted: bool = False  # its thread is counted alive (it has prepared)
+    last_batch: int = 0  # items in the batch it ran last
     jobs: Deque[_Job] = field(default_factory=deque)  # jobs with slices left, in turn
     # What it runs now: its batch and the upcoming batch it has taken, or a job's item.
     running: List[_Pending] = field(default_factory=list)
@@ -344,12 +353,19 @@ class Batcher:
             finally:
                 self._idle -= 1
             if self._max_delay_s > 0:
-                closes = self._queue[0].enqueued + self._max_delay_s
-                while len(self._queue) < self.max_batch_size and not self._stopping.is_set():
-                    remaining = closes - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
+                closes, want = self._queue[0].enqueued + self._max_delay_s, self.max_batch_size
+            else:
+                # The last batch had company: its callers are likely sending again. Wait a
+                # fraction of a batch's time for as many items, so that closed-loop callers
+                # do not split into a small batch and a large one. A lone caller never waits.
+                closes = time.monotonic() + min(COMPANY_WAIT * self._batch_seconds,
+                                                COMPANY_WAIT_MAX_S)
+                want = min(w.last_batch, self.max_batch_size) if w.last_batch > 1 else 0
+            while len(self._queue) < want and not self._stopping.is_set():
+                remaining = closes - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
             batch = [self._queue.popleft()
                      for _ in range(min(self.max_batch_size, len(self._queue)))]
         return [p for p in batch if self._admit(p)]
@@ -382,6 +398,7 @@ class Batcher:
 
     def _run(self, w: _Worker, batch: List[_Pending], upcoming: List[_Pending]) -> None:
         w.running = batch + upcoming
+        w.last_batch = len(batch)
         started = time.monotonic()
         for p in batch:
             self._metrics.queue.observe(started - p.enqueued)
