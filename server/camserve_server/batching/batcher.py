@@ -7,9 +7,9 @@ while the previous batch computes, so batches fill by themselves. After a batch 
 it waits up to a quarter of a batch's compute time (50 ms at most) for n items: closed-loop
 callers answered together come back one by one, and would otherwise split into a batch of 1
 and a batch of n - 1. With ``max_delay_ms`` > 0 the worker instead waits up to that long after
-the first item for the batch to fill. Items whose
-caller gave up or whose deadline cannot be met are dropped before they cost compute; the rest
-run on the engine and each ticket is resolved.
+the first item for the batch to fill. Items whose caller gave up or whose deadline cannot be
+met are dropped before they cost compute; the rest run on the engine and each ticket is
+resolved.
 
 Expensive work never holds the worker for long. An item whose explanation needs extra
 forwards (Score-CAM channels, faithfulness steps) runs its forward and backward in an ordinary
