@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import re
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -40,13 +44,68 @@ def resized(pixels: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), Image.BILINEAR))
 
 
-def wait_for(condition, timeout: float = 10.0) -> None:
+def wait_for(condition, timeout: float = 10.0, what: str = "the condition") -> None:
     """Wait until ``condition()`` holds (for what the server does just after it answers, such
     as its access line); fails after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
+        assert time.monotonic() < deadline, f"{what} never held"
         time.sleep(0.01)
+
+
+class ServerProcess:
+    """``python -m camserve_server`` on 127.0.0.1, a free port and ``args``, as a subprocess
+    that can load the tests' models: its stdout's lines and its log (stderr), read as they
+    come."""
+
+    def __init__(self, *args: str) -> None:
+        path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "camserve_server", "--host", "127.0.0.1", "--port", "0",
+             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=path))
+        self.stdout: List[str] = []
+        self.log: List[str] = []
+        self._lock = threading.Lock()
+        self._readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+                         for stream, lines in ((self.process.stdout, self.stdout),
+                                               (self.process.stderr, self.log))]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream, lines: List[str]) -> None:
+        for line in stream:
+            with self._lock:
+                lines.append(line)
+
+    def find(self, lines: List[str], pattern: str) -> Optional[re.Match]:
+        with self._lock:
+            return next(filter(None, (re.search(pattern, line) for line in lines)), None)
+
+    def wait_line(self, lines: List[str], pattern: str, timeout: float = 120) -> re.Match:
+        """The first match of ``pattern`` in ``lines`` (stdout or log), once it comes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = self.find(lines, pattern)
+            if match:
+                return match
+            assert self.process.poll() is None or lines is self.log, (
+                f"the server exited ({self.process.returncode}) before printing {pattern!r}:\n"
+                + "".join(self.log[-30:]))
+            assert time.monotonic() < deadline, f"no {pattern!r} in:\n" + "".join(self.log[-30:])
+            time.sleep(0.05)
+
+    def ended(self, timeout: float = 120) -> int:
+        """Its exit status, once it and everything that shares its output are done."""
+        status = self.process.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return status
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
 
 
 @contextlib.contextmanager

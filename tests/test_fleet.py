@@ -10,24 +10,20 @@ Each replica's own access log (stderr) says which calls it answered and with wha
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
 import sys
 import threading
-import time
 from collections import Counter
-from pathlib import Path
 from typing import Callable, List, Optional
 
 import pytest
 
 from camserve import CamserveError, Client
 
-TESTS = Path(__file__).parent
-TINY = "python:tiny_models:tiny_cnn"
-CAT = (TESTS / "data" / "chelsea.jpg").read_bytes()
+from conftest import DATA, TINY, ServerProcess, wait_for
+
+CAT = (DATA / "chelsea.jpg").read_bytes()
 REPLICAS = 3
 CALLERS = 4  # client threads: calls are in flight when a replica goes away
 ACCESS = re.compile(r"camserve_server\.access: Predict (\w+) ")
@@ -36,70 +32,23 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="replica processes are signalled as on Linux")
 
 
-class Replica:
-    """``python -m camserve_server`` on a port of its own; its stdout and log read as they
-    come."""
+class Replica(ServerProcess):
+    """A ``camserve-server`` process of the tiny model on a port of its own."""
 
     def __init__(self) -> None:
-        path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "camserve_server", "--host", "127.0.0.1", "--port", "0",
-             "--model", TINY, "--max-delay-ms", "2", "--torch-threads", "1", "--grace-s", "10"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, PYTHONPATH=path))
-        self.stdout: List[str] = []
-        self.log: List[str] = []
-        self._lock = threading.Lock()
-        self._readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
-                         for stream, lines in ((self.process.stdout, self.stdout),
-                                               (self.process.stderr, self.log))]
-        for reader in self._readers:
-            reader.start()
+        super().__init__("--model", TINY, "--max-delay-ms", "2", "--torch-threads", "1",
+                         "--grace-s", "10")
         self.port = 0
 
-    def _read(self, stream, lines: List[str]) -> None:
-        for line in stream:
-            with self._lock:
-                lines.append(line)
-
     def wait_serving(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                out = "".join(self.stdout)
-            if "serving" in out:
-                self.port = int(re.search(r"listening on [\d.]+:(\d+)", out).group(1))
-                return
-            assert self.process.poll() is None, (
-                f"a replica exited ({self.process.returncode}):\n" + "".join(self.log[-30:]))
-            assert time.monotonic() < deadline, "a replica did not start:\n" + "".join(
-                self.log[-30:])
-            time.sleep(0.05)
+        self.wait_line(self.stdout, "serving", timeout)
+        self.port = int(self.find(self.stdout, r"listening on [\d.]+:(\d+)").group(1))
 
     def answered(self) -> Counter:
         """Its Predict calls so far, by status, from its access log."""
         with self._lock:
             found = [ACCESS.search(line) for line in self.log]
         return Counter(m.group(1) for m in found if m)
-
-    def ended(self, timeout: float = 60) -> int:
-        """Its exit status, once its output is read to the end."""
-        status = self.process.wait(timeout)
-        for reader in self._readers:
-            reader.join(timeout)
-        return status
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.ended()
-
-
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +125,7 @@ def test_calls_are_spread_over_every_replica(replicas):
     with client_of(replicas) as client:
         for _ in range(90):
             assert client.predict(CAT, timeout=60).top
-    wait_for(lambda: sum(a["OK"] for a in answered(replicas, before)) == 90)
+    wait_for(lambda: sum(a["OK"] for a in answered(replicas, before)) == 90, 30)
     shares = [a["OK"] for a in answered(replicas, before)]
     assert sum(shares) == 90 and min(shares) >= 18, shares  # each at least 20 %
 
@@ -190,7 +139,7 @@ def test_a_killed_replica_costs_no_call(replicas):
     assert outcomes == Counter(OK=200), outcomes
     # The killed one was in the rotation until then; the other two answered the rest, and the
     # calls it held when it died were retried there (at most CALLERS logged by both).
-    wait_for(lambda: sum(a["OK"] for a in answered(replicas, before)) >= 200)
+    wait_for(lambda: sum(a["OK"] for a in answered(replicas, before)) >= 200, 30)
     now = answered(replicas, before)
     assert all(set(a) == {"OK"} for a in now), now
     assert 0 < now[0]["OK"] <= 60 + CALLERS, now
@@ -209,7 +158,7 @@ def test_a_replica_sent_sigterm_drains_and_costs_no_call(replicas):
     assert outcomes == Counter(OK=200), outcomes
     # A draining replica finishes the calls it holds and refuses new ones with UNAVAILABLE,
     # which the client retried elsewhere: every OK it logged reached the caller, once.
-    wait_for(lambda: sum(a["OK"] for a in answered(replicas, before)) >= 200)
+    wait_for(lambda: sum(a["OK"] for a in answered(replicas, before)) >= 200, 30)
     now = answered(replicas, before)
     assert set(now[1]) <= {"OK", "UNAVAILABLE"}, now
     assert all(set(a) == {"OK"} for a in (now[0], now[2])), now

@@ -15,8 +15,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict
 
 import grpc
 import pytest
@@ -25,9 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from camserve import CamserveError, Client
 
-TESTS = Path(__file__).parent
-TINY = "python:tiny_models:tiny_cnn"
-CAT = TESTS / "data" / "chelsea.jpg"
+from conftest import DATA, TINY, ServerProcess, wait_for
+
+CAT = DATA / "chelsea.jpg"
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 SERVES = re.compile(r"worker (\d+) serves \(pid (\d+)\)")
 # Its own connection for each client: the kernel spreads connections, not calls.
@@ -37,66 +36,20 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="worker processes (SO_REUSEPORT, /proc) are tested on Linux")
 
 
-class Supervised:
-    """``python -m camserve_server --workers N`` as a subprocess: its stdout's lines, and its
-    log (stderr), read as they come."""
+class Supervised(ServerProcess):
+    """``python -m camserve_server --workers N`` as a subprocess, its port and metrics port."""
 
     def __init__(self, *args: str) -> None:
-        path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "camserve_server", "--host", "127.0.0.1", "--port", "0",
-             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, PYTHONPATH=path))
-        self.stdout: List[str] = []
-        self.log: List[str] = []
-        self._lock = threading.Lock()
-        self._readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
-                         for stream, lines in ((self.process.stdout, self.stdout),
-                                               (self.process.stderr, self.log))]
-        for reader in self._readers:
-            reader.start()
+        super().__init__(*args)
         self.port = int(self.wait_line(self.stdout, r"listening on [\d.]+:(\d+)").group(1))
         metrics = self.find(self.stdout, r"metrics on [\d.]+:(\d+)")
         self.metrics_port = int(metrics.group(1)) if metrics else None
-
-    def _read(self, stream, lines: List[str]) -> None:
-        for line in stream:
-            with self._lock:
-                lines.append(line)
-
-    def find(self, lines: List[str], pattern: str) -> Optional[re.Match]:
-        with self._lock:
-            return next(filter(None, (re.search(pattern, line) for line in lines)), None)
-
-    def wait_line(self, lines: List[str], pattern: str, timeout: float = 120) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while True:
-            match = self.find(lines, pattern)
-            if match:
-                return match
-            assert self.process.poll() is None or lines is self.log, (
-                f"the server exited ({self.process.returncode}) before printing {pattern!r}:\n"
-                + "".join(self.log[-30:]))
-            assert time.monotonic() < deadline, f"no {pattern!r} in:\n" + "".join(self.log[-30:])
-            time.sleep(0.05)
 
     def pids(self, pattern=STARTED) -> Dict[int, int]:
         """Each worker's latest pid that the supervisor logged, by worker index."""
         with self._lock:
             found = [pattern.search(line) for line in self.log]
         return {int(m.group(1)): int(m.group(2)) for m in found if m}
-
-    def wait(self, timeout: float = 120) -> int:
-        """Its exit status, once it and everything that shares its output are done."""
-        status = self.process.wait(timeout)
-        for reader in self._readers:
-            reader.join(timeout)
-        return status
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
 
 
 def alive(pid: int) -> bool:
@@ -106,13 +59,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
-
-
-def wait_for(condition, timeout: float = 60.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} never held"
-        time.sleep(0.05)
 
 
 def client_of(port: int, worker: int, tries: int = 64) -> Client:
@@ -250,7 +196,7 @@ def test_sigterm_drains_every_worker_and_exits_zero(server):
         started.wait()
         wait_for(lambda: outcomes["OK"] >= 8, 60, "answers before the signal")
         server.process.send_signal(signal.SIGTERM)
-        assert server.wait(60) == 0
+        assert server.ended(60) == 0
         for t in threads:
             t.join(60)
         assert not any(t.is_alive() for t in threads), "a call hung"
@@ -267,7 +213,7 @@ def test_sigterm_drains_every_worker_and_exits_zero(server):
 def test_a_worker_that_fails_to_start_stops_the_server():
     supervised = Supervised("--workers", "2", "--model", TINY, "--weights", "/nonexistent/w.pt")
     try:
-        assert supervised.wait() == 2
+        assert supervised.ended() == 2
         pids = supervised.pids()
         assert set(pids) == {1, 2}
         assert not any(alive(pid) for pid in pids.values())
