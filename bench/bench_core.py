@@ -42,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from server_process import OWN_CONNECTION
 
 DEFAULT_MODELS = ("torchvision:resnet18", "efficientnet_lite0")
 BATCH = 8
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # one connection per caller
 TARGETS = (("Explain", "captum b8", 0.9), ("Explain", "pytorch-grad-cam b8", 2.5),
            ("Predict", "forward b8", 0.9))
 

@@ -46,7 +46,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from grpc import aio
 from PIL import Image
-from server_process import Server
+from server_process import OWN_CONNECTION, Server
 
 from camserve import AsyncClient
 from camserve.v1 import camserve_pb2 as pb
@@ -55,7 +55,6 @@ from camserve.v1 import camserve_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "tests" / "data" / "chelsea.jpg"
 BATCH = 8
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -25,14 +25,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from server_process import Server
+from server_process import OWN_CONNECTION, Server
 
 from camserve import AsyncClient
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "tests" / "data" / "chelsea.jpg"
 DEFAULT_MODELS = ("efficientnet_lite0", "torchvision:resnet18")
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -9,6 +9,10 @@ import sys
 import tempfile
 from typing import Sequence
 
+# A client option: a connection of its own (gRPC would otherwise share one among clients of the
+# same target). The kernel spreads connections, not calls, over --workers.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
 
 class Server:
     """``python -m camserve_server`` on 127.0.0.1 with ``model`` (random weights unless it is
