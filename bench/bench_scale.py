@@ -38,13 +38,13 @@ import os
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 from grpc import aio
+from in_process import BATCH, InProcess
 from PIL import Image
 from server_process import OWN_CONNECTION, Server
 
@@ -54,7 +54,6 @@ from camserve.v1 import camserve_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "tests" / "data" / "chelsea.jpg"
-BATCH = 8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,69 +105,6 @@ def small_jpeg(photo: bytes) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
-
-
-# --- in process ------------------------------------------------------------------------------
-
-
-class InProcess:
-    """camserve's engine in this process, on the same photo decoded once, with the server's
-    torch thread count, on a thread of its own as in the server (on a busy machine torch ran
-    up to 4x slower on the main thread than on another one)."""
-
-    def __init__(self, model: str, photo: bytes) -> None:
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
-        self._thread.submit(self._load, model, photo).result()
-
-    def _load(self, model: str, photo: bytes) -> None:
-        import torch
-
-        from camserve_server.domain import ExplainSpec, WorkItem
-        from camserve_server.engine.engine import Engine
-        from camserve_server.engine.models import load_model
-        from camserve_server.process.server import torch_threads
-        from camserve_server.process.settings import Settings
-        from camserve_server.render import images
-
-        settings = Settings(model=model, weights=None if model == "efficientnet_lite0"
-                            else "random")
-        torch.set_num_threads(torch_threads(settings))
-        served = load_model(settings)
-        pixels = images.prepare(photo, served.card.input_size,
-                                images.Limits(1 << 30, 1 << 30)).pixels
-        self.engine = Engine(served)
-        spec = ExplainSpec(layers=(served.card.default_layer,))
-        self.items = {"Predict": WorkItem(pixels), "Explain": WorkItem(pixels, spec)}
-        for item in self.items.values():  # warm up both shapes
-            for size in (1, BATCH, BATCH):
-                self.engine.run([item] * size)
-
-    def one(self, rpc: str, calls: int) -> List[float]:
-        """Seconds per single-image call."""
-        return self._thread.submit(self._one, rpc, calls).result()
-
-    def _one(self, rpc: str, calls: int) -> List[float]:
-        out = []
-        for _ in range(calls):
-            started = time.perf_counter()
-            self.engine.run([self.items[rpc]])
-            out.append(time.perf_counter() - started)
-        return out
-
-    def rate(self, rpc: str, seconds: float) -> float:
-        """Images/s at batch 8."""
-        return self._thread.submit(self._rate, rpc, seconds).result()
-
-    def _rate(self, rpc: str, seconds: float) -> float:
-        batches, started = 0, time.perf_counter()
-        while batches < 2 or time.perf_counter() - started < seconds:
-            self.engine.run([self.items[rpc]] * BATCH)
-            batches += 1
-        return batches * BATCH / (time.perf_counter() - started)
-
-    def close(self) -> None:
-        self._thread.submit(self.engine.close).result()
-        self._thread.shutdown()
 
 
 # --- over gRPC -------------------------------------------------------------------------------
