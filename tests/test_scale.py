@@ -115,6 +115,20 @@ def test_automatic_counts_follow_cpu_affinity(monkeypatch):
     assert server_module.torch_threads(Settings(torch_threads=5)) == 5
 
 
+def test_openmp_spin_is_shortened_unless_the_environment_sets_it(monkeypatch):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    server_module.openmp_defaults()
+    assert os.environ["GOMP_SPINCOUNT"] == server_module.GOMP_SPINCOUNT == "30000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    server_module.openmp_defaults()
+    assert os.environ["GOMP_SPINCOUNT"] == "300000"  # the operator's value stays
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    server_module.openmp_defaults()
+    assert "GOMP_SPINCOUNT" not in os.environ  # a wait policy is a choice too
+
+
 def test_cpu_quota_caps_the_count(monkeypatch, tmp_path):
     real_open = open
     quota = tmp_path / "cpu.max"

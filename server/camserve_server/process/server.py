@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,24 @@ access = logging.getLogger("camserve_server.access")
 HEALTH_NAMES = ("", SERVICE, oip.SERVICE)  # the server as a whole, and each served API
 KEEPALIVE_TIMEOUT_MS = 20_000
 OVER_LIMIT_SLACK = 1 << 20  # bytes over --max-message-bytes still read, to answer INVALID_ARGUMENT
+# How long an idle torch (libgomp) thread spins before it sleeps, in iterations; libgomp's own
+# default is 300,000, i.e. milliseconds after every parallel step. See openmp_defaults.
+GOMP_SPINCOUNT = "30000"
+
+
+def openmp_defaults() -> None:
+    """Shorten the spin of torch's idle OpenMP threads, unless the environment says otherwise
+    (GOMP_SPINCOUNT or OMP_WAIT_POLICY). libgomp reads this once, when torch loads: it must run
+    before, and does nothing after. At libgomp's default the batcher worker's spare threads
+    keep cores busy for milliseconds after each step of a forward, and the decode pool and the
+    event loop wait for them: beside an unread stream of 1080p frames, background Predict p50
+    331-369 ms and worst 1.3-1.6 s, against 163-237 ms and 322-375 ms at 30,000
+    (bench/abuse.py --case unread_latest, run with GOMP_SPINCOUNT=300000 for the old
+    behaviour). One caller's latency was the same or lower (bench/bench_latency.py) and 16
+    callers' images/s the same within the machine's noise; fewer spins (3,000) made a lone
+    forward 25% slower."""
+    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
 
 
 def decode_threads(settings: Settings) -> int:
@@ -65,6 +84,7 @@ class CamServer:
     """One server process. ``start``, ``stop`` and ``wait`` may be called from any thread."""
 
     def __init__(self, settings: Settings) -> None:
+        openmp_defaults()
         self.settings = settings
         self.port: Optional[int] = None
         self.model = None
