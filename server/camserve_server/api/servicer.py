@@ -61,6 +61,8 @@ class Runtime:
             raise exc.at(field, f"{field} ") from None
 
     async def decode_all(self, sources: Sequence[Source], full: bool = False) -> List[Decoded]:
+        if len(sources) == 1:  # most calls: no task to schedule, one event-loop turn less
+            return [await self.decode(sources[0], "images[0]", full)]
         return list(await asyncio.gather(*(self.decode(s, f"images[{i}]", full)
                                            for i, s in enumerate(sources))))
 
