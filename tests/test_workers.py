@@ -42,8 +42,12 @@ class Supervised(ServerProcess):
     def __init__(self, *args: str) -> None:
         super().__init__(*args)
         self.port = int(self.wait_line(self.stdout, r"listening on [\d.]+:(\d+)").group(1))
-        metrics = self.find(self.stdout, r"metrics on [\d.]+:(\d+)")
-        self.metrics_port = int(metrics.group(1)) if metrics else None
+
+    @property
+    def metrics_port(self) -> int:
+        """The supervisor's metrics port (started with --metrics-port), once it has printed it
+        (the line after the one with the port: it may not have been read yet)."""
+        return int(self.wait_line(self.stdout, r"metrics on [\d.]+:(\d+)").group(1))
 
     def pids(self, pattern=STARTED) -> Dict[int, int]:
         """Each worker's latest pid that the supervisor logged, by worker index."""
