@@ -2,9 +2,10 @@
 
 The server runs in this process (as in bench_latency.py), so one clock times both sides. The
 script wraps, for the length of the run, the places a call passes: the request's parsing
-(calls.parser), the handler (gRPC's method handler), the decode in the pool (Runtime.decode),
-the batcher (Runtime.run, with the batch's own queue and compute times) and the answer's
-serialization; a plain gRPC stub sends the cat photo back to back. It prints the median of each
+(calls.parser), the handler (gRPC's method handler), the batcher (Runtime.run, with the batch's
+compute time), the decode (Runtime.decode_here: a lone call's image is decoded by the batcher's
+idle worker) and the answer's serialization; a plain gRPC stub sends the cat photo back to
+back. It prints the median of each
 leg over ``--calls`` calls (after 10 unmeasured). A diagnostic, not a benchmark: the wrappers
 cost a little themselves.
 
@@ -29,10 +30,9 @@ LEGS = (
     ("client call -> request parsed", "sent", "parse"),
     ("parsing", "parse", "parsed"),
     ("parsed -> handler starts", "parsed", "handler"),
-    ("handler -> decode asked", "handler", "decode"),
-    ("decode pool round trip, beyond the decode", None, None),
-    ("decode done -> batcher asked", "decoded", "run"),
-    ("batcher round trip, beyond queue and compute", None, None),
+    ("handler -> batcher asked", "handler", "run"),
+    ("batcher asked -> its worker decodes", "run", "decode"),
+    ("decoded -> handler resumes, beyond the compute", None, None),
     ("batcher done -> handler returns", "ran", "returned"),
     ("handler returns -> answer serialized", "returned", "serialized"),
     ("answer serialized -> client has it", "serialized", "received"),
@@ -58,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     now = time.perf_counter
     marks: Dict[str, float] = {}
     parser, method_handler = calls.parser, calls.grpc.unary_unary_rpc_method_handler
-    decode, run = servicer.Runtime.decode, servicer.Runtime.run
+    decode, run = servicer.Runtime.decode_here, servicer.Runtime.run
 
     def timed_parser(*a, **k):
         parse = parser(*a, **k)
@@ -84,9 +84,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return method_handler(handle, request_deserializer=request_deserializer,
                               response_serializer=serialize)
 
-    async def timed_decode(self, *a, **k):
+    def timed_decode(self, *a, **k):
         marks["decode"] = now()
-        decoded = await decode(self, *a, **k)
+        decoded = decode(self, *a, **k)
         marks["decoded"], marks["decode_ms"] = now(), decoded.ms
         return decoded
 
@@ -94,12 +94,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         marks["run"] = now()
         outcomes = await run(self, *a, **k)
         marks["ran"] = now()
-        marks["queue_ms"], marks["compute_ms"] = outcomes[0].queue_ms, outcomes[0].compute_ms
+        marks["compute_ms"] = outcomes[0].compute_ms
         return outcomes
 
     calls.parser = timed_parser
     calls.grpc.unary_unary_rpc_method_handler = timed_handler
-    servicer.Runtime.decode, servicer.Runtime.run = timed_decode, timed_run
+    servicer.Runtime.decode_here, servicer.Runtime.run = timed_decode, timed_run
     server = CamServer(Settings(host="127.0.0.1", port=0, model=args.model,
                                 weights=args.weights))
     try:
@@ -124,19 +124,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for name, start, end in LEGS:
                     if start is not None:
                         legs[name].append(ms[end] - ms[start])
-                legs[LEGS[4][0]].append(ms["decoded"] - ms["decode"] - marks["decode_ms"])
-                legs[LEGS[6][0]].append(ms["ran"] - ms["run"] - marks["queue_ms"]
-                                        - marks["compute_ms"])
+                legs[LEGS[5][0]].append(ms["ran"] - ms["decoded"] - marks["compute_ms"])
                 legs["(decode)"].append(marks["decode_ms"])
-                legs["(queue + compute)"].append(marks["queue_ms"] + marks["compute_ms"])
+                legs["(compute)"].append(marks["compute_ms"])
                 legs["(whole call)"].append(ms["received"] - ms["sent"])
     finally:
-        servicer.Runtime.decode, servicer.Runtime.run = decode, run
+        servicer.Runtime.decode_here, servicer.Runtime.run = decode, run
         server.stop(grace=1)
     print(f"{args.model}, {PHOTO.name}, one caller, {args.calls} Predicts"
           f"{f', {args.pause_ms:g} ms apart' if args.pause_ms else ' back to back'}")
     print("| leg | median ms |\n|---|---:|")
-    for name in [leg[0] for leg in LEGS] + ["(decode)", "(queue + compute)", "(whole call)"]:
+    for name in [leg[0] for leg in LEGS] + ["(decode)", "(compute)", "(whole call)"]:
         print(f"| {name} | {statistics.median(legs[name]):.2f} |")
     outside = sum(statistics.median(legs[name]) for name, _, _ in LEGS)
     print(f"| legs outside the decode and the model, summed | {outside:.2f} |")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
-from conftest import TINY, resized, running
+from camserve import CamserveError
+
+from conftest import TINY, resized, running, wait_for
 
 
 def _requests(cat, coffee):
@@ -80,3 +83,81 @@ def test_batch_of_one_server_equals_batching_server(cat, coffee):
     assert [a.timing.batch_size for a in batched] == [4] * 4
     for a, b in zip(alone, batched):
         _same(a, b)
+
+
+def test_an_undecoded_item_is_decoded_on_the_worker_and_fails_alone():
+    """A DeferredDecode item is decoded by the batcher's worker when it takes the item; one
+    whose decode fails answers that error, and the rest of its batch runs."""
+    from camserve_server.batching.batcher import Batcher
+    from camserve_server.domain import DeferredDecode, ItemResult, WorkItem
+    from camserve_server.errors import InvalidArgument
+
+    seen, decoded_on = [], []
+
+    def run_batch(works):
+        seen.append([w.pixels for w in works])
+        return [ItemResult(np.array([float(w.pixels[0, 0, 0])]), np.array([1.0]))
+                for w in works]
+
+    def decode(value):
+        def later():
+            decoded_on.append(threading.current_thread().name)
+            if value is None:
+                raise InvalidArgument("images[0] could not be decoded")
+            return np.full((2, 2, 3), value, np.uint8)
+        return DeferredDecode(later)
+
+    # A long max delay gathers the three items into one batch.
+    batcher = Batcher(run_batch, max_batch_size=3, max_delay_ms=60_000, max_queue=8)
+    batcher.start()
+    try:
+        wait_idle(batcher)
+        tickets = [batcher.submit(WorkItem(np.full((2, 2, 3), 1, np.uint8))),
+                   batcher.submit(WorkItem(decode(2))), batcher.submit(WorkItem(decode(None)))]
+        assert not batcher.idle()
+        assert tickets[0].result(10).result.logits[0] == 1
+        assert tickets[1].result(10).result.logits[0] == 2
+        with pytest.raises(InvalidArgument, match="could not be decoded"):
+            tickets[2].result(10)
+    finally:
+        batcher.stop()
+    assert len(seen) == 1 and all(isinstance(p, np.ndarray) for p in seen[0])
+    assert decoded_on == ["camserve-batcher"] * 2
+
+
+def wait_idle(batcher) -> None:
+    wait_for(batcher.idle, what="the batcher's worker waiting for items")
+
+
+def test_a_lone_call_is_decoded_by_the_idle_worker_with_the_pools_answer(monkeypatch, cat_path):
+    """One image while the worker is idle: decoded on the worker, not in the pool; the answer
+    equals that of the same image decoded in the pool (a call with two images)."""
+    from camserve_server.api.servicer import Runtime
+
+    decode_here, threads, pixels = Runtime.decode_here, [], []
+
+    def spy(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        decoded = decode_here(self, *args, **kwargs)
+        pixels.append(decoded.image.pixels)
+        return decoded
+
+    monkeypatch.setattr(Runtime, "decode_here", spy)
+    jpeg = cat_path.read_bytes()
+    with running(model=TINY) as (server, client):
+        wait_idle(server._batcher)
+        alone = client.predict(jpeg, top_k=10)
+        assert threads == ["camserve-batcher"]
+        pair = client.predict_many([jpeg, jpeg], top_k=10)
+        assert len(threads) == 3 and not any(t.startswith("camserve-batcher") for t in threads[1:])
+        wait_idle(server._batcher)
+        explained = client.explain(jpeg, outputs=("raw", "overlay_jpeg"))
+        assert threads[3] == "camserve-batcher" and explained.overlay is not None
+        with pytest.raises(CamserveError) as refused:
+            client.predict(b"not an image")
+    assert threads[4] == "camserve-batcher"
+    assert refused.value.code.name == "INVALID_ARGUMENT" and "images[0]" in str(refused.value)
+    for i in (1, 2):  # the same decode wherever it runs
+        np.testing.assert_array_equal(pixels[0], pixels[i])
+    for a in pair:
+        _same(alone, a)

@@ -7,7 +7,7 @@ imports torch; only ``engine`` does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -159,11 +159,22 @@ class EncodedJpeg:
 
 
 @dataclass(frozen=True)
+class DeferredDecode:
+    """An image the batcher's worker decodes itself, just before the item's batch, instead of
+    the handler's decode pool: what a lone request on an idle worker sends (two thread
+    hand-offs fewer). ``decode()`` returns the pixels (what the pool's decode would have given
+    the WorkItem) or raises the error the item answers with."""
+
+    decode: Callable[[], Union[np.ndarray, EncodedJpeg]]
+
+
+@dataclass(frozen=True)
 class WorkItem:
     """One image for the engine: the batcher's unit of work."""
 
-    # uint8 (height, width, 3) RGB at the model's input size, or a JPEG the engine decodes
-    pixels: Union[np.ndarray, EncodedJpeg]
+    # uint8 (height, width, 3) RGB at the model's input size, or a JPEG the engine decodes;
+    # a DeferredDecode only until the batcher's worker replaces it with one of those
+    pixels: Union[np.ndarray, EncodedJpeg, DeferredDecode]
     explain: Optional[ExplainSpec] = None
 
 

@@ -25,7 +25,6 @@ default pool, and a process that holds them already (a test, a notebook) uses th
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import types
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from camserve.methods import method_names, method_value
 from camserve.v1 import camserve_pb2 as pb
 
 from .. import __version__
-from ..domain import METHODS, RawPixels, Source, WorkItem
+from ..domain import METHODS, RawPixels, Source
 from ..errors import InvalidArgument, NotFound, Unimplemented, quote
 from ..oip.v2 import model_config_pb2
 from . import calls
@@ -227,10 +226,8 @@ class OipService:
         if call.plan is not None:  # the bound Explain has on one caller's forwards
             req.check_request_cost(call.plan.spec, len(call.sources),
                                    rt.settings.max_queued_forwards)
-        decoded = await asyncio.gather(*(rt.decode(s, f"{INPUT}[{i}]")
-                                         for i, s in enumerate(call.sources)))
         spec = call.plan.spec if call.plan is not None else None
-        outcomes = await rt.run([WorkItem(d.image.pixels, spec) for d in decoded], context)
+        _, outcomes = await rt.decode_and_run(call.sources, spec, context, field=INPUT)
         tensors = output_tensors([o.result for o in outcomes], rt.model.labels, call)
         answer = messages().ModelInferResponse(model_name=self.model_name,
                                                model_version=VERSION, id=request.id)

@@ -3,7 +3,10 @@ items to the batcher and convert the answer back.
 
 Decoding and rendering run in one bounded thread pool (Pillow and NumPy release the GIL), so
 the event loop never blocks on them; the batcher's worker thread is the only one that touches
-the model. ``calls.py`` wraps every handler (parsing, errors, access log, metrics).
+the model. A call with one image, while the batcher's worker is idle, has the worker decode it
+instead (the same decode): the call then passes between threads twice instead of four times,
+which a lone caller feels (bench/bench_latency.py). ``calls.py`` wraps every handler (parsing,
+errors, access log, metrics).
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ import asyncio
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from camserve.v1 import camserve_pb2 as pb
 
 from ..batching.batcher import Batcher, Outcome, Ticket
-from ..domain import ModelCard, Source, WorkItem
+from ..domain import DeferredDecode, ExplainSpec, ModelCard, Source, WorkItem
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from ..process.settings import Settings
 from ..render import images
@@ -48,23 +51,45 @@ class Runtime:
     pool: Executor  # decoding and rendering
     sanity: Any = None  # engine/sanity.py's SanityChecker: CheckSanity runs on it
 
-    async def decode(self, source: Source, field: str, full: bool = False) -> Decoded:
-        """Decode and resize one image in the pool; ``full`` keeps it whole for overlays."""
-        def work() -> Decoded:
-            started = time.perf_counter()
+    def decode_here(self, source: Source, field: str, full: bool = False) -> Decoded:
+        """Decode and resize one image on this thread; ``full`` keeps it whole for overlays."""
+        started = time.perf_counter()
+        try:
             image = images.prepare(source, self.model.input_size, self.limits,
                                    self.settings.max_render_pixels if full else None)
-            return Decoded(image, (time.perf_counter() - started) * 1000.0)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, work)
         except ServiceError as exc:
             raise exc.at(field, f"{field} ") from None
+        return Decoded(image, (time.perf_counter() - started) * 1000.0)
 
-    async def decode_all(self, sources: Sequence[Source], full: bool = False) -> List[Decoded]:
-        if len(sources) == 1:  # most calls: no task to schedule, one event-loop turn less
-            return [await self.decode(sources[0], "images[0]", full)]
-        return list(await asyncio.gather(*(self.decode(s, f"images[{i}]", full)
+    async def decode(self, source: Source, field: str, full: bool = False) -> Decoded:
+        """Decode and resize one image in the pool."""
+        return await self.in_pool(self.decode_here, source, field, full)
+
+    async def decode_all(self, sources: Sequence[Source], full: bool = False,
+                         field: str = "images") -> List[Decoded]:
+        """Decode the images in the pool; ``field``: the request's field that holds them."""
+        if len(sources) == 1:  # no task to schedule, one event-loop turn less
+            return [await self.decode(sources[0], f"{field}[0]", full)]
+        return list(await asyncio.gather(*(self.decode(s, f"{field}[{i}]", full)
                                            for i, s in enumerate(sources))))
+
+    async def decode_and_run(self, sources: Sequence[Source], explain: Optional[ExplainSpec],
+                             context, full: bool = False,
+                             field: str = "images") -> Tuple[List[Decoded], List[Outcome]]:
+        """Decode the images and run them through the batcher. One image while the batcher's
+        worker is idle: the worker decodes it, just before its batch; otherwise the pool
+        decodes them all first."""
+        if len(sources) == 1 and self.batcher.idle():
+            decoded: List[Decoded] = []
+
+            def decode():
+                decoded.append(self.decode_here(sources[0], f"{field}[0]", full))
+                return decoded[0].image.pixels
+            outcomes = await self.run([WorkItem(DeferredDecode(decode), explain)], context)
+            return decoded, outcomes
+        decoded = await self.decode_all(sources, full, field)
+        return decoded, await self.run([WorkItem(d.image.pixels, explain) for d in decoded],
+                                       context)
 
     async def run(self, works: Sequence[WorkItem], context) -> List[Outcome]:
         """Queue every item, then wait for all; a caller that goes away (or whose deadline
@@ -147,8 +172,7 @@ class CamserveService:
         rt = self.live()
         top_k = req.top_k(request.options.top_k, rt.model.num_classes)
         sources = req.image_sources(request.images, rt.settings.max_images_per_request)
-        decoded = await rt.decode_all(sources)
-        outcomes = await rt.run([WorkItem(d.image.pixels) for d in decoded], context)
+        decoded, outcomes = await rt.decode_and_run(sources, None, context)
         return pb.PredictResponse(results=[
             resp.predict_result(o, rt.model.labels, top_k, d.image.size, d.ms,
                                 rt.settings.worker_index) for d, o in zip(decoded, outcomes)])
@@ -159,8 +183,8 @@ class CamserveService:
         sources = req.image_sources(request.images, rt.settings.max_images_per_request)
         req.check_request_cost(plan.spec, len(sources), rt.settings.max_queued_forwards)
         _check_answer_size(rt, plan, sources)
-        decoded = await rt.decode_all(sources, full=plan.outputs.overlay_format is not None)
-        outcomes = await rt.run([WorkItem(d.image.pixels, plan.spec) for d in decoded], context)
+        decoded, outcomes = await rt.decode_and_run(
+            sources, plan.spec, context, full=plan.outputs.overlay_format is not None)
 
         def build() -> pb.ExplainResponse:
             return pb.ExplainResponse(results=[

@@ -11,6 +11,11 @@ the first item for the batch to fill. Items whose caller gave up or whose deadli
 met are dropped before they cost compute; the rest run on the engine and each ticket is
 resolved.
 
+An item may come undecoded (``DeferredDecode``): the worker decodes it when it takes the item,
+before the batch runs, and an item whose decode fails answers its error alone. Handlers send
+that only while a worker is :meth:`Batcher.idle`: a lone request then goes from the event loop
+to the worker and back, instead of through the decode pool as well.
+
 Expensive work never holds the worker for long. An item whose explanation needs extra
 forwards (Score-CAM channels, faithfulness steps) runs its forward and backward in an ordinary
 batch; the engine then hands back a job (a generator) that the worker advances one slice (one
@@ -46,10 +51,10 @@ import time
 from collections import deque
 from collections.abc import Generator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Deque, List, Optional, Sequence, Tuple, Union
 
-from ..domain import ItemResult, WorkItem
+from ..domain import DeferredDecode, ItemResult, WorkItem
 from ..errors import (
     BatchFailed,
     Cancelled,
@@ -235,6 +240,11 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
+    def idle(self) -> bool:
+        """A worker waits for items and none is queued: an item submitted now is taken at once
+        (a hint, read without the lock)."""
+        return self._idle > 0 and not self._queue
+
     def expected_wait(self, extra_forwards: int = 0) -> float:
         """Seconds until an item queued now (with that many extra forwards) would be
         answered: the batches ahead, a slice of the jobs' between each, and for an expensive
@@ -368,7 +378,7 @@ class Batcher:
                 self._cond.wait(remaining)
             batch = [self._queue.popleft()
                      for _ in range(min(self.max_batch_size, len(self._queue)))]
-        return [p for p in batch if self._admit(p)]
+        return [p for p in batch if self._admit(p) and self._decoded(p)]
 
     def _take_full_batch(self) -> List[_Pending]:
         """A full batch that is already waiting, when no worker is idle to take it: the
@@ -378,7 +388,7 @@ class Batcher:
                 return []
             batch = [self._queue.popleft() for _ in range(self.max_batch_size)]
         # It runs after the current batch: its deadline must allow two.
-        return [p for p in batch if self._admit(p, batches=2)]
+        return [p for p in batch if self._admit(p, batches=2) and self._decoded(p)]
 
     def _admit(self, pending: _Pending, batches: int = 1) -> bool:
         """Drop an item whose caller cancelled, or whose deadline would pass before its batch
@@ -394,6 +404,23 @@ class Batcher:
             pending.future.set_exception(DeadlineExceeded(
                 "the deadline would pass before this item's batch finished; allow more time"))
             return False
+        return True
+
+    def _decoded(self, pending: _Pending) -> bool:
+        """Decode an admitted item that came undecoded (DeferredDecode), here on the worker;
+        False when its decode failed (the item answers that error alone). Its time in the
+        queue does not count the decode."""
+        pixels = pending.work.pixels
+        if not isinstance(pixels, DeferredDecode):
+            return True
+        started = time.monotonic()
+        try:
+            pending.work = replace(pending.work, pixels=pixels.decode())
+        except Exception as exc:  # the image's ServiceError, or a bug: this item only
+            self._settle(pending)
+            _resolve(pending.future, exception=exc)
+            return False
+        pending.enqueued += time.monotonic() - started
         return True
 
     def _run(self, w: _Worker, batch: List[_Pending], upcoming: List[_Pending]) -> None:
