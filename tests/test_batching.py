@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -125,13 +126,49 @@ def test_an_undecoded_item_is_decoded_on_the_worker_and_fails_alone():
     assert decoded_on == ["camserve-batcher"] * 2
 
 
+def test_a_worker_decoding_a_lone_item_waits_for_the_items_being_decoded_elsewhere():
+    """Two callers at once: one item undecoded, the other announced while the pool decodes
+    it. The worker decodes the first, waits for the second (as long as its own decode took)
+    and runs both in one batch."""
+    from camserve_server.batching.batcher import Batcher
+    from camserve_server.domain import DeferredDecode, ItemResult, WorkItem
+
+    sizes, started, release = [], threading.Event(), threading.Event()
+
+    def run_batch(works):
+        sizes.append(len(works))
+        return [ItemResult(np.zeros(1), np.ones(1)) for _ in works]
+
+    def slow_decode():
+        started.set()
+        release.wait(10)
+        return np.zeros((2, 2, 3), np.uint8)
+
+    batcher = Batcher(run_batch, max_batch_size=4, max_delay_ms=0, max_queue=8)
+    batcher.start()
+    try:
+        wait_idle(batcher)
+        with batcher.arriving(1):
+            lone = batcher.submit(WorkItem(DeferredDecode(slow_decode)))
+            assert started.wait(10)
+            time.sleep(0.4)  # the worker's decode takes 0.4 s: it then waits up to 0.4 s
+            release.set()
+            time.sleep(0.1)  # for the other item, which comes after that decode
+            other = batcher.submit(WorkItem(np.zeros((2, 2, 3), np.uint8)))
+        assert lone.result(10).batch_size == other.result(10).batch_size == 2
+        assert sizes == [2] and not batcher.idle()  # its last batch had company
+    finally:
+        batcher.stop()
+
+
 def wait_idle(batcher) -> None:
     wait_for(batcher.idle, what="the batcher's worker waiting for items")
 
 
 def test_a_lone_call_is_decoded_by_the_idle_worker_with_the_pools_answer(monkeypatch, cat_path):
-    """One image while the worker is idle: decoded on the worker, not in the pool; the answer
-    equals that of the same image decoded in the pool (a call with two images)."""
+    """One image while the batcher is idle and its last batch ran alone: decoded on the
+    worker, not in the pool; the answer equals that of the same image decoded in the pool (a
+    call with two images). After a batch of two, the next lone call goes through the pool."""
     from camserve_server.api.servicer import Runtime
 
     decode_here, threads, pixels = Runtime.decode_here, [], []
@@ -144,18 +181,21 @@ def test_a_lone_call_is_decoded_by_the_idle_worker_with_the_pools_answer(monkeyp
 
     monkeypatch.setattr(Runtime, "decode_here", spy)
     jpeg = cat_path.read_bytes()
+    worker = "camserve-batcher"
     with running(model=TINY) as (server, client):
         wait_idle(server._batcher)
         alone = client.predict(jpeg, top_k=10)
-        assert threads == ["camserve-batcher"]
+        assert threads == [worker]
         pair = client.predict_many([jpeg, jpeg], top_k=10)
-        assert len(threads) == 3 and not any(t.startswith("camserve-batcher") for t in threads[1:])
+        assert [a.timing.batch_size for a in pair] == [2, 2]
+        after_pair = client.predict(jpeg)
+        assert worker not in threads[1:4] and after_pair.timing.batch_size == 1
         wait_idle(server._batcher)
         explained = client.explain(jpeg, outputs=("raw", "overlay_jpeg"))
-        assert threads[3] == "camserve-batcher" and explained.overlay is not None
+        assert threads[4] == worker and explained.overlay is not None
         with pytest.raises(CamserveError) as refused:
             client.predict(b"not an image")
-    assert threads[4] == "camserve-batcher"
+    assert threads[5:] == [worker]
     assert refused.value.code.name == "INVALID_ARGUMENT" and "images[0]" in str(refused.value)
     for i in (1, 2):  # the same decode wherever it runs
         np.testing.assert_array_equal(pixels[0], pixels[i])

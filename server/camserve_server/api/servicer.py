@@ -3,10 +3,10 @@ items to the batcher and convert the answer back.
 
 Decoding and rendering run in one bounded thread pool (Pillow and NumPy release the GIL), so
 the event loop never blocks on them; the batcher's worker thread is the only one that touches
-the model. A call with one image, while the batcher's worker is idle, has the worker decode it
-instead (the same decode): the call then passes between threads twice instead of four times,
-which a lone caller feels (bench/bench_latency.py). ``calls.py`` wraps every handler (parsing,
-errors, access log, metrics).
+the model. A call with one image, while the batcher is idle (see Batcher.idle), has its worker
+decode it instead (the same decode): the call then passes between threads twice instead of
+four times, which a lone caller feels (bench/bench_latency.py). ``calls.py`` wraps every
+handler (parsing, errors, access log, metrics).
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ class Runtime:
     async def decode_and_run(self, sources: Sequence[Source], explain: Optional[ExplainSpec],
                              context, full: bool = False,
                              field: str = "images") -> Tuple[List[Decoded], List[Outcome]]:
-        """Decode the images and run them through the batcher. One image while the batcher's
-        worker is idle: the worker decodes it, just before its batch; otherwise the pool
-        decodes them all first."""
+        """Decode the images and run them through the batcher. One image while the batcher is
+        idle: its worker decodes it, just before the batch; otherwise the pool decodes them
+        all first (announced to the batcher meanwhile)."""
         if len(sources) == 1 and self.batcher.idle():
             decoded: List[Decoded] = []
 
@@ -87,7 +87,8 @@ class Runtime:
                 return decoded[0].image.pixels
             outcomes = await self.run([WorkItem(DeferredDecode(decode), explain)], context)
             return decoded, outcomes
-        decoded = await self.decode_all(sources, full, field)
+        with self.batcher.arriving(len(sources)):
+            decoded = await self.decode_all(sources, full, field)
         return decoded, await self.run([WorkItem(d.image.pixels, explain) for d in decoded],
                                        context)
 

@@ -13,8 +13,11 @@ resolved.
 
 An item may come undecoded (``DeferredDecode``): the worker decodes it when it takes the item,
 before the batch runs, and an item whose decode fails answers its error alone. Handlers send
-that only while a worker is :meth:`Batcher.idle`: a lone request then goes from the event loop
-to the worker and back, instead of through the decode pool as well.
+that only while :meth:`Batcher.idle` (a worker waits, and the last batches ran alone): a lone
+request then goes from the event loop to the worker and back, instead of through the decode
+pool as well. Callers that send at the same moment must still share a batch: handlers
+announce the items they are decoding in the pool (:meth:`Batcher.arriving`), and a worker that
+has just decoded an item itself waits for those, up to as long as its own decode took.
 
 Expensive work never holds the worker for long. An item whose explanation needs extra
 forwards (Score-CAM channels, faithfulness steps) runs its forward and backward in an ordinary
@@ -44,6 +47,7 @@ NOT_SERVING while no worker runs) and starts a new worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -52,7 +56,7 @@ from collections import deque
 from collections.abc import Generator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Callable, Deque, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..domain import DeferredDecode, ItemResult, WorkItem
 from ..errors import (
@@ -190,6 +194,7 @@ class Batcher:
         self._alive = 0  # workers running (under _cond)
         self.prepare_error: Optional[Exception] = None  # a worker's prepare failed with it
         self._idle = 0  # workers waiting for items (under _cond)
+        self._arriving = 0  # items the handlers are decoding for the queue (under _cond)
 
     # --- handler side ----------------------------------------------------------------------
 
@@ -241,9 +246,23 @@ class Batcher:
         return len(self._queue)
 
     def idle(self) -> bool:
-        """A worker waits for items and none is queued: an item submitted now is taken at once
-        (a hint, read without the lock)."""
-        return self._idle > 0 and not self._queue
+        """A worker waits for items, none is queued and every worker's last batch ran alone:
+        an item submitted now most likely runs alone, at once (a hint, read without the
+        lock). Handlers then send its image undecoded (DeferredDecode)."""
+        return (self._idle > 0 and not self._queue
+                and all(w.last_batch <= 1 for w in self._workers))
+
+    @contextlib.contextmanager
+    def arriving(self, items: int) -> Iterator[None]:
+        """Around a handler's decode of ``items`` it will submit next: a worker that is
+        decoding a lone item itself waits for them to share its batch."""
+        with self._cond:
+            self._arriving += items
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= items
 
     def expected_wait(self, extra_forwards: int = 0) -> float:
         """Seconds until an item queued now (with that many extra forwards) would be
@@ -378,7 +397,7 @@ class Batcher:
                 self._cond.wait(remaining)
             batch = [self._queue.popleft()
                      for _ in range(min(self.max_batch_size, len(self._queue)))]
-        return [p for p in batch if self._admit(p) and self._decoded(p)]
+        return self._decode_deferred([p for p in batch if self._admit(p)])
 
     def _take_full_batch(self) -> List[_Pending]:
         """A full batch that is already waiting, when no worker is idle to take it: the
@@ -405,6 +424,29 @@ class Batcher:
                 "the deadline would pass before this item's batch finished; allow more time"))
             return False
         return True
+
+    def _decode_deferred(self, batch: List[_Pending]) -> List[_Pending]:
+        """Decode the batch's undecoded items here. When there were any and the batch has
+        room, it takes the items that came meanwhile, and waits (as long as its own decodes
+        took, at most) for those the handlers are still decoding: callers that sent together
+        share a batch, as when the pool decodes them all."""
+        if not any(isinstance(p.work.pixels, DeferredDecode) for p in batch):
+            return batch
+        started = time.monotonic()
+        batch = [p for p in batch if self._decoded(p)]
+        now = time.monotonic()
+        closes = now + (now - started)
+        room = self.max_batch_size - len(batch)
+        if not batch or not room:
+            return batch
+        with self._cond:
+            while len(self._queue) < room and self._arriving and not self._stopping.is_set():
+                remaining = closes - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            late = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+        return batch + [p for p in late if self._admit(p) and self._decoded(p)]
 
     def _decoded(self, pending: _Pending) -> bool:
         """Decode an admitted item that came undecoded (DeferredDecode), here on the worker;
