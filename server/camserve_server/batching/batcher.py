@@ -194,7 +194,7 @@ class Batcher:
         self._alive = 0  # workers running (under _cond)
         self.prepare_error: Optional[Exception] = None  # a worker's prepare failed with it
         self._idle = 0  # workers waiting for items (under _cond)
-        self._arriving = 0  # items the handlers are decoding for the queue (under _cond)
+        self._arriving = 0  # items the handlers are decoding for the queue (event loop only)
 
     # --- handler side ----------------------------------------------------------------------
 
@@ -255,14 +255,14 @@ class Batcher:
     @contextlib.contextmanager
     def arriving(self, items: int) -> Iterator[None]:
         """Around a handler's decode of ``items`` it will submit next: a worker that is
-        decoding a lone item itself waits for them to share its batch."""
-        with self._cond:
-            self._arriving += items
+        decoding a lone item itself waits for them to share its batch. Event-loop thread
+        only: the count takes no lock (the worker reads it as a hint, and waits for it at
+        most as long as its own decode took)."""
+        self._arriving += items
         try:
             yield
         finally:
-            with self._cond:
-                self._arriving -= items
+            self._arriving -= items
 
     def expected_wait(self, extra_forwards: int = 0) -> float:
         """Seconds until an item queued now (with that many extra forwards) would be
