@@ -151,7 +151,7 @@ def test_a_worker_decoding_a_lone_item_waits_for_the_items_being_decoded_elsewhe
         with batcher.arriving(1):
             lone = batcher.submit(WorkItem(DeferredDecode(slow_decode)))
             assert started.wait(10)
-            time.sleep(0.4)  # the worker's decode takes 0.4 s: it then waits up to 0.4 s
+            time.sleep(1.0)  # the worker's decode takes 1 s: it then waits up to 1 s
             release.set()
             time.sleep(0.1)  # for the other item, which comes after that decode
             other = batcher.submit(WorkItem(np.zeros((2, 2, 3), np.uint8)))
@@ -193,6 +193,7 @@ def test_a_lone_call_is_decoded_by_the_idle_worker_with_the_pools_answer(monkeyp
         wait_idle(server._batcher)
         explained = client.explain(jpeg, outputs=("raw", "overlay_jpeg"))
         assert threads[4] == worker and explained.overlay is not None
+        wait_idle(server._batcher)  # its worker may still be finishing that batch
         with pytest.raises(CamserveError) as refused:
             client.predict(b"not an image")
     assert threads[5:] == [worker]
