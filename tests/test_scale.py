@@ -116,17 +116,18 @@ def test_automatic_counts_follow_cpu_affinity(monkeypatch):
 
 
 def test_openmp_spin_is_shortened_unless_the_environment_sets_it(monkeypatch):
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    # A private environment: the one this test process runs in keeps its own values.
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    monkeypatch.setattr(server_module.os, "environ", env)
     server_module.openmp_defaults()
-    assert os.environ["GOMP_SPINCOUNT"] == server_module.GOMP_SPINCOUNT == "30000"
-    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    assert env["GOMP_SPINCOUNT"] == server_module.GOMP_SPINCOUNT == "30000"
+    env["GOMP_SPINCOUNT"] = "300000"
     server_module.openmp_defaults()
-    assert os.environ["GOMP_SPINCOUNT"] == "300000"  # the operator's value stays
-    monkeypatch.delenv("GOMP_SPINCOUNT")
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert env["GOMP_SPINCOUNT"] == "300000"  # the operator's value stays
+    del env["GOMP_SPINCOUNT"]
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
     server_module.openmp_defaults()
-    assert "GOMP_SPINCOUNT" not in os.environ  # a wait policy is a choice too
+    assert "GOMP_SPINCOUNT" not in env  # a wait policy is a choice too
 
 
 def test_cpu_quota_caps_the_count(monkeypatch, tmp_path):
