@@ -126,6 +126,48 @@ def test_an_undecoded_item_is_decoded_on_the_worker_and_fails_alone():
     assert decoded_on == ["camserve-batcher"] * 2
 
 
+class _Die(BaseException):
+    """Not an Exception: what no handler of the worker's catches (SystemExit, say)."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_worker_that_dies_decoding_fails_the_items_it_had_taken_and_restarts():
+    """The worker dies in the middle of its deferred decodes, before the batch runs: the
+    items it had taken fail at once (not at their deadline), one that had already failed its
+    own decode keeps its error, and a new worker serves the next item."""
+    from camserve_server.batching.batcher import Batcher
+    from camserve_server.domain import DeferredDecode, ItemResult, WorkItem
+    from camserve_server.errors import BatchFailed, InvalidArgument
+
+    def run_batch(works):
+        return [ItemResult(np.zeros(1), np.ones(1)) for _ in works]
+
+    def fail(error):
+        def decode():
+            raise error
+        return WorkItem(DeferredDecode(decode))
+
+    plain = WorkItem(np.zeros((2, 2, 3), np.uint8))
+    batcher = Batcher(run_batch, max_batch_size=3, max_delay_ms=60_000, max_queue=8,
+                      restart_delay_s=0.0)
+    batcher.start()
+    try:
+        wait_idle(batcher)
+        tickets = [batcher.submit(plain), batcher.submit(fail(InvalidArgument("bad image"))),
+                   batcher.submit(fail(_Die()))]
+        with pytest.raises(BatchFailed, match="worker died"):
+            tickets[0].result(10)
+        with pytest.raises(BatchFailed, match="worker died"):
+            tickets[2].result(10)
+        with pytest.raises(InvalidArgument, match="bad image"):
+            tickets[1].result(10)
+        wait_idle(batcher)
+        again = [batcher.submit(plain) for _ in range(3)]
+        assert [t.result(10).batch_size for t in again] == [3, 3, 3]
+    finally:
+        batcher.stop(10)
+
+
 def test_a_worker_decoding_a_lone_item_waits_for_the_items_being_decoded_elsewhere():
     """Two callers at once: one item undecoded, the other announced while the pool decodes
     it. The worker decodes the first, waits for the second (as long as its own decode took)

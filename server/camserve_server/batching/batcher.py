@@ -312,17 +312,19 @@ class Batcher:
             worker.start()
             worker.join()
             counted, w.counted = w.counted, False
-            if self._stopping.is_set() and not w.running:
+            # What it had taken and not answered (items that failed alone are answered).
+            died = [p for p in w.running if not p.future.done()]
+            if self._stopping.is_set() and not died:
                 if counted:
                     with self._cond:
                         self._alive -= 1
                 return
-            # The worker died (an exception that is not an Exception escaped the model, or a
-            # bug here): fail what it was running, report it, start another.
+            # The worker died (an exception that is not an Exception escaped the model or a
+            # decode, or a bug here): fail what it was running, report it, start another.
             if counted:
                 self._alive_changed(-1)
             self._metrics.worker_restarts.inc()
-            died, job = w.running, w.running_job
+            job = w.running_job
             w.running, w.running_job = [], None
             log.error("the batcher's worker thread on %s died running %d items; restarting",
                       w.device, len(died))
@@ -362,7 +364,7 @@ class Batcher:
             upcoming = []
             if batch:
                 if self._prefetch:
-                    upcoming = self._take_full_batch()
+                    upcoming = self._take_full_batch(w)
                 self._run(w, batch, upcoming)
             if w.jobs:
                 self._slice(w)
@@ -397,15 +399,18 @@ class Batcher:
                 self._cond.wait(remaining)
             batch = [self._queue.popleft()
                      for _ in range(min(self.max_batch_size, len(self._queue)))]
-        return self._decode_deferred([p for p in batch if self._admit(p)])
+        # Taken: from here a worker that dies fails them (its supervisor reads w.running).
+        w.running = [p for p in batch if self._admit(p)]
+        return self._decode_deferred(w, w.running)
 
-    def _take_full_batch(self) -> List[_Pending]:
+    def _take_full_batch(self, w: _Worker) -> List[_Pending]:
         """A full batch that is already waiting, when no worker is idle to take it: the
         upcoming batch, staged while the current one computes. Else nothing."""
         with self._cond:
             if self._idle or len(self._queue) < self.max_batch_size:
                 return []
             batch = [self._queue.popleft() for _ in range(self.max_batch_size)]
+        w.running = w.running + batch
         # It runs after the current batch: its deadline must allow two.
         return [p for p in batch if self._admit(p, batches=2) and self._decoded(p)]
 
@@ -425,7 +430,7 @@ class Batcher:
             return False
         return True
 
-    def _decode_deferred(self, batch: List[_Pending]) -> List[_Pending]:
+    def _decode_deferred(self, w: _Worker, batch: List[_Pending]) -> List[_Pending]:
         """Decode the batch's undecoded items here. When there were any and the batch has
         room, it takes the items that came meanwhile, and waits (as long as its own decodes
         took, at most) for those the handlers are still decoding: callers that sent together
@@ -446,6 +451,7 @@ class Batcher:
                     break
                 self._cond.wait(remaining)
             late = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+        w.running = batch + late
         return batch + [p for p in late if self._admit(p) and self._decoded(p)]
 
     def _decoded(self, pending: _Pending) -> bool:
