@@ -1,16 +1,18 @@
-"""Where one caller's Predict spends its time outside the model: timestamps along one call.
+"""Where one caller's Predict (or Explain) spends its time outside the model: timestamps
+along one call.
 
 The server runs in this process (as in bench_latency.py), so one clock times both sides. The
 script wraps, for the length of the run, the places a call passes: the request's parsing
 (calls.parser), the handler (gRPC's method handler), the batcher (Runtime.run, with the batch's
 compute time), the decode (Runtime.decode_here: a lone call's image is decoded by the batcher's
 idle worker) and the answer's serialization; a plain gRPC stub sends the cat photo back to
-back. It prints the median of each
-leg over ``--calls`` calls (after 10 unmeasured). A diagnostic, not a benchmark: the wrappers
-cost a little themselves.
+back (``--rpc explain``: an Explain of the top class's Grad-CAM, the raw map, as the client
+asks by default). It prints the median of each leg over ``--calls`` calls (after 10
+unmeasured). A diagnostic, not a benchmark: the wrappers cost a little themselves.
 
     .venv/bin/python bench/trace_latency.py
     .venv/bin/python bench/trace_latency.py --pause-ms 30    # an idle gap before each call
+    .venv/bin/python bench/trace_latency.py --rpc explain
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--weights", default=None)
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--pause-ms", type=float, default=0.0, help="idle time before each call")
+    p.add_argument("--rpc", choices=("predict", "explain"), default="predict")
     args = p.parse_args(argv)
 
     import grpc
 
-    from camserve.v1 import camserve_pb2 as pb
+    from camserve import _calls
     from camserve.v1 import camserve_pb2_grpc as pb_grpc
     from camserve_server.api import calls, servicer
     from camserve_server.process.server import CamServer
@@ -108,15 +111,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         calls.parser = parser
         calls.grpc.unary_unary_rpc_method_handler = method_handler
     legs: Dict[str, List[float]] = defaultdict(list)
-    request = pb.PredictRequest(images=[pb.Image(encoded=PHOTO.read_bytes())])
+    photo = PHOTO.read_bytes()
+    request = (_calls.predict_request([photo], top_k=5) if args.rpc == "predict" else
+               _calls.explain_request([photo], method="gradcam", outputs=("raw",)))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.CamserveServiceStub(channel)
+            call = getattr(pb_grpc.CamserveServiceStub(channel), args.rpc.capitalize())
             for i in range(10 + args.calls):
                 time.sleep(args.pause_ms / 1000.0)
                 marks.clear()
                 marks["sent"] = now()
-                stub.Predict(request, timeout=60)
+                call(request, timeout=60)
                 marks["received"] = now()
                 if i < 10:
                     continue
@@ -131,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         servicer.Runtime.decode_here, servicer.Runtime.run = decode, run
         server.stop(grace=1)
-    print(f"{args.model}, {PHOTO.name}, one caller, {args.calls} Predicts"
+    print(f"{args.model}, {PHOTO.name}, one caller, {args.calls} {args.rpc.capitalize()}s"
           f"{f', {args.pause_ms:g} ms apart' if args.pause_ms else ' back to back'}")
     print("| leg | median ms |\n|---|---:|")
     for name in [leg[0] for leg in LEGS] + ["(decode)", "(compute)", "(whole call)"]:
