@@ -163,3 +163,58 @@ def test_a_convolution_whose_output_is_reused_is_not_folded():
     plain = nn.Sequential(model.conv, model.bn).eval()
     folded, folds = fold_batchnorms(plain, (16, 16), torch.device("cpu"))
     assert folds == 1 and isinstance(folded[1], nn.Identity) and plain[1] is model.bn
+
+
+def test_same_padding_is_made_static_for_the_input_size_with_the_same_logits():
+    """timm's Conv2dSame pads at every call; at load each one called once becomes a plain
+    Conv2d: an even total padding symmetric, an odd one (a, a + 1) a zero tap before the
+    kernel and a + 1 on both sides. A served convolution and one called twice stay as built."""
+    from timm.layers import Conv2dSame
+
+    from camserve_server.engine.same_padding import static_same_padding
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.odd = Conv2dSame(3, 8, 3, stride=2)  # 16 -> 8, padding (0, 1)
+            self.wide = Conv2dSame(8, 8, 5, stride=2, groups=8)  # 8 -> 4, padding (1, 2)
+            self.even = Conv2dSame(8, 8, 3, stride=1)  # padding (1, 1)
+            self.twice = Conv2dSame(8, 8, 3, stride=2)  # 4 -> 2 -> 1: two input sizes
+            self.served = Conv2dSame(8, 8, 3, stride=2)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            x = self.even(torch.relu(self.wide(self.odd(x))))
+            return self.head(self.twice(self.twice(self.served(x) + x[..., ::2, ::2]))
+                             .mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    static, count = static_same_padding(model, (16, 16), torch.device("cpu"), keep=["served"])
+    assert count == 3
+    shapes = {name: (type(m).__name__, m.kernel_size, m.padding)
+              for name, m in static.named_children() if name != "head"}
+    assert shapes == {"odd": ("Conv2d", (4, 4), (1, 1)), "wide": ("Conv2d", (6, 6), (2, 2)),
+                      "even": ("Conv2d", (3, 3), (1, 1)), "twice": ("Conv2dSame", (3, 3), (0, 0)),
+                      "served": ("Conv2dSame", (3, 3), (0, 0))}
+    assert torch.equal(static.odd.weight[:, :, 1:, 1:], model.odd.weight)
+    assert not static.odd.weight[:, :, 0].any() and not static.odd.weight[:, :, :, 0].any()
+    assert type(model.odd).__name__ == "Conv2dSame"  # the original is left as it was
+    x = torch.randn(4, 3, 16, 16)
+    with torch.inference_mode():
+        assert (static(x) - model(x)).abs().max().item() <= 1e-5
+
+
+def test_default_model_serves_without_dynamic_padding():
+    """The default model's five strided Conv2dSame become plain convolutions, same logits."""
+    served = load_model(Settings())
+    as_built = load_model(Settings(static_padding=False))
+    kinds = [type(m).__name__ for m in served.module.modules()]
+    assert "Conv2dSame" not in kinds
+    assert sum(type(m).__name__ == "Conv2dSame" for m in as_built.module.modules()) == 5
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert (served.module(x) - as_built.module(x)).abs().max().item() <= 1e-4

@@ -31,6 +31,8 @@ def test_environment_then_flags():
     assert parse_settings([], environ={"CAMSERVE_FOLD_BATCHNORM": "off"}).fold_batchnorm is False
     assert parse_settings(["--fold-batchnorm", "on"],
                           environ={"CAMSERVE_FOLD_BATCHNORM": "off"}).fold_batchnorm is True
+    assert s.static_padding is True
+    assert parse_settings(["--static-padding", "off"]).static_padding is False
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -12,13 +12,16 @@ A pair is folded only when one probe forward shows the norm reading exactly the 
 convolution returned, each called once; the folded copy is adopted only when its logits on a
 random image match the original's. Anything else (a model that reuses the convolution's output
 elsewhere, a norm subclass of unknown behaviour) keeps the model as it was.
+
+``rewrite`` holds the steps every rewrite at load shares (trace a probe, change a deep copy,
+adopt it only if the logits agree); ``same_padding.py`` is the other one.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -73,18 +76,13 @@ def _pairs(module: nn.Module, probe: torch.Tensor, keep: Iterable[str]) -> List[
         return hook
 
     for name, m in module.named_modules():
-        if any(k == name or k.startswith(name + ".") for k in keep):
-            continue  # a served layer, or one inside it (timm's bn2.act)
+        if served(name, keep):
+            continue
         if isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(conv_hook(name)))
         elif isinstance(m, nn.BatchNorm2d) and m.track_running_stats and _norm_rest(m) is not None:
             handles.append(m.register_forward_pre_hook(norm_hook(name)))
-    try:
-        with torch.inference_mode():
-            module(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    probe_with(module, probe, handles)
     return [(conv, norm) for norm, conv in reads.items()
             if calls.get(norm) == 1 and calls.get(conv) == 1]
 
@@ -102,26 +100,68 @@ def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(shift, requires_grad=False)
 
 
+def served(name: str, keep: Iterable[str]) -> bool:
+    """The module is a served layer, or holds one (timm's bn2 holds bn2.act): rewrites at
+    load leave it as it is."""
+    return any(k == name or k.startswith(name + ".") for k in keep)
+
+
+def _probe(input_size: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The random images a rewrite at load is traced and checked on."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, *input_size, generator=gen).to(device)
+
+
+def swap(root: nn.Module, named: Dict[str, nn.Module], name: str, new: nn.Module) -> None:
+    """Put ``new`` in the place of ``root``'s submodule ``name`` (``named``: root's modules)."""
+    parent, _, child = name.rpartition(".")
+    setattr(named[parent] if parent else root, child, new)
+
+
+def probe_with(module: nn.Module, probe: torch.Tensor, handles: List) -> None:
+    """One forward of the probe with these hooks, which are removed after it."""
+    try:
+        with torch.inference_mode():
+            module(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def rewrite(module: nn.Module, input_size: Tuple[int, int], device: torch.device,
+            find: Callable[[nn.Module, torch.Tensor], Sequence],
+            apply: Callable[[nn.Module, Dict[str, nn.Module], object], None],
+            refused: str) -> Tuple[nn.Module, int]:
+    """A rewrite at load: ``find(module, probe)`` lists what to rewrite, ``apply(copy, named,
+    each)`` rewrites one in a deep copy, and the copy is adopted, with how many, only when its
+    logits on the probe equal the module's up to float rounding; else ``(module, 0)`` and the
+    ``refused`` warning."""
+    probe = _probe(input_size, device)
+    found = find(module, probe)
+    if not found:
+        return module, 0
+    rewritten = copy.deepcopy(module)
+    named = dict(rewritten.named_modules())
+    for each in found:
+        apply(rewritten, named, each)
+    with torch.inference_mode():
+        before, after = module(probe), rewritten(probe)
+    tolerance = 1e-4 * (1.0 + before.abs().max().item())
+    if before.shape != after.shape or (before - after).abs().max().item() > tolerance:
+        log.warning(refused)
+        return module, 0
+    return rewritten, len(found)
+
+
 def fold_batchnorms(module: nn.Module, input_size: Tuple[int, int], device: torch.device,
                     keep: Iterable[str] = ()) -> Tuple[nn.Module, int]:
     """A copy of the eval-mode ``module`` with its conv -> batch-norm pairs folded (the layers
     named in ``keep`` untouched), and how many; ``(module, 0)`` when nothing folds."""
-    gen = torch.Generator().manual_seed(0)
-    probe = torch.randn(2, 3, *input_size, generator=gen).to(device)
-    pairs = _pairs(module, probe, keep)
-    if not pairs:
-        return module, 0
-    folded = copy.deepcopy(module)
-    named = dict(folded.named_modules())
-    for conv, norm in pairs:
+    def fold(folded: nn.Module, named: Dict[str, nn.Module], pair: Tuple[str, str]) -> None:
+        conv, norm = pair
         _fold_into(named[conv], named[norm])
-        parent, _, child = norm.rpartition(".")
-        setattr(named[parent] if parent else folded, child, _norm_rest(named[norm]))
-    with torch.inference_mode():
-        before, after = module(probe), folded(probe)
-    tolerance = 1e-4 * (1.0 + before.abs().max().item())
-    if before.shape != after.shape or (before - after).abs().max().item() > tolerance:
-        log.warning("batch norms not folded: the folded model's logits differ from the "
-                    "model's (it may reuse a convolution's output elsewhere)")
-        return module, 0
-    return folded, len(pairs)
+        swap(folded, named, norm, _norm_rest(named[norm]))
+
+    return rewrite(module, input_size, device, lambda m, probe: _pairs(m, probe, keep), fold,
+                   "batch norms not folded: the folded model's logits differ from the model's "
+                   "(it may reuse a convolution's output elsewhere)")

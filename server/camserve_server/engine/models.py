@@ -24,6 +24,7 @@ from ..errors import StartupError
 from ..process.settings import DEFAULT_MODEL, Settings
 from . import tokens
 from .fold import fold_batchnorms
+from .same_padding import static_same_padding
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,14 @@ def load_model(settings: Settings, device: Optional[torch.device] = None) -> Loa
     labels = _labels(settings.labels, probe.num_classes, built.labels)
     layers = _layers(settings.layers or built.layers, probe, hookable=built.hookable,
                      model=settings.model)
+    served = [info.name for info in layers]
     if settings.fold_batchnorm and built.hookable:
-        module, folds = fold_batchnorms(module, tuple(input_size), device,
-                                        keep=[info.name for info in layers])
+        module, folds = fold_batchnorms(module, tuple(input_size), device, keep=served)
         log.info("%d batch norms folded into their convolutions", folds)
+    if settings.static_padding and built.hookable:
+        module, pads = static_same_padding(module, tuple(input_size), device, keep=served)
+        if pads:
+            log.info("%d convolutions' \"same\" padding made static", pads)
     card = ModelCard(name=settings.model, labels=labels, input_size=tuple(input_size),
                      mean=tuple(mean), std=tuple(std), layers=layers, device=str(device))
     return LoadedModel(module=module, device=device, card=card,

@@ -42,6 +42,10 @@ class Settings:
     # Batch norms folded into the convolutions before them at load (engine/fold.py): the same
     # answers, 15-30% less CPU per forward. Off: the model runs as it was built.
     fold_batchnorm: bool = True
+    # TensorFlow "same" padding (timm's tf_* models, the default one among them) made static
+    # for the model's input size at load (engine/same_padding.py): the same answers, no copy of
+    # each strided convolution's input. Off: the model pads at every call, as built.
+    static_padding: bool = True
     # JPEGs decoded on the engine's device (batched, nvJPEG on CUDA) or on the host in the
     # handler: "auto" = on the device when it is CUDA.
     jpeg_decode: str = "auto"
@@ -300,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="{on,off}",
                    help="fold batch norms into the convolutions before them when the model "
                    "loads: the same answers, a cheaper forward (default on)")
+    p.add_argument("--static-padding", type=_on_off, default=d.static_padding,
+                   metavar="{on,off}",
+                   help="make timm's TensorFlow \"same\" padding static for the input size "
+                   "when the model loads: the same answers, a cheaper forward (default on)")
     p.add_argument("--jpeg-decode", default=d.jpeg_decode, choices=("auto", "host", "device"),
                    help="decode JPEGs on the engine's device (nvJPEG on CUDA) or on the host; "
                    "auto: on the device when it is CUDA")
