@@ -8,7 +8,9 @@ model ``efficientnet_lite0``) it measures, in one run:
   of Predict and Explain at 1 and 8 concurrent callers (threads sharing one ``camserve.Client``);
 * in this process, while the server sits idle, at batch 8 on the same photo decoded and resized
   once (the timed loop is model work only): camserve's Engine alone (explain and predict),
-  Captum's ``LayerGradCam``, pytorch-grad-cam's ``GradCAM`` and a plain inference-mode forward.
+  Captum's ``LayerGradCam``, pytorch-grad-cam's ``GradCAM`` and a plain inference-mode forward,
+  these three on the model as its users have it: as built, without the server's rewrites at
+  load (folded batch norms, static "same" padding), which the engine runs.
 
 Every measurement is split into ``--rounds`` slices that take turns, so that a machine whose
 speed drifts (shared hosts do) skews the ratios less: images/s is the median over the rounds
@@ -238,6 +240,8 @@ def time_batches(fn, seconds: float, warmup: float) -> dict:
 
 def in_process_cases(model: str, weights, jpeg: bytes):
     """([(label, one-batch function)], the explained layer, a cleanup function)."""
+    from dataclasses import replace
+
     from captum.attr import LayerGradCam
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -257,9 +261,11 @@ def in_process_cases(model: str, weights, jpeg: bytes):
     predict = [WorkItem(pixels)] * BATCH
 
     def user_model():
-        """How a user runs Captum or pytorch-grad-cam: the same architecture and weights, in
+        """How a user runs Captum or pytorch-grad-cam: the same architecture and weights, as
+        built (without the server's rewrites at load: folded batch norms, static padding), in
         eval mode, with parameters that require grad. One each: GradCAM's hooks stay put."""
-        module = load_model(settings).module
+        module = load_model(replace(settings, fold_batchnorm=False,
+                                    static_padding=False)).module
         for param in module.parameters():
             param.requires_grad_(True)
         return module, dict(module.named_modules())[layer]
