@@ -1,8 +1,9 @@
 """Many streams, idle streams' memory, one caller's latency and serving efficiency, against a
 real server.
 
-It starts ``python -m camserve_server`` (default model, one process, ``--stream-idle-s`` long
-enough for the idle section) on a free port of 127.0.0.1 and measures, in one run:
+It starts ``python -m camserve_server`` (default model, one process unless ``--workers``,
+``--stream-idle-s`` long enough for the idle section) on a free port of 127.0.0.1 and
+measures, in one run:
 
 1. One caller, Predict and Explain back to back: p50 over gRPC beside the in-process engine's
    time for one image (the same photo decoded once; the timed call is model work only), and
@@ -21,12 +22,18 @@ enough for the idle section) on a free port of 127.0.0.1 and measures, in one ru
    p50 and worst against 3.
 
 All callers run on one asyncio loop of this process (streams on ``--connections`` channels,
-each unary caller on its own). Everything runs on the same machine as the server, so the
+every other caller on a connection of its own: the kernel spreads connections over
+``--workers``). Everything runs on the same machine as the server, so the
 callers' own CPU counts against it; the load average before and after is printed. It reports
 and never fails on a time: the exit code is 0 unless something crashed. Nothing is downloaded.
 
-    python bench/bench_scale.py               # the README's table (about 6 minutes)
-    python bench/bench_scale.py --quick       # a short smoke run (200 streams, under 2 min)
+    python bench/bench_scale.py                   # the README's table (about 6 minutes)
+    python bench/bench_scale.py --workers auto    # the same against the throughput configuration
+    python bench/bench_scale.py --quick           # a short smoke run (200 streams, under 2 min)
+
+With ``--workers`` the server's memory is that of all its processes (the supervisor and its
+workers), and the in-process baselines stay the engine of one process using every core: a
+lone call on a worker computes on that worker's share of the cores.
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="efficiency rounds (default 3)")
     p.add_argument("--single-calls", type=int, default=150,
                    help="one caller's calls per RPC (default %(default)s)")
+    p.add_argument("--workers", default="1",
+                   help="the server's --workers (default 1; auto: one per core here)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra server flag, e.g. --server-arg=--max-delay-ms=5")
     p.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -87,11 +96,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def rss_mib(pid: int) -> float:
-    """Resident memory of a process (VmRSS), MiB."""
+    """Resident memory (VmRSS) of a process and its children (a server's workers), MiB."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
+            total += int(line.split()[1]) / 1024.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += rss_mib(int(child))
+    return total
 
 
 def load_average() -> str:
@@ -219,7 +232,8 @@ async def run_all(args, port: int, pid: int, inproc: InProcess, photo: bytes) ->
     print("# one caller done", file=sys.stderr, flush=True)
 
     # 2. Efficiency: gRPC with --callers against the engine at batch 8, in turns.
-    callers = [AsyncClient(target, timeout=120) for _ in range(args.callers)]
+    callers = [AsyncClient(target, timeout=120, options=OWN_CONNECTION)
+               for _ in range(args.callers)]  # one connection each, as bench_workers.py
     eff = {rpc: {"grpc": [], "engine": [], "batch": [], "p50": []}
            for rpc in ("Predict", "Explain")}
     for _ in range(args.rounds):
@@ -244,7 +258,7 @@ async def run_all(args, port: int, pid: int, inproc: InProcess, photo: bytes) ->
     channels = [aio.insecure_channel(target, options=OWN_CONNECTION)
                 for _ in range(args.connections)]
     stubs = [pb_grpc.CamserveServiceStub(ch) for ch in channels]
-    out["rss before"] = rss_mib(pid)
+    out["rss before"] = await _settled_rss(pid)
     stop = asyncio.Event()
     idle = [stubs[i % len(stubs)].StreamPredict(_never(stop), timeout=600)
             for i in range(args.streams)]
@@ -313,7 +327,9 @@ async def _settled_rss(pid: int) -> float:
 
 
 def report(args, out: Dict, load_before: str, photo_bytes: int) -> None:
-    print(f"\nmodel {args.model}, one server process; {len(os.sched_getaffinity(0))} CPUs "
+    processes = ("one server process" if args.workers == "1" else
+                 f"server --workers {args.workers}")
+    print(f"\nmodel {args.model}, {processes}; {len(os.sched_getaffinity(0))} CPUs "
           f"shared with these callers; load average {load_before} before, {load_average()} "
           f"after\n")
     print("| one caller | p50 over gRPC ms | in-process engine, 1 image ms | difference ms |")
@@ -345,9 +361,12 @@ def report(args, out: Dict, load_before: str, photo_bytes: int) -> None:
               f"{np.median(r) / np.median(base):.2f} |")
 
     per_stream_kib = (out["rss idle"] - out["rss before"]) * 1024.0 / args.streams
+    # Several processes' memory moves by more than the streams add: one process measures it.
+    per_stream = (f"{per_stream_kib:.1f} KiB a stream" if args.workers == "1" else
+                  "a stream's cost is below how much the workers' memory moves")
     print(f"\n| server memory (RSS) | MiB |\n|---|---:|\n| before streams | "
           f"{out['rss before']:.0f} |\n| {args.streams} idle streams open | {out['rss idle']:.0f}"
-          f" ({per_stream_kib:.1f} KiB a stream; {out['idle ended']} ended early) |\n"
+          f" ({per_stream}; {out['idle ended']} ended early) |\n"
           f"| {args.streams} streams sending | {out['rss streams']:.0f} |")
 
     failed = ", ".join(f"{n} code {c}" for c, n in sorted(t.failed.items())) or "0"
@@ -368,7 +387,7 @@ def main(argv=None) -> int:
     load_before = load_average()
     inproc = InProcess(args.model, photo)
     server = Server(args.model, ["--stream-idle-s", "600", "--max-streams", "4096",
-                                 *args.server_arg])
+                                 "--workers", args.workers, *args.server_arg])
     try:
         out = asyncio.run(run_all(args, server.port, server.process.pid, inproc, photo))
     except BaseException:
