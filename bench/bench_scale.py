@@ -11,15 +11,17 @@ measures, in one run:
 2. Serving efficiency: ``--callers`` (16) callers, Predict then Explain, one photo per call:
    images/s over gRPC over the in-process engine's images/s at batch 8, measured in turns
    (``--rounds``); each ratio is the median of the per-round ratios.
-3. ``--unary`` (4) unary Predict callers alone: their p50 and worst latency, the reference
-   for 4 and 5.
+3. ``--unary`` (4) unary Predict callers alone: their p50, mean and worst latency, and each
+   caller's p50, the reference for 4 and 5. Closed-loop callers' mean is (callers) / (calls
+   per second) (Little's law); with ``--workers`` the kernel spreads their connections, not
+   their calls, so the callers on a busier worker wait longer than the p50 shows.
 4. ``--streams`` (1,000) idle streams (opened, never sending): the server's resident memory
    before and with them open (per stream), and the unary callers' latency meanwhile.
 5. ``--streams`` LATEST streams of small JPEG frames (320x213) that together send
    ``--load`` (0.5) of the capacity measured in 2 (so each stream sends a frame every few tens
    of seconds), with the unary callers alongside: frames sent, answered, skipped, failed and
    lost (sent - answered - skipped - failed; must be 0), frame latency, and the unary callers'
-   p50 and worst against 3.
+   latency against 3.
 
 All callers run on one asyncio loop of this process (streams on ``--connections`` channels,
 every other caller on a connection of its own: the kernel spreads connections over
@@ -131,24 +133,28 @@ async def call(client: AsyncClient, rpc: str, photo: bytes):
 
 async def closed_loop(clients: List[AsyncClient], rpc: str, photo: bytes, seconds: float,
                       warmup: float = 0.0) -> Dict:
-    """Each client calls back to back; the calls that ended in the measured window."""
+    """Each client calls back to back; the calls that ended in the measured window (and each
+    caller's p50: with --workers, callers on a busier worker wait longer)."""
     begin = time.perf_counter() + warmup
     end = begin + seconds
     latencies: List[float] = []
     batches: List[int] = []
+    own: List[List[float]] = [[] for _ in clients]
 
-    async def caller(client: AsyncClient) -> None:
+    async def caller(client: AsyncClient, mine: List[float]) -> None:
         while time.perf_counter() < end:
             started = time.perf_counter()
             answer = await call(client, rpc, photo)
             done = time.perf_counter()
             if begin <= done <= end:
                 latencies.append(done - started)
+                mine.append(done - started)
                 batches.append(answer.timing.batch_size)
 
-    await asyncio.gather(*(caller(c) for c in clients))
+    await asyncio.gather(*(caller(c, mine) for c, mine in zip(clients, own)))
     return {"rate": len(latencies) / seconds, "latencies": np.array(latencies) * 1000.0,
-            "batch": float(np.mean(batches)) if batches else 0.0}
+            "batch": float(np.mean(batches)) if batches else 0.0,
+            "callers p50": [float(np.median(m)) * 1000.0 for m in own if m]}
 
 
 async def single(client: AsyncClient, rpc: str, photo: bytes, calls: int) -> np.ndarray:
@@ -351,14 +357,16 @@ def report(args, out: Dict, load_before: str, photo_bytes: int) -> None:
     t: StreamTally = s["tally"]
     lat = np.array(t.latencies) * 1000.0 if t.latencies else np.zeros(1)
     base = out["unary alone"]["latencies"]
-    print(f"\n| {args.unary} unary Predict callers | calls | p50 ms | worst ms | p50 / alone |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"\n| {args.unary} unary Predict callers | calls | p50 ms | mean ms | worst ms | "
+          "each caller's p50 ms | p50 / alone | mean / alone |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|")
     for key, label in (("unary alone", "alone"),
                        ("unary idle", f"beside {args.streams} idle streams"),
                        ("unary streams", f"beside {args.streams} LATEST streams sending")):
         r = out[key]["latencies"]
-        print(f"| {label} | {r.size} | {np.median(r):.0f} | {r.max():.0f} | "
-              f"{np.median(r) / np.median(base):.2f} |")
+        each = ", ".join(f"{p:.0f}" for p in sorted(out[key]["callers p50"]))
+        print(f"| {label} | {r.size} | {np.median(r):.0f} | {r.mean():.0f} | {r.max():.0f} | "
+              f"{each} | {np.median(r) / np.median(base):.2f} | {r.mean() / base.mean():.2f} |")
 
     per_stream_kib = (out["rss idle"] - out["rss before"]) * 1024.0 / args.streams
     # Several processes' memory moves by more than the streams add: one process measures it.
