@@ -113,6 +113,12 @@ def test_automatic_counts_follow_cpu_affinity(monkeypatch):
     assert server_module.torch_threads(Settings(workers=2)) == min(
         6, settings_module.usable_cpus()) // 2
     assert server_module.torch_threads(Settings(torch_threads=5)) == 5
+    cores = min(6, settings_module.usable_cpus())
+    # Two CPU engines in one process (--device cpu,cpu) split the cores between them.
+    assert server_module.torch_threads(Settings(device="cpu,cpu")) == max(1, cores // 2)
+    assert server_module.torch_threads(Settings(workers=2, device="cpu, cpu")) == max(
+        1, cores // 4)
+    assert server_module.torch_threads(Settings(device="cuda:0,cuda:1")) == cores
 
 
 def test_openmp_spin_is_shortened_unless_the_environment_sets_it(monkeypatch):

@@ -76,8 +76,10 @@ def decode_threads(settings: Settings) -> int:
 
 
 def torch_threads(settings: Settings) -> int:
-    """torch's intra-op threads: as set, else the cores split between the workers."""
-    return settings.torch_threads or max(1, usable_cpus() // settings.workers)
+    """torch's intra-op threads per engine: as set, else the cores split between the worker
+    processes and, within each, between its CPU engines (``--device cpu,cpu``)."""
+    cpu_engines = max(1, [name.strip() for name in settings.device.split(",")].count("cpu"))
+    return settings.torch_threads or max(1, usable_cpus() // (settings.workers * cpu_engines))
 
 
 class CamServer:
@@ -210,7 +212,7 @@ class CamServer:
         names = [str(m.device) for m in models]
         card = dataclasses.replace(model.card, device=",".join(names))
         log.info("loaded %s on %s in %.1fs: %d classes, input %dx%d, layers %s; %d torch "
-                 "threads; precision %s", card.name, card.device,
+                 "threads per engine; precision %s", card.name, card.device,
                  sum(m.load_seconds for m in models), card.num_classes, card.input_size[1],
                  card.input_size[0], ", ".join(i.name for i in card.layers) or "none",
                  threads, s.precision)

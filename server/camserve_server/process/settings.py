@@ -61,7 +61,8 @@ class Settings:
     # worker of the supervisor); the supervisor sets it (hidden flag --worker-index).
     workers: int = 1
     worker_index: int = 0
-    torch_threads: int = 0  # torch's intra-op threads per process (0: cores / workers)
+    # torch's intra-op threads per engine (0: the cores / workers / CPU engines in --device)
+    torch_threads: int = 0
     # Open streams beyond this are refused with RESOURCE_EXHAUSTED and a retry hint.
     max_streams: int = 4096
     # A stream that has sent no frame this long after it opened is closed.
@@ -324,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "'auto' picks from the cores or GPUs (default %(default)s)")
     p.add_argument("--worker-index", type=int, default=d.worker_index, help=argparse.SUPPRESS)
     p.add_argument("--torch-threads", type=int, default=d.torch_threads,
-                   help="torch threads per process (0: the cores divided by --workers)")
+                   help="torch threads per engine (0: the cores divided by --workers and by "
+                   "the CPU engines that --device lists)")
     p.add_argument("--max-streams", type=int, default=d.max_streams,
                    help="open streams beyond this are refused with RESOURCE_EXHAUSTED")
     p.add_argument("--stream-idle-s", type=float, default=d.stream_idle_s,
