@@ -335,6 +335,8 @@ async def _settled_rss(pid: int) -> float:
 def report(args, out: Dict, load_before: str, photo_bytes: int) -> None:
     processes = ("one server process" if args.workers == "1" else
                  f"server --workers {args.workers}")
+    if args.server_arg:
+        processes += " " + " ".join(args.server_arg)
     print(f"\nmodel {args.model}, {processes}; {len(os.sched_getaffinity(0))} CPUs "
           f"shared with these callers; load average {load_before} before, {load_average()} "
           f"after\n")
