@@ -30,7 +30,8 @@ callers' own CPU counts against it; the load average before and after is printed
 and never fails on a time: the exit code is 0 unless something crashed. Nothing is downloaded.
 
     python bench/bench_scale.py                   # the README's table (about 6 minutes)
-    python bench/bench_scale.py --workers auto    # the same against the throughput configuration
+    python bench/bench_scale.py --workers auto    # two worker processes here
+    python bench/bench_scale.py --server-arg=--device=cpu,cpu   # two engines in one process
     python bench/bench_scale.py --quick           # a short smoke run (200 streams, under 2 min)
 
 With ``--workers`` the server's memory is that of all its processes (the supervisor and its
