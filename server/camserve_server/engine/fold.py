@@ -13,20 +13,18 @@ convolution returned, each called once; the folded copy is adopted only when its
 random image match the original's. Anything else (a model that reuses the convolution's output
 elsewhere, a norm subclass of unknown behaviour) keeps the model as it was.
 
-``rewrite`` holds the steps every rewrite at load shares (trace a probe, change a deep copy,
-adopt it only if the logits agree); ``same_padding.py`` is the other one.
+The steps every rewrite at load shares are ``rewrite.py``'s; ``same_padding.py`` is the other
+rewrite.
 """
 
 from __future__ import annotations
 
-import copy
-import logging
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from .rewrite import probe_with, rewrite, served, swap
 
 
 class _AfterNorm(nn.Module):
@@ -98,59 +96,6 @@ def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
         shift = shift + conv.bias * scale
     conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
     conv.bias = nn.Parameter(shift, requires_grad=False)
-
-
-def served(name: str, keep: Iterable[str]) -> bool:
-    """The module is a served layer, or holds one (timm's bn2 holds bn2.act): rewrites at
-    load leave it as it is."""
-    return any(k == name or k.startswith(name + ".") for k in keep)
-
-
-def _probe(input_size: Tuple[int, int], device: torch.device) -> torch.Tensor:
-    """The random images a rewrite at load is traced and checked on."""
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(2, 3, *input_size, generator=gen).to(device)
-
-
-def swap(root: nn.Module, named: Dict[str, nn.Module], name: str, new: nn.Module) -> None:
-    """Put ``new`` in the place of ``root``'s submodule ``name`` (``named``: root's modules)."""
-    parent, _, child = name.rpartition(".")
-    setattr(named[parent] if parent else root, child, new)
-
-
-def probe_with(module: nn.Module, probe: torch.Tensor, handles: List) -> None:
-    """One forward of the probe with these hooks, which are removed after it."""
-    try:
-        with torch.inference_mode():
-            module(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def rewrite(module: nn.Module, input_size: Tuple[int, int], device: torch.device,
-            find: Callable[[nn.Module, torch.Tensor], Sequence],
-            apply: Callable[[nn.Module, Dict[str, nn.Module], object], None],
-            refused: str) -> Tuple[nn.Module, int]:
-    """A rewrite at load: ``find(module, probe)`` lists what to rewrite, ``apply(copy, named,
-    each)`` rewrites one in a deep copy, and the copy is adopted, with how many, only when its
-    logits on the probe equal the module's up to float rounding; else ``(module, 0)`` and the
-    ``refused`` warning."""
-    probe = _probe(input_size, device)
-    found = find(module, probe)
-    if not found:
-        return module, 0
-    rewritten = copy.deepcopy(module)
-    named = dict(rewritten.named_modules())
-    for each in found:
-        apply(rewritten, named, each)
-    with torch.inference_mode():
-        before, after = module(probe), rewritten(probe)
-    tolerance = 1e-4 * (1.0 + before.abs().max().item())
-    if before.shape != after.shape or (before - after).abs().max().item() > tolerance:
-        log.warning(refused)
-        return module, 0
-    return rewritten, len(found)
 
 
 def fold_batchnorms(module: nn.Module, input_size: Tuple[int, int], device: torch.device,

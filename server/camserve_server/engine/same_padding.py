@@ -26,7 +26,7 @@ from typing import Dict, Iterable, Tuple
 import torch
 from torch import nn
 
-from .fold import probe_with, rewrite, served, swap
+from .rewrite import probe_with, rewrite, served, swap
 
 
 def _dynamic(module: nn.Module) -> bool:
