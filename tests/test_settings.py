@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from camserve_server.process.settings import Settings, parse_settings
+from camserve_server.process.settings import Settings, build_parser, parse_settings
 
 
 def test_defaults():
@@ -48,3 +52,36 @@ def test_invalid_settings_exit_with_a_message(argv, message, capsys):
         parse_settings(argv, environ={})
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["camserve-server", "--help"], ["camserve-server", "-h"],
+                                     [sys.executable, "-m", "camserve_server", "--help"]])
+def test_help_lists_every_flag_with_its_default(command):
+    bin_dir = Path(sys.executable).parent
+    if command[0] == "camserve-server":
+        command = [str(bin_dir / "camserve-server")] + command[1:]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    text = " ".join(run.stdout.split())  # argparse wraps lines
+    for action in build_parser()._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings:
+            continue
+        flag = action.option_strings[-1]
+        assert flag in text
+        if flag != "--help":
+            assert "(default:" in action.help, flag
+    # each default as the help states it is the one Settings has
+    for f in dataclasses.fields(Settings):
+        if not f.metadata["hidden"] and f.metadata["shown"] is None and not isinstance(
+                f.default, bool):
+            assert f"(default: {f.default})" in text, f.name
+    assert "hf:NAME" in text
+
+
+def test_every_setting_has_a_flag_and_an_environment_variable():
+    flags = {a.dest: a for a in build_parser()._actions}
+    for f in dataclasses.fields(Settings):
+        assert f.name in flags, f.name
+    env = {"CAMSERVE_MAX_QUEUE": "7", "CAMSERVE_AUTH_TOKEN": "a,b", "CAMSERVE_WORKER_INDEX": "2"}
+    s = parse_settings([], environ=env)
+    assert (s.max_queue, s.auth_tokens, s.worker_index) == (7, ("a", "b"), 2)

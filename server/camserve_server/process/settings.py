@@ -1,8 +1,12 @@
 """The server's one settings object, built from flags and ``CAMSERVE_*`` environment variables.
 
-Every flag ``--some-flag`` has an environment variable ``CAMSERVE_SOME_FLAG``; a flag given on
-the command line wins over the environment. Repeatable flags (``--layer``) take a
-comma-separated list from the environment. The result is frozen and passed down explicitly.
+Each setting is declared once, as a field of ``Settings`` whose metadata holds its flag, its
+help, how a flag's text becomes a value and what it must satisfy; the parser, the environment
+variables, ``--help`` and the checks all come from those declarations. Every flag
+``--some-flag`` has an environment variable ``CAMSERVE_SOME_FLAG``; a flag given on the command
+line wins over the environment. Repeatable flags (``--layer``) take a comma-separated list from
+the environment. The result is frozen and passed down explicitly: layers below ``process/``
+receive the few values they use, never the whole object.
 """
 
 from __future__ import annotations
@@ -12,107 +16,243 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 DEFAULT_MODEL = "efficientnet_lite0"
+
+MODEL_SOURCES = ("efficientnet_lite0 (the default), torchvision:NAME, timm:NAME, hf:NAME "
+                 "(a Hugging Face transformers image classifier), torchscript:PATH or "
+                 "python:MODULE:FACTORY")
+
+# A check takes the value and answers the problem with it, or None.
+Check = Callable[[Any], Optional[str]]
+
+
+def setting(default: Any, help: str, *, parse: Optional[Callable[[str], Any]] = None,
+            check: Optional[Check] = None, choices: Optional[Tuple[str, ...]] = None,
+            flag: Optional[str] = None, shown: Optional[str] = None, repeat: bool = False,
+            metavar: Optional[str] = None, hidden: bool = False, repr: bool = True) -> Any:
+    """A Settings field with its flag's declaration: ``help`` (the default is appended as
+    ``shown``, or the value itself), ``parse`` (flag text → value), ``check``, ``choices``,
+    ``flag`` (default: ``--`` and the field's name with dashes), ``repeat`` (the flag may be
+    given several times; the environment variable takes a comma-separated list)."""
+    return field(default=default, repr=repr, metadata=dict(
+        help=help, parse=parse, check=check, choices=choices, flag=flag, shown=shown,
+        repeat=repeat, metavar=metavar, hidden=hidden))
+
+
+def _between(low: float, high: Optional[float] = None) -> Check:
+    def check(value):
+        if value is None or (value >= low and (high is None or value <= high)):
+            return None
+        return f"must be in {low}..{high}" if high is not None else f"must be at least {low}"
+    return check
+
+
+def _positive(value) -> Optional[str]:
+    return None if value > 0 else "must be positive"
+
+
+def _floats(text: str) -> Tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers like 0.5,0.5,0.5, got {text!r}") from None
+
+
+def _rgb(value) -> Optional[str]:
+    if value is not None and len(value) != 3:
+        return f"needs 3 values (R,G,B), got {len(value)}"
+    return None
+
+
+def _std(value) -> Optional[str]:
+    if value is not None and any(s <= 0 for s in value):
+        return "values must be positive"
+    return _rgb(value)
+
+
+def _size(text: str) -> Tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}")
+    return values[0], values[1]
+
+
+def _sizes_positive(value) -> Optional[str]:
+    return None if value is None or min(value) >= 1 else "must be positive"
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return auto_workers()
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+def _on_off(value: str) -> bool:
+    if value.lower() in ("on", "true", "1", "yes"):
+        return True
+    if value.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r}: say on or off")
+
+
+def _devices(value: str) -> Optional[str]:
+    if not value or any(not d.strip() for d in value.split(",")):
+        return "name a device, e.g. cpu or cuda:0"
+    return None
+
+
+def _tokens(value) -> Optional[str]:
+    if any(not t or any(c.isspace() for c in t) for t in value):
+        return "tokens must be non-empty and without spaces"
+    return None
+
+
+ON_OFF = dict(parse=_on_off, metavar="{on,off}")
 
 
 @dataclass(frozen=True)
 class Settings:
-    # Loopback by default: a server is reachable from other machines only when asked
-    # (--host 0.0.0.0, as containers do), since plaintext without tokens is the default.
-    host: str = "127.0.0.1"
-    port: int = 50051
-    # Model source: "efficientnet_lite0", "torchvision:NAME", "timm:NAME",
-    # "torchscript:PATH" or "python:MODULE:FACTORY".
-    model: str = DEFAULT_MODEL
-    # A state_dict or checkpoint file; "random" for untrained weights; "pretrained" to let
-    # torchvision/timm download their published weights (the only download camserve makes,
-    # and only when asked).
-    weights: Optional[str] = None
-    # Explainable layers (dotted module names); the first is the default. Empty: found.
-    layers: Tuple[str, ...] = ()
-    labels: Optional[str] = None
-    # "auto" (CUDA when available), "cpu", "cuda" (every GPU), "cuda:N"; several devices
-    # comma-separated (--device cuda:0 --device cuda:1): one engine and worker thread each.
-    device: str = "auto"
-    # fp32 (strict), tf32 (CUDA: TF32 tensor cores), bf16 (autocast; CPU too) or fp16
-    # (autocast; CUDA only)
-    precision: str = "fp32"
-    # Batch norms folded into the convolutions before them at load (engine/fold.py): the same
-    # answers, 15-30% less CPU per forward. Off: the model runs as it was built.
-    fold_batchnorm: bool = True
-    # TensorFlow "same" padding (timm's tf_* models, the default one among them) made static
-    # for the model's input size at load (engine/same_padding.py): the same answers, no copy of
-    # each strided convolution's input. Off: the model pads at every call, as built.
-    static_padding: bool = True
-    # JPEGs decoded on the engine's device (batched, nvJPEG on CUDA) or on the host in the
-    # handler: "auto" = on the device when it is CUDA.
-    jpeg_decode: str = "auto"
-    max_batch_size: int = 8
-    # 0: an idle worker starts a lone item at once, and under load items gather while the
-    # previous batch computes; > 0 also waits that long for a batch to fill.
-    max_delay_ms: float = 0.0
-    max_queue: int = 256
-    # Threads that decode requests' images and render answers' heatmaps (0: from the cores).
-    decode_threads: int = 0
-    # Server processes sharing the port, each with a model replica (--workers auto: from the
-    # cores or GPUs). worker_index is this process's number (0: the only process; 1..N: a
-    # worker of the supervisor); the supervisor sets it (hidden flag --worker-index).
-    workers: int = 1
-    worker_index: int = 0
-    # torch's intra-op threads per engine (0: the cores / workers / CPU engines in --device)
-    torch_threads: int = 0
-    # Open streams beyond this are refused with RESOURCE_EXHAUSTED and a retry hint.
-    max_streams: int = 4096
-    # A stream that has sent no frame this long after it opened is closed.
-    stream_idle_s: float = 30.0
-    # HTTP/2 keepalive pings to notice dead peers: every keepalive_s, answered within 20 s.
-    keepalive_s: float = 60.0
-    # Close a connection this long after it opened (0: never), after letting its calls finish
-    # within max_connection_age_grace_s, so that clients reconnect and spread over replicas.
-    max_connection_age_s: float = 0.0
-    max_connection_age_grace_s: float = 30.0
-    # (height, width); None: the model source's default.
-    input_size: Optional[Tuple[int, int]] = None
-    mean: Optional[Tuple[float, float, float]] = None
-    std: Optional[Tuple[float, float, float]] = None
-    max_image_bytes: int = 32 * 1024 * 1024
-    max_image_pixels: int = 50_000_000
-    max_images_per_request: int = 64
+    host: str = setting("127.0.0.1", "address to listen on: this machine only by default; "
+                        "0.0.0.0 for every interface")
+    port: int = setting(50051, "gRPC port; 0 picks a free one and prints it", parse=int,
+                        check=_between(0, 65535))
+    model: str = setting(DEFAULT_MODEL, f"the model: {MODEL_SOURCES}")
+    weights: Optional[str] = setting(
+        None, "state_dict or checkpoint file; 'random' for untrained weights; 'pretrained' "
+        "lets torchvision/timm download their published weights (the only download camserve "
+        "makes, and only when asked)", shown="the model source's own")
+    layers: Tuple[str, ...] = setting(
+        (), "layer that may be explained, a dotted module name (repeatable; the first is the "
+        "default)", flag="--layer", metavar="LAYER", repeat=True,
+        shown="the last 4-D layer before global pooling")
+    labels: Optional[str] = setting(None, "text file with one class label per line",
+                                    shown="the model source's, else class numbers")
+    device: str = setting(
+        "auto", "auto (CUDA when available), cpu, cuda (every GPU) or cuda:N; repeat it for "
+        "several devices, one engine and worker thread each, sharing one queue", repeat=True,
+        check=_devices)
+    precision: str = setting("fp32", "fp32 (strict), tf32 (CUDA: TF32 tensor cores), bf16 "
+                             "(autocast, CPU too) or fp16 (autocast, CUDA only)",
+                             choices=("fp32", "tf32", "bf16", "fp16"))
+    fold_batchnorm: bool = setting(
+        True, "fold batch norms into the convolutions before them when the model loads "
+        "(engine/fold.py): the same answers, a cheaper forward", **ON_OFF)
+    static_padding: bool = setting(
+        True, "make timm's TensorFlow \"same\" padding static for the input size when the "
+        "model loads (engine/same_padding.py): the same answers, no copy of each strided "
+        "convolution's input", **ON_OFF)
+    jpeg_decode: str = setting("auto", "decode JPEGs on the engine's device (batched, nvJPEG "
+                               "on CUDA) or on the host; auto: on the device when it is CUDA",
+                               choices=("auto", "host", "device"))
+    max_batch_size: int = setting(8, "most images one forward takes", parse=int,
+                                  check=_between(1))
+    max_delay_ms: float = setting(
+        0.0, "longest wait for a batch to fill after its first item arrives (0: start at "
+        "once; under load items gather while the previous batch computes)", parse=float,
+        check=_between(0))
+    max_queue: int = setting(256, "items waiting beyond this answer RESOURCE_EXHAUSTED",
+                             parse=int, check=_between(1))
+    decode_threads: int = setting(0, "threads that decode images and render heatmaps (0: from "
+                                  "the cores)", parse=int, check=_between(0))
+    workers: int = setting(1, "server processes sharing the port, each with a model replica; "
+                           "'auto' picks from the cores or GPUs", parse=_workers,
+                           check=_between(1))
+    # This process's number: 0 the only process, 1..N a worker of the supervisor, which sets it.
+    worker_index: int = setting(0, "", parse=int, hidden=True)
+    torch_threads: int = setting(0, "torch's intra-op threads per engine (0: the cores divided "
+                                 "by --workers and by the CPU engines that --device lists)",
+                                 parse=int, check=_between(0))
+    max_streams: int = setting(4096, "open streams beyond this are refused with "
+                               "RESOURCE_EXHAUSTED and a retry hint", parse=int,
+                               check=_between(1))
+    stream_idle_s: float = setting(30.0, "close a stream that sent no frame this long after "
+                                   "it opened", parse=float, check=_positive)
+    keepalive_s: float = setting(60.0, "ping connections this often to notice dead peers "
+                                 "(answered within 20 s)", parse=float, check=_positive)
+    max_connection_age_s: float = setting(
+        0.0, "close connections this long after they opened (0: never), once their calls "
+        "finish, so that clients reconnect and spread over replicas behind a load balancer",
+        parse=float, check=_between(0))
+    max_connection_age_grace_s: float = setting(
+        30.0, "how long calls on a connection closed for its age may take to finish",
+        parse=float, check=_between(0))
+    input_size: Optional[Tuple[int, int]] = setting(
+        None, "the model's input, SIZE or HEIGHTxWIDTH", parse=_size, check=_sizes_positive,
+        shown="the model source's")
+    mean: Optional[Tuple[float, float, float]] = setting(
+        None, "R,G,B normalisation mean", parse=_floats, check=_rgb, shown="the model source's")
+    std: Optional[Tuple[float, float, float]] = setting(
+        None, "R,G,B normalisation std", parse=_floats, check=_std, shown="the model source's")
+    max_image_bytes: int = setting(32 * 1024 * 1024, "largest encoded image", parse=int,
+                                   check=_between(1))
+    max_image_pixels: int = setting(50_000_000, "largest image, in pixels, decoded or raw",
+                                    parse=int, check=_between(1))
+    max_images_per_request: int = setting(64, "most images one request may carry", parse=int,
+                                          check=_between(1))
     # gRPC receives each request whole before any camserve code runs, so the server may hold
-    # calls in flight x this limit in gRPC's own buffers: 32 MiB keeps sixteen at once under
-    # 1 GB (a raw 4K frame is 24.9 MB; send larger images encoded).
-    max_message_bytes: int = 32 * 1024 * 1024
-    max_stream_frames_in_flight: int = 4
-    # Score-CAM costs one forward per channel: requests beyond this many channels are refused.
-    max_score_cam_channels: int = 256
-    max_maps_per_image: int = 64  # methods x targets x layers
-    # One image's explanation may cost at most this many forwards (Score-CAM channels and
-    # faithfulness steps make most of it); the worker runs them in slices between batches.
-    max_item_cost: int = 4096
-    # Bytes of requests being parsed, decoded and answered at once; a request (over 1 MiB)
-    # that does not fit waits for RESOURCE_EXHAUSTED's retry hint. Each holds about 4 times
-    # its size meanwhile (the message, its parsed copy, the pixels, the decoded image).
-    max_inflight_bytes: int = 96 * 1024 * 1024
-    max_faithfulness_steps: int = 256
-    # Heatmaps and overlays of larger images are rendered downscaled to this many pixels.
-    max_render_pixels: int = 8_388_608
-    grace_s: float = 10.0
-    log_level: str = "INFO"
-    log_format: str = "text"  # "text" or "json": one line per event either way
-    # TLS: a PEM certificate chain and key; with a client CA, clients must present a
-    # certificate it signed (mutual TLS).
-    tls_cert: Optional[str] = None
-    tls_key: Optional[str] = None
-    tls_client_ca: Optional[str] = None
-    # Bearer tokens accepted on every RPC but health checks; empty: no authentication.
+    # calls in flight x this limit in gRPC's own buffers.
+    max_message_bytes: int = setting(32 * 1024 * 1024, "largest gRPC message, either way "
+                                     "(send large images encoded)", parse=int,
+                                     check=_between(1))
+    max_stream_frames_in_flight: int = setting(
+        4, "frames one stream (policy ALL) may have queued or running", parse=int,
+        check=_between(2))
+    max_score_cam_channels: int = setting(
+        256, "Score-CAM requests over this many channels (one forward each) are refused",
+        parse=int, check=_between(1))
+    max_maps_per_image: int = setting(64, "most maps one image may ask for (methods x targets "
+                                      "x layers)", parse=int, check=_between(1))
+    max_item_cost: int = setting(
+        4096, "most forwards one image's explanation may cost (Score-CAM channels, "
+        "faithfulness steps); costlier requests are refused, and the worker runs the rest in "
+        "slices between batches", parse=int, check=_between(1))
+    # Each request holds about 4 times its size meanwhile (the message, its parsed copy, the
+    # pixels, the decoded image).
+    max_inflight_bytes: int = setting(
+        96 * 1024 * 1024, "bytes of requests decoded and answered at once; beyond it a request "
+        "over 1 MiB answers RESOURCE_EXHAUSTED with a retry hint", parse=int,
+        check=_between(1))
+    max_faithfulness_steps: int = setting(256, "most deletion/insertion steps a faithfulness "
+                                          "score may take", parse=int, check=_between(2))
+    max_render_pixels: int = setting(8_388_608, "heatmaps and overlays of larger images are "
+                                     "rendered downscaled to this many pixels", parse=int,
+                                     check=_between(1))
+    grace_s: float = setting(10.0, "on SIGTERM or Ctrl-C, how long calls in flight may take to "
+                             "finish (a second Ctrl-C stops at once)", parse=float,
+                             check=_between(0))
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = setting("text", "one line per event either way", choices=("text", "json"))
+    tls_cert: Optional[str] = setting(None, "PEM certificate chain: serve over TLS",
+                                      shown="plaintext")
+    tls_key: Optional[str] = setting(None, "PEM private key of --tls-cert", shown="none")
+    tls_client_ca: Optional[str] = setting(
+        None, "PEM CA bundle: require client certificates it signed (mutual TLS)",
+        shown="no client certificates")
     # Never printed: repr=False keeps them out of logs and tracebacks.
-    auth_tokens: Tuple[str, ...] = field(default=(), repr=False)
-    metrics_port: Optional[int] = None  # Prometheus /metrics over HTTP; 0 picks a free port
-    metrics_host: Optional[str] = None  # where /metrics listens; None: the same as host
-    # The model's name in the Open Inference Protocol (KServe v2 gRPC) served beside camserve's.
-    oip_model_name: str = "camserve"
+    auth_tokens: Tuple[str, ...] = setting(
+        (), "accept 'authorization: Bearer TOKEN' (repeatable); every RPC but health checks "
+        "then needs one", flag="--auth-token", metavar="TOKEN", repeat=True, check=_tokens,
+        repr=False, shown="no authentication")
+    metrics_port: Optional[int] = setting(
+        None, "serve Prometheus metrics on this port (HTTP /metrics; 0 picks a free one)",
+        parse=int, check=_between(0, 65535), shown="off")
+    metrics_host: Optional[str] = setting(None, "address /metrics listens on",
+                                          shown="the same as --host")
+    oip_model_name: str = setting(
+        "camserve", "the model's name in the Open Inference Protocol (KServe v2 gRPC, for "
+        "tritonclient and perf_analyzer)")
 
     @property
     def max_queued_forwards(self) -> int:
@@ -122,60 +262,15 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
-        if not 0 <= self.port <= 65535:
-            problems.append(f"port {self.port} is not in 0..65535")
+        for f in dataclasses.fields(self):
+            check = f.metadata["check"]
+            problem = check(getattr(self, f.name)) if check is not None else None
+            if problem:
+                problems.append(f"{flag_of(f)[2:]} {problem}")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("give --tls-cert and --tls-key together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             problems.append("--tls-client-ca needs --tls-cert and --tls-key")
-        if self.log_format not in ("text", "json"):
-            problems.append(f"log-format must be text or json, not {self.log_format!r}")
-        if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
-            problems.append("auth tokens must be non-empty and without spaces")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            problems.append(f"metrics-port {self.metrics_port} is not in 0..65535")
-        if self.max_batch_size < 1:
-            problems.append("max-batch-size must be at least 1")
-        if self.precision not in ("fp32", "tf32", "bf16", "fp16"):
-            problems.append(f"precision must be fp32, tf32, bf16 or fp16, not "
-                            f"{self.precision!r}")
-        if self.jpeg_decode not in ("auto", "host", "device"):
-            problems.append(f"jpeg-decode must be auto, host or device, not "
-                            f"{self.jpeg_decode!r}")
-        if not self.device or any(not d.strip() for d in self.device.split(",")):
-            problems.append(f"device {self.device!r}: name a device, e.g. cpu or cuda:0")
-        if self.max_delay_ms < 0:
-            problems.append("max-delay-ms must be 0 or more")
-        if self.max_queue < 1:
-            problems.append("max-queue must be at least 1")
-        if self.decode_threads < 0:
-            problems.append("decode-threads must be 0 (from the cores) or more")
-        if self.workers < 1:
-            problems.append("workers must be at least 1 (or auto)")
-        if self.torch_threads < 0:
-            problems.append("torch-threads must be 0 (automatic) or more")
-        if self.stream_idle_s <= 0 or self.keepalive_s <= 0:
-            problems.append("stream-idle-s and keepalive-s must be positive")
-        if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:
-            problems.append("max-connection-age-s and its grace must be 0 or more")
-        if self.input_size is not None and min(self.input_size) < 1:
-            problems.append("input-size must be positive")
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if value is not None and len(value) != 3:
-                problems.append(f"{name} needs 3 values (R,G,B), got {len(value)}")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            problems.append("std values must be positive")
-        for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request",
-                     "max_message_bytes", "max_stream_frames_in_flight",
-                     "max_score_cam_channels", "max_maps_per_image", "max_streams",
-                     "max_render_pixels", "max_item_cost", "max_inflight_bytes"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name.replace('_', '-')} must be at least 1")
-        if self.max_faithfulness_steps < 2:
-            problems.append("max-faithfulness-steps must be at least 2")
-        if self.max_stream_frames_in_flight < 2:
-            problems.append("max-stream-frames-in-flight must be at least 2")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -192,38 +287,12 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _floats(text: str) -> Tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected numbers like 0.5,0.5,0.5, got {text!r}") from None
-
-
-def _size(text: str) -> Tuple[int, int]:
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        values = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}")
-    return values[0], values[1]
-
-
-def _workers(text: str) -> int:
-    if text.strip().lower() == "auto":
-        return auto_workers()
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
 # --workers auto on CPU: at most this many processes (each holds a model replica and its own
-# torch, about 0.8 GB for the default model).
+# torch).
 MAX_AUTO_CPU_WORKERS = 4
 
 
@@ -248,10 +317,9 @@ def usable_cpus() -> int:
 def auto_workers() -> int:
     """--workers auto: one process per GPU when there are several, one with a single GPU; on
     CPU, one process per core up to MAX_AUTO_CPU_WORKERS (torch threads: the cores divided
-    among them). On 2 cores, 2 workers x 1 torch thread answered 14-60 % more images/s than 1 x
-    2, at a lower p50 (bench/bench_workers.py, the README's table): a process's
-    decoding and gRPC work runs beside the other's model, and one-thread convolutions waste
-    less than two threads splitting small batches."""
+    among them), since a process's decoding and gRPC work then runs beside another's model,
+    and one-thread convolutions waste less than several threads splitting small batches
+    (bench/bench_workers.py compares the configurations)."""
     try:
         import torch
 
@@ -263,131 +331,49 @@ def auto_workers() -> int:
     return max(1, min(MAX_AUTO_CPU_WORKERS, usable_cpus()))
 
 
-def _on_off(value: str) -> bool:
-    if value.lower() in ("on", "true", "1", "yes"):
-        return True
-    if value.lower() in ("off", "false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{value!r}: say on or off")
+# Not a setting: its tokens join --auth-token's.
+TOKEN_FILE = "--auth-token-file"
+
+
+def _shown(f: dataclasses.Field) -> str:
+    if f.metadata["shown"] is not None:
+        return f.metadata["shown"]
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    return str(f.default)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = Settings()
+    """The flags, from Settings' declarations. No argument has a default here (parse_settings
+    tells the given flags from the rest); each help says the default itself."""
     p = argparse.ArgumentParser(
-        prog="camserve-server",
+        prog="camserve-server", argument_default=argparse.SUPPRESS,
         description="Serve an image classifier over gRPC with Grad-CAM explanations. "
-        "Every flag can also be set as CAMSERVE_<FLAG> in the environment.",
-    )
-    p.add_argument("--host", default=d.host,
-                   help="address to listen on (default %(default)s: this machine only; "
-                   "0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=d.port,
-                   help="port; 0 picks a free one and prints it (default %(default)s)")
-    p.add_argument("--model", default=d.model,
-                   help="efficientnet_lite0 (default), torchvision:NAME, timm:NAME, "
-                   "torchscript:PATH or python:MODULE:FACTORY")
-    p.add_argument("--weights", default=None,
-                   help="state_dict or checkpoint file; 'random' for untrained weights; "
-                   "'pretrained' lets torchvision/timm download theirs")
-    p.add_argument("--layer", dest="layers", action="append", default=None,
-                   help="layer that may be explained (repeatable; the first is the default; "
-                   "default: the last 4-D layer before global pooling)")
-    p.add_argument("--labels", default=None, help="text file with one class label per line")
-    p.add_argument("--device", action="append", default=None,
-                   help="auto (CUDA when available; the default), cpu, cuda (every GPU) or "
-                   "cuda:N; repeat it for several devices, one engine and worker each, sharing "
-                   "one queue")
-    p.add_argument("--precision", default=d.precision,
-                   choices=("fp32", "tf32", "bf16", "fp16"),
-                   help="fp32 (default), tf32 (CUDA), bf16 (autocast, CPU too) or fp16 "
-                   "(autocast, CUDA only)")
-    p.add_argument("--fold-batchnorm", type=_on_off, default=d.fold_batchnorm,
-                   metavar="{on,off}",
-                   help="fold batch norms into the convolutions before them when the model "
-                   "loads: the same answers, a cheaper forward (default on)")
-    p.add_argument("--static-padding", type=_on_off, default=d.static_padding,
-                   metavar="{on,off}",
-                   help="make timm's TensorFlow \"same\" padding static for the input size "
-                   "when the model loads: the same answers, a cheaper forward (default on)")
-    p.add_argument("--jpeg-decode", default=d.jpeg_decode, choices=("auto", "host", "device"),
-                   help="decode JPEGs on the engine's device (nvJPEG on CUDA) or on the host; "
-                   "auto: on the device when it is CUDA")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    p.add_argument("--max-delay-ms", type=float, default=d.max_delay_ms,
-                   help="longest wait for a batch to fill after its first item arrives "
-                   "(default 0: start at once; batches fill while the previous computes)")
-    p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help="items waiting beyond this answer RESOURCE_EXHAUSTED")
-    p.add_argument("--decode-threads", type=int, default=d.decode_threads,
-                   help="threads that decode images and render heatmaps (0: from the cores)")
-    p.add_argument("--workers", type=_workers, default=d.workers,
-                   help="server processes sharing the port, each with a model replica; "
-                   "'auto' picks from the cores or GPUs (default %(default)s)")
-    p.add_argument("--worker-index", type=int, default=d.worker_index, help=argparse.SUPPRESS)
-    p.add_argument("--torch-threads", type=int, default=d.torch_threads,
-                   help="torch threads per engine (0: the cores divided by --workers and by "
-                   "the CPU engines that --device lists)")
-    p.add_argument("--max-streams", type=int, default=d.max_streams,
-                   help="open streams beyond this are refused with RESOURCE_EXHAUSTED")
-    p.add_argument("--stream-idle-s", type=float, default=d.stream_idle_s,
-                   help="close a stream that sent no frame this long after it opened")
-    p.add_argument("--keepalive-s", type=float, default=d.keepalive_s,
-                   help="ping idle connections this often to notice dead peers")
-    p.add_argument("--max-connection-age-s", type=float, default=d.max_connection_age_s,
-                   help="close connections this long after they opened (0: never), so that "
-                   "clients reconnect and spread over replicas behind a load balancer")
-    p.add_argument("--max-connection-age-grace-s", type=float,
-                   default=d.max_connection_age_grace_s,
-                   help="how long calls on a connection closed for its age may take to finish")
-
-    p.add_argument("--input-size", type=_size, default=None, help="SIZE or HEIGHTxWIDTH")
-    p.add_argument("--mean", type=_floats, default=None, help="R,G,B normalisation mean")
-    p.add_argument("--std", type=_floats, default=None, help="R,G,B normalisation std")
-    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
-    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
-    p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request)
-    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
-    p.add_argument("--max-stream-frames-in-flight", type=int,
-                   default=d.max_stream_frames_in_flight,
-                   help="frames one stream (policy ALL) may have queued or running")
-    p.add_argument("--max-score-cam-channels", type=int, default=d.max_score_cam_channels,
-                   help="Score-CAM requests over this many channels (one forward each) are "
-                   "refused")
-    p.add_argument("--max-maps-per-image", type=int, default=d.max_maps_per_image)
-    p.add_argument("--max-item-cost", type=int, default=d.max_item_cost,
-                   help="most forwards one image's explanation may cost (Score-CAM channels, "
-                   "faithfulness steps); costlier requests are refused")
-    p.add_argument("--max-inflight-bytes", type=int, default=d.max_inflight_bytes,
-                   help="bytes of requests decoded and answered at once; beyond it large "
-                   "requests answer RESOURCE_EXHAUSTED with a retry hint")
-    p.add_argument("--max-faithfulness-steps", type=int, default=d.max_faithfulness_steps)
-    p.add_argument("--max-render-pixels", type=int, default=d.max_render_pixels,
-                   help="heatmaps and overlays of larger images are rendered downscaled")
-    p.add_argument("--grace-s", type=float, default=d.grace_s,
-                   help="on SIGTERM, how long in-flight calls may take to finish")
-    p.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
-    p.add_argument("--log-format", default=d.log_format, choices=("text", "json"))
-    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS")
-    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    p.add_argument("--tls-client-ca", default=None,
-                   help="PEM CA bundle: require client certificates it signed (mutual TLS)")
-    p.add_argument("--auth-token", dest="auth_tokens", action="append", default=None,
-                   help="accept 'authorization: Bearer TOKEN' (repeatable); every RPC but "
-                   "health checks then needs one")
-    p.add_argument("--auth-token-file", default=None,
-                   help="file with one accepted token per line")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics on this port (HTTP /metrics)")
-    p.add_argument("--metrics-host", default=None,
-                   help="address /metrics listens on (default: the same as --host)")
-    p.add_argument("--oip-model-name", default=d.oip_model_name,
-                   help="the model's name in the Open Inference Protocol (KServe v2 gRPC, "
-                   "for tritonclient and perf_analyzer; default %(default)s)")
+        "Every flag can also be set as CAMSERVE_<FLAG> in the environment "
+        "(CAMSERVE_MAX_BATCH_SIZE=16); a flag on the command line wins.")
+    for f in dataclasses.fields(Settings):
+        m = f.metadata
+        if m["hidden"]:
+            text = argparse.SUPPRESS
+        else:
+            text = f"{m['help']} (default: {_shown(f)})".replace("%", "%%")
+        kwargs = dict(dest=f.name, help=text, action="append" if m["repeat"] else "store")
+        for key in ("choices", "metavar"):
+            if m[key] is not None:
+                kwargs[key] = m[key]
+        if m["metavar"] is None and m["parse"] in (int, float):
+            kwargs["metavar"] = "N"
+        if m["parse"] is not None:
+            kwargs["type"] = m["parse"]
+        p.add_argument(flag_of(f), **kwargs)
+    p.add_argument(TOKEN_FILE, dest="auth_token_file",
+                   help="file with one accepted token per line, added to --auth-token's "
+                   "(default: none)")
     return p
 
 
 def _env_args(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> list:
-    """Turn CAMSERVE_* variables into command-line arguments placed before the real ones."""
+    """Turn CAMSERVE_* variables into command-line arguments."""
     args = []
     for action in parser._actions:  # argparse offers no public iterator over its options
         long = next((o for o in action.option_strings if o.startswith("--")), None)
@@ -396,7 +382,7 @@ def _env_args(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> li
         value = environ.get("CAMSERVE_" + long[2:].upper().replace("-", "_"))
         if value is None or value == "":
             continue
-        repeatable = action.dest in ("layers", "auth_tokens", "device")
+        repeatable = isinstance(action, argparse._AppendAction)
         values = [v.strip() for v in value.split(",")] if repeatable else [value]
         for v in values:
             args += [long, v]
@@ -408,29 +394,25 @@ def parse_settings(argv: Optional[Sequence[str]] = None,
     parser = build_parser()
     environ = os.environ if environ is None else environ
     cli = sys.argv[1:] if argv is None else list(argv)
-    merged = vars(parser.parse_args(_env_args(parser, environ)))
     # Flags given on the command line win, even when they say the default; repeatable flags
-    # are replaced, not merged. A parser without defaults tells which flags were given.
-    given = build_parser()
-    for action in given._actions:
-        action.default = argparse.SUPPRESS
-    merged.update(vars(given.parse_args(cli)))
-    merged["layers"] = tuple(merged["layers"] or ())
-    merged["device"] = ",".join(merged["device"] or ()) or Settings.device
-    tokens = list(merged["auth_tokens"] or ())
-    token_file = merged.pop("auth_token_file")
+    # are replaced, not merged.
+    given = vars(parser.parse_args(_env_args(parser, environ)))
+    given.update(vars(parser.parse_args(cli)))
+    token_file = given.pop("auth_token_file", None)
     if token_file:
         try:
             with open(token_file, encoding="utf-8") as f:
-                tokens += [line.strip() for line in f if line.strip()]
+                tokens = [line.strip() for line in f if line.strip()]
         except OSError as exc:
-            parser.error(f"cannot read --auth-token-file: {exc.strerror}")
-    merged["auth_tokens"] = tuple(tokens)
-    for key in ("mean", "std"):
-        if merged[key] is not None:
-            merged[key] = tuple(merged[key])
+            parser.error(f"cannot read {TOKEN_FILE}: {exc.strerror}")
+        given["auth_tokens"] = given.get("auth_tokens", []) + tokens
+    if "device" in given:
+        given["device"] = ",".join(given["device"])
+    for name in ("layers", "auth_tokens"):
+        if name in given:
+            given[name] = tuple(given[name])
     try:
-        return Settings(**merged)
+        return Settings(**given)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
