@@ -263,8 +263,11 @@ class Settings:
     def __post_init__(self) -> None:
         problems = []
         for f in dataclasses.fields(self):
-            check = f.metadata["check"]
-            problem = check(getattr(self, f.name)) if check is not None else None
+            value, check, choices = getattr(self, f.name), f.metadata["check"], f.metadata[
+                "choices"]
+            problem = check(value) if check is not None else None
+            if choices is not None and value not in choices:
+                problem = f"must be {', '.join(choices[:-1])} or {choices[-1]}, not {value!r}"
             if problem:
                 problems.append(f"{flag_of(f)[2:]} {problem}")
         if (self.tls_cert is None) != (self.tls_key is None):
