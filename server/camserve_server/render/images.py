@@ -6,7 +6,7 @@ picture. JPEGs are rotated as their EXIF orientation says; the size reported bac
 caller is the size after that rotation.
 
 With ``Limits.device_jpeg`` (CUDA: the engine decodes JPEGs on its device, in batches) a plain
-JPEG (RGB or gray, no EXIF rotation, no overlay asked for) is only checked here, from its
+JPEG (RGB or gray, no EXIF rotation) is only checked here, from its
 header (format, pixel limit), and travels as an EncodedJpeg; everything else is decoded here
 as above.
 
@@ -16,6 +16,7 @@ puts the image's name in front ("image 2 is empty: ...", "frame 17 ...").
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
@@ -74,27 +75,32 @@ def prepare(source, input_size: Tuple[int, int], limits: Limits,
     """Decode ``source`` (encoded bytes or RawPixels) and resize it to ``input_size`` (h, w).
 
     With ``full_pixels``, the whole image is kept too (for overlays), downscaled to at most
-    that many pixels: the image is decoded once for both."""
-    if limits.device_jpeg and full_pixels is None and not isinstance(source, RawPixels):
-        deferred = _device_jpeg(source, limits)
-        if deferred is not None:
-            return deferred
+    that many pixels. The model's input is made the same way whether or not it is: the
+    overlay's copy of an encoded image is decoded on its own, so that an answer never depends
+    on which outputs were asked for."""
     if isinstance(source, RawPixels):
         rgb = raw_rgb(source, limits)
         size = rgb.shape[:2]
-        image = None if size == tuple(input_size) and full_pixels is None else Image.fromarray(rgb)
-        if image is None:
-            return Decoded(rgb, size)
-    else:
-        image, size = _open(source, limits, draft=None if full_pixels else input_size)
-    full = None
-    if full_pixels is not None:
-        shown = render_size(size, full_pixels)
-        full = np.asarray(image if shown == tuple(size) else image.resize(
-            (shown[1], shown[0]), Image.BILINEAR), dtype=np.uint8)
-    if image.size != (input_size[1], input_size[0]):
-        image = image.resize((input_size[1], input_size[0]), Image.BILINEAR)
-    return Decoded(np.asarray(image, dtype=np.uint8), size, full)
+        pixels = rgb if size == tuple(input_size) else _resized(Image.fromarray(rgb), input_size)
+        full = None if full_pixels is None else _resized(Image.fromarray(rgb),
+                                                         render_size(size, full_pixels))
+        return Decoded(pixels, size, full)
+    decoded = _device_jpeg(source, limits) if limits.device_jpeg else None
+    if decoded is None:
+        image, size = _open(source, limits, draft=input_size)
+        decoded = Decoded(_resized(image, input_size), size)
+    if full_pixels is None:
+        return decoded
+    shown = render_size(decoded.size, full_pixels)
+    image, _ = _open(source, limits, draft=shown)
+    return dataclasses.replace(decoded, full=_resized(image, shown))
+
+
+def _resized(image: Image.Image, size: Tuple[int, int]) -> np.ndarray:
+    """``image`` as uint8 RGB at ``size`` (height, width)."""
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def raw_rgb(raw: RawPixels, limits: Limits) -> np.ndarray:
