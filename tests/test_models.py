@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from camserve_server.engine.models import imagenet_labels, load_model
+from camserve_server.engine.labels import imagenet_labels
+from camserve_server.engine.models import load_model
 from camserve_server.errors import StartupError
 from camserve_server.process.settings import Settings
 

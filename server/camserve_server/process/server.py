@@ -192,7 +192,8 @@ class CamServer:
         import torch
 
         from ..engine.engine import Engine, check_precision
-        from ..engine.models import load_model, resolve_devices
+        from ..engine.models import load_model
+        from ..engine.placement import resolve_devices
         from ..engine.sanity import SanityChecker
 
         s = self.settings
