@@ -11,8 +11,9 @@ skipped.
 - Policy LATEST: the reader never waits for the server. A frame still queued when a newer one
   arrives is withdrawn (skipped) before it costs compute, and when every slot is held the
   oldest answers not yet written are dropped (skipped) too, so a caller that does not read
-  its answers costs the server a few frames, not memory. Each answer counts the frames
-  skipped since the previous one; the last frame is always answered.
+  its answers costs the server a few frames, not memory. Each answer's ``skipped`` counts
+  the frames read between the previous answer's frame and its own that got no answer; the
+  last frame is always answered.
 
 A bad frame is answered with an error and the stream goes on; so is every frame after a bad
 config, until a good one (a message that is not a request at all ends the stream with
@@ -51,6 +52,7 @@ class Prepared:
 @dataclass
 class _Entry:
     frame_id: int
+    seq: int  # the frame's place in the stream: 0 for the first frame read
     ticket: Optional[Ticket] = None  # None when the frame failed before the batcher
     error: Optional[ServiceError] = None
     finish: Optional[Callable[[Any], Awaitable[Any]]] = None
@@ -112,7 +114,8 @@ class StreamSession:
         self._changed = asyncio.Event()  # set when entries or slots change
         self._tally = tally
         self._count = 0  # frames read and not yet answered or skipped (_held)
-        self._skipped = 0  # skipped since the previous answer
+        self._read_frames = 0  # frames read so far: the next frame's seq
+        self._answered = -1  # the seq of the last frame answered
         self._queued: Optional[_Entry] = None  # LATEST: the newest submitted frame
 
     @property
@@ -157,7 +160,8 @@ class StreamSession:
             if self.policy is None:
                 self.policy = ALL
             self._frames.items += 1
-            entry = await self._submit(message.frame)
+            entry = await self._submit(message.frame, self._read_frames)
+            self._read_frames += 1
             if self.policy == LATEST:
                 self._make_room()
                 if self._held >= self._max:
@@ -179,8 +183,8 @@ class StreamSession:
         except ServiceError as exc:
             self._config_error = exc
 
-    async def _submit(self, frame) -> _Entry:
-        entry = _Entry(frame.frame_id)
+    async def _submit(self, frame, seq: int) -> _Entry:
+        entry = _Entry(frame.frame_id, seq)
         if self._config_error is not None:
             entry.error = self._config_error
             return entry
@@ -214,7 +218,6 @@ class StreamSession:
         except ValueError:
             return  # not pushed yet (it is the entry being submitted): never counted
         self._held -= 1
-        self._skipped += 1
         self._changed.set()
 
     async def _slot(self) -> None:
@@ -263,14 +266,14 @@ class StreamSession:
             self.close()
 
     async def _outcome(self, entry: _Entry):
-        """The answer for a settled entry (None when its ticket was withdrawn)."""
-        skipped, self._skipped = self._skipped, 0
-        if entry.ticket is None:
-            return self._answer(entry.frame_id, skipped, error=entry.error)
+        """The answer for a settled entry (None when its ticket was withdrawn). It counts
+        as skipped the frames between the previous answer's and this one."""
         ticket = entry.ticket
-        if ticket.cancelled():
-            self._skipped += skipped + 1
+        if ticket is not None and ticket.cancelled():
             return None
+        skipped, self._answered = entry.seq - self._answered - 1, entry.seq
+        if ticket is None:
+            return self._answer(entry.frame_id, skipped, error=entry.error)
         error = ticket.exception()
         if error is not None:
             return self._answer(entry.frame_id, skipped, error=error)
