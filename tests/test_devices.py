@@ -254,7 +254,7 @@ def test_after_a_batch_with_company_the_worker_waits_for_as_many(monkeypatch):
     1 it never waits. (The window is made 5 s here so that the 50 ms gaps fall inside it.)"""
     import time
 
-    from camserve_server.batching import batcher as module
+    from camserve_server.batching import queue as module
 
     monkeypatch.setattr(module, "COMPANY_WAIT", 100.0)
     monkeypatch.setattr(module, "COMPANY_WAIT_MAX_S", 5.0)

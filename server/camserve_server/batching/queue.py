@@ -1,0 +1,244 @@
+"""The bounded queue every device worker takes from: admission when an item is submitted, and
+again when a worker takes it, and how a worker gathers its next batch.
+
+Admission. A full queue refuses at once with a retry hint (``QueueFull``); so does an expensive
+item (extra forwards: Score-CAM channels, faithfulness steps) when the forwards of the queued
+items and the jobs would pass ``max_job_forwards``; a deadline shorter than the expected wait is
+refused before the item is queued (``DeadlineExceeded``). When a worker takes an item, one whose
+caller gave up, or whose deadline would pass before its batch could finish, is dropped before it
+costs compute.
+
+The expected wait that deadlines and retry hints use counts waiting work in forwards: the
+batches ahead, a slice of the jobs' between each, and for an expensive item the jobs' forwards
+ahead and its own, divided among the workers. Its estimates of a batch's and of one forward's
+compute time are running means of what the workers measure.
+
+Gathering. A worker takes every item waiting, up to ``max_batch_size``: when it is idle a lone
+item starts at once, and under load items gather while the previous batch computes, so batches
+fill by themselves. After a batch of n > 1 items it waits up to a quarter of a batch's compute
+time (50 ms at most) for n items: closed-loop callers answered together come back one by one,
+and would otherwise split into a batch of 1 and a batch of n - 1. With ``max_delay_ms`` > 0 the
+worker instead waits up to that long after the first item for the batch to fill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, Iterator, List, Optional
+
+from ..domain import WorkItem
+from ..errors import DeadlineExceeded, QueueFull
+from ..process.metrics import Metrics
+from .tickets import Ticket
+
+# After a batch of n > 1 items, wait up to this fraction of a batch's compute time (at most
+# COMPANY_WAIT_MAX_S) for n items before starting the next (--max-delay-ms 0 only).
+COMPANY_WAIT = 0.25
+COMPANY_WAIT_MAX_S = 0.05
+
+_SLICE_FORWARDS = 16  # images per slice of a job (the engine's chunk)
+
+
+@dataclass(eq=False)
+class Pending:
+    """An item in the queue, or taken from it and not yet answered."""
+
+    work: WorkItem
+    future: Ticket
+    enqueued: float
+    deadline: Optional[float]  # time.monotonic() value; None: no deadline
+
+    @property
+    def extra(self) -> int:
+        """The extra forwards its explanation needs (its job's), 0 when none."""
+        explain = self.work.explain
+        return explain.extra_cost if explain is not None else 0
+
+
+class WorkQueue:
+    """The items waiting, the forwards of expensive work not yet run, and the estimates of
+    compute time; shared by the handlers (``submit``) and the device workers. ``cond`` guards
+    ``items`` and ``job_forwards``."""
+
+    def __init__(self, *, max_batch_size: int, max_delay_ms: float, max_queue: int,
+                 max_job_forwards: int, metrics: Metrics, batch_seconds: float,
+                 workers: int) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_ms / 1000.0
+        self.metrics = metrics
+        self.items: Deque[Pending] = deque()
+        self.cond = threading.Condition()
+        self.job_forwards = 0  # extra forwards of the queued items and the jobs, not yet run
+        self.stopping = threading.Event()
+        self.idle_workers = 0  # workers waiting for items (under cond)
+        self.arriving_items = 0  # items the handlers are decoding for the queue (event loop only)
+        # Running means of one batch's compute time and of one forward's (from the slices):
+        # retry hints and deadline checks use them.
+        self.batch_seconds = batch_seconds
+        self.forward_seconds = batch_seconds / max_batch_size
+        self._max_queue = max_queue
+        self._max_job_forwards = max_job_forwards
+        self._workers = workers
+
+    # --- handler side ----------------------------------------------------------------------
+
+    def submit(self, work: WorkItem, deadline: Optional[float] = None) -> Ticket:
+        """Queue one item (see :meth:`Batcher.submit`)."""
+        now = time.monotonic()
+        extra = work.explain.extra_cost if work.explain is not None else 0
+        if deadline is not None:
+            expected = self.expected_wait(extra)
+            if deadline - now < expected:
+                self.metrics.dropped.labels("deadline").inc()
+                raise DeadlineExceeded(
+                    f"the deadline leaves {max(0.0, deadline - now) * 1000:.0f} ms, and this "
+                    f"server needs about {expected * 1000:.0f} ms to answer now; allow more "
+                    "time (the call's timeout)")
+        pending = Pending(work, Ticket(), now, deadline)
+        with self.cond:
+            if len(self.items) >= self._max_queue:
+                retry = self.expected_wait()
+                raise QueueFull(f"the server is busy: {len(self.items)} items are waiting; "
+                                f"retry in {retry * 1000:.0f} ms", retry_after_s=retry)
+            if extra and self.job_forwards + extra > self._max_job_forwards:
+                retry = self.job_forwards * self.forward_seconds
+                raise QueueFull(f"the server is busy with {self.job_forwards} forwards of "
+                                f"expensive explanations; retry in {retry:.0f} s",
+                                retry_after_s=retry, reason="EXPENSIVE_WORK_FULL")
+            self.items.append(pending)
+            self.job_forwards += extra
+            self.cond.notify()
+        pending.future.add_done_callback(lambda f: f.cancelled() and self._forget(pending))
+        return pending.future
+
+    def _forget(self, pending: Pending) -> None:
+        """A withdrawn item leaves the queue at once (so it holds no queue slot)."""
+        with self.cond:
+            try:
+                self.items.remove(pending)
+            except ValueError:
+                return  # the worker took it already and drops it there
+            self.job_forwards -= pending.extra
+        self.metrics.dropped.labels(pending.future.reason).inc()
+
+    def depth(self) -> int:
+        return len(self.items)
+
+    @contextlib.contextmanager
+    def arriving(self, items: int) -> Iterator[None]:
+        """See :meth:`Batcher.arriving`."""
+        self.arriving_items += items
+        try:
+            yield
+        finally:
+            self.arriving_items -= items
+
+    def expected_wait(self, extra_forwards: int = 0) -> float:
+        """Seconds until an item queued now (with that many extra forwards) would be
+        answered: the batches ahead, a slice of the jobs' between each, and for an expensive
+        item the jobs' forwards ahead, which it shares the worker with, and its own."""
+        workers = self._workers
+        batches_ahead = math.ceil((len(self.items) // self.max_batch_size + 1) / workers)
+        wait = self.batch_seconds * batches_ahead
+        if self.job_forwards:
+            wait += batches_ahead * _SLICE_FORWARDS * self.forward_seconds
+        if extra_forwards:
+            wait += (self.job_forwards / workers + extra_forwards) * self.forward_seconds
+        return wait
+
+    # --- worker side -----------------------------------------------------------------------
+
+    def gather(self, last_batch: int, jobs_waiting: bool) -> Optional[List[Pending]]:
+        """The items of a worker's next batch, taken from the queue (not yet admitted); an
+        empty list when the worker's jobs wait for their slices (or another worker took the
+        items meanwhile); None: stop. ``last_batch``: the size of the worker's last batch."""
+        with self.cond:
+            self.idle_workers += 1
+            try:
+                while not self.items:
+                    if jobs_waiting:
+                        return []
+                    if self.stopping.is_set():
+                        return None
+                    self.cond.wait(0.5)
+            finally:
+                self.idle_workers -= 1
+            if self.max_delay_s > 0:
+                closes, want = self.items[0].enqueued + self.max_delay_s, self.max_batch_size
+            else:
+                # The last batch had company: its callers are likely sending again. Wait a
+                # fraction of a batch's time for as many items, so that closed-loop callers
+                # do not split into a small batch and a large one. A lone caller never waits.
+                closes = time.monotonic() + min(COMPANY_WAIT * self.batch_seconds,
+                                                COMPANY_WAIT_MAX_S)
+                want = min(last_batch, self.max_batch_size) if last_batch > 1 else 0
+            while len(self.items) < want and not self.stopping.is_set():
+                remaining = closes - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.cond.wait(remaining)
+            return [self.items.popleft()
+                    for _ in range(min(self.max_batch_size, len(self.items)))]
+
+    def take_full_batch(self) -> List[Pending]:
+        """A full batch that is already waiting, when no worker is idle to take it; else
+        nothing."""
+        with self.cond:
+            if self.idle_workers or len(self.items) < self.max_batch_size:
+                return []
+            return [self.items.popleft() for _ in range(self.max_batch_size)]
+
+    def take_arriving(self, room: int, closes: float) -> List[Pending]:
+        """Up to ``room`` items, after waiting until ``closes`` (a time.monotonic() value) at
+        most for those the handlers are still decoding (:meth:`arriving`)."""
+        with self.cond:
+            while len(self.items) < room and self.arriving_items and not self.stopping.is_set():
+                remaining = closes - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.cond.wait(remaining)
+            return [self.items.popleft() for _ in range(min(room, len(self.items)))]
+
+    def admit(self, pending: Pending, batches: int = 1) -> bool:
+        """Drop an item whose caller cancelled, or whose deadline would pass before its batch
+        could finish, before it costs compute."""
+        if not pending.future.set_running_or_notify_cancel():
+            self.settle(pending)
+            self.metrics.dropped.labels(pending.future.reason).inc()
+            return False
+        if pending.deadline is not None and (
+                pending.deadline - time.monotonic() < batches * self.batch_seconds):
+            self.settle(pending)
+            self.metrics.dropped.labels("deadline").inc()
+            pending.future.set_exception(DeadlineExceeded(
+                "the deadline would pass before this item's batch finished; allow more time"))
+            return False
+        return True
+
+    def settle(self, pending: Pending) -> None:
+        """The item's extra forwards will not run (or have run): stop counting them."""
+        self.release(pending.extra)
+
+    def release(self, forwards: int) -> None:
+        """That many extra forwards have run, or will not: stop counting them."""
+        with self.cond:
+            self.job_forwards -= forwards
+
+    def estimate(self, batch_seconds: float) -> None:
+        """A full batch takes that long (a worker's warm-up measured it): both estimates
+        start from it."""
+        self.batch_seconds = batch_seconds
+        self.forward_seconds = batch_seconds / self.max_batch_size
+
+    def learn_batch(self, seconds: float) -> None:
+        """A batch took that long: the running mean follows it."""
+        self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds
+
+    def learn_forwards(self, seconds: float, forwards: int) -> None:
+        """A slice of that many forwards took that long: the running mean follows it."""
+        self.forward_seconds = 0.8 * self.forward_seconds + 0.2 * seconds / forwards
