@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import logging
 import os
@@ -16,7 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camserve._calls import resolve_target
+from camserve import AsyncClient, CamserveError, Client
+from camserve._calls import health_request, health_status, resolve_target
+from camserve.cli import build_parser, cmd_info
+from camserve.results import ModelInfo
+from camserve.v1 import camserve_pb2 as pb
 from camserve_server.process.server import CamServer
 from camserve_server.process.settings import Settings
 
@@ -145,6 +151,14 @@ def test_info_while_the_model_loads_shows_the_state():
         assert "classes" not in done.stdout and "methods" not in done.stdout
         done = run("info", "--json", target=f"127.0.0.1:{port}")
         assert done.returncode == 1 and json.loads(done.stdout)["state"] == "loading"
+        done = run("health", target=f"127.0.0.1:{port}")
+        assert done.returncode == 1 and done.stdout.strip() == "NOT_SERVING"
+        with Client(f"127.0.0.1:{port}") as client:
+            assert client.health() == "NOT_SERVING"
+            with pytest.raises(CamserveError) as caught:
+                client.wait_until_ready(timeout=0.2)
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            assert caught.value.reason == "LOADING"
     finally:
         loader.join()
         server.stop(grace=0)
@@ -381,3 +395,83 @@ def test_stream_latest_writes_the_sources_timeline(tmp_path):
     assert skipped > 0, "the model kept up: the test did not make it skip"
     assert f"wrote 12 frames to {out}" in done.stdout
     assert int(cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+
+
+def _subcommands() -> dict:
+    parser = build_parser()
+    return next(a for a in parser._actions
+                if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_help_works(capsys):
+    """`camserve --help` (the installed entry point) and every subcommand's --help exit 0 and
+    print their help, without reST markup."""
+    done = run("--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: camserve") and "``" not in done.stdout
+    assert "Exit status: 0 when" in " ".join(done.stdout.split())
+    for name in _subcommands():
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args([name, "--help"])
+        assert exited.value.code == 0, name
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: camserve {name}") and "``" not in out, name
+        assert "--target" in out, name
+
+
+def test_every_option_and_positional_has_help():
+    parser = build_parser()
+    for name, sub in [("camserve", parser), *_subcommands().items()]:
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help != argparse.SUPPRESS and action.help.strip(), \
+                f"{name}: {action.option_strings or action.dest} has no help"
+
+
+def test_info_prints_floats_rounded(capsys):
+    """mean and std travel as float32: info prints 0.485, not 0.48500001430511475."""
+    message = pb.GetModelInfoResponse(
+        name="resnet", state=pb.SERVER_STATE_SERVING, labels=["a", "b", "c"],
+        input_size=pb.ImageSize(height=224, width=224), mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225])
+    info = ModelInfo.from_proto(message)
+    assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)
+
+    class Answers:
+        def model_info(self):
+            return info
+
+    assert cmd_info(Answers(), argparse.Namespace(json=False)) == 0
+    out = capsys.readouterr().out
+    assert "224x224, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)" in out, out
+
+
+def test_health_command_and_client_health(default_server):
+    server, client = default_server
+    done = run("health", target=f"127.0.0.1:{server.port}")
+    assert done.returncode == 0 and done.stdout.strip() == "SERVING", done.stderr
+    assert client.health() == "SERVING"
+    assert client.health("camserve.v1.CamserveService") == "SERVING"
+    with pytest.raises(CamserveError) as caught:
+        client.health("no.such.Service")
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+    async def check():
+        async with AsyncClient(f"127.0.0.1:{server.port}") as aclient:
+            return await aclient.health()
+
+    assert asyncio.run(check()) == "SERVING"
+
+
+def test_health_messages_match_grpc_health():
+    """The client's hand-written codec of grpc.health.v1 (it does not depend on
+    grpcio-health-checking) reads and writes what the real messages do."""
+    from grpc_health.v1 import health_pb2
+
+    for service in ("", "camserve.v1.CamserveService", "x" * 300):
+        assert health_request(service) == \
+            health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    for name, status in health_pb2.HealthCheckResponse.ServingStatus.items():
+        data = health_pb2.HealthCheckResponse(status=status).SerializeToString()
+        assert health_status(data) == name

@@ -99,6 +99,22 @@ def test_latest_policy_under_overload():
     assert skipped_metric == skipped
 
 
+def test_latest_policy_counts_the_skipped_frames_before_each_answer():
+    """`skipped` counts the frames dropped since the previous answer (the proto's meaning):
+    an answer's skipped is the number of frames between the previous answered frame and its
+    own, so the counts sum to the frames sent minus the frames answered."""
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(30)]
+    with running(model=SLOW, max_batch_size=8, max_delay_ms=0) as (_, client):
+        results = list(client.stream_predict(frames, policy="latest"))
+    ids = [r.frame_id for r in results]
+    assert len(results) < len(frames), "the model kept up: the test did not overload it"
+    assert sum(r.skipped for r in results) == len(frames) - len(results)
+    previous = [-1] + ids[:-1]
+    assert [r.skipped for r in results] == [i - p - 1 for i, p in zip(ids, previous)], \
+        list(zip(ids, (r.skipped for r in results)))
+
+
 def test_bad_frames_and_changing_options_keep_the_stream_going(tiny_server):
     _, client = tiny_server
     good = np.full((64, 64, 3), 120, np.uint8)

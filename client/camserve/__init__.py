@@ -13,6 +13,7 @@ from .aio import AsyncClient
 from .client import Client
 from .errors import CamserveError
 from .methods import method_names
+from .reasons import REASONS
 from .results import (
     ClassMap,
     ClassScore,
@@ -32,6 +33,7 @@ from .streams import Frame, StreamResult
 __version__ = "0.1.0"
 
 __all__ = [
+    "REASONS",
     "AsyncClient",
     "CamserveError",
     "ClassMap",

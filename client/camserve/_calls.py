@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
+import numbers
 import os
 import socket
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
-from .errors import invalid
+from . import reasons
+from .addresses import DEFAULT_PORT, is_uri, with_port
+from .errors import CamserveError, invalid
 from .images import to_proto
 from .methods import method_value
 from .results import Explanation, Prediction
 from .v1 import camserve_pb2 as pb
 
-DEFAULT_PORT = 50051
 DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # the server's default --max-message-bytes
 DEFAULT_RETRIES = 4
@@ -37,20 +38,6 @@ Metadata = Sequence[Tuple[str, str]]
 # --- channels --------------------------------------------------------------------------------
 
 
-def _with_port(address: str) -> str:
-    """``host`` → ``host:50051``; addresses that name a port are kept."""
-    address = address.strip()
-    if address.startswith("["):  # [ipv6] or [ipv6]:port
-        return address if "]:" in address else f"{address}:{DEFAULT_PORT}"
-    if address.count(":") == 1:
-        return address
-    try:
-        ipaddress.IPv6Address(address)
-        return f"[{address}]:{DEFAULT_PORT}"
-    except ValueError:
-        return f"{address}:{DEFAULT_PORT}"
-
-
 def resolve_target(target: str) -> str:
     """The gRPC target for what a caller gives: ``host[:port]`` (the port defaults to 50051),
     several comma-separated addresses (each replica is dialled; hostnames are resolved once,
@@ -58,10 +45,10 @@ def resolve_target(target: str) -> str:
     target = target.strip()
     if not target:
         raise invalid("the target is empty: pass host:port, a comma-separated list, or "
-                      "dns:///name:port")
-    if "://" in target or target.startswith(("unix:", "ipv4:", "ipv6:", "dns:")):
+                      "dns:///name:port", reasons.INVALID_TARGET)
+    if is_uri(target):
         return target
-    addresses = [_with_port(a) for a in target.split(",") if a.strip()]
+    addresses = [with_port(a) for a in target.split(",") if a.strip()]
     if len(addresses) == 1:
         return addresses[0]
     resolved = []
@@ -71,13 +58,14 @@ def resolve_target(target: str) -> str:
         try:
             infos = socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)
         except (OSError, ValueError) as exc:
-            raise invalid(f"cannot resolve {address!r} in target {target!r}: {exc}") from None
+            raise invalid(f"cannot resolve {address!r} in target {target!r}: {exc}",
+                          reasons.INVALID_TARGET) from None
         family, *_, sockaddr = infos[0]
         resolved.append((family, f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6
                          else f"{sockaddr[0]}:{port}"))
     if len({family for family, _ in resolved}) > 1:
         raise invalid(f"target {target!r} mixes IPv4 and IPv6 addresses; use one family, or a "
-                      "dns:/// name")
+                      "dns:/// name", reasons.INVALID_TARGET)
     scheme = "ipv6" if resolved[0][0] == socket.AF_INET6 else "ipv4"
     return f"{scheme}:" + ",".join(address for _, address in resolved)
 
@@ -118,7 +106,8 @@ def _pem(value) -> Optional[bytes]:
         with open(value, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise invalid(f"cannot read {os.fspath(value)!r}: {exc.strerror}") from None
+        raise invalid(f"cannot read {os.fspath(value)!r}: {exc.strerror}",
+                      reasons.INVALID_TLS) from None
 
 
 def credentials(tls: bool, root_certificates, client_cert, client_key):
@@ -127,10 +116,73 @@ def credentials(tls: bool, root_certificates, client_cert, client_key):
     if not (tls or root_certificates or client_cert or client_key):
         return None
     if (client_cert is None) != (client_key is None):
-        raise invalid("give client_cert and client_key together")
+        raise invalid("give client_cert and client_key together", reasons.INVALID_TLS)
     return grpc.ssl_channel_credentials(root_certificates=_pem(root_certificates),
                                         private_key=_pem(client_key),
                                         certificate_chain=_pem(client_cert))
+
+
+def not_ready(target: str, state: str, timeout: float) -> CamserveError:
+    """wait_until_ready's error when the server is not serving in time."""
+    reason = {"loading": reasons.LOADING, "draining": reasons.DRAINING}.get(
+        state, reasons.UNAVAILABLE)
+    return CamserveError(grpc.StatusCode.UNAVAILABLE,
+                         f"the server at {target} is still {state} after {timeout:g} s",
+                         reason=reason)
+
+
+# grpc.health.v1 without the grpcio-health-checking package: HealthCheckRequest has one field,
+# the service name (1, a string); HealthCheckResponse one, the status (1, an enum).
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_STATUSES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def health_request(service: str) -> bytes:
+    name = service.encode()
+    return _varint(0x0A) + _varint(len(name)) + name if name else b""
+
+
+def health_status(data: bytes) -> str:
+    """The status name in a HealthCheckResponse's bytes (fields other than 1 are skipped)."""
+    position, status = 0, 0
+    while position < len(data):
+        key, position = _read_varint(data, position)
+        kind = key & 7
+        if kind == 0:
+            value, position = _read_varint(data, position)
+            if key >> 3 == 1:
+                status = value
+        elif kind == 2:
+            length, position = _read_varint(data, position)
+            position += length
+        elif kind == 1:
+            position += 8
+        elif kind == 5:
+            position += 4
+        else:
+            break
+    return HEALTH_STATUSES.get(status, "UNKNOWN")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, position: int) -> Tuple[int, int]:
+    value = shift = 0
+    while position < len(data):
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return value, position
 
 
 def retry_while_starting(error) -> bool:
@@ -154,7 +206,8 @@ def call_metadata(token: Optional[str], metadata: Optional[Metadata] = None,
     out = [("authorization", f"Bearer {token}")] if token else []
     for key, value in metadata or ():
         if not isinstance(key, str) or key != key.lower():
-            raise invalid(f"metadata keys must be lower-case strings, got {key!r}")
+            raise invalid(f"metadata keys must be lower-case strings, got {key!r}",
+                          reasons.INVALID_METADATA)
         out.append((key, value))
     if request_id is not None:
         out.append(("x-request-id", str(request_id)))
@@ -168,7 +221,8 @@ def check_size(request, max_message_bytes: int) -> None:
     if size > max_message_bytes:
         raise invalid(f"the request is {size:,} bytes, over the {max_message_bytes:,}-byte "
                       "message limit: send images as encoded files (JPEG, PNG) instead of raw "
-                      "arrays, downscale them, or send fewer per call")
+                      "arrays, downscale them, or send fewer per call",
+                      reasons.MESSAGE_TOO_LARGE)
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -197,24 +251,27 @@ def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "
     top_targets, counterfactual, signed, score_cam_channels, faithfulness_steps."""
     unknown = sorted(set(advanced) - set(ADVANCED))
     if unknown:
-        raise invalid(f"unknown explain options {unknown}; choose from {', '.join(ADVANCED)}")
+        raise invalid(f"unknown explain options {unknown}; choose from {', '.join(ADVANCED)}",
+                      reasons.UNKNOWN_OPTION)
     methods = [method] if isinstance(method, str) else list(method)
     try:
         method_enums = [method_value(m) for m in methods]
     except (ValueError, AttributeError) as exc:
-        raise invalid(str(exc)) from None
+        raise invalid(str(exc), reasons.UNKNOWN_METHOD) from None
     outputs = tuple(outputs)
     bad = [o for o in outputs if o not in OUTPUTS]
     if bad:
-        raise invalid(f"unknown outputs {bad}; choose from {', '.join(OUTPUTS)}")
+        raise invalid(f"unknown outputs {bad}; choose from {', '.join(OUTPUTS)}",
+                      reasons.UNKNOWN_OUTPUT)
     targets = [] if target is None else [target] if isinstance(target, (int, str)) \
-        else list(target)
+        or not isinstance(target, Iterable) else list(target)
     layers = [] if layer is None else [layer] if isinstance(layer, str) else list(layer)
     fields = {**ADVANCED, **advanced}
     for name in ("top_targets", "score_cam_channels", "faithfulness_steps"):
         if isinstance(fields[name], bool) or not isinstance(fields[name], int) or \
                 fields[name] < 0:
-            raise invalid(f"{name} must be a non-negative integer, got {fields[name]!r}")
+            raise invalid(f"{name} must be a non-negative integer, got {fields[name]!r}",
+                          reasons.INVALID_OPTION)
     return pb.ExplainOptions(
         targets=[_target(t) for t in targets], methods=method_enums, layers=layers,
         outputs=[OUTPUTS[o] for o in outputs], top_k=check_top_k(top_k),
@@ -238,17 +295,20 @@ def explanations(response: pb.ExplainResponse, images: Sequence[Any]) -> List[Ex
 
 def check_top_k(top_k: int) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise invalid(f"top_k must be a positive integer, got {top_k!r}")
+        raise invalid(f"top_k must be a positive integer, got {top_k!r}",
+                      reasons.INVALID_OPTION)
     return top_k
 
 
 def _target(target: Union[int, str]) -> pb.Target:
     if isinstance(target, bool):
-        raise invalid("target must be a class index, a label or None")
-    if isinstance(target, int):
+        raise invalid("target must be a class index, a label or None", reasons.INVALID_OPTION)
+    if isinstance(target, numbers.Integral):  # numpy integers too
+        target = int(target)
         if target < 0:
-            raise invalid(f"class index {target} is negative")
+            raise invalid(f"class index {target} is negative", reasons.UNKNOWN_CLASS)
         return pb.Target(class_index=target)
     if isinstance(target, str):
         return pb.Target(label=target)
-    raise invalid(f"a target must be a class index or a label, got {type(target).__name__}")
+    raise invalid(f"a target must be a class index or a label, got {type(target).__name__}",
+                  reasons.INVALID_OPTION)

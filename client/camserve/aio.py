@@ -72,6 +72,18 @@ class AsyncClient:
         return ModelInfo.from_proto(await self._call(
             self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout, metadata, request_id))
 
+    async def health(self, service: str = "", *, timeout: Any = _UNSET,
+                     metadata: _calls.Metadata = None, request_id: Optional[str] = None) -> str:
+        """As Client.health."""
+        check = self._channel.unary_unary(_calls.HEALTH_CHECK,
+                                          request_serializer=_calls.health_request,
+                                          response_deserializer=_calls.health_status)
+        try:
+            return await check(service, timeout=self.timeout if timeout is _UNSET else timeout,
+                               metadata=self._meta(metadata, request_id))
+        except grpc.RpcError as error:
+            raise CamserveError.from_rpc_error(error, self.target) from None
+
     async def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
         """As Client.wait_until_ready."""
         deadline = time.monotonic() + timeout
@@ -87,9 +99,7 @@ class AsyncClient:
                 if not _calls.retry_while_starting(exc) or time.monotonic() >= deadline:
                     raise
             if time.monotonic() >= deadline:
-                raise CamserveError(grpc.StatusCode.UNAVAILABLE,
-                                    f"the server at {self.target} is still {state} after "
-                                    f"{timeout:g} s")
+                raise _calls.not_ready(self.target, state, timeout)
             await asyncio.sleep(0.1)
 
     async def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET,

@@ -1,4 +1,4 @@
-"""``camserve``: the command line for a camserve server.
+"""camserve: the command line for a camserve server.
 
     camserve info [--json]
     camserve health
@@ -9,7 +9,7 @@
     camserve evaluate --sanity IMAGE|FOLDER... [--method NAME]... [--stages N]
     camserve stream VIDEO|--camera N [-o OUT.mp4] [--explain] [--policy all|latest]
 
-The server address comes from ``--target`` or ``CAMSERVE_TARGET`` (default localhost:50051;
+The server address comes from --target or CAMSERVE_TARGET (default localhost:50051;
 a port-less host gets :50051). Connection flags (--target, --timeout, --token, TLS,
 --request-id) go before or after the subcommand. Exit status: 0 when every image was answered,
 1 when any failed (or the server could not be reached), 2 for usage errors.
@@ -28,7 +28,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 
-from . import _calls
+from . import _calls, reasons
 from .client import Client
 from .errors import CamserveError, invalid
 from .methods import method_names
@@ -37,6 +37,7 @@ from .results import ClassMap, Explanation, ModelInfo, Prediction, SanityReport
 CHUNK = 8  # images per RPC, so the server can batch them
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
+IMAGE_HELP = f"image files ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})"
 FORWARDS_PER_TIMEOUT = 64  # evaluate: the call timeout grows by --timeout per this many forwards
 
 
@@ -131,8 +132,8 @@ def cmd_info(client: Client, args) -> int:
     print(f"devices:      {', '.join(info.devices)} ({info.workers} worker process"
           f"{'es' if info.workers != 1 else ''})")
     print(f"classes:      {len(info.labels)} ({', '.join(info.labels[:3])}, ...)")
-    print(f"input:        {info.input_size[1]}x{info.input_size[0]}, mean {info.mean}, "
-          f"std {info.std}")
+    print(f"input:        {info.input_size[1]}x{info.input_size[0]}, mean ({_floats(info.mean)}), "
+          f"std ({_floats(info.std)})")
     for layer in info.layers:
         mark = " (default)" if layer.name == info.default_layer else ""
         print(f"layer:        {layer.name} {layer.channels}x{layer.height}x{layer.width}{mark}")
@@ -149,27 +150,15 @@ def cmd_info(client: Client, args) -> int:
     return 0 if info.state == "serving" else 1
 
 
+def _floats(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
 def cmd_health(client: Client, args) -> int:
     """Exit 0 when the server's gRPC health service says SERVING (for container probes)."""
-    status = health_status(client, args.timeout)
+    status = client.health()
     print(status)
     return 0 if status == "SERVING" else 1
-
-
-def health_status(client: Client, timeout: float) -> str:
-    """The health service's status for the whole server, by name ("SERVING", ...)."""
-    # grpc.health.v1 without the grpcio-health-checking package: an empty request, and an
-    # answer whose only field (1) is the status enum.
-    check = client._channel.unary_unary("/grpc.health.v1.Health/Check",
-                                        request_serializer=lambda _: b"",
-                                        response_deserializer=bytes)
-    try:
-        answer = check(None, timeout=timeout)
-    except grpc.RpcError as error:
-        raise CamserveError.from_rpc_error(error, client.target) from None
-    value = answer[1] if len(answer) >= 2 and answer[0] == 0x08 else 0
-    return {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}.get(value,
-                                                                                  "UNKNOWN")
 
 
 def cmd_predict(client: Client, args) -> int:
@@ -236,10 +225,11 @@ def cmd_evaluate(client: Client, args) -> int:
     if args.sanity:
         return cmd_sanity(client, args)
     if len(args.folder) != 1:
-        raise invalid("evaluate takes one FOLDER (several images or folders: with --sanity)")
+        raise invalid("evaluate takes one FOLDER (several images or folders: with --sanity)",
+                      reasons.INVALID_FOLDER)
     folder = Path(args.folder[0])
     if not folder.is_dir():
-        raise invalid(f"{folder} is not a folder of images")
+        raise invalid(f"{folder} is not a folder of images", reasons.INVALID_FOLDER)
     paths = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         print(f"camserve: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}", file=sys.stderr)
@@ -292,9 +282,11 @@ def cmd_sanity(client: Client, args) -> int:
         elif path.is_file():
             paths.append(str(path))
         else:
-            raise invalid(f"{name} is neither an image file nor a folder")
+            raise invalid(f"{name} is neither an image file nor a folder",
+                          reasons.IMAGE_NOT_FOUND)
     if not paths:
-        raise invalid(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(args.folder)}")
+        raise invalid(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(args.folder)}",
+                      reasons.NO_IMAGES)
     info = client.model_info()
     methods = args.method or list(info.methods)
     stages = args.stages or 4
@@ -366,6 +358,11 @@ def cmd_stream(client: Client, args) -> int:
     from . import maps, video
     from .streams import Frame
 
+    try:
+        video.require_opencv()
+    except ImportError as exc:
+        raise _LocalError(str(exc)) from None
+
     if args.output and Path(args.output).suffix.lower() not in VIDEO_SUFFIXES:
         raise _LocalError(f"cannot write {args.output}: choose a video file name ending in "
                           f"{', '.join(VIDEO_SUFFIXES)}")
@@ -375,13 +372,16 @@ def cmd_stream(client: Client, args) -> int:
         info = client.model_info()
         lowered = {label.lower() for label in info.labels}
         if isinstance(target, str) and target.strip().lower() not in lowered:
-            raise invalid(f"no class is labelled {target!r} (camserve info lists the labels)")
+            raise invalid(f"no class is labelled {target!r} (camserve info lists the labels)",
+                          reasons.UNKNOWN_LABEL)
         if isinstance(target, int) and target >= len(info.labels):
             raise invalid(f"class index {target} is out of range: the model has "
-                          f"{len(info.labels)} classes, 0 to {len(info.labels) - 1}")
+                          f"{len(info.labels)} classes, 0 to {len(info.labels) - 1}",
+                          reasons.UNKNOWN_CLASS)
         if args.layer and args.layer not in {layer.name for layer in info.layers}:
             raise invalid(f"layer {args.layer!r} is not one the server explains; choose from "
-                          f"{', '.join(layer.name for layer in info.layers)}")
+                          f"{', '.join(layer.name for layer in info.layers)}",
+                          reasons.UNKNOWN_LAYER)
     source = args.camera if args.video is None else args.video
     try:
         capture = video.open_video(source)
@@ -538,30 +538,35 @@ def _connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="camserve", description=__doc__.splitlines()[0])
+    doc = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(prog="camserve", description=doc[0], epilog=doc[-1])
     _connection_flags(parser, defaults=True)
     common = argparse.ArgumentParser(add_help=False)
     _connection_flags(common, defaults=False)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                help="what to do (camserve COMMAND --help: its options)")
 
-    def command(name: str, **kwargs) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], **kwargs)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help, description=help)
 
     info = command("info", help="show the served model (exit 1 while it is not serving)")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("--json", action="store_true",
+                      help="print the model's description as JSON")
     info.set_defaults(run=cmd_info)
 
     health = command("health", help="exit 0 when the server's health service says SERVING")
     health.set_defaults(run=cmd_health)
 
     predict = command("predict", help="top classes for images")
-    predict.add_argument("images", nargs="+", metavar="IMAGE")
-    predict.add_argument("--top-k", type=int, default=5)
-    predict.add_argument("--json", action="store_true")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help=IMAGE_HELP)
+    predict.add_argument("--top-k", type=int, default=5, metavar="N",
+                         help="classes to show per image (default %(default)s)")
+    predict.add_argument("--json", action="store_true",
+                         help="print a JSON list, one object per image, instead of lines")
     predict.set_defaults(run=cmd_predict)
 
     explain = command("explain", help="write a heatmap and an overlay per image")
-    explain.add_argument("images", nargs="+", metavar="IMAGE")
+    explain.add_argument("images", nargs="+", metavar="IMAGE", help=IMAGE_HELP)
     explain.add_argument("-o", "--output", required=True, metavar="DIR",
                          help="folder for NAME.overlay.png and NAME.heatmap.png")
     explain.add_argument("--class", dest="target_class", metavar="N|LABEL", action="append",
@@ -578,8 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(one forward each; default 0: the server's limit)")
     explain.add_argument("--grid", action="store_true",
                          help="also write NAME.grid.png: methods down, classes across")
-    explain.add_argument("--top-k", type=int, default=5)
-    explain.add_argument("--json", action="store_true")
+    explain.add_argument("--top-k", type=int, default=5, metavar="N",
+                         help="classes to show per image (default %(default)s)")
+    explain.add_argument("--json", action="store_true",
+                         help="print a JSON list, one object per image with its maps (the raw "
+                         "grid and the files written), instead of lines")
     explain.set_defaults(run=cmd_explain)
 
     evaluate = command("evaluate", help="deletion/insertion scores of every method over a "
@@ -605,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--score-cam-channels", type=int, default=None,
                           help="Score-CAM: top channels by activation (default 64, with "
                           "--sanity 16; 0: the server's limit)")
-    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--json", action="store_true",
+                          help="print the table (or the sanity report) as JSON")
     evaluate.set_defaults(run=cmd_evaluate)
 
     stream = command("stream", help="stream a video or camera; write an annotated video")
@@ -626,7 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--rate", type=float, default=0.0, metavar="FPS",
                         help="send at most FPS frames a second (default: as fast as the "
                         "server takes them)")
-    stream.add_argument("--max-frames", type=int, default=None, metavar="N")
+    stream.add_argument("--max-frames", type=int, default=None, metavar="N",
+                        help="stop after the first N frames (default: the whole video; a "
+                        "camera streams until Ctrl-C)")
     stream.add_argument("--encode", choices=("jpeg", "raw"), default="jpeg",
                         help="how frames travel (default %(default)s)")
     stream.set_defaults(run=cmd_stream)

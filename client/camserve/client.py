@@ -7,7 +7,7 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
 
 import grpc
 
-from . import _calls
+from . import _calls, reasons
 from .errors import CamserveError, invalid
 from .images import to_proto
 from .methods import method_value
@@ -86,6 +86,23 @@ class Client:
         return ModelInfo.from_proto(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(),
                                                timeout, metadata, request_id))
 
+    def health(self, service: str = "", *, timeout: Any = _UNSET,
+               metadata: _calls.Metadata = None, request_id: Optional[str] = None) -> str:
+        """The serving status that the server's standard gRPC health service
+        (grpc.health.v1.Health/Check) reports for ``service`` ("" is the whole server):
+        "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN". The server answers
+        NOT_SERVING while it loads its model or drains, as container probes expect. Raises
+        CamserveError if the call fails (NOT_FOUND for a service the server does not know).
+        """
+        check = self._channel.unary_unary(_calls.HEALTH_CHECK,
+                                          request_serializer=_calls.health_request,
+                                          response_deserializer=_calls.health_status)
+        try:
+            return check(service, timeout=self.timeout if timeout is _UNSET else timeout,
+                         metadata=self._meta(metadata, request_id))
+        except grpc.RpcError as error:
+            raise CamserveError.from_rpc_error(error, self.target) from None
+
     def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
         """Wait until the server has loaded its model (state "serving"); returns its ModelInfo.
         Raises CamserveError (UNAVAILABLE or DEADLINE_EXCEEDED) when it is not ready in time."""
@@ -101,9 +118,7 @@ class Client:
                 if not _calls.retry_while_starting(exc) or time.monotonic() >= deadline:
                     raise
             if time.monotonic() >= deadline:
-                raise CamserveError(grpc.StatusCode.UNAVAILABLE,
-                                    f"the server at {self.target} is still {state} after "
-                                    f"{timeout:g} s")
+                raise _calls.not_ready(self.target, state, timeout)
             time.sleep(0.1)
 
     def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET,
@@ -175,12 +190,13 @@ class Client:
         try:
             method_enums = [method_value(m) for m in methods]
         except (ValueError, AttributeError) as exc:
-            raise invalid(str(exc)) from None
+            raise invalid(str(exc), reasons.UNKNOWN_METHOD) from None
         numbers = {"score_cam_channels": score_cam_channels, "contrast_rank": contrast_rank,
                    "stages": stages, "seed": seed}
         for name, value in numbers.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise invalid(f"{name} must be a non-negative integer, got {value!r}")
+                raise invalid(f"{name} must be a non-negative integer, got {value!r}",
+                              reasons.INVALID_OPTION)
         request = pb.CheckSanityRequest(images=[to_proto(i) for i in images],
                                         methods=method_enums, layer=layer or "",
                                         threshold=float(threshold), **numbers)
@@ -194,7 +210,9 @@ class Client:
         options), yielded in frame order as they arrive.
 
         ``policy="all"`` answers every frame (a too-fast producer is slowed by flow control);
-        ``"latest"`` lets the server skip frames that a newer one overtook while they waited.
+        ``"latest"`` lets the server skip frames that a newer one overtook while they waited;
+        each answer's ``skipped`` counts the frames skipped between the previous answer's frame
+        and its own.
         ``timeout`` bounds the whole stream (default: none). Raises CamserveError if the stream
         itself fails; a frame that fails comes back as a StreamResult with ``error`` set.
         """

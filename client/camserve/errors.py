@@ -6,6 +6,9 @@ from typing import Optional, Tuple
 
 import grpc
 
+from . import reasons
+from .addresses import shown
+
 _CONNECT_FAILURES = ("failed to connect", "dns resolution failed", "connection refused",
                      "name resolution", "connections to all backends failing",
                      "no address", "could not resolve", "errors resolving")
@@ -14,13 +17,17 @@ _CONNECT_FAILURES = ("failed to connect", "dns resolution failed", "connection r
 class CamserveError(Exception):
     """A call failed. ``code`` is the ``grpc.StatusCode``; ``details`` the server's message.
 
-    From the server's status details: ``reason`` is a stable word for the cause
-    (e.g. "QUEUE_FULL", "INVALID_IMAGE", "TOO_MANY_STREAMS"; empty when the server sent
-    none); ``field_violations`` lists (field, description) pairs naming the request fields at
-    fault (e.g. ("images[2]", ...)); ``retry_after`` (seconds) is set when the server asked
-    the caller to retry later (RESOURCE_EXHAUSTED). Problems found before anything is sent (an
-    image the client cannot read, an unknown method name, a message too large to send) raise
-    this too, with code INVALID_ARGUMENT.
+    ``reason`` is a stable word for the cause (e.g. "QUEUE_FULL", "INVALID_IMAGE",
+    "TOO_MANY_STREAMS"), one of the keys of ``camserve.REASONS``, which says what each means.
+    The server sends it in its status details; problems the client finds before anything is
+    sent (an image it cannot read, an unknown method name, a message too large to send) raise
+    this too, with code INVALID_ARGUMENT and a reason of the client's, and a server the client
+    cannot reach gives UNAVAILABLE with reason "UNREACHABLE". It is empty only when a failure
+    came from gRPC itself with no reason (e.g. the call's own deadline passed).
+
+    From the server's status details too: ``field_violations`` lists (field, description)
+    pairs naming the request fields at fault (e.g. ("images[2]", ...)); ``retry_after``
+    (seconds) is set when the server asked the caller to retry later (RESOURCE_EXHAUSTED).
     """
 
     def __init__(self, code: grpc.StatusCode, details: str,
@@ -40,9 +47,10 @@ class CamserveError(Exception):
         code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
         details = error.details() if callable(getattr(error, "details", None)) else str(error)
         code, details = code or grpc.StatusCode.UNKNOWN, details or ""
-        if target is not None and code == grpc.StatusCode.UNAVAILABLE and any(
-                text in details.lower() for text in _CONNECT_FAILURES):
-            details = (f"cannot reach a camserve server at {_address(target)} "
+        unreachable = target is not None and code == grpc.StatusCode.UNAVAILABLE and any(
+            text in details.lower() for text in _CONNECT_FAILURES)
+        if unreachable:
+            details = (f"cannot reach a camserve server at {shown(target)} "
                        f"({_short(details)}); start "
                        "one with `camserve-server` (or `make serve` in a checkout), or pass "
                        "--target HOST:PORT")
@@ -57,7 +65,10 @@ class CamserveError(Exception):
                     status = status_pb2.Status.FromString(value)
                 except Exception:  # a malformed detail is not worth failing the error path for
                     status = None
-        return cls(code, details, **_details(status))
+        found = _details(status)
+        if unreachable and not found["reason"]:
+            found["reason"] = reasons.UNREACHABLE
+        return cls(code, details, **found)
 
     @classmethod
     def from_status(cls, status) -> CamserveError:
@@ -65,19 +76,6 @@ class CamserveError(Exception):
         code = next((c for c in grpc.StatusCode if c.value[0] == status.code),
                     grpc.StatusCode.UNKNOWN)
         return cls(code, status.message, **_details(status))
-
-
-def _address(target: str) -> str:
-    """The address dialled, as a person would write it: a port-less host gets the default
-    port (several addresses and URIs are shown as given)."""
-    from ._calls import resolve_target
-
-    if "," in target:
-        return target
-    try:
-        return resolve_target(target)
-    except Exception:  # an unusable target: show it as given
-        return target
 
 
 def _short(details: str) -> str:
@@ -109,5 +107,9 @@ def _details(status) -> dict:
     return out
 
 
-def invalid(message: str) -> CamserveError:
-    return CamserveError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def invalid(message: str, reason: str) -> CamserveError:
+    """An INVALID_ARGUMENT the client raises itself, before anything is sent; ``reason`` is
+    one of camserve.REASONS."""
+    if reason not in reasons.REASONS:
+        raise ValueError(f"{reason!r} is not one of camserve.REASONS")
+    return CamserveError(grpc.StatusCode.INVALID_ARGUMENT, message, reason=reason)

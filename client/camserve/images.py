@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from . import reasons
 from .errors import invalid
 from .v1 import camserve_pb2 as pb
 
@@ -26,12 +27,13 @@ def _is_pil(image: Any) -> bool:
 def _pixels(array: np.ndarray) -> pb.Image:
     if array.dtype != np.uint8:
         raise invalid(f"arrays must be uint8 (0..255) pixels, got dtype {array.dtype}; "
-                      "convert with (x * 255).round().astype(numpy.uint8) or similar")
+                      "convert with (x * 255).round().astype(numpy.uint8) or similar",
+                      reasons.INVALID_IMAGE)
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         raise invalid(f"arrays must be (height, width) or (height, width, 1|3|4) RGB(A), got "
-                      f"shape {array.shape}")
+                      f"shape {array.shape}", reasons.INVALID_IMAGE)
     array = np.ascontiguousarray(array)
     h, w, c = array.shape
     return pb.Image(raw=pb.RawImage(pixels=array.tobytes(), height=h, width=w, channels=c))
@@ -44,9 +46,17 @@ def to_proto(image: ImageLike) -> pb.Image:
     if isinstance(image, (str, os.PathLike)):
         try:
             with open(image, "rb") as f:
-                return pb.Image(encoded=f.read())
+                data = f.read()
+        except FileNotFoundError:
+            raise invalid(f"cannot read image {os.fspath(image)!r}: there is no such file",
+                          reasons.IMAGE_NOT_FOUND) from None
         except OSError as exc:
-            raise invalid(f"cannot read image {os.fspath(image)!r}: {exc.strerror}") from None
+            raise invalid(f"cannot read image {os.fspath(image)!r}: {exc.strerror}",
+                          reasons.INVALID_IMAGE) from None
+        if not data:
+            raise invalid(f"the image {os.fspath(image)!r} is an empty file",
+                          reasons.INVALID_IMAGE)
+        return pb.Image(encoded=data)
     if isinstance(image, np.ndarray):
         return _pixels(image)
     if _is_pil(image):
@@ -54,7 +64,7 @@ def to_proto(image: ImageLike) -> pb.Image:
             image = image.convert("RGB")
         return _pixels(np.asarray(image))
     raise invalid(f"cannot send a {type(image).__name__} as an image: pass a path, encoded "
-                  "bytes, a uint8 numpy array (H, W, 3) or a PIL image")
+                  "bytes, a uint8 numpy array (H, W, 3) or a PIL image", reasons.INVALID_IMAGE)
 
 
 def load_rgb(image: ImageLike) -> np.ndarray:

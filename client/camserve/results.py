@@ -267,6 +267,12 @@ class MethodInfo:
     class_discriminative: bool
 
 
+def _float32(value: float) -> float:
+    """A float32 field as the decimal it was set from: the shortest one that rounds to the
+    same float32 (0.485, not 0.48500001430511475)."""
+    return float(str(np.float32(value)))
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -301,7 +307,7 @@ class ModelInfo:
         return cls(
             name=msg.name, state=pb.ServerState.Name(msg.state)[len("SERVER_STATE_"):].lower(),
             labels=tuple(msg.labels), input_size=(msg.input_size.height, msg.input_size.width),
-            mean=tuple(msg.mean), std=tuple(msg.std),
+            mean=tuple(_float32(v) for v in msg.mean), std=tuple(_float32(v) for v in msg.std),
             layers=tuple(LayerInfo(i.name, i.channels, i.height, i.width,
                                    layouts.get(i.layout, "nchw"), i.prefix_tokens)
                          for i in msg.layers),
@@ -309,7 +315,8 @@ class ModelInfo:
             methods=tuple(method_name(m.method) for m in msg.methods),
             method_info=tuple(MethodInfo(method_name(m.method), m.needs_backward,
                                          m.class_discriminative) for m in msg.methods),
-            max_batch_size=msg.batching.max_batch_size, max_delay_ms=msg.batching.max_delay_ms,
+            max_batch_size=msg.batching.max_batch_size,
+            max_delay_ms=_float32(msg.batching.max_delay_ms),
             max_queue=msg.batching.max_queue, workers=msg.batching.workers,
             devices=tuple(msg.devices),
             max_image_bytes=msg.limits.max_image_bytes,

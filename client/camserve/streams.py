@@ -9,7 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from . import _calls
+from . import _calls, reasons
 from .errors import CamserveError, invalid
 from .images import to_proto
 from .results import Explanation, Prediction
@@ -35,7 +35,9 @@ class StreamResult:
 
     ``result`` is a Prediction (stream_predict) or an Explanation (stream_explain), or None
     when the frame failed; ``error`` then says why (the stream goes on). ``skipped`` counts
-    the frames the server skipped (policy "latest") since the previous answer.
+    the frames of this stream that the server skipped (policy "latest"; 0 with "all") between
+    the previous answer's frame and this one, so the answers' ``skipped`` add up, with the
+    answers themselves, to the frames sent.
     ``latency_ms`` runs from handing the frame to gRPC to receiving its answer.
     """
 
@@ -54,7 +56,8 @@ def policy_value(policy: str) -> int:
     try:
         return POLICIES[policy.lower()]
     except (KeyError, AttributeError):
-        raise invalid(f"policy must be 'all' or 'latest', not {policy!r}") from None
+        raise invalid(f"policy must be 'all' or 'latest', not {policy!r}",
+                      reasons.UNKNOWN_POLICY) from None
 
 
 class Tracker:
@@ -82,7 +85,8 @@ class Tracker:
             if self._kind == "predict":
                 if set(options) - {"top_k"}:
                     raise invalid(f"stream_predict frames take only top_k, not "
-                                  f"{sorted(set(options) - {'top_k'})}")
+                                  f"{sorted(set(options) - {'top_k'})}",
+                                  reasons.UNKNOWN_OPTION)
                 self._configs[key] = _calls.predict_options(options.get("top_k", 5))
             else:
                 self._configs[key] = _calls.explain_options(**options)

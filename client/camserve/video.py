@@ -9,6 +9,7 @@ from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 
+from . import reasons
 from .errors import invalid
 
 
@@ -21,13 +22,18 @@ def _cv2():
     return cv2
 
 
+def require_opencv() -> None:
+    """Raise ImportError, saying how to install it, when OpenCV cannot be imported."""
+    _cv2()
+
+
 def open_video(source: Union[str, int]):
     """A cv2.VideoCapture for a file path or a camera index; raises CamserveError if it fails."""
     cv2 = _cv2()
     capture = cv2.VideoCapture(source)
     if not capture.isOpened():
         kind = "camera" if isinstance(source, int) else "video file"
-        raise invalid(f"cannot open {kind} {source!r}")
+        raise invalid(f"cannot open {kind} {source!r}", reasons.INVALID_VIDEO)
     return capture
 
 
@@ -66,7 +72,7 @@ class VideoWriter:
         self._size = (int(size[1]), int(size[0]))  # OpenCV wants (width, height)
         self._writer = cv2.VideoWriter(str(path), fourcc, float(fps or 30.0), self._size)
         if not self._writer.isOpened():
-            raise invalid(f"cannot write video {path!r}")
+            raise invalid(f"cannot write video {path!r}", reasons.INVALID_VIDEO)
         self.frames = 0
 
     def write(self, rgb: np.ndarray) -> None:
@@ -107,5 +113,5 @@ def jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                             [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
-        raise invalid("cannot encode a frame as JPEG")
+        raise invalid("cannot encode a frame as JPEG", reasons.INVALID_IMAGE)
     return data.tobytes()
