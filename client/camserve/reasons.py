@@ -58,6 +58,7 @@ TOO_MANY_CHANNELS = "TOO_MANY_CHANNELS"
 TOO_MANY_IMAGES = "TOO_MANY_IMAGES"
 TOO_MANY_MAPS = "TOO_MANY_MAPS"
 TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
+UNAUTHENTICATED = "UNAUTHENTICATED"
 UNAVAILABLE = "UNAVAILABLE"
 UNIMPLEMENTED = "UNIMPLEMENTED"
 UNKNOWN_CLASS = "UNKNOWN_CLASS"
@@ -145,6 +146,8 @@ REASONS: Dict[str, str] = {
     TOO_MANY_MAPS: "methods x targets x layers exceeds the server's max_maps_per_image",
     TOO_MANY_STREAMS: "the server has as many streams open as it allows (max_streams): retry "
                       "later or use another replica",
+    UNAUTHENTICATED: "the server needs a bearer token and the call sent none it accepts: pass "
+                     "token= (or --token, CAMSERVE_TOKEN)",
     UNAVAILABLE: "the server cannot serve the call now: retry, or use another replica",
     UNIMPLEMENTED: "the server does not implement this call",
     UNKNOWN_CLASS: "a class index is out of the model's range, or a target names no class",

@@ -77,6 +77,13 @@ class ResourceExhausted(ServiceError):
 QueueFull = ResourceExhausted
 
 
+class Unauthenticated(ServiceError):
+    """The call carries no accepted bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"

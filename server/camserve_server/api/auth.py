@@ -8,6 +8,9 @@ from typing import Callable, Iterable
 import grpc
 from grpc import aio
 
+from ..errors import Unauthenticated
+from .calls import abort
+
 # Health checks answer without a token so that orchestrators can probe the server.
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
 DENIED = "missing or wrong token: send 'authorization: Bearer <token>'"
@@ -42,11 +45,11 @@ class TokenAuth(aio.ServerInterceptor):
 
         async def deny(request, context):
             self._on_denied(method, context)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+            await abort(context, Unauthenticated(DENIED))
 
         async def deny_stream(request, context):
             self._on_denied(method, context)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+            await abort(context, Unauthenticated(DENIED))
             yield  # an async generator, as streaming handlers are
 
         streaming = handler.response_streaming

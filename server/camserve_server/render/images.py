@@ -106,13 +106,15 @@ def _resized(image: Image.Image, size: Tuple[int, int]) -> np.ndarray:
 def raw_rgb(raw: RawPixels, limits: Limits) -> np.ndarray:
     h, w, c = raw.height, raw.width, raw.channels
     if h < 1 or w < 1:
-        raise InvalidArgument(f"has height {h} and width {w}; both must be at least 1")
+        raise InvalidArgument(f"has height {h} and width {w}; both must be at least 1",
+                              reason="INVALID_IMAGE")
     if c not in (1, 3, 4):
-        raise InvalidArgument(f"has {c} channels; send 1 (gray), 3 (RGB) or 4 (RGBA)")
+        raise InvalidArgument(f"has {c} channels; send 1 (gray), 3 (RGB) or 4 (RGBA)",
+                              reason="INVALID_IMAGE")
     _check_pixels(h, w, limits)
     if len(raw.pixels) != h * w * c:
         raise InvalidArgument(f"has {len(raw.pixels)} bytes of raw pixels, but height x width x "
-                              f"channels = {h}x{w}x{c} needs {h * w * c}")
+                              f"channels = {h}x{w}x{c} needs {h * w * c}", reason="INVALID_IMAGE")
     array = np.frombuffer(raw.pixels, dtype=np.uint8).reshape(h, w, c)
     if c == 1:
         return np.repeat(array, 3, axis=2)
@@ -125,7 +127,8 @@ def _check_pixels(height: int, width: int, limits: Limits) -> None:
     if height * width > limits.max_image_pixels:
         raise InvalidArgument(
             f"is {width}x{height} = {height * width:,} pixels; this server accepts at most "
-            f"{limits.max_image_pixels:,} (max_image_pixels); send a smaller image")
+            f"{limits.max_image_pixels:,} (max_image_pixels); send a smaller image",
+            reason="INVALID_IMAGE")
 
 
 def blank_jpeg(size: Tuple[int, int]) -> EncodedJpeg:
@@ -157,20 +160,23 @@ def _open(data: bytes, limits: Limits, draft: Optional[Tuple[int, int]]):
     """Open, check and decode encoded bytes. Returns (RGB image, (height, width) decoded)."""
     if not data:
         raise InvalidArgument("is empty: send encoded bytes (JPEG, PNG, WebP, BMP) or raw "
-                              "pixels")
+                              "pixels", reason="INVALID_IMAGE")
     if len(data) > limits.max_image_bytes:
         raise InvalidArgument(f"is {len(data):,} bytes; this server accepts at most "
-                              f"{limits.max_image_bytes:,} (max_image_bytes)")
+                              f"{limits.max_image_bytes:,} (max_image_bytes)",
+                              reason="INVALID_IMAGE")
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         raise InvalidArgument(f"is not a JPEG, PNG, WebP, BMP or GIF file (it starts with "
-                              f"{data[:8].hex(' ')})") from None
+                              f"{data[:8].hex(' ')})", reason="INVALID_IMAGE") from None
     except Image.DecompressionBombError as exc:  # Pillow's own, higher limit
         raise InvalidArgument(f"is too large to decode ({exc}); this server accepts at most "
-                              f"{limits.max_image_pixels:,} pixels (max_image_pixels)") from None
+                              f"{limits.max_image_pixels:,} pixels (max_image_pixels)",
+                              reason="INVALID_IMAGE") from None
     except Exception as exc:  # Pillow's header parsers raise many types on garbage
-        raise InvalidArgument(f"could not be decoded: its header is malformed ({exc})") from None
+        raise InvalidArgument(f"could not be decoded: its header is malformed ({exc})",
+                              reason="INVALID_IMAGE") from None
     width, height = image.size
     _check_pixels(height, width, limits)
     orientation = image.getexif().get(0x0112, 1) if image.format == "JPEG" else 1
@@ -188,7 +194,8 @@ def _open(data: bytes, limits: Limits, draft: Optional[Tuple[int, int]]):
     except InvalidArgument:
         raise
     except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError...
-        raise InvalidArgument(f"could not be decoded as {image.format}: {exc}") from None
+        raise InvalidArgument(f"could not be decoded as {image.format}: {exc}",
+                              reason="INVALID_IMAGE") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
