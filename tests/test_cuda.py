@@ -30,7 +30,7 @@ from camserve.maps import heatmap as render_heatmap
 from camserve_server.domain import METHODS, EncodedJpeg, ExplainSpec, ItemResult, WorkItem
 from camserve_server.engine.engine import Engine, finish
 from camserve_server.engine.models import load_model
-from camserve_server.process.settings import Settings
+from camserve_server.engine.spec import ModelSpec
 from camserve_server.render import images
 
 import references as ref
@@ -58,10 +58,10 @@ def _inputs(size=(224, 224)):
 
 @pytest.fixture(scope="module")
 def resnet(resnet_weights):
-    settings = Settings(model="torchvision:resnet18", weights=str(resnet_weights),
-                        layers=("layer4", "layer3"))
-    gpu = load_model(settings, torch.device("cuda"))
-    cpu = load_model(settings, torch.device("cpu"))
+    spec = ModelSpec(source="torchvision:resnet18", weights=str(resnet_weights),
+                     layers=("layer4", "layer3"))
+    gpu = load_model(spec, torch.device("cuda"))
+    cpu = load_model(spec, torch.device("cpu"))
     engines = Engine(gpu), Engine(cpu)
     yield engines
     for e in engines:
@@ -163,7 +163,7 @@ def test_jpeg_decoded_on_the_gpu_equals_the_host(resnet, name):
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
 def test_reduced_precision_on_the_gpu(precision):
-    model = load_model(Settings(), torch.device("cuda"))
+    model = load_model(ModelSpec(), torch.device("cuda"))
     full, reduced = Engine(model), Engine(model, precision=precision)
     try:
         photos = [resized(load_rgb(DATA / n), model.card.input_size) for n in PHOTOS]

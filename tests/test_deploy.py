@@ -732,7 +732,7 @@ def test_the_adapter_rule_publishes_the_servers_gauge_per_pod():
     for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
         assert placeholder in rule["metricsQuery"]
     # The server really exports that gauge.
-    metrics_py = ROOT / "server/camserve_server/process/metrics.py"
+    metrics_py = ROOT / "server/camserve_server/metrics.py"
     assert f'"{QUEUE_METRIC}"' in metrics_py.read_text(encoding="utf-8")
     # The Helm values carry the same rule as the ConfigMap.
     values = _docs(DEPLOY / "prometheus-adapter/values.yaml")[0]

@@ -26,8 +26,9 @@ from camserve_server.domain import EncodedJpeg, ExplainSpec, ItemResult, WorkIte
 from camserve_server.engine.device import DataPath
 from camserve_server.engine.engine import Engine
 from camserve_server.engine.models import load_model
+from camserve_server.engine.spec import ModelSpec
 from camserve_server.errors import OutOfMemory, StartupError
-from camserve_server.process.metrics import Metrics
+from camserve_server.metrics import Metrics
 from camserve_server.process.server import CamServer
 from camserve_server.process.settings import Settings, parse_settings
 from camserve_server.render import images
@@ -43,7 +44,7 @@ GRADIENT_METHODS = ("gradcam", "gradcam_plus_plus", "xgradcam", "layercam", "hir
 
 @pytest.fixture(scope="module")
 def default_model():
-    return load_model(Settings())
+    return load_model(ModelSpec())
 
 
 def test_bf16_on_cpu_keeps_maps_and_top1(default_model):
@@ -351,7 +352,7 @@ def _rotated_exif() -> bytes:
 
 
 def test_undecodable_jpeg_fails_alone_in_the_engine():
-    model = load_model(Settings(model=TINY))
+    model = load_model(ModelSpec(source=TINY))
     engine = Engine(model)
     try:
         good = (DATA / "chelsea.jpg").read_bytes()
@@ -394,7 +395,7 @@ def test_server_on_two_cpu_devices_with_device_jpeg_decode(cat_path, coffee_path
         assert error.value.code.name == "INVALID_ARGUMENT"
         assert "could not be decoded" in error.value.details
         with urllib.request.urlopen(
-                f"http://127.0.0.1:{server.metrics.port}/metrics", timeout=10) as r:
+                f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
             text = r.read().decode()
     assert 'camserve_device_batches_total{device="cpu"}' in text
     for i, a in enumerate(answers):

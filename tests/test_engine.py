@@ -10,15 +10,15 @@ import torch
 from camserve_server.domain import ExplainSpec, WorkItem
 from camserve_server.engine.engine import Engine
 from camserve_server.engine.models import load_model
-from camserve_server.process.settings import Settings
+from camserve_server.engine.spec import ModelSpec
 
 import references as ref
 
 
 @pytest.fixture(scope="module")
 def resnet_engine(resnet_weights):
-    engine = Engine(load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights),
-                                        layers=("layer4", "layer3", "layer4.1.bn2"))))
+    engine = Engine(load_model(ModelSpec(source="torchvision:resnet18", weights=str(resnet_weights),
+                                         layers=("layer4", "layer3", "layer4.1.bn2"))))
     yield engine
     engine.close()
 

@@ -12,11 +12,11 @@ from camserve import maps as client_maps
 from camserve.methods import method_names
 from camserve_server.domain import ExplainSpec, SanityPlan, WorkItem
 from camserve_server.engine import sanity
-from camserve_server.engine.cams import METHODS
+from camserve_server.engine.cams import CAM_METHODS
 from camserve_server.engine.engine import Engine, finish
 from camserve_server.engine.faithfulness import score_slices
 from camserve_server.engine.models import load_model
-from camserve_server.process.settings import Settings
+from camserve_server.engine.spec import ModelSpec
 
 import references as ref
 from conftest import TINY, resized
@@ -25,35 +25,35 @@ from conftest import TINY, resized
 REFERENCE = {"gradcam": "GradCAM", "gradcam_plus_plus": "GradCAMPlusPlus",
              "xgradcam": "XGradCAM", "layercam": "LayerCAM", "hirescam": "HiResCAM",
              "eigencam": "EigenCAM", "scorecam": "ScoreCAM"}
-GRADIENT = [m for m, method in METHODS.items() if method.needs_gradient]
+GRADIENT = [m for m, method in CAM_METHODS.items() if method.needs_gradient]
 CAT_CLASSES = {281, 282, 283, 284, 285}
 
 
 def test_one_registry_for_enum_server_client_and_cli():
     from camserve.cli import build_parser
 
-    assert set(method_names()) == set(METHODS)
+    assert set(method_names()) == set(CAM_METHODS)
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
     for command in ("explain", "evaluate"):
         choices = next(a.choices for a in commands[command]._actions if a.dest == "method")
         assert tuple(choices) == method_names()
-    assert set(REFERENCE) == set(METHODS) - {"random"}
+    assert set(REFERENCE) == set(CAM_METHODS) - {"random"}
     assert set(GRADIENT) == {"gradcam", "gradcam_plus_plus", "xgradcam", "layercam",
                              "hirescam"}
 
 
 @pytest.fixture(scope="module")
 def resnet(resnet_weights):
-    engine = Engine(load_model(Settings(model="torchvision:resnet18",
-                                        weights=str(resnet_weights),
-                                        layers=("layer4", "layer3"))))
+    engine = Engine(load_model(ModelSpec(source="torchvision:resnet18",
+                                         weights=str(resnet_weights),
+                                         layers=("layer4", "layer3"))))
     yield engine, ref.resnet18(resnet_weights)
     engine.close()
 
 
 @pytest.fixture(scope="module")
 def default_engine():
-    engine = Engine(load_model(Settings()))
+    engine = Engine(load_model(ModelSpec()))
     yield engine
     engine.close()
 
@@ -110,8 +110,8 @@ def test_eigencam_equals_pytorch_grad_cam_up_to_the_sign(resnet, images):
 
 
 def test_scorecam_equals_pytorch_grad_cam_on_all_channels():
-    engine = Engine(load_model(Settings(model=TINY)))
-    model = load_model(Settings(model=TINY)).module
+    engine = Engine(load_model(ModelSpec(source=TINY)))
+    model = load_model(ModelSpec(source=TINY)).module
     for p in model.parameters():
         p.requires_grad_(True)
     rng = np.random.default_rng(3)
@@ -198,7 +198,7 @@ def test_several_targets_and_layers_through_the_server(resnet_server, cat):
 
 def test_faithfulness_matches_a_plain_reimplementation():
     """Deletion/insertion scores against a straightforward step-by-step loop."""
-    engine = Engine(load_model(Settings(model=TINY)))
+    engine = Engine(load_model(ModelSpec(source=TINY)))
     rng = np.random.default_rng(5)
     pixels = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
     raw = rng.random((28, 28)).astype(np.float32)
@@ -276,9 +276,9 @@ def randomised(cat, coffee):
     photos: the classifier head re-initialised, then also the explained block (bn2,
     conv_head); the maps of the trained and the randomised copy compared."""
     images = [resized(cat, (224, 224)), resized(coffee, (224, 224))]
-    plan = SanityPlan(methods=tuple(m for m in METHODS if m != "random"), layer="bn2",
+    plan = SanityPlan(methods=tuple(m for m in CAM_METHODS if m != "random"), layer="bn2",
                       score_cam_channels=8, contrast_rank=500, stages=2)
-    return sanity.check(load_model(Settings()), images, plan)
+    return sanity.check(load_model(ModelSpec()), images, plan)
 
 
 def test_randomisation_cascade_of_the_default_model(randomised):
@@ -286,13 +286,13 @@ def test_randomisation_cascade_of_the_default_model(randomised):
     assert randomised.stages[0].modules == ("classifier",)
     assert randomised.stages[1].modules == ("classifier", "bn2", "conv_head")
     assert randomised.verdict_stage == 1
-    assert [m.method for m in randomised.methods] == [m for m in METHODS if m != "random"]
+    assert [m.method for m in randomised.methods] == [m for m in CAM_METHODS if m != "random"]
 
 
 @pytest.mark.parametrize("method", [
     pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="insensitive to the top of "
                                             "the model here; see INSENSITIVE"))
-    if m in INSENSITIVE else m for m in METHODS if m != "random"])
+    if m in INSENSITIVE else m for m in CAM_METHODS if m != "random"])
 def test_sanity_check_parameter_randomisation(randomised, method):
     """Adebayo et al. 2018: re-initialising the classifier head and the explained block must
     change the maps. Spearman's rank correlation between a 7x7 map from the trained and the

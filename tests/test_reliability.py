@@ -26,7 +26,7 @@ PLAIN = np.full((224, 224, 3), 128, np.uint8)
 
 
 def dropped(server, reason):
-    return server.metrics.dropped.labels(reason)._value.get()
+    return server.metrics.value("camserve_items_dropped_total", reason=reason)
 
 
 def concurrently(calls):
@@ -103,7 +103,7 @@ def test_exception_fails_only_its_own_batch():
             assert result.code == grpc.StatusCode.INTERNAL
             assert "RuntimeError: marked input" in result.details
         assert client.predict(PLAIN).top  # the next batch is served
-        assert server.metrics.batch_failures.labels("exception")._value.get() == 1
+        assert server.metrics.value("camserve_batch_failures_total", reason="exception") == 1
 
 
 def test_non_finite_output_fails_only_its_item():
@@ -123,7 +123,7 @@ def test_out_of_memory_splits_the_batch_and_answers_everything():
         results = concurrently([lambda: client.explain(tiny_models.marked(tiny_models.OOM))]
                                + [lambda: client.predict(PLAIN)] * 3)
         assert not [r for r in results if isinstance(r, CamserveError)], results
-        assert server.metrics.oom_splits._value.get() >= 2  # 4 -> 2 + 2 -> 1 + 1 + 2
+        assert server.metrics.value("camserve_oom_splits_total") >= 2  # 4 -> 2 + 2 -> 1 + 1 + 2
     assert tiny_models.FaultyNet.batches[0] == 4 and 1 in tiny_models.FaultyNet.batches
     assert sorted(r.timing.batch_size for r in results)[0] == 1
 
@@ -150,7 +150,7 @@ def test_worker_that_dies_is_restarted_and_health_follows():
         assert error.value.code == grpc.StatusCode.INTERNAL
         assert "worker died" in error.value.details
         assert client.predict(PLAIN).top  # a new worker serves
-        assert server.metrics.worker_restarts._value.get() == 1
+        assert server.metrics.value("camserve_worker_restarts_total") == 1
         deadline = time.monotonic() + 10
         while statuses[-1:] != [health_pb2.HealthCheckResponse.SERVING] and \
                 time.monotonic() < deadline:

@@ -19,8 +19,8 @@ from camserve_server.domain import METHODS, SanityPlan
 from camserve_server.engine import sanity
 from camserve_server.engine.engine import Engine
 from camserve_server.engine.models import load_model
+from camserve_server.engine.spec import ModelSpec
 from camserve_server.errors import DeadlineExceeded, ResourceExhausted
-from camserve_server.process.settings import Settings
 
 from conftest import TINY, resized, running
 
@@ -106,7 +106,7 @@ def test_the_rpc_reports_what_the_engine_measures(checked, photos):
     """The server's figures are engine/sanity.py's on the same pixels and seed."""
     report = checked[0]
     plan = SanityPlan(methods=CHEAP, layer="bn2", contrast_rank=500)
-    local = sanity.check(load_model(Settings()), photos, plan)
+    local = sanity.check(load_model(ModelSpec()), photos, plan)
     assert local.classes == report.classes
     for ours, theirs in zip(local.methods, report.methods):
         np.testing.assert_allclose(ours.randomisation, theirs.randomisation, atol=0.02)
@@ -119,7 +119,7 @@ def test_the_rpc_reports_what_the_engine_measures(checked, photos):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model(Settings(model=TINY, fold_batchnorm=False))  # its modules as built
+    return load_model(ModelSpec(source=TINY, fold_batchnorm=False))  # its modules as built
 
 
 def test_the_randomised_copy_shares_only_what_it_keeps(tiny):

@@ -109,7 +109,8 @@ def test_token_auth(caplog):
                 health_pb2.HealthCheckRequest(), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING
         assert token not in repr(server.settings)
-        denied = server.metrics.requests.labels("Predict", "UNAUTHENTICATED")._value.get()
+        denied = server.metrics.value("camserve_requests_total", rpc="Predict",
+                                      code="UNAUTHENTICATED")
         assert denied == 3
     assert token not in caplog.text
     assert "UNAUTHENTICATED" not in caplog.text or token not in caplog.text
@@ -164,8 +165,8 @@ def test_metrics_serve_only_metrics_and_follow_tls_and_tokens(certs):
     import ssl
 
     with running(model=TINY, metrics_port=0) as (server, _):
-        base = f"http://127.0.0.1:{server.metrics.port}"
-        assert server.metrics._http.server_address[0] == "127.0.0.1"
+        base = f"http://127.0.0.1:{server.metrics_port}"
+        assert server.metrics_endpoint.host == "127.0.0.1"
         status, body = _get(base + "/metrics")
         assert status == 200 and "camserve_state" in body
         assert _get(base + "/metrics?name[]=camserve_state")[0] == 200
@@ -175,11 +176,11 @@ def test_metrics_serve_only_metrics_and_follow_tls_and_tokens(certs):
     with running(model=TINY, metrics_port=0, auth_tokens=(token,),
                  tls_cert=str(certs / "server.pem"),
                  tls_key=str(certs / "server.key")) as (server, _):
-        https = f"https://localhost:{server.metrics.port}/metrics"
+        https = f"https://localhost:{server.metrics_port}/metrics"
         trusted = ssl.create_default_context(cafile=str(certs / "ca.pem"))
         status, body = _get(https, token, trusted)
         assert status == 200 and "camserve_requests_total" in body
         assert _get(https, None, trusted)[0] == 401
         assert _get(https, "wrong", trusted)[0] == 401
         with pytest.raises(OSError):  # plaintext HTTP is not answered
-            _get(f"http://localhost:{server.metrics.port}/metrics", token)
+            _get(f"http://localhost:{server.metrics_port}/metrics", token)

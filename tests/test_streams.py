@@ -87,7 +87,7 @@ def test_latest_policy_under_overload():
         tiny_models.SlowNet.batches.clear()
         results = list(client.stream_predict(frames, policy="latest"))
         batches = list(tiny_models.SlowNet.batches)
-        skipped_metric = server.metrics.dropped.labels("skipped")._value.get()
+        skipped_metric = server.metrics.value("camserve_items_dropped_total", reason="skipped")
     answered = len(results)
     skipped = sum(r.skipped for r in results)
     assert answered + skipped == 40
@@ -211,10 +211,10 @@ def test_client_killed_mid_stream_frees_its_frames(tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait(30)
         deadline = time.monotonic() + 30
-        while server.metrics.dropped.labels("cancelled")._value.get() == 0 and \
+        while server.metrics.value("camserve_items_dropped_total", reason="cancelled") == 0 and \
                 time.monotonic() < deadline:
             time.sleep(0.05)
-        assert server.metrics.dropped.labels("cancelled")._value.get() >= 1
+        assert server.metrics.value("camserve_items_dropped_total", reason="cancelled") >= 1
         ran_after_kill = len(tiny_models.SlowNet.batches)
         assert client.predict(np.full((224, 224, 3), 9, np.uint8)).top  # others are served
         # At most the frames already running or admitted when the kill was noticed ran.

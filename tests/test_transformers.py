@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Tuple
 
 import numpy as np
@@ -24,8 +24,8 @@ from camserve_server.domain import ExplainSpec, WorkItem
 from camserve_server.engine import tokens
 from camserve_server.engine.engine import Engine
 from camserve_server.engine.models import load_model
+from camserve_server.engine.spec import ModelSpec
 from camserve_server.errors import StartupError
-from camserve_server.process.settings import Settings
 
 import references as ref
 from conftest import resized, running
@@ -347,9 +347,9 @@ def vit_weights(tmp_path_factory) -> str:
 def test_explicit_token_layers(vit_weights, cat):
     """--layer on any token layer works: a block's output, and attention's qkv projection
     (576 channels); the first is the default."""
-    settings = Settings(model="timm:vit_tiny_patch16_224", weights=vit_weights,
-                        layers=("blocks.9", "blocks.10.attn.qkv"))
-    engine = Engine(load_model(settings))
+    spec = ModelSpec(source="timm:vit_tiny_patch16_224", weights=vit_weights,
+                     layers=("blocks.9", "blocks.10.attn.qkv"))
+    engine = Engine(load_model(spec))
     try:
         layers = engine.model.card.layers
         assert [(i.name, i.channels, i.layout, i.prefix_tokens, i.height) for i in layers] == [
@@ -387,10 +387,10 @@ def test_swin_stage_layers_and_why_the_default_is_the_final_norm(cat):
     which feeds a per-position LayerNorm, the gradient is orthogonal to the activations at every
     position (the norm ignores scale and shift), so HiResCAM's sum_k g_k A_k vanishes: the
     reason the default is the final norm, where it does not."""
-    settings = Settings(model="python:test_transformers:small_swin",
-                        layers=("layers.3", "norm", "layers.2"))
-    assert load_model(settings.replace(layers=())).card.default_layer == "norm"
-    engine = Engine(load_model(settings))
+    spec = ModelSpec(source="python:test_transformers:small_swin",
+                     layers=("layers.3", "norm", "layers.2"))
+    assert load_model(replace(spec, layers=())).card.default_layer == "norm"
+    engine = Engine(load_model(spec))
     try:
         card = engine.model.card
         assert [(i.name, i.layout, i.channels, i.height) for i in card.layers] == [
@@ -418,7 +418,7 @@ def test_swin_stage_layers_and_why_the_default_is_the_final_norm(cat):
 
 def test_batch_invariance_on_a_vit(vit_weights):
     """An item's maps and logits do not depend on its batch mates (within 1e-5)."""
-    engine = Engine(load_model(Settings(model="timm:vit_tiny_patch16_224", weights=vit_weights)))
+    engine = Engine(load_model(ModelSpec(source="timm:vit_tiny_patch16_224", weights=vit_weights)))
     try:
         assert engine.model.card.default_layer == "blocks.11.norm1"
         rng = np.random.default_rng(2)
@@ -524,13 +524,13 @@ def test_hugging_face_preprocessing_without_a_processor(hf_folder, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(hf_folder, bare)
     (bare / "preprocessor_config.json").unlink()
-    card = load_model(Settings(model=f"hf:{bare}")).card
+    card = load_model(ModelSpec(source=f"hf:{bare}")).card
     assert card.input_size == (32, 48) and card.labels == LABELS
     (bare / "preprocessor_config.json").write_text(json.dumps({
         "do_resize": True, "size": {"shortest_edge": 40}, "do_center_crop": True,
         "crop_size": {"height": 32, "width": 48}, "do_rescale": False,
         "image_mean": [127.5, 127.5, 127.5], "image_std": [63.75, 63.75, 63.75]}))
-    card = load_model(Settings(model=f"hf:{bare}")).card
+    card = load_model(ModelSpec(source=f"hf:{bare}")).card
     assert card.input_size == (32, 48)
     np.testing.assert_allclose(card.mean, (0.5,) * 3)
     np.testing.assert_allclose(card.std, (0.25,) * 3)
@@ -538,12 +538,12 @@ def test_hugging_face_preprocessing_without_a_processor(hf_folder, tmp_path):
 
 def test_hugging_face_errors(tmp_path, monkeypatch, hf_folder):
     with pytest.raises(StartupError, match="no config.json"):
-        load_model(Settings(model=f"hf:{tmp_path}"))
+        load_model(ModelSpec(source=f"hf:{tmp_path}"))
     with pytest.raises(StartupError, match="holds its own weights; drop --weights"):
-        load_model(Settings(model=f"hf:{hf_folder}", weights="random"))
+        load_model(ModelSpec(source=f"hf:{hf_folder}", weights="random"))
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     with pytest.raises(StartupError, match=r"pip install 'camserve\[hf\]'"):
-        load_model(Settings(model=f"hf:{hf_folder}"))
+        load_model(ModelSpec(source=f"hf:{hf_folder}"))
 
 
 # --- start-up errors, tokens.py ------------------------------------------------------------------
@@ -553,14 +553,14 @@ def test_layers_with_no_grid_are_refused_clearly():
     model = "python:test_transformers:odd_tokens"
     with pytest.raises(StartupError, match=r"--layer 'embed' cannot be explained: it has output "
                        r"shape \(1, 35, 8\): 35 tokens, .*no patch grid known"):
-        load_model(Settings(model=model, layers=("embed",)))
+        load_model(ModelSpec(source=model, layers=("embed",)))
     with pytest.raises(StartupError, match=r"'head' cannot be explained: it has output shape "
                        r"\(1, 4\), not \(batch, channels, height, width\), \(batch, tokens"):
-        load_model(Settings(model=model, layers=("head",)))
+        load_model(ModelSpec(source=model, layers=("head",)))
     # No layer tiles the square image (pool's 5x7 grid does not): Explain is off by default,
-    # and --layer pool still reads its 4-D output as (N, C, h, w), as before token layouts.
-    assert load_model(Settings(model=model)).card.layers == ()
-    pool = load_model(Settings(model=model, layers=("pool",))).card.layers[0]
+    # and --layer pool still reads its 4-D output as (N, C, h, w).
+    assert load_model(ModelSpec(source=model)).card.layers == ()
+    pool = load_model(ModelSpec(source=model, layers=("pool",))).card.layers[0]
     assert (pool.layout, pool.channels, pool.height, pool.width) == ("nchw", 3, 5, 7)
 
 

@@ -38,8 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         port = server.listen()
         # Printed (not only logged) so scripts and tests started with --port 0 find the port.
         print(f"camserve-server listening on {settings.host}:{port}", flush=True)
-        if server.metrics.port is not None:
-            print(f"camserve-server metrics on {settings.host}:{server.metrics.port}", flush=True)
+        if server.metrics_port is not None:
+            print(f"camserve-server metrics on {settings.host}:{server.metrics_port}", flush=True)
         server.load()
     except (StartupError, OSError) as exc:
         print(f"camserve-server: {exc}", file=sys.stderr)

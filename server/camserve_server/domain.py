@@ -7,7 +7,7 @@ imports torch; only ``engine`` does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Generator, Optional, Tuple, Union
 
 import numpy as np
 
@@ -197,6 +197,14 @@ class ItemResult:
     logits: np.ndarray  # float32 (classes,)
     probabilities: np.ndarray  # float32 (classes,)
     maps: Tuple[MapResult, ...] = ()  # methods x targets x layers, in that nesting order
+
+
+# An explanation that needs extra forwards (Score-CAM channels, faithfulness steps) answers its
+# batch with a job: a generator that the batcher advances one slice at a time, between batches.
+# Each slice runs up to SLICE_FORWARDS images through the model and yields how many it ran; the
+# generator returns the item's ItemResult (or the ServiceError it fails with).
+Job = Generator[int, None, "ItemResult"]
+SLICE_FORWARDS = 16
 
 
 # --- sanity checks (engine/sanity.py) ----------------------------------------------------------

@@ -31,7 +31,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from ..errors import InvalidArgument, ResourceExhausted, ServiceError
-from ..process.metrics import Metrics
+from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("camserve_server.access")

@@ -22,7 +22,7 @@ import time
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 from ..domain import WorkItem
-from ..process.metrics import Metrics
+from ..metrics import Metrics
 from .queue import WorkQueue
 from .tickets import Outcome, Ticket
 from .worker import DeviceWorker, RunBatch

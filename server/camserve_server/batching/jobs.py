@@ -13,20 +13,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Optional
 
+from ..domain import Job
 from ..errors import BatchFailed, Cancelled, DeadlineExceeded, ServiceError, Unavailable
 from .queue import Pending, WorkQueue
 from .tickets import Outcome, resolve
 
 log = logging.getLogger(__name__)
-
-# The engine's answer per item: a result, an error, or a job whose slices are still to run (a
-# generator that yields the number of images each slice forwarded and returns the result).
-Job = Generator
-
 
 @dataclass(eq=False)
 class SlicedJob:

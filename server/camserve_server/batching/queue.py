@@ -31,18 +31,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Iterator, List, Optional
 
-from ..domain import WorkItem
+from ..domain import SLICE_FORWARDS, WorkItem
 from ..errors import DeadlineExceeded, QueueFull
-from ..process.metrics import Metrics
+from ..metrics import Metrics
 from .tickets import Ticket
 
 # After a batch of n > 1 items, wait up to this fraction of a batch's compute time (at most
 # COMPANY_WAIT_MAX_S) for n items before starting the next (--max-delay-ms 0 only).
 COMPANY_WAIT = 0.25
 COMPANY_WAIT_MAX_S = 0.05
-
-_SLICE_FORWARDS = 16  # images per slice of a job (the engine's chunk)
-
 
 @dataclass(eq=False)
 class Pending:
@@ -146,7 +143,7 @@ class WorkQueue:
         batches_ahead = math.ceil((len(self.items) // self.max_batch_size + 1) / workers)
         wait = self.batch_seconds * batches_ahead
         if self.job_forwards:
-            wait += batches_ahead * _SLICE_FORWARDS * self.forward_seconds
+            wait += batches_ahead * SLICE_FORWARDS * self.forward_seconds
         if extra_forwards:
             wait += (self.job_forwards / workers + extra_forwards) * self.forward_seconds
         return wait

@@ -21,15 +21,16 @@ from collections import deque
 from collections.abc import Generator
 from typing import Callable, Deque, List, Optional, Sequence, Tuple, Union
 
-from ..domain import ItemResult, WorkItem
+from ..domain import ItemResult, Job, WorkItem
 from ..errors import BatchFailed, OutOfMemory, ServiceError
 from .deferred import decode_deferred, decoded
-from .jobs import Job, SlicedJob
+from .jobs import SlicedJob
 from .queue import Pending, WorkQueue
 from .tickets import Outcome, resolve
 
 log = logging.getLogger(__name__)
 
+# A device's engine: each item's result, its error, or its job (slices still to run).
 RunBatch = Callable[[Sequence[WorkItem]], List[Union[ItemResult, ServiceError, Job]]]
 
 

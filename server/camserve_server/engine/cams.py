@@ -153,7 +153,7 @@ def random_map(c: CamInputs) -> torch.Tensor:
     return torch.stack(maps).to(c.activations.device, c.activations.dtype)
 
 
-METHODS: Dict[str, CamMethod] = {
+CAM_METHODS: Dict[str, CamMethod] = {
     method.name: method for method in (
         CamMethod("gradcam", gradcam),
         CamMethod("gradcam_plus_plus", gradcam_plus_plus),

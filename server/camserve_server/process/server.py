@@ -37,9 +37,11 @@ from ..api.request import LabelIndex
 from ..api.servicer import SERVICE, CamserveService, Runtime
 from ..batching.batcher import Batcher
 from ..domain import ExplainSpec, WorkItem
+from ..engine.spec import ModelSpec
 from ..errors import StartupError
+from ..metrics import Metrics
 from ..render import images
-from .metrics import Metrics
+from .metrics import MetricsEndpoint
 from .settings import Settings, usable_cpus
 from .tls import server_credentials
 
@@ -82,6 +84,14 @@ def torch_threads(settings: Settings) -> int:
     return settings.torch_threads or max(1, usable_cpus() // (settings.workers * cpu_engines))
 
 
+def model_spec(settings: Settings) -> ModelSpec:
+    """What ``load_model`` needs of the settings: the model and how to prepare it."""
+    return ModelSpec(source=settings.model, weights=settings.weights, layers=settings.layers,
+                     labels=settings.labels, input_size=settings.input_size, mean=settings.mean,
+                     std=settings.std, fold_batchnorm=settings.fold_batchnorm,
+                     static_padding=settings.static_padding)
+
+
 class CamServer:
     """One server process. ``start``, ``stop`` and ``wait`` may be called from any thread."""
 
@@ -92,6 +102,7 @@ class CamServer:
         self.model = None
         # A worker of --workers N shares its metrics with the supervisor, which serves them.
         self.metrics = Metrics(worker=settings.worker_index or None)
+        self.metrics_endpoint: Optional[MetricsEndpoint] = None  # /metrics, when served here
         self._service = CamserveService(settings.model)
         self._health: Optional[HealthServicer] = None
         self._grpc: Optional[aio.Server] = None
@@ -105,6 +116,11 @@ class CamServer:
         self._stopping = False
         self._serving = threading.Event()  # set once state and health first say SERVING
         self._stopped = threading.Event()
+
+    @property
+    def metrics_port(self) -> Optional[int]:
+        """The port /metrics is served on by this process; None when it serves none."""
+        return self.metrics_endpoint.port if self.metrics_endpoint is not None else None
 
     def _on_loop(self, coroutine, timeout: Optional[float] = None):
         """Run a coroutine on the server's loop from another thread; its result."""
@@ -126,8 +142,8 @@ class CamServer:
         self.port = self._on_loop(self._listen())
         s = self.settings
         if s.metrics_port is not None and not self.metrics.shared:
-            metrics_port = self.metrics.serve(s)
-            log.info("metrics on http://%s:%d/metrics", s.metrics_address, metrics_port)
+            self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, s)
+            log.info("metrics on http://%s:%d/metrics", s.metrics_address, self.metrics_port)
         return self.port
 
     async def _listen(self) -> int:
@@ -207,7 +223,7 @@ class CamServer:
         for device in devices:  # before minutes of loading
             check_precision(s.precision, device)
         # One model replica, engine and batcher worker per device, sharing one queue.
-        models = [load_model(s, device) for device in devices]
+        models = [load_model(model_spec(s), device) for device in devices]
         model = models[0]
         self.metrics.model_load.set(sum(m.load_seconds for m in models))
         names = [str(m.device) for m in models]
@@ -285,6 +301,8 @@ class CamServer:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.set_state("stopped")
         self.metrics.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)

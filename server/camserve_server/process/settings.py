@@ -18,11 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
-DEFAULT_MODEL = "efficientnet_lite0"
-
-MODEL_SOURCES = ("efficientnet_lite0 (the default), torchvision:NAME, timm:NAME, hf:NAME "
-                 "(a Hugging Face transformers image classifier), torchscript:PATH or "
-                 "python:MODULE:FACTORY")
+from ..engine.spec import DEFAULT_MODEL, MODEL_SOURCES
 
 # A check takes the value and answers the problem with it, or None.
 Check = Callable[[Any], Optional[str]]
