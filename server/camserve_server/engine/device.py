@@ -1,6 +1,6 @@
 """Getting a batch's pixels onto the device, and its answers back: the engine's data path.
 
-On CPU a batch is ``np.stack`` of the items' uint8 pixels, as it always was (byte-identical).
+On CPU a batch is ``np.stack`` of the items' uint8 pixels, byte for byte.
 
 On CUDA:
 
@@ -87,7 +87,7 @@ class DataPath:
         arrays = [i for i, item in enumerate(items) if not isinstance(item.pixels, EncodedJpeg)]
         jpegs = [i for i, item in enumerate(items) if isinstance(item.pixels, EncodedJpeg)]
         if not self.cuda and not jpegs:
-            # The CPU path as it always was.
+            # The CPU path: the host's pixels as they are.
             return Staged(key(items), torch.from_numpy(np.stack([it.pixels for it in items])))
         with self._stream():
             raw = self._copy_arrays([items[i].pixels for i in arrays]) if arrays else None

@@ -1,9 +1,9 @@
 """Batch norms folded into the convolutions before them, once, when the model is loaded.
 
 In eval mode a BatchNorm2d is a per-channel ``x * scale + shift`` with frozen statistics, so a
-convolution followed by it is one convolution with its weights scaled and its bias shifted.
-The folded forward runs 1.2-1.6x faster on CPU on the default model and 1.06-1.2x on resnet18
-(``bench/bench_fold.py``), so the engine serves the folded model. Maps do not change:
+convolution followed by it is one convolution with its weights scaled and its bias shifted,
+which saves the norm's pass over the activations; the engine serves the folded model
+(``--fold-batchnorm``; ``bench/bench_fold.py`` measures the difference). Maps do not change:
 the layers that may be explained are never folded (neither a served convolution, whose output
 would then include the norm, nor a served norm), and folds above an explained layer change
 neither its activations nor the gradients that reach it, up to float rounding.

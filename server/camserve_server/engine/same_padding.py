@@ -11,11 +11,10 @@ always sees one input size, so each such convolution's padding is known at load:
   and a symmetric ``padding=a + 1``: output i then reads, with the same weights, the pixels it
   read before, and the added tap (weight 0) one pixel before them.
 
-The forward then runs without the copies: 1.24-1.27x faster at batch 8 and 1.08-1.11x at batch
-1 on CPU for the default model, with identical logits (``bench/bench_fold.py``). As for folding
-(``fold.py``), the served layers are left as they are, a convolution called more than once (or
-with a dilation) is left too, and the rewritten copy is adopted only when its logits on a
-probe equal the original's.
+The forward then runs without the copies, with identical logits (``--static-padding``;
+``bench/bench_fold.py`` measures the difference). As for folding (``fold.py``), the served
+layers are left as they are, a convolution called more than once (or with a dilation) is left
+too, and the rewritten copy is adopted only when its logits on a probe equal the original's.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ def find_grid(shape: Optional[Sequence[int]], image_size: Tuple[int, int],
       module's type decides (LayerNorm and Linear act on the last dimension, conv layers and 2-d
       norms on the second), then the model (``hints.channels_last``: Swin), and otherwise
       PyTorch's convention, NCHW. If neither fits, NCHW as well: any 4-D output with more than
-      one cell was explainable before token layouts existed, and stays so.
+      one cell may be explained (``--layer``), read as (N, C, h, w).
     """
     hints = hints or Hints()
     if shape is None:
