@@ -211,9 +211,9 @@ def test_a_lone_call_is_decoded_by_the_idle_worker_with_the_pools_answer(monkeyp
     """One image while the batcher is idle and its last batch ran alone: decoded on the
     worker, not in the pool; the answer equals that of the same image decoded in the pool (a
     call with two images). After a batch of two, the next lone call goes through the pool."""
-    from camserve_server.api.servicer import Runtime
+    from camserve_server.api.pipeline import Pipeline
 
-    decode_here, threads, pixels = Runtime.decode_here, [], []
+    decode_here, threads, pixels = Pipeline.decode_here, [], []
 
     def spy(self, *args, **kwargs):
         threads.append(threading.current_thread().name)
@@ -221,7 +221,7 @@ def test_a_lone_call_is_decoded_by_the_idle_worker_with_the_pools_answer(monkeyp
         pixels.append(decoded.image.pixels)
         return decoded
 
-    monkeypatch.setattr(Runtime, "decode_here", spy)
+    monkeypatch.setattr(Pipeline, "decode_here", spy)
     jpeg = cat_path.read_bytes()
     worker = "camserve-batcher"
     with running(model=TINY) as (server, client):

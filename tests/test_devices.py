@@ -335,9 +335,10 @@ def test_only_plain_jpegs_are_deferred():
     assert isinstance(images.prepare(gray, (224, 224), LIMITS).pixels, EncodedJpeg)
     for data in (encode(cat, "PNG"), encode(cat, "JPEG", exif=_rotated_exif())):
         assert isinstance(images.prepare(data, (224, 224), LIMITS).pixels, np.ndarray)
-    # An overlay needs the whole image on the host: decoded there.
+    # An overlay's copy of the whole image decodes on the host; the model's input still goes
+    # to the device as it would without one (the same input whatever the outputs).
     full = images.prepare(encode(cat), (224, 224), LIMITS, full_pixels=1 << 20)
-    assert isinstance(full.pixels, np.ndarray) and full.full is not None
+    assert isinstance(full.pixels, EncodedJpeg) and full.full is not None
     # The pixel limit is still checked from the header, before queueing.
     with pytest.raises(Exception, match="max_image_pixels"):
         images.prepare(encode(cat), (224, 224), images.Limits(32 << 20, 1000, True))

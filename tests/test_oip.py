@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from camserve import Client
+from camserve import CamserveError, Client
 from camserve_server.api import oip
 from camserve_server.process.settings import parse_settings
 
@@ -268,7 +268,7 @@ BAD = {
     "two inputs": (lambda: _extra_input(request_of([JPEG])), "INVALID_ARGUMENT",
                    "this model takes one, 'image'"),
     "too many images": (lambda: request_of([JPEG] * 65), "INVALID_ARGUMENT",
-                        "takes 1 to 64 per request"),
+                        "takes at most 64 per request"),
     "unknown model": (lambda: request_of([JPEG], model="resnet"), "NOT_FOUND",
                       "model 'resnet' is not served here; this server serves 'camserve'"),
     "no model": (lambda: request_of([JPEG], model=""), "INVALID_ARGUMENT",
@@ -287,7 +287,7 @@ BAD = {
     "unknown label": (lambda: request_of([JPEG], target="dog"), "INVALID_ARGUMENT",
                       "parameter target: no class is labelled 'dog'"),
     "class out of range": (lambda: request_of([JPEG], target=10), "INVALID_ARGUMENT",
-                           "target 10 is not a class index: the model has 10 classes"),
+                           "target 10 is out of range: the model has 10 classes"),
     "explain false with a method": (lambda: request_of([JPEG], explain=False, method="gradcam"),
                                     "INVALID_ARGUMENT", "explain is false, but the request "
                                     "sets parameter method"),
@@ -501,3 +501,41 @@ def test_tritonclient_unimplemented_rpc(triton):
         client.get_inference_statistics("camserve")
     assert "UNIMPLEMENTED" in _status(caught.value)
     assert "ModelStatistics is not served by camserve" in caught.value.message()
+
+
+@pytest.mark.parametrize("parameters, options", [
+    ({"layer": "head"}, {"layer": "head"}),
+    ({"target": "dog"}, {"target": "dog"}),
+    ({"target": 10}, {"target": 10}),
+    ({"method": "scorecam", "target": 3}, {"method": "scorecam", "target": 3,
+                                            "score_cam_channels": 100000}),
+])
+def test_both_protocols_check_a_request_alike(served, parameters, options):
+    """One pipeline under both protocols: the same mistake gets the same reason and the same
+    message from ModelInfer as from Explain, only in the request's own terms."""
+    _, client, channel = served
+    if "score_cam_channels" in options:  # the OIP cannot ask for it: compare another check
+        parameters = dict(parameters, layer="head")
+        options = dict(options, layer="head")
+        options.pop("score_cam_channels")
+    with pytest.raises(grpc.RpcError) as oip_error:
+        infer(channel, request_of([JPEG], **parameters))
+    with pytest.raises(CamserveError) as camserve_error:
+        client.explain(JPEG, **{"target" if k == "target" else k: v
+                                for k, v in options.items()})
+    theirs = camserve_error.value
+    ours = oip_error.value.details()
+    renamed = theirs.details
+    for field in ("options.targets[0].class_index", "options.targets[0].label",
+                  "options.layers[0]", "options.methods[0]"):
+        renamed = renamed.replace(field, "parameter " + field.split(".")[1].split("[")[0]
+                                  .rstrip("s").replace("target", "target"))
+    assert ours == renamed
+    assert theirs.reason and theirs.reason in _reasons(oip_error.value)
+
+
+def _reasons(error) -> str:
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            return str(value)
+    return ""

@@ -75,7 +75,7 @@ def test_help_lists_every_flag_with_its_default(command):
         if not f.metadata["hidden"] and f.metadata["shown"] is None and not isinstance(
                 f.default, bool):
             assert f"(default: {f.default})" in text, f.name
-    assert "hf:NAME" in text
+    assert "hf:PATH" in text
 
 
 def test_every_setting_has_a_flag_and_an_environment_variable():

@@ -24,13 +24,13 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional, Set
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from ..errors import InvalidArgument, ResourceExhausted, ServiceError
+from ..errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -150,11 +150,21 @@ def request_id(context) -> str:
 
 
 class Recorder:
-    """Counts each call and writes its access line."""
+    """Counts each call and writes its access line; knows the calls running, so that the
+    end of a shutdown's grace can cut them off with a status of their own."""
 
     def __init__(self, metrics: Metrics, stopping: Callable[[], bool]) -> None:
         self._metrics = metrics
         self._stopping = stopping
+        self.running: Set[asyncio.Task] = set()  # the handlers' tasks (event-loop only)
+        self.cut = False
+
+    def cut_off(self) -> None:
+        """End every running call now: each answers UNAVAILABLE, the server is shutting
+        down (a caller retries elsewhere rather than finding a closed port)."""
+        self.cut = True
+        for task in list(self.running):
+            task.cancel()
 
     def done(self, rpc: str, code: grpc.StatusCode, seconds: float, items: int, rid: str,
              peer: str) -> None:
@@ -186,6 +196,18 @@ class Call:
         self.request_id, self.peer = request_id(context), context.peer()
         self.deadline = deadline(context)
         self.started, self.items, self.recorded = time.perf_counter(), 0, False
+        self.task = asyncio.current_task()
+        recorder.running.add(self.task)
+
+    def cut_off(self) -> Optional[ServiceError]:
+        """Why the call was cancelled under its handler, when the server cut it off."""
+        if not self.recorder.cut:
+            return None
+        return Unavailable("the server is shutting down and its grace period ended before this "
+                           "call finished; send it again, to another replica", reason="DRAINING")
+
+    def ended(self) -> None:
+        self.recorder.running.discard(self.task)
 
     def done(self, code: grpc.StatusCode) -> None:
         if not self.recorded:
@@ -194,10 +216,20 @@ class Call:
                                self.request_id, self.peer)
 
 
+async def _cancelled(call: Call, context) -> None:
+    """A handler's task was cancelled: by the server's cut-off (answered UNAVAILABLE), or by
+    gRPC, for a caller gone or a deadline passed (cancelled on)."""
+    error = call.cut_off()
+    if error is None:
+        call.done(call.recorder.interrupted(call))
+        raise  # the CancelledError being handled
+    call.done(error.code)
+    await abort(context, error)
+
+
 async def _internal(context, rpc: str) -> None:
     log.exception("unexpected error in %s", rpc)
-    await context.abort(grpc.StatusCode.INTERNAL,
-                        f"internal error in {rpc}; the server log has details")
+    await abort(context, ServiceError(f"internal error in {rpc}; the server log has details"))
 
 
 def images_of(request) -> int:
@@ -225,14 +257,14 @@ def unary(rpc: str, behavior: Callable[..., Awaitable], recorder: Recorder,
             call.done(exc.code)  # before the caller can see the status
             await abort(context, exc)
         except asyncio.CancelledError:
-            call.done(recorder.interrupted(call))
-            raise
+            await _cancelled(call, context)
         except Exception:
             call.done(grpc.StatusCode.INTERNAL)
             await _internal(context, rpc)
         finally:
             inflight.give(held)
             call.done(grpc.StatusCode.OK)
+            call.ended()
 
     return handle
 
@@ -252,7 +284,9 @@ def streaming(rpc: str, behavior: Callable[..., AsyncIterator], recorder: Record
         except ServiceError as exc:
             call.done(exc.code)
             await abort(context, exc)
-        except (asyncio.CancelledError, GeneratorExit):
+        except asyncio.CancelledError:
+            await _cancelled(call, context)
+        except GeneratorExit:
             call.done(recorder.interrupted(call))
             raise
         except Exception:
@@ -260,6 +294,7 @@ def streaming(rpc: str, behavior: Callable[..., AsyncIterator], recorder: Record
             await _internal(context, rpc)
         finally:
             call.done(grpc.StatusCode.OK)
+            call.ended()
 
     return handle
 

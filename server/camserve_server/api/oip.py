@@ -1,9 +1,10 @@
 """The Open Inference Protocol (KServe v2 gRPC, ``inference.GRPCInferenceService``) beside
 camserve's own API, on the same port: thin handlers and the tensor conversion at the edge.
 
-Requests take the same path as Predict and Explain (``Runtime``: decode in the pool, one
-batcher, the engine), with the same validation, limits, auth interceptor, access log and
-metrics (``calls.py`` wraps every handler). docs/oip.md describes the tensors for users:
+Requests take the same path as Predict and Explain (pipeline.py: the same checks, limits and
+messages, decode in the pool, one batcher, the engine), with the same auth interceptor, access
+log and metrics (``calls.py`` wraps every handler); this module only converts the tensors and
+parameters. docs/oip.md describes the tensors for users:
 
 - one model, ``--oip-model-name`` (default ``camserve``), version ``1``;
 - input ``image``: BYTES ``[N]`` or ``[N, 1]`` (encoded image files) or UINT8
@@ -33,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import grpc
 import numpy as np
 
-from camserve.methods import method_names, method_value
+from camserve.methods import method_value
 from camserve.v1 import camserve_pb2 as pb
 
 from .. import __version__
@@ -42,7 +43,9 @@ from ..errors import InvalidArgument, NotFound, Unimplemented, quote
 from ..oip.v2 import model_config_pb2
 from . import calls
 from . import request as req
-from .servicer import CamserveService, Runtime
+from .pipeline import Pipeline
+from .response import ranked
+from .servicer import CamserveService
 
 SERVICE = "inference.GRPCInferenceService"
 PROTO = "camserve_server/oip/v2/grpc_predict_v2.proto"
@@ -105,13 +108,13 @@ def _registered(full_name: str):
 # --- the service -----------------------------------------------------------------------------
 
 
-def handler(service: CamserveService, settings, recorder: calls.Recorder,
-            inflight: calls.InflightBytes) -> grpc.GenericRpcHandler:
+def handler(service: CamserveService, model_name: str, max_message_bytes: int,
+            recorder: calls.Recorder, inflight: calls.InflightBytes) -> grpc.GenericRpcHandler:
     """The gRPC handler of ``inference.GRPCInferenceService``, for ``add_generic_rpc_handlers``:
     the served RPCs through ``calls.generic_handler`` (with ``inflight``, the admission by
     size that camserve's own service uses), every other one UNIMPLEMENTED."""
-    oip = OipService(service, settings.oip_model_name)
-    served = calls.generic_handler(SERVICE, oip.methods(), settings.max_message_bytes, recorder,
+    oip = OipService(service, model_name)
+    served = calls.generic_handler(SERVICE, oip.methods(), max_message_bytes, recorder,
                                    inflight, items=batch_of)
     return _Handler(served, recorder)
 
@@ -217,17 +220,16 @@ class OipService:
         rt = self._service.live()
         return model_config_pb2.ModelConfigResponse(config=model_config_pb2.ModelConfig(
             name=self.model_name, platform=PLATFORM,
-            max_batch_size=rt.settings.max_images_per_request))
+            max_batch_size=rt.limits.max_images_per_request))
 
     async def ModelInfer(self, request, context):
         self._model(request.model_name, request.model_version, "model_name")
         rt = self._service.live()
         call = infer_call(request, rt)
-        if call.plan is not None:  # the bound Explain has on one caller's forwards
-            req.check_request_cost(call.plan.spec, len(call.sources),
-                                   rt.settings.max_queued_forwards)
-        spec = call.plan.spec if call.plan is not None else None
-        _, outcomes = await rt.decode_and_run(call.sources, spec, context, field=INPUT)
+        if call.plan is not None:
+            _, outcomes = await rt.explain(call.sources, call.plan, context, field=INPUT)
+        else:
+            _, outcomes = await rt.predict(call.sources, context, field=INPUT)
         tensors = output_tensors([o.result for o in outcomes], rt.model.labels, call)
         answer = messages().ModelInferResponse(model_name=self.model_name,
                                                model_version=VERSION, id=request.id)
@@ -240,7 +242,7 @@ class OipService:
 # --- tensors in ------------------------------------------------------------------------------
 
 
-def signature(rt: Runtime) -> List[Tuple[str, str, List[int]]]:
+def signature(rt: Pipeline) -> List[Tuple[str, str, List[int]]]:
     """(name, datatype, shape) of the input, then of each output; -1: any size."""
     model = rt.model
     tensors = [(INPUT, "BYTES", [-1, 1]), (PROBABILITIES, "FP32", [-1, model.num_classes]),
@@ -262,7 +264,7 @@ class InferCall:
     outputs: Tuple[str, ...]  # the output tensors to answer, in order
 
 
-def infer_call(request, rt: Runtime) -> InferCall:
+def infer_call(request, rt: Pipeline) -> InferCall:
     params = dict(request.parameters)
     for name in params:
         if (name not in PARAMETERS and name not in IGNORED_PARAMETERS
@@ -270,11 +272,10 @@ def infer_call(request, rt: Runtime) -> InferCall:
             raise InvalidArgument(f"parameter {quote(name)} is not one this model takes; "
                                   f"use {', '.join(PARAMETERS)} (docs/oip.md)",
                                   field=f"parameters[{name}]", reason="UNKNOWN_PARAMETER")
-    top_k = _int_param(params, "top_k")
-    if top_k is not None and top_k < 1:
-        raise InvalidArgument(f"parameter top_k is {top_k}; it must be at least 1",
-                              field="parameters[top_k]", reason="INVALID_PARAMETER")
-    top_k = min(top_k or req.DEFAULT_TOP_K, rt.model.num_classes)
+    try:
+        top_k = rt.top_k(_int_param(params, "top_k"), "parameters[top_k]")
+    except InvalidArgument as exc:
+        raise _as_parameters(exc) from None
 
     known = CLASSIFY_OUTPUTS + (EXPLAIN_OUTPUTS if rt.model.layers else ())
     asked = _requested(request.outputs, known)
@@ -289,8 +290,7 @@ def infer_call(request, rt: Runtime) -> InferCall:
     if explain or (explain is None and reasons):
         plan = _plan(params, rt)
     outputs = asked or (CLASSIFY_OUTPUTS + (EXPLAIN_OUTPUTS if plan is not None else ()))
-    return InferCall(_sources(request, rt.settings.max_images_per_request), top_k, plan,
-                     outputs)
+    return InferCall(_sources(request, rt), top_k, plan, outputs)
 
 
 def _param(params, name: str, kinds: Sequence[str], wanted: str):
@@ -336,50 +336,46 @@ def _requested(outputs, known: Tuple[str, ...]) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _plan(params, rt: Runtime) -> req.ExplainPlan:
-    """The explanation the parameters ask for, validated as Explain's options are."""
-    model = rt.model
-    if not model.layers:
-        return req.explain_plan(pb.ExplainOptions(), model, rt.labels, rt.settings)  # raises
+# What the pipeline's checks call the options a request's parameters set: (in its messages,
+# in its fields).
+_PARAMETERS = (("options.targets[0].class_index", "target"), ("options.targets[0].label", "target"),
+               ("options.targets[0]", "target"), ("options.methods[0]", "method"),
+               ("options.layers[0]", "layer"), ("parameters[top_k]", "top_k"))
+
+
+def _as_parameters(error: InvalidArgument) -> InvalidArgument:
+    return req.renamed(error, [(old, f"parameter {new}") for old, new in _PARAMETERS],
+                       [(old, f"parameters[{new}]") for old, new in _PARAMETERS])
+
+
+def _plan(params, rt: Pipeline) -> req.ExplainPlan:
+    """The explanation the parameters ask for, as an ExplainOptions the pipeline checks."""
     options = pb.ExplainOptions()
     method = _str_param(params, "method")
     if method is not None:
-        served = [name for name in method_names() if name in METHODS]
         try:
-            value = method_value(method)
+            options.methods.append(method_value(method))
         except ValueError:
-            value = None
-        if value is None or pb.CamMethod.Name(value)[len("CAM_METHOD_"):].lower() not in served:
             raise InvalidArgument(f"parameter method {quote(method)} is not a CAM method "
-                                  f"served here; choose from {', '.join(served)}",
-                                  field="parameters[method]", reason="UNKNOWN_METHOD")
-        options.methods.append(value)
+                                  f"served here; choose from {', '.join(METHODS)}",
+                                  field="parameters[method]", reason="UNKNOWN_METHOD") from None
     layer = _str_param(params, "layer")
     if layer is not None:
-        if model.layer(layer) is None:
-            raise InvalidArgument(f"parameter layer {quote(layer)} is not a layer this server "
-                                  f"explains; choose from "
-                                  f"{', '.join(info.name for info in model.layers)}",
-                                  field="parameters[layer]", reason="UNKNOWN_LAYER")
         options.layers.append(layer)
     target = _param(params, "target", ("int64_param", "string_param"),
                     "a class index (int64) or a label (string)")
     if isinstance(target, str):
-        try:
-            options.targets.add(class_index=rt.labels.index_of(target))
-        except InvalidArgument as exc:
-            raise exc.at("parameters[target]", "parameter target: ") from None
+        options.targets.add(label=target)
     elif target is not None:
-        if not 0 <= target < model.num_classes:
-            raise InvalidArgument(f"parameter target {target} is not a class index: the model "
-                                  f"has {model.num_classes} classes "
-                                  f"(0..{model.num_classes - 1})",
-                                  field="parameters[target]", reason="UNKNOWN_CLASS")
-        options.targets.add(class_index=target)
-    return req.explain_plan(options, model, rt.labels, rt.settings)
+        # A class_index holds no negative number: one past the last class is as wrong.
+        options.targets.add(class_index=target if target >= 0 else rt.model.num_classes)
+    try:
+        return rt.explain_plan(options)
+    except InvalidArgument as exc:
+        raise _as_parameters(exc) from None
 
 
-def _sources(request, max_images: int) -> List[Source]:
+def _sources(request, rt: Pipeline) -> List[Source]:
     """The images of the request's one input tensor, as Predict's sources."""
     names = [tensor.name for tensor in request.inputs]
     if INPUT not in names:
@@ -401,10 +397,8 @@ def _sources(request, max_images: int) -> List[Source]:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input {INPUT} has shape {shape}; dimensions cannot be negative",
                               field=f"inputs[{INPUT}].shape", reason="INVALID_SHAPE")
-    if shape and not 1 <= shape[0] <= max_images:
-        raise InvalidArgument(f"input {INPUT} has shape {shape}: {shape[0]} images; this server "
-                              f"takes 1 to {max_images} per request (max_images_per_request)",
-                              field=f"inputs[{INPUT}].shape", reason="TOO_MANY_IMAGES")
+    if shape:
+        rt.count(shape[0], f"inputs[{INPUT}].shape")
     contents = tensor.contents
     typed = any(len(getattr(contents, f.name)) for f in contents.DESCRIPTOR.fields)
     if raw and typed:
@@ -487,9 +481,7 @@ class Tensor:
 
 def output_tensors(results, labels: Sequence[str], call: InferCall) -> List[Tensor]:
     probabilities = np.stack([r.probabilities for r in results]).astype("<f4")
-    k = call.top_k
-    # A stable sort, as Predict's answer orders its top classes.
-    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    top = np.stack([ranked(r.probabilities, call.top_k) for r in results])
     made: Dict[str, Tensor] = {
         PROBABILITIES: Tensor(PROBABILITIES, "FP32", probabilities.shape,
                               probabilities.tobytes()),

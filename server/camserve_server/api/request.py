@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from camserve.methods import method_name
 from camserve.v1 import camserve_pb2 as pb
 
 from ..domain import METHODS, ExplainSpec, ModelCard, Outputs, RawPixels, Source
-from ..errors import FailedPrecondition, InvalidArgument, quote
-from ..process.settings import Settings
+from ..errors import FailedPrecondition, InvalidArgument, ServiceError, quote
+
+if TYPE_CHECKING:
+    from .pipeline import RequestLimits
 
 DEFAULT_TOP_K = 5
 
@@ -51,18 +53,6 @@ class LabelIndex:
 # --- images ----------------------------------------------------------------------------------
 
 
-def image_sources(images: Sequence[pb.Image], max_images: int) -> List[Source]:
-    """The request's images as encoded bytes or RawPixels, after the per-request checks."""
-    if not images:
-        raise InvalidArgument("the request has no images; add at least one", field="images",
-                              reason="NO_IMAGES")
-    if len(images) > max_images:
-        raise InvalidArgument(f"the request has {len(images)} images; this server takes at most "
-                              f"{max_images} per request (max_images_per_request): split it",
-                              field="images", reason="TOO_MANY_IMAGES")
-    return [source(image, f"images[{i}]") for i, image in enumerate(images)]
-
-
 def source(image: pb.Image, field: str) -> Source:
     """One image as encoded bytes or RawPixels; ``field`` names it in an error."""
     which = image.WhichOneof("source")
@@ -77,8 +67,14 @@ def source(image: pb.Image, field: str) -> Source:
 # --- options ---------------------------------------------------------------------------------
 
 
-def top_k(value: int, num_classes: int) -> int:
-    return min(value or DEFAULT_TOP_K, num_classes)
+def top_k(value: Optional[int], num_classes: int, field: str = "options.top_k") -> int:
+    """How many classes an answer ranks: ``value`` (None: the default), at most all."""
+    if value is None:
+        value = DEFAULT_TOP_K
+    if value < 1:
+        raise InvalidArgument(f"{field} is {value}; it must be at least 1", field=field,
+                              reason="INVALID_OPTION")
+    return min(value, num_classes)
 
 
 @dataclass(frozen=True)
@@ -174,7 +170,7 @@ def _outputs(values: Sequence[int]) -> Outputs:
 
 
 def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelIndex,
-                 limits: Settings) -> ExplainPlan:
+                 limits: RequestLimits) -> ExplainPlan:
     """Validate an ExplainOptions message (of an Explain call or a stream's config) against
     the model and the server's limits."""
     f = "options."
@@ -225,8 +221,23 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
             "methods, targets or layers, or lower score_cam_channels or faithfulness_steps",
             field=f"{f}faithfulness_steps" if steps else f"{f}score_cam_channels",
             reason="ITEM_TOO_COSTLY")
-    return ExplainPlan(spec, _outputs(options.outputs), top_k(options.top_k, model.num_classes),
-                       limits.max_render_pixels)
+    return ExplainPlan(spec, _outputs(options.outputs),
+                       top_k(options.top_k or None, model.num_classes), limits.max_render_pixels)
+
+
+def renamed(error: ServiceError, names: Sequence[Tuple[str, str]],
+            fields: Optional[Sequence[Tuple[str, str]]] = None) -> ServiceError:
+    """``error`` with the fields it names renamed (``names``: (old, new) pairs, applied in
+    order, in its message, and in its field too unless ``fields`` gives other pairs for it):
+    what explain_plan checks in an ExplainOptions, said in the terms of another request
+    (CheckSanity's fields, the Open Inference Protocol's parameters)."""
+    text, field = error.message, error.field or ""
+    for old, new in names:
+        text = text.replace(old, new)
+    for old, new in names if fields is None else fields:
+        field = field.replace(old, new)
+    return type(error)(text, field=field or None, reason=error.reason,
+                       retry_after_s=error.retry_after_s)
 
 
 # --- streams ---------------------------------------------------------------------------------

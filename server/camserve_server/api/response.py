@@ -34,12 +34,17 @@ def class_score(result: ItemResult, index: int, labels: Sequence[str]) -> pb.Cla
                          logit=float(result.logits[index]))
 
 
+def ranked(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the ``k`` most probable classes, most probable first (ties: the lower
+    index first), as every protocol's answer ranks them."""
+    best = (np.argpartition(-probabilities, k - 1)[:k] if k < probabilities.size
+            else np.arange(probabilities.size))
+    return best[np.argsort(-probabilities[best], kind="stable")]
+
+
 def prediction(result: ItemResult, labels: Sequence[str], top_k: int) -> pb.Prediction:
-    probs = result.probabilities
-    best = np.argpartition(-probs, top_k - 1)[:top_k] if top_k < probs.size else np.arange(
-        probs.size)
-    best = best[np.argsort(-probs[best], kind="stable")]
-    return pb.Prediction(top=[class_score(result, int(i), labels) for i in best])
+    return pb.Prediction(top=[class_score(result, int(i), labels)
+                              for i in ranked(result.probabilities, top_k)])
 
 
 def timing(outcome: Outcome, decode_ms: float, worker: int) -> pb.Timing:
@@ -146,8 +151,9 @@ def _render(answer, heat: np.ndarray, outputs: Outputs, full: Optional[np.ndarra
         answer.overlay = heatmaps.overlay(full, heat, outputs.overlay_format)
 
 
-def model_info(card: ModelCard, settings, state: int) -> pb.GetModelInfoResponse:
-    """GetModelInfo's answer for a loaded model."""
+def model_info(pipeline, state: int) -> pb.GetModelInfoResponse:
+    """GetModelInfo's answer for a loaded model (``pipeline``: pipeline.py's Pipeline)."""
+    card, limits, images = pipeline.model, pipeline.limits, pipeline.image_limits
     layout = {"nchw": pb.LAYER_LAYOUT_NCHW, "tokens": pb.LAYER_LAYOUT_TOKENS,
               "nhwc": pb.LAYER_LAYOUT_NHWC}
     return pb.GetModelInfoResponse(
@@ -161,15 +167,13 @@ def model_info(card: ModelCard, settings, state: int) -> pb.GetModelInfoResponse
         methods=[pb.MethodInfo(method=method_value(name), needs_backward=traits.needs_backward,
                                class_discriminative=traits.class_discriminative)
                  for name, traits in METHODS.items()] if card.layers else [],
-        batching=pb.BatchingInfo(max_batch_size=settings.max_batch_size,
-                                 max_delay_ms=settings.max_delay_ms, max_queue=settings.max_queue,
-                                 workers=settings.workers),
+        batching=pipeline.batching,
         devices=list(card.devices),
-        limits=pb.Limits(max_image_bytes=settings.max_image_bytes,
-                         max_image_pixels=settings.max_image_pixels,
-                         max_images_per_request=settings.max_images_per_request,
-                         max_message_bytes=settings.max_message_bytes,
-                         max_stream_frames_in_flight=settings.max_stream_frames_in_flight,
-                         max_score_cam_channels=settings.max_score_cam_channels,
-                         max_maps_per_image=settings.max_maps_per_image,
-                         max_faithfulness_steps=settings.max_faithfulness_steps))
+        limits=pb.Limits(max_image_bytes=images.max_image_bytes,
+                         max_image_pixels=images.max_image_pixels,
+                         max_images_per_request=limits.max_images_per_request,
+                         max_message_bytes=limits.max_message_bytes,
+                         max_stream_frames_in_flight=limits.max_stream_frames_in_flight,
+                         max_score_cam_channels=limits.max_score_cam_channels,
+                         max_maps_per_image=limits.max_maps_per_image,
+                         max_faithfulness_steps=limits.max_faithfulness_steps))

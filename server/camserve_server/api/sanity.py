@@ -15,14 +15,14 @@ from camserve.v1 import camserve_pb2 as pb
 
 from ..domain import METHODS, SANITY_STAGES, ModelCard, SanityPlan, SanityReport
 from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, ServiceError
-from ..process.settings import Settings
 from . import request as req
+from .pipeline import RequestLimits
 
 DEFAULT_SCORE_CAM_CHANNELS = 16
 DEFAULT_THRESHOLD = 0.5
 
 
-def plan(request: pb.CheckSanityRequest, model: ModelCard, settings: Settings,
+def plan(request: pb.CheckSanityRequest, model: ModelCard, limits: RequestLimits,
          images: int) -> SanityPlan:
     """Validate everything but the images; raises InvalidArgument naming the field."""
     # The methods and the layer are checked as Explain checks them (known, served here, an
@@ -30,15 +30,15 @@ def plan(request: pb.CheckSanityRequest, model: ModelCard, settings: Settings,
     options = pb.ExplainOptions(methods=request.methods, score_cam_channels=1,
                                 layers=[request.layer] if request.layer else [])
     try:
-        spec = req.explain_plan(options, model, req.LabelIndex(()), settings).spec
+        spec = req.explain_plan(options, model, req.LabelIndex(()), limits).spec
     except InvalidArgument as exc:
-        raise _renamed(exc) from None
+        raise req.renamed(exc, (("options.layers[0]", "layer"), ("options.", ""))) from None
     methods = spec.methods if request.methods else tuple(METHODS)
     layer = spec.layers[0]
     channels = 0
     if "scorecam" in methods:
         widest = model.layer(layer).channels
-        cap = settings.max_score_cam_channels
+        cap = limits.max_score_cam_channels
         channels = min(request.score_cam_channels or min(DEFAULT_SCORE_CAM_CHANNELS, cap),
                        widest)
         if channels > cap:
@@ -67,27 +67,20 @@ def plan(request: pb.CheckSanityRequest, model: ModelCard, settings: Settings,
     result = SanityPlan(methods=methods, layer=layer, score_cam_channels=channels,
                         contrast_rank=rank, stages=stages, seed=request.seed,
                         threshold=threshold)
-    _check_cost(result, images, settings)
+    _check_cost(result, images, limits)
     return result
 
 
-def _renamed(exc: InvalidArgument) -> InvalidArgument:
-    """Explain's "options.methods[0]" / "options.layers[0]" as this request's fields."""
-    text = str(exc).replace("options.layers[0]", "layer").replace("options.", "")
-    field = (exc.field or "").replace("options.layers[0]", "layer").replace("options.", "")
-    return InvalidArgument(text, field=field or None, reason=exc.reason)
-
-
-def _check_cost(p: SanityPlan, images: int, settings: Settings) -> None:
+def _check_cost(p: SanityPlan, images: int, limits: RequestLimits) -> None:
     per_image = p.cost
     total = per_image * images
-    if per_image > settings.max_item_cost or total > settings.max_queued_forwards:
+    if per_image > limits.max_item_cost or total > limits.max_queued_forwards:
         raise InvalidArgument(
             f"this check costs about {total:,} forwards ({images} images x {per_image:,}: "
             f"{len(p.methods)} methods, 2 classes, the trained model and {p.stages} stages"
             + (f", Score-CAM on {p.score_cam_channels} channels" if p.score_cam_channels else "")
-            + f"); this server allows {settings.max_item_cost:,} per image (max_item_cost) and "
-            f"{settings.max_queued_forwards:,} per request: send fewer images, fewer methods or "
+            + f"); this server allows {limits.max_item_cost:,} per image (max_item_cost) and "
+            f"{limits.max_queued_forwards:,} per request: send fewer images, fewer methods or "
             "stages, or lower score_cam_channels", field="images", reason="REQUEST_TOO_COSTLY")
 
 

@@ -11,9 +11,9 @@ from typing import Optional, Tuple
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
-MODEL_SOURCES = ("efficientnet_lite0 (the default), torchvision:NAME, timm:NAME, hf:NAME "
-                 "(a Hugging Face transformers image classifier), torchscript:PATH or "
-                 "python:MODULE:FACTORY")
+MODEL_SOURCES = ("efficientnet_lite0 (the default), torchvision:NAME, timm:NAME, hf:PATH "
+                 "(a Hugging Face transformers image classifier saved with save_pretrained), "
+                 "torchscript:PATH or python:MODULE:FACTORY")
 
 
 @dataclass(frozen=True)

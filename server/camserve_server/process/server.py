@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import functools
 import logging
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +35,9 @@ from camserve.v1 import camserve_pb2 as pb
 from ..api import calls, oip
 from ..api.auth import TokenAuth
 from ..api.health import NOT_SERVING, SERVING, HealthServicer
+from ..api.pipeline import Pipeline, RequestLimits
 from ..api.request import LabelIndex
-from ..api.servicer import SERVICE, CamserveService, Runtime
+from ..api.servicer import SERVICE, CamserveService
 from ..batching.batcher import Batcher
 from ..domain import ExplainSpec, WorkItem
 from ..engine.spec import ModelSpec
@@ -50,6 +53,7 @@ access = logging.getLogger("camserve_server.access")
 
 HEALTH_NAMES = ("", SERVICE, oip.SERVICE)  # the server as a whole, and each served API
 KEEPALIVE_TIMEOUT_MS = 20_000
+STOP_NOW_S = 1.0  # how long cut-off calls' answers and the batcher's last step may take
 OVER_LIMIT_SLACK = 1 << 20  # bytes over --max-message-bytes still read, to answer INVALID_ARGUMENT
 # How long an idle torch (libgomp) thread spins before it sleeps, in iterations; libgomp's own
 # default is 300,000, i.e. milliseconds after every parallel step. See openmp_defaults.
@@ -61,14 +65,34 @@ def openmp_defaults() -> None:
     (GOMP_SPINCOUNT or OMP_WAIT_POLICY). libgomp reads this once, when torch loads: it must run
     before, and does nothing after. At libgomp's default the batcher worker's spare threads
     keep cores busy for milliseconds after each step of a forward, and the decode pool and the
-    event loop wait for them: beside an unread stream of 1080p frames, background Predict p50
-    331-369 ms and worst 1.3-1.6 s, against 163-237 ms and 322-375 ms at 30,000
-    (bench/abuse.py --case unread_latest, run with GOMP_SPINCOUNT=300000 for the old
-    behaviour). One caller's latency was the same or lower (bench/bench_latency.py) and 16
-    callers' images/s the same within the machine's noise; with fewer spins (3,000) the
-    in-process side of bench_latency.py took 27.7 ms against 20.8."""
+    event loop wait for them (bench/abuse.py --case unread_latest shows it beside an unread
+    stream, with GOMP_SPINCOUNT=300000 for libgomp's default); far fewer spins slow the
+    forward itself (bench/bench_latency.py's in-process side)."""
     if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
+
+
+def port_problem(host: str, port: int) -> Optional[str]:
+    """Why listening on host:port would fail (it is in use, or host is not this machine's),
+    found by binding it as gRPC would; None when it would not."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"{host} cannot be resolved ({exc.strerror})"
+    failures = []
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"port {port} is in use"
+                failures.append(exc)
+    if failures and len(failures) == len(addresses):
+        return f"{host} is not an address of this machine ({failures[0].strerror})"
+    return None
 
 
 def decode_threads(settings: Settings) -> int:
@@ -82,6 +106,12 @@ def torch_threads(settings: Settings) -> int:
     processes and, within each, between its CPU engines (``--device cpu,cpu``)."""
     cpu_engines = max(1, [name.strip() for name in settings.device.split(",")].count("cpu"))
     return settings.torch_threads or max(1, usable_cpus() // (settings.workers * cpu_engines))
+
+
+def limits(settings: Settings) -> RequestLimits:
+    """What the pipeline needs of the settings: the bounds on a request, of the same names."""
+    return RequestLimits(**{f.name: getattr(settings, f.name)
+                            for f in dataclasses.fields(RequestLimits)})
 
 
 def model_spec(settings: Settings) -> ModelSpec:
@@ -106,6 +136,8 @@ class CamServer:
         self._service = CamserveService(settings.model)
         self._health: Optional[HealthServicer] = None
         self._grpc: Optional[aio.Server] = None
+        self._recorder: Optional[calls.Recorder] = None
+        self._now = False  # stop_now was called: no grace any more
         self._engines = []  # one per device
         self._batcher: Optional[Batcher] = None
         self._pool = ThreadPoolExecutor(max_workers=decode_threads(settings),
@@ -172,26 +204,32 @@ class CamServer:
             interceptors.append(TokenAuth(s.auth_tokens, on_denied=self._denied))
         credentials = server_credentials(s)
         server = aio.server(options=options, interceptors=interceptors)
-        recorder = calls.Recorder(self.metrics, lambda: self._stopping)
+        recorder = self._recorder = calls.Recorder(self.metrics, lambda: self._stopping)
         inflight = calls.InflightBytes(s.max_inflight_bytes)
         server.add_generic_rpc_handlers((calls.generic_handler(
             SERVICE, self._service.methods(), s.max_message_bytes, recorder, inflight),))
-        server.add_generic_rpc_handlers((oip.handler(self._service, s, recorder, inflight),))
+        server.add_generic_rpc_handlers((oip.handler(self._service, s.oip_model_name,
+                                                     s.max_message_bytes, recorder, inflight),))
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE, oip.SERVICE, health_names.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._health.set_all(HEALTH_NAMES, NOT_SERVING)
         address = f"{s.host}:{s.port}"
-        try:
-            port = (server.add_secure_port(address, credentials) if credentials is not None
-                    else server.add_insecure_port(address))
-        except RuntimeError:
-            port = 0
+        # Found before gRPC tries, which would log a line of its own first.
+        problem = None if s.worker_index else port_problem(s.host, s.port)
+        port = 0
+        if problem is None:
+            try:
+                port = (server.add_secure_port(address, credentials) if credentials is not None
+                        else server.add_insecure_port(address))
+            except RuntimeError:
+                port = 0
         if port == 0:
-            raise StartupError(f"cannot listen on {address}: port {s.port} is in use (or "
-                               f"{s.host} is not an address of this machine); pass another "
-                               "--port, or stop the server that holds it")
+            problem = problem or (f"port {s.port} is in use (or {s.host} is not an address of "
+                                  "this machine)")
+            raise StartupError(f"cannot listen on {address}: {problem}; pass another --port "
+                               "or --host, or stop the server that holds the port")
         await server.start()
         self._grpc = server
         log.info("listening on %s:%d (%s; loading %s)", s.host, port,
@@ -216,7 +254,7 @@ class CamServer:
         # Only the batcher's worker threads compute in parallel: this thread loads the model
         # on one torch thread, and each worker sets its own count (torch's OpenMP threads are
         # per calling thread). Once one thread has run parallel work, OpenMP keeps its team,
-        # and another thread's parallel work runs about 2x slower beside it (bench_threads.py).
+        # and another thread's parallel work runs slower beside it (bench/bench_threads.py).
         torch.set_num_threads(1)
         threads = torch_threads(s)
         devices = resolve_devices(s.device)
@@ -229,10 +267,10 @@ class CamServer:
         names = [str(m.device) for m in models]
         card = dataclasses.replace(model.card, device=",".join(names))
         log.info("loaded %s on %s in %.1fs: %d classes, input %dx%d, layers %s; %d torch "
-                 "threads per engine; precision %s", card.name, card.device,
+                 "thread%s per engine; precision %s", card.name, card.device,
                  sum(m.load_seconds for m in models), card.num_classes, card.input_size[1],
                  card.input_size[0], ", ".join(i.name for i in card.layers) or "none",
-                 threads, s.precision)
+                 threads, "" if threads == 1 else "s", s.precision)
         cuda = all(m.device.type == "cuda" for m in models)
         device_jpeg = s.jpeg_decode == "device" or (s.jpeg_decode == "auto" and cuda)
         engines = [Engine(m, precision=s.precision) for m in models]
@@ -244,7 +282,7 @@ class CamServer:
         batcher = Batcher([e.run_batch for e in engines], max_batch_size=s.max_batch_size,
                           max_delay_ms=s.max_delay_ms, max_queue=s.max_queue,
                           metrics=self.metrics, device=names,
-                          max_job_forwards=s.max_queued_forwards,
+                          max_job_forwards=limits(s).max_queued_forwards,
                           on_worker=self._worker_changed, prefetch=cuda,
                           prepare=[functools.partial(prepare, e) for e in engines])
         self.metrics.watch_queue(batcher.depth)
@@ -254,11 +292,15 @@ class CamServer:
             str(m.device): (lambda d=m.device: torch.cuda.memory_allocated(d))
             for m in models if m.device.type == "cuda"})
         self.model, self._engines, self._batcher = model, engines, batcher
-        runtime = Runtime(settings=s, model=card, batcher=batcher, labels=LabelIndex(card.labels),
-                          limits=images.Limits(s.max_image_bytes, s.max_image_pixels,
-                                               device_jpeg=device_jpeg),
-                          pool=self._pool, sanity=SanityChecker(model))
-        self._loop.call_soon_threadsafe(self._service.serve, runtime)
+        pipeline = Pipeline(
+            model=card, batcher=batcher, labels=LabelIndex(card.labels), limits=limits(s),
+            image_limits=images.Limits(s.max_image_bytes, s.max_image_pixels,
+                                       device_jpeg=device_jpeg),
+            pool=self._pool, batching=pb.BatchingInfo(
+                max_batch_size=s.max_batch_size, max_delay_ms=s.max_delay_ms,
+                max_queue=s.max_queue, workers=s.workers),
+            worker=s.worker_index, sanity=SanityChecker(model))
+        self._loop.call_soon_threadsafe(self._service.serve, pipeline)
         batcher.start()  # its workers warm up, then report alive: state and health SERVING
         while not self._serving.wait(0.1):
             if batcher.prepare_error is not None:
@@ -291,11 +333,11 @@ class CamServer:
         if self._stopped.is_set() or self._stopping:
             return
         self._stopping = True
-        grace = self.settings.grace_s if grace is None else grace
+        grace = 0.0 if self._now else self.settings.grace_s if grace is None else grace
         if self._thread.is_alive():
             self._on_loop(self._drain(grace))
         if self._batcher is not None:
-            self._batcher.stop(timeout=grace + 5)
+            self._batcher.stop(timeout=STOP_NOW_S if self._now else grace + 5)
         for engine in self._engines:
             engine.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -315,7 +357,20 @@ class CamServer:
             await self._health.enter_graceful_shutdown()
         self.metrics.set_state("draining")
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            # Calls still running when the grace ends are cut off with a status of their own
+            # (UNAVAILABLE, shutting down); gRPC's stop then gives their answers time to go out.
+            stopped = asyncio.ensure_future(self._grpc.stop(grace + STOP_NOW_S))
+            await asyncio.wait([stopped], timeout=grace)
+            if not stopped.done() and self._recorder is not None:
+                self._recorder.cut_off()
+            await stopped
+
+    def stop_now(self) -> None:
+        """Cut every call off now (each answers UNAVAILABLE) and stop without waiting for
+        work in flight: a second SIGINT. Safe to call from a signal handler, during ``stop``."""
+        self._now = True
+        if self._recorder is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._recorder.cut_off)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         return self._stopped.wait(timeout)

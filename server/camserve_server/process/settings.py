@@ -250,12 +250,6 @@ class Settings:
         "camserve", "the model's name in the Open Inference Protocol (KServe v2 gRPC, for "
         "tritonclient and perf_analyzer)")
 
-    @property
-    def max_queued_forwards(self) -> int:
-        """The extra forwards (Score-CAM, faithfulness) queued and running at once, and so
-        the most one request may ask for: four of the costliest images."""
-        return 4 * self.max_item_cost
-
     def __post_init__(self) -> None:
         problems = []
         for f in dataclasses.fields(self):
