@@ -104,6 +104,7 @@ def test_token_auth(caplog):
                     client.predict(PLAIN)
                 assert error.value.code == grpc.StatusCode.UNAUTHENTICATED
                 assert "Bearer" in error.value.details
+                assert error.value.reason == "UNAUTHENTICATED"
         with grpc.insecure_channel(target) as channel:  # health needs no token
             status = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=10).status

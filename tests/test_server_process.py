@@ -14,11 +14,13 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from camserve import CamserveError, Client
 
 TESTS = Path(__file__).parent
+SLOW = "python:tiny_models:slow_cnn"
 
 
 def start(*args, env=None):
@@ -97,3 +99,59 @@ def test_flag_errors_exit_2():
     done = subprocess.run([sys.executable, "-m", "camserve_server", "--max-batch-size", "0"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "max-batch-size must be at least 1" in done.stderr
+
+
+def _long_explain(port, outcome):
+    """An Explain of the slow model that takes seconds (256 faithfulness steps, in slices)."""
+    import numpy as np
+
+    def call():
+        with Client(f"127.0.0.1:{port}", retries=0, timeout=120) as client:
+            try:
+                outcome["answer"] = client.explain(np.full((32, 32, 3), 100, np.uint8),
+                                                   faithfulness_steps=256)
+            except CamserveError as exc:
+                outcome["error"] = exc
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_second_signal_stops_at_once_and_cuts_calls_off_with_a_status(workers):
+    """SIGINT drains (a 60 s grace); a second SIGINT stops at once: exit status 130 within
+    seconds, and the call in flight answers UNAVAILABLE, the server shutting down."""
+    process, port = start("--port", "0", "--grace-s", "60", "--model", SLOW, "--workers",
+                          workers, "--torch-threads", "1")
+    try:
+        while "camserve-server serving" not in process.stdout.readline():  # every worker
+            assert process.poll() is None
+        outcome = {}
+        thread = _long_explain(port, outcome)
+        time.sleep(1.5)  # its slices are running
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert process.poll() is None, "the first signal must drain, not stop"
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 130
+        assert time.monotonic() - signalled < 15
+        thread.join(30)
+    finally:
+        process.kill()
+        process.wait()
+    assert "1 torch thread per engine" in process.stderr.read()
+    error = outcome["error"]
+    assert error.code == grpc.StatusCode.UNAVAILABLE and error.reason == "DRAINING", error
+    assert "shutting down" in error.details, error.details
+
+
+def test_without_the_server_extra_it_says_what_to_install():
+    for missing in ("grpc_health", "torch"):
+        done = subprocess.run(
+            [sys.executable, "-c", f"import sys; sys.modules[{missing!r}] = None\n"
+             "from camserve_server.__main__ import main\nsys.exit(main(['--port', '0']))"],
+            capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "pip install 'camserve[server]'" in done.stderr
+        assert missing in done.stderr and "Traceback" not in done.stderr

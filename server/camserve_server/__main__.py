@@ -1,37 +1,80 @@
 """``camserve-server`` / ``python -m camserve_server``: run the server until SIGTERM or SIGINT.
 
-With ``--workers N`` (N > 1) this process supervises N worker processes (process/workers.py),
-each of them this same command with ``--worker-index``."""
+The first signal drains (calls in flight get ``--grace-s`` to finish); a second one stops at
+once, cutting off what is left, and the exit status is 130. With ``--workers N`` (N > 1) this
+process supervises N worker processes (process/workers.py), each of them this same command
+with ``--worker-index``."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import sys
 import threading
 from typing import Optional, Sequence
 
-from .errors import StartupError
 from .process import logs
 from .process.settings import parse_settings
+
+# What `pip install camserve` lacks and the server needs (camserve[server]), checked before
+# anything is imported.
+SERVER_MODULES = ("torch", "torchvision", "timm", "grpc_health", "grpc_reflection",
+                  "prometheus_client")
+EXIT_INTERRUPTED = 130  # a second signal: stopped without draining (128 + SIGINT)
+
+
+class Shutdown:
+    """SIGTERM and SIGINT: the first sets ``stop`` (drain), the second sets ``now`` and calls
+    ``on_now`` (stop at once); before anything can be stopped, it exits."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.now = threading.Event()
+        self.on_now = None
+
+    def __call__(self, signum, frame) -> None:
+        if not self.stop.is_set():
+            self.stop.set()
+            return
+        self.now.set()
+        if self.on_now is None:
+            raise SystemExit(EXIT_INTERRUPTED)
+        self.on_now()
+
+
+def _missing(modules: Sequence[str]) -> Optional[str]:
+    """The first of ``modules`` that cannot be imported, found without importing any."""
+    for name in modules:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):  # ValueError: blocked (None in sys.modules)
+            return name
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     settings = parse_settings(argv)
-    logs.configure(settings.log_level, settings.log_format)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    if settings.workers > 1 and not settings.worker_index:
-        from .process.workers import supervise
-
-        return supervise(settings, argv, stop)
-    if settings.worker_index:
-        from .process.workers import become_worker
-
-        settings = become_worker(settings)
+    missing = _missing(SERVER_MODULES)
+    if missing is not None:
+        print(f"camserve-server: {missing} is not installed: the server needs camserve's "
+              "server extra (torch, torchvision, timm, grpcio-health-checking...): "
+              "pip install 'camserve[server]', or `make serve` in a checkout", file=sys.stderr)
+        return 2
+    from .errors import StartupError
     from .process.server import CamServer
+    from .process.workers import become_worker, supervise
+    logs.configure(settings.log_level, settings.log_format)
+    shutdown = Shutdown()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, shutdown)
+    if settings.workers > 1 and not settings.worker_index:
+        shutdown.on_now = lambda: None  # the supervisor watches shutdown.now itself
+        return supervise(settings, argv, shutdown.stop, shutdown.now)
+    if settings.worker_index:
+        settings = become_worker(settings)
 
     server = CamServer(settings)
     try:
@@ -45,13 +88,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"camserve-server: {exc}", file=sys.stderr)
         server.stop(grace=0)
         return 2
-    if not stop.is_set():
+    shutdown.on_now = server.stop_now
+    if not shutdown.stop.is_set():
         print(f"camserve-server serving {settings.model} on {settings.host}:{port}", flush=True)
-    while not stop.wait(1.0):
+    while not shutdown.stop.wait(1.0):
         pass
-    logging.getLogger("camserve_server").info("signal received: draining (grace %.0fs)",
-                                              settings.grace_s)
+    logging.getLogger("camserve_server").info(
+        "signal received: draining (grace %.0fs; a second signal stops at once)",
+        settings.grace_s)
     server.stop()
+    if shutdown.now.is_set():
+        logging.getLogger("camserve_server").warning("stopped at once by a second signal")
+        return EXIT_INTERRUPTED
     return 0
 
 

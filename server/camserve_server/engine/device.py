@@ -172,13 +172,14 @@ class DataPath:
                             self.device, non_blocking=False)
                     except Exception as exc:
                         errors[i] = InvalidArgument(
-                            f"could not be decoded as JPEG: {_reason(exc)}")
+                            f"could not be decoded as JPEG: {_reason(exc)}",
+                            reason="INVALID_IMAGE")
         resized = {}
         for i, image in images.items():
             if tuple(image.shape[1:]) != tuple(jpegs[i].size):
                 errors[i] = InvalidArgument(
                     f"decoded as {image.shape[2]}x{image.shape[1]}, but its header says "
-                    f"{jpegs[i].size[1]}x{jpegs[i].size[0]}")
+                    f"{jpegs[i].size[1]}x{jpegs[i].size[0]}", reason="INVALID_IMAGE")
                 continue
             resized[i] = self.resize(image)
         return resized, errors

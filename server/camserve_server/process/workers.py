@@ -20,7 +20,8 @@ its workers are fresh interpreters, never forks of it. It:
   server with status 2: restarting would fail the same way;
 - on SIGTERM or SIGINT, sends SIGTERM to every worker (each drains its calls within
   --grace-s, as a single process does), waits for them, kills any still alive after grace + 10
-  s, and exits 0;
+  s, and exits 0; a second signal meanwhile is passed on (each worker then stops at once) and
+  the exit status is 130. Workers ignore SIGINT, which Ctrl-C sends to the whole group;
 - serves /metrics (``--metrics-port``) for all workers together: the workers write their
   numbers to a fresh folder (PROMETHEUS_MULTIPROC_DIR), removed at exit.
 
@@ -60,14 +61,17 @@ SUPERVISOR_PID = "_CAMSERVE_SUPERVISOR_PID"  # in a worker's environment
 SERVING = "camserve-server serving "  # the lines a server prints on stdout
 LISTENING = "camserve-server listening on "
 METRICS = "camserve-server metrics on "
+INTERRUPTED = 130  # stopped at once by a second signal
 
 
 # --- the supervisor ------------------------------------------------------------------------
 
-def supervise(settings: Settings, argv: Sequence[str], stop: threading.Event) -> int:
+def supervise(settings: Settings, argv: Sequence[str], stop: threading.Event,
+              now: Optional[threading.Event] = None) -> int:
     """Run ``settings.workers`` worker processes until ``stop`` is set (by SIGTERM/SIGINT);
-    the exit status: 0, or 2 when the port or a worker's start-up failed."""
-    return Supervisor(settings, argv).run(stop)
+    the exit status: 0, or 2 when the port or a worker's start-up failed. ``now`` (a second
+    signal) while they drain stops them at once: the status is then 130."""
+    return Supervisor(settings, argv, now).run(stop)
 
 
 class _Worker:
@@ -81,9 +85,11 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, argv: Sequence[str]) -> None:
+    def __init__(self, settings: Settings, argv: Sequence[str],
+                 now: Optional[threading.Event] = None) -> None:
         self.settings = settings
         self.argv = list(argv)
+        self.now = now if now is not None else threading.Event()
         self.workers = [_Worker(i) for i in range(1, settings.workers + 1)]
         self.port = 0
         self.folder = ""
@@ -120,6 +126,8 @@ class Supervisor:
                 log.info("signal received: draining %d workers (grace %.0fs)", s.workers,
                          s.grace_s)
                 self._stop_all(s.grace_s)
+                if self.now.is_set():
+                    return INTERRUPTED
             else:
                 self._stop_all(min(s.grace_s, FATAL_GRACE_S))
             return status
@@ -221,10 +229,23 @@ class Supervisor:
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace + (KILL_MARGIN_S if grace else 0.0)
+        hurried = False
         for worker in running:
             process = worker.process
             try:
-                status = process.wait(max(0.0, deadline - time.monotonic()))
+                while True:
+                    if self.now.is_set() and not hurried:  # a second signal: pass it on
+                        hurried = True
+                        deadline = min(deadline, time.monotonic() + KILL_MARGIN_S)
+                        for other in running:
+                            if other.process is not None and other.process.poll() is None:
+                                other.process.send_signal(signal.SIGTERM)
+                    try:
+                        status = process.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+                        break
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() >= deadline:
+                            raise
             except subprocess.TimeoutExpired:
                 log.warning("worker %d (pid %d) still runs %.0f s after SIGTERM: killing it",
                             worker.index, process.pid, grace + KILL_MARGIN_S)
@@ -274,6 +295,9 @@ def become_worker(settings: Settings) -> Settings:
     """Set up this process as the supervisor's worker ``settings.worker_index``: it dies with
     the supervisor, tags its log lines, and takes its own GPU when there are several."""
     _die_with_supervisor()
+    # Ctrl-C reaches the whole process group: the supervisor alone counts it, and passes
+    # each signal on as SIGTERM (the first drains, the second stops at once).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     tag = f"worker {settings.worker_index}: "
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Tag(tag))
