@@ -119,8 +119,8 @@ def _long_explain(port, outcome):
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_second_signal_stops_at_once_and_cuts_calls_off_with_a_status(workers):
-    """SIGINT drains (a 60 s grace); a second SIGINT stops at once: exit status 130 within
-    seconds, and the call in flight answers UNAVAILABLE, the server shutting down."""
+    """SIGINT drains (a 60 s grace); a second SIGINT stops at once: exit status 130, and the
+    call in flight answers UNAVAILABLE, the server shutting down, instead of finishing."""
     process, port = start("--port", "0", "--grace-s", "60", "--model", SLOW, "--workers",
                           workers, "--torch-threads", "1")
     try:
@@ -132,10 +132,8 @@ def test_a_second_signal_stops_at_once_and_cuts_calls_off_with_a_status(workers)
         process.send_signal(signal.SIGINT)
         time.sleep(0.5)
         assert process.poll() is None, "the first signal must drain, not stop"
-        signalled = time.monotonic()
         process.send_signal(signal.SIGINT)
-        assert process.wait(30) == 130
-        assert time.monotonic() - signalled < 15
+        assert process.wait(30) == 130  # not drained: the call had a minute to finish
         thread.join(30)
     finally:
         process.kill()
