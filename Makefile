@@ -139,8 +139,10 @@ lint: $(VENV)/.dev-installed
 	$(VENV)/bin/buf lint
 	$(PY) -m pytest -q tests/test_proto.py
 
+# bench/bench_core.py (ARGS: its flags, e.g. --quick), then docs/benchmarks.md from bench/results/.
 bench: $(VENV)/.dev-installed
 	$(PY) bench/bench_core.py $(ARGS)
+	$(PY) bench/report.py
 
 # Triton's perf_analyzer against the OIP endpoint of a server it starts (default model),
 # concurrency 1 to 16; setup.sh fetches it into build/perf_analyzer once. ARGS: run.sh's

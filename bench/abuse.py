@@ -2,10 +2,11 @@
 
 Starts a server on the default model with default settings, keeps 2 background callers
 sending Predict, and runs each case below against it, one after the other. For each case it
-prints the server's memory (RSS before, peak, after), the background callers' p50 and worst
-latency during the case, the codes the abusive calls got, and whether the server still
-answers. Goals on a 2-core machine: no case raises memory by more than 1 GB, no background
-call waits more than 2 s, the server serves after every case, and every call is answered.
+reports the server's memory (RSS before, peak, after), the background callers' latency during
+the case, the codes the abusive calls got, and whether the server still answers. Goals on a
+2-core machine: no case raises memory by more than 1 GB, no background call waits more than
+2 s, the server serves after every case, and every call is answered; the exit status is 1 if
+a case misses one.
 
     .venv/bin/python bench/abuse.py              # every case
     .venv/bin/python bench/abuse.py --quick      # smaller sizes, for a try-out
@@ -14,11 +15,8 @@ call waits more than 2 s, the server serves after every case, and every call is 
 
 from __future__ import annotations
 
-import argparse
 import io
 import signal
-import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +26,7 @@ from functools import partial
 from typing import Callable, Dict, List, Optional
 
 import grpc
+import harness
 import numpy as np
 from PIL import Image
 
@@ -48,87 +47,21 @@ def jpeg(height: int, width: int, quality: int = 90, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-class Server:
-    """The server process, its port and its memory, sampled every 50 ms."""
-
-    def __init__(self, *flags: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "camserve_server", "--host", "127.0.0.1", "--port", "0",
-             "--log-level", "WARNING", *flags], stdout=subprocess.PIPE, text=True)
-        line = self.process.stdout.readline()
-        self.target = "127.0.0.1:" + line.rsplit(":", 1)[1].strip()
-        with Client(self.target) as client:
-            client.wait_until_ready(600)
-        self.peak = 0
-        self._stop = threading.Event()
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def rss_mb(self) -> float:
-        try:
-            with open(f"/proc/{self.process.pid}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024.0
-        except OSError:
-            pass
-        return 0.0
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.rss_mb())
-
-    def serving(self) -> bool:
-        try:
-            with Client(self.target, timeout=30, retries=0) as client:
-                return bool(client.predict(np.full((64, 64, 3), 90, np.uint8)).top)
-        except CamserveError:
-            return False
-
-    def close(self) -> Optional[int]:
-        self._stop.set()
-        if self.process.poll() is None:
-            self.process.terminate()
-        return self.process.wait(120)
+def serving(target: str) -> bool:
+    """Whether the server still answers a small Predict."""
+    try:
+        with Client(target, timeout=30, retries=0) as client:
+            return bool(client.predict(np.full((64, 64, 3), 90, np.uint8)).top)
+    except CamserveError:
+        return False
 
 
-class Background:
-    """Two callers sending Predict in a loop; latencies by case."""
-
-    def __init__(self, target: str) -> None:
-        self.times: List[float] = []
-        self.codes: Counter = Counter()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        image = jpeg(480, 640, seed=3)
-        self._threads = [threading.Thread(target=self._call, args=(target, image), daemon=True)
-                         for _ in range(2)]
-        for thread in self._threads:
-            thread.start()
-
-    def _call(self, target: str, image: bytes) -> None:
-        with Client(target, timeout=120) as client:
-            while not self._stop.is_set():
-                started = time.perf_counter()
-                try:
-                    client.predict(image)
-                    code = "OK"
-                except CamserveError as exc:
-                    code = exc.code.name
-                with self._lock:
-                    self.times.append(time.perf_counter() - started)
-                    self.codes[code] += 1
-                time.sleep(0.05)
-
-    def take(self):
-        with self._lock:
-            times, codes = self.times, self.codes
-            self.times, self.codes = [], Counter()
-        return times, codes
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(150)
+def background(target: str) -> harness.Callers:
+    """Two callers sending Predict in a loop, 50 ms apart, each on its own client."""
+    image = jpeg(480, 640, seed=3)
+    clients = [Client(target, timeout=120) for _ in range(2)]
+    return harness.Callers(lambda i: clients[i].predict(image), 2, pause=0.05,
+                           errors=(CamserveError,))
 
 
 @dataclass
@@ -265,12 +198,12 @@ CASES: Dict[str, Callable[[str, bool, Outcome], None]] = {
 }
 
 
-def sigterm_during_long_work(quick: bool, flags: List[str]) -> Dict[str, object]:
+def sigterm_during_long_work(quick: bool, model: str) -> Dict[str, object]:
     """SIGTERM while a long explanation runs (caller waiting, then caller gone): the exit
     status and the seconds from the signal to the exit (grace 10 s)."""
     rows = {}
     for caller in ("waiting", "gone"):
-        server = Server(*flags)
+        server = harness.Server(model)
         client = Client(server.target, retries=0, timeout=600)
         outcome = Outcome()
         long_call = partial(client.explain, jpeg(480, 640), method="scorecam",
@@ -285,54 +218,56 @@ def sigterm_during_long_work(quick: bool, flags: List[str]) -> Dict[str, object]
         code = server.process.wait(120)
         rows[caller] = (code, time.monotonic() - signalled, dict(outcome.codes) or "-")
         thread.join(30)
-        server.close()
+        server.stop()
     return rows
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a try-out")
     p.add_argument("--case", action="append", choices=[*CASES, "sigterm"],
                    help="run only these cases (repeatable; default: all)")
-    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--model", default=harness.DEFAULT_MODEL)
     args = p.parse_args(argv)
+    results = harness.Results(__file__, argv, args)
     chosen = args.case or [*CASES, "sigterm"]
-    flags = ["--model", args.model]
     failures = 0
-    print(f"{'case':<22} {'MB before':>9} {'peak':>7} {'after':>7} {'bg p50 ms':>9} "
-          f"{'bg worst ms':>11} {'serving':>7}  abusive calls' codes")
-    server = Server(*flags)
-    background = Background(server.target)
+    server = harness.Server(args.model)
+    memory = harness.MemorySampler(server.process.pid)
+    callers = background(server.target).start()
     try:
         for name in [c for c in chosen if c in CASES]:
             time.sleep(1)
-            background.take()
-            before = server.rss_mb()
-            server.peak = before
+            callers.take()
+            before = memory.reset()
             outcome = Outcome()
             CASES[name](server.target, args.quick, outcome)
             time.sleep(2)
-            after = server.rss_mb()
-            times, codes = background.take()
-            serving = server.serving()
-            p50 = statistics.median(times) * 1000 if times else float("nan")
-            worst = max(times) * 1000 if times else float("nan")
-            bad = (server.peak - before > GOAL_MEMORY_MB or (times and max(times) > GOAL_WAIT_S)
-                   or not serving or set(codes) - {"OK"})
-            failures += bool(bad)
-            print(f"{name:<22} {before:>9.0f} {server.peak:>7.0f} {after:>7.0f} {p50:>9.0f} "
-                  f"{worst:>11.0f} {'yes' if serving else 'NO':>7}  "
-                  f"{dict(outcome.codes)}" + ("  <- misses a goal" if bad else ""), flush=True)
+            after = server.rss_mib()
+            calls = callers.take()
+            answers = serving(server.target)
+            worst = max(calls.latencies, default=0.0)
+            bad = bool(memory.peak - before > GOAL_MEMORY_MB or worst > GOAL_WAIT_S
+                       or not answers or set(calls.codes) - {"OK"})
+            failures += bad
+            results.row("cases", case=name, mib_before=before, peak_mib=memory.peak,
+                        mib_after=after, background_p50_ms=calls.percentiles()["p50_ms"],
+                        background_worst_ms=worst * 1000.0, serving=answers,
+                        abusive_calls=dict(outcome.codes), meets_the_goals=not bad)
+            print(f"# {name} done", file=sys.stderr, flush=True)
     finally:
-        background.stop()
-        server.close()
+        callers.stop()
+        memory.stop()
+        server.stop(120)
     if "sigterm" in chosen:
-        for caller, (code, seconds, codes) in sigterm_during_long_work(args.quick, flags).items():
+        for caller, (code, seconds, codes) in sigterm_during_long_work(args.quick,
+                                                                       args.model).items():
             bad = code != 0 or seconds > 10 + 5
             failures += bad
-            print(f"sigterm, caller {caller:<8} exit status {code}, {seconds:.1f} s after the "
-                  f"signal (grace 10 s); the call: {codes}" + ("  <- misses a goal" if bad
-                                                                 else ""))
+            results.row("SIGTERM during a long explanation (grace 10 s)", caller=caller,
+                        exit_status=code, seconds_to_exit=seconds, the_call=codes,
+                        meets_the_goals=not bad)
+    results.finish(args.json)
     return 1 if failures else 0
 
 

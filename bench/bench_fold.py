@@ -4,6 +4,7 @@ forward as built, folded, and as served (both), in one process, taking turns.
 
     .venv/bin/python bench/bench_fold.py                       # default model and resnet18
     .venv/bin/python bench/bench_fold.py --model torchvision:resnet50 --rounds 5
+    .venv/bin/python bench/bench_fold.py --quick               # 2 rounds x 2 forwards
 
 Prints, per model and batch size, the median milliseconds of a forward (as the engine runs it:
 channels-last, inference mode) of each, the ratio as built / served, how many of each rewrite
@@ -12,27 +13,28 @@ the model got, and the largest difference in the logits between as built and ser
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 import time
 from typing import List, Optional
 
+import harness
+
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__)
     p.add_argument("--model", action="append", default=None,
                    help="model source (repeatable; default efficientnet_lite0 and "
                    "torchvision:resnet18 with random weights)")
     p.add_argument("--batch", default="1,8", help="batch sizes (default 1,8)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=5, help="forwards per side per round")
+    p.add_argument("--quick", action="store_true", help="2 rounds x 2 forwards")
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.calls = 2, 2
+    results = harness.Results(__file__, argv, args)
 
     import torch
-
-    from camserve_server.engine.models import load_model
-    from camserve_server.process.settings import Settings
 
     def norms(module) -> int:
         return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
@@ -40,15 +42,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     def dynamic_pads(module) -> int:
         return sum(type(m).__name__ == "Conv2dSame" for m in module.modules())
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
-          f"{args.rounds} rounds x {args.calls} forwards per side, taking turns")
-    print("| model | batch | as built ms | folded ms | served ms | as built / served | "
-          "norms folded | paddings made static | max logit difference |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    results.note(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
+                 f"{args.rounds} rounds x {args.calls} forwards per side, taking turns.")
     for model in args.model or ["efficientnet_lite0", "torchvision:resnet18"]:
-        weights = None if model == "efficientnet_lite0" else "random"
-        loaded = {name: load_model(Settings(model=model, weights=weights, device="cpu",
-                                            fold_batchnorm=fold, static_padding=static))
+        loaded = {name: harness.load_model(model, device=torch.device("cpu"),
+                                           fold_batchnorm=fold, static_padding=static)
                   for name, fold, static in (("built", False, False), ("folded", True, False),
                                              ("served", True, True))}
         sides = {name: m.module for name, m in loaded.items()}
@@ -68,10 +66,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                             started = time.perf_counter()
                             module(x)
                             times[name].append((time.perf_counter() - started) * 1000)
-            ms = {name: statistics.median(t) for name, t in times.items()}
-            print(f"| {model} | {batch} | {ms['built']:.1f} | {ms['folded']:.1f} | "
-                  f"{ms['served']:.1f} | {ms['built'] / ms['served']:.2f} | {folds} | {pads} | "
-                  f"{difference:.1e} |", flush=True)
+            ms = {name: harness.median(t) for name, t in times.items()}
+            results.row("forward as built, folded and as served", model=model, batch=batch,
+                        as_built_ms=ms["built"], folded_ms=ms["folded"], served_ms=ms["served"],
+                        as_built_over_served=ms["built"] / ms["served"], norms_folded=folds,
+                        paddings_made_static=pads, max_logit_difference=difference)
+            print(f"# {model} batch {batch} done", file=sys.stderr, flush=True)
+    results.finish(args.json)
     return 0
 
 

@@ -20,7 +20,7 @@ code for a smoke check):
 Then the ratios the goals are set on: Explain over gRPC / engine explain at the batch the
 server ran (>= 0.8), Explain over gRPC / plain forward at that batch (>= 0.9), engine explain /
 pytorch-grad-cam at each batch (>= 3). It reports and never fails on a time. ``--markdown``
-writes the tables as Markdown (bench/gpu/run.sh puts them in $OUT).
+also writes the tables as Markdown (bench/gpu/run.sh puts them and the JSON in $OUT).
 
     python bench/bench_gpu.py --device cuda                       # the full run, a few minutes
     python bench/bench_gpu.py --device cpu --batches 1,2 --seconds 1 --callers 1,2 \\
@@ -29,32 +29,23 @@ writes the tables as Markdown (bench/gpu/run.sh puts them in $OUT).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_core import Server, drive, load, machine, seeded_weights  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = (ROOT / "tests" / "data" / "chelsea.jpg", ROOT / "tests" / "data" / "coffee.jpg")
+PHOTOS = (harness.PHOTO, harness.ROOT / "tests" / "data" / "coffee.jpg")
 DEFAULT_MODELS = ("torchvision:resnet50", "efficientnet_lite0")
 GRADIENT_METHODS = ("gradcam", "gradcam_plus_plus", "xgradcam", "layercam", "hirescam")
 GOALS = (("Explain gRPC / engine explain", 0.8), ("Explain gRPC / forward", 0.9),
          ("engine explain / pytorch-grad-cam", 3.0))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    p = harness.parser(__doc__)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     p.add_argument("--model", action="append", default=None,
                    help=f"model source (repeatable; default: {','.join(DEFAULT_MODELS)})")
@@ -65,7 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32,tf32,bf16,fp16",
                    help="engine precisions to measure beside fp32 (tf32, fp16: CUDA only)")
     p.add_argument("--no-grpc", action="store_true", help="in-process rows only")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown")
     args = p.parse_args(argv)
     args.models = [m.strip() for ms in (args.model or DEFAULT_MODELS) for m in ms.split(",")
@@ -84,28 +74,14 @@ def _sync(device: torch.device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def time_batches(fn, batch: int, seconds: float, warmup: float, sync) -> dict:
-    """Run ``fn`` (one batch) for ``seconds`` after ``warmup``: images/s, batch latencies."""
-    fn()
-    sync()
-    warm_until = time.perf_counter() + warmup
-    while time.perf_counter() < warm_until:
-        fn()
-    sync()
-    latencies = []
-    started = time.perf_counter()
-    while len(latencies) < 3 or time.perf_counter() - started < seconds:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        latencies.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - started
-    ms = np.array(latencies) * 1000.0
-    return {"images_per_s": batch * len(latencies) / wall, "p50_ms": float(np.median(ms)),
-            "p99_ms": float(np.percentile(ms, 99)), "n": len(latencies)}
+def timed(fn, batch: int, args, sync) -> dict:
+    """images/s and batch latency percentiles of ``fn`` (one batch)."""
+    got = harness.time_batches(fn, batch, args.seconds, args.warmup, sync)
+    return {"images_per_s": got["images_per_s"], **harness.percentiles(got["latencies"]),
+            "n": len(got["latencies"])}
 
 
-def in_process(model: str, weights, args) -> dict:
+def in_process(model: str, args) -> dict:
     """Rows by case and batch, and the precision figures."""
     from captum.attr import LayerGradCam
     from pytorch_grad_cam import GradCAM
@@ -113,14 +89,11 @@ def in_process(model: str, weights, args) -> dict:
 
     from camserve_server.domain import ExplainSpec, WorkItem
     from camserve_server.engine.engine import Engine
-    from camserve_server.engine.models import load_model
-    from camserve_server.process.settings import Settings
     from camserve_server.render import images
 
     device = torch.device(args.device)
     sync = _sync(device)
-    settings = Settings(model=model, weights=weights, device=args.device)
-    served = load_model(settings, device)
+    served = harness.load_model(model, device=device)
     card = served.card
     layer = card.default_layer
     limits = images.Limits(1 << 30, 1 << 30)
@@ -128,7 +101,7 @@ def in_process(model: str, weights, args) -> dict:
     engines = {p: Engine(served, precision=p) for p in args.precisions}
 
     def user_model():
-        module = load_model(settings, device).module
+        module = harness.load_model(model, device=device).module
         for param in module.parameters():
             param.requires_grad_(True)
         return module, dict(module.named_modules())[layer]
@@ -164,7 +137,7 @@ def in_process(model: str, weights, args) -> dict:
                                                                           targets=t)),
                       ("forward", forward)]
             for label, fn in cases:
-                row = time_batches(fn, batch, args.seconds, args.warmup, sync)
+                row = timed(fn, batch, args, sync)
                 rows.append({"case": label, "batch": batch, **row})
                 print(f"  {label:24} b{batch:<3} {row['images_per_s']:9.1f} images/s  "
                       f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms", flush=True)
@@ -201,42 +174,26 @@ def precision_figures(engines, photos, layer) -> list:
     return out
 
 
-class GpuServer(Server):
-    """bench_core's server subprocess, on ``device`` with the given batch size."""
-
-    def __init__(self, model: str, weights, log_path: str, device: str, batch: int) -> None:
-        cmd = [sys.executable, "-m", "camserve_server", "--host", "127.0.0.1", "--port", "0",
-               "--model", model, "--device", device, "--max-batch-size", str(batch),
-               "--max-delay-ms", "2", "--max-queue", "1024"]
-        cmd += ["--weights", weights] if weights else []
-        self._log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        self.port = None
-
-
-def over_grpc(model: str, weights, args, log_path: str) -> list:
+def over_grpc(model: str, args) -> list:
     from camserve import Client
 
     jpeg = PHOTOS[0].read_bytes()
     rows = []
-    with GpuServer(model, weights, log_path, args.device, max(args.batches)) as server, \
-            Client(f"127.0.0.1:{server.port}", timeout=120) as client:
+    flags = ["--device", args.device, "--max-batch-size", str(max(args.batches)),
+             "--max-delay-ms", "2", "--max-queue", "1024"]
+    with harness.Server(model, flags) as server, \
+            Client(server.target, timeout=120) as client:
         client.wait_until_ready(timeout=300)
-        for rpc, call in (("Predict", lambda: client.predict(jpeg)),
-                          ("Explain", lambda: client.explain(jpeg))):
+        for rpc, call in (("Predict", lambda i: client.predict(jpeg)),
+                          ("Explain", lambda i: client.explain(jpeg))):
             for n in args.callers:
-                drive(call, n, args.warmup)
-                got = drive(call, n, args.seconds)
-                ms = np.array(got["latencies"]) * 1000.0
-                batch = float(np.mean([t.batch_size for t in got["timings"]]))
-                rows.append({"case": f"gRPC {rpc}", "callers": n,
-                             "images_per_s": got["rate"], "p50_ms": float(np.median(ms)),
-                             "p99_ms": float(np.percentile(ms, 99)), "n": int(ms.size),
-                             "server_batch": batch})
-                print(f"  gRPC {rpc:8} {n:3} callers {got['rate']:9.1f} images/s  p50 "
+                got = harness.closed_loop(call, n, args.seconds, args.warmup)
+                rows.append({"case": f"gRPC {rpc}", "callers": n, "images_per_s": got.rate,
+                             **got.percentiles(), "n": len(got),
+                             "server_batch": got.mean_of("batch_size")})
+                print(f"  gRPC {rpc:8} {n:3} callers {got.rate:9.1f} images/s  p50 "
                       f"{rows[-1]['p50_ms']:7.1f} ms  p99 {rows[-1]['p99_ms']:7.1f} ms  "
-                      f"server batch {batch:.1f}", flush=True)
+                      f"server batch {rows[-1]['server_batch']:.1f}", flush=True)
     return rows
 
 
@@ -262,62 +219,31 @@ def ratios(local: list, remote: list, batches) -> list:
     return out
 
 
-def markdown(results: dict) -> str:
-    lines = [f"machine: {results['machine']}", ""]
-    for model, r in results["models"].items():
-        lines += [f"### {model} (layer {r['layer']}, device {results['device']})", "",
-                  "| case | batch / callers | images/s | p50 ms | p99 ms |",
-                  "|---|---:|---:|---:|---:|"]
-        for row in r["rows"]:
-            lines.append(f"| {row['case']} | b{row['batch']} | {row['images_per_s']:.1f} | "
-                         f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} |")
-        for row in r.get("grpc", []):
-            lines.append(f"| {row['case']} (server batch {row['server_batch']:.1f}) | "
-                         f"{row['callers']} callers | {row['images_per_s']:.1f} | "
-                         f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} |")
-        lines += ["", "| ratio | callers | value | goal | |", "|---|---:|---:|---:|---|"]
-        for o in r.get("ratios", []):
-            lines.append(f"| {o['name']} | {o['callers'] or ''} | {o['ratio']:.2f} | "
-                         f">= {o['goal']:.1f} | {'pass' if o['pass'] else 'miss'} |")
-        if r["precision"]:
-            lines += ["", "| precision | map correlation with fp32 (min / mean) | largest "
-                      "difference / map max | top-1 agrees |", "|---|---:|---:|---:|"]
-            for f in r["precision"]:
-                lines.append(f"| {f['precision']} | {f['corr_min']:.4f} / {f['corr_mean']:.4f}"
-                             f" | {f['max_diff_of_max']:.4f} | {f['top1_agree']} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    info = machine()
+    results = harness.Results(__file__, argv, args)
     if args.device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
-    print("machine: " + "  ".join(f"{k}={v}" for k, v in info.items()), flush=True)
-    results = {"machine": info, "device": args.device, "args": vars(args), "models": {}}
-    with tempfile.TemporaryDirectory(prefix="camserve-bench-gpu-") as folder:
-        for model in args.models:
-            print(f"\n== {model} on {args.device} (load average {load()}) ==", flush=True)
-            weights = seeded_weights(model, folder)
-            result = in_process(model, weights, args)
-            for f in result["precision"]:
-                print(f"  {f['precision']}: map correlation with fp32 min {f['corr_min']:.4f} "
-                      f"mean {f['corr_mean']:.4f}, largest difference "
-                      f"{f['max_diff_of_max']:.4f} of the max, top-1 {f['top1_agree']}")
-            if not args.no_grpc:
-                result["grpc"] = over_grpc(model, weights, args,
-                                           os.path.join(folder, "server.log"))
-                result["ratios"] = ratios(result["rows"], result["grpc"], args.batches)
-                for o in result["ratios"]:
-                    callers = f" ({o['callers']} callers)" if o["callers"] else ""
-                    print(f"  {o['name'] + callers:52} {o['ratio']:6.2f}  goal >= "
-                          f"{o['goal']:.1f}  {'PASS' if o['pass'] else 'MISS'}")
-            results["models"][model] = result
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        results.machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    for model in args.models:
+        print(f"\n== {model} on {args.device} (load average {harness.load_average()}) ==",
+              flush=True)
+        result = in_process(model, args)
+        table = f"{model} on {args.device} (layer {result['layer']})"
+        for row in result["rows"]:
+            results.row(f"{table}: in process", **row)
+        for f in result["precision"]:
+            results.row(f"{table}: reduced precision against fp32", **f)
+        if not args.no_grpc:
+            remote = over_grpc(model, args)
+            for row in remote:
+                results.row(f"{table}: over gRPC", **row)
+            for o in ratios(result["rows"], remote, args.batches):
+                results.row(f"{table}: ratios", ratio=o["name"], callers=o["callers"] or None,
+                            value=o["ratio"], goal=f">= {o['goal']}",
+                            result="PASS" if o["pass"] else "MISS")
+    results.finish(args.json)
     if args.markdown:
-        Path(args.markdown).write_text(markdown(results))
+        Path(args.markdown).write_text(harness.render(results.doc))
     return 0
 
 

@@ -15,39 +15,42 @@ back, and after an idle pause as long as the in-process Predict, as a Predict's 
 after the forward.
 
     .venv/bin/python bench/bench_latency.py                 # default model, the cat photo
+    .venv/bin/python bench/bench_latency.py --quick         # a short smoke run
     .venv/bin/python bench/bench_latency.py --model torchvision:resnet18 --weights random
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 import time
 from functools import partial
-from pathlib import Path
 from typing import Callable, List, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-PHOTO = ROOT / "tests" / "data" / "chelsea.jpg"
+import harness
 
 
 def timed(call: Callable[[], object], n: int) -> List[float]:
+    """Seconds of each of ``n`` calls one after the other."""
     times = []
     for _ in range(n):
         started = time.perf_counter()
         call()
-        times.append((time.perf_counter() - started) * 1000.0)
+        times.append(time.perf_counter() - started)
     return times
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="efficientnet_lite0")
-    p.add_argument("--weights", default=None)
+    p = harness.parser(__doc__)
+    p.add_argument("--model", default=harness.DEFAULT_MODEL)
+    p.add_argument("--weights", default="default",
+                   help="the server's --weights (default: the default model's own, else random)")
     p.add_argument("--calls", type=int, default=20, help="calls per side per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="a short smoke run (2 rounds of 5)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.calls, args.rounds = 5, 2
+    results = harness.Results(__file__, argv, args)
 
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -55,12 +58,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from camserve import Client
     from camserve_server.domain import ExplainSpec, WorkItem
     from camserve_server.process.server import CamServer
-    from camserve_server.process.settings import Settings
     from camserve_server.render import images
 
-    jpeg = PHOTO.read_bytes()
-    server = CamServer(Settings(host="127.0.0.1", port=0, model=args.model,
-                                weights=args.weights))
+    jpeg = harness.photo()
+    server = CamServer(harness.settings(args.model, args.weights, host="127.0.0.1", port=0))
     port = server.start()
     try:
         batcher, card = server._batcher, server.model.card
@@ -76,36 +77,37 @@ def main(argv: Optional[List[str]] = None) -> int:
             for rpc in ("predict", "explain"):
                 remote = partial(getattr(client, rpc), jpeg)
                 local = partial(in_process, rpc == "explain")
-                grpc_ms, local_ms = [], []
+                grpc_s, local_s = [], []
                 timed(remote, 3)  # warm both paths
                 timed(local, 3)
                 for _ in range(args.rounds):
-                    grpc_ms += timed(remote, args.calls)
-                    local_ms += timed(local, args.calls)
-                rows.append((rpc, statistics.median(grpc_ms), statistics.median(local_ms)))
-        pause_s = rows[0][2] / 1000.0
+                    grpc_s += timed(remote, args.calls)
+                    local_s += timed(local, args.calls)
+                rows.append((rpc, harness.median(grpc_s), harness.median(local_s)))
+        pause_s = rows[0][2]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             check = partial(health_pb2_grpc.HealthStub(channel).Check,
                             health_pb2.HealthCheckRequest(), timeout=60)
 
-            back_ms, paused_ms = [], []
+            back_s, paused_s = [], []
             timed(check, 10)
             for _ in range(args.rounds):
-                back_ms += timed(check, args.calls)
+                back_s += timed(check, args.calls)
                 for _ in range(args.calls):
                     time.sleep(pause_s)
-                    paused_ms += timed(check, 1)
+                    paused_s += timed(check, 1)
     finally:
         server.stop(grace=1)
-    print(f"{args.model}, {PHOTO.name} ({len(jpeg) // 1024} KB JPEG), one caller, "
-          f"{args.rounds} rounds x {args.calls} calls per side")
-    print("| one caller | p50 over gRPC ms | p50 in process ms | difference ms | ratio |")
-    print("|---|---:|---:|---:|---:|")
     for rpc, remote, local in rows:
-        print(f"| {rpc} | {remote:.1f} | {local:.1f} | {remote - local:+.1f} | "
-              f"{remote / local:.2f} |")
-    print(f"An empty call (Health/Check): p50 {statistics.median(back_ms):.2f} ms back to back, "
-          f"{statistics.median(paused_ms):.2f} ms after {pause_s * 1000:.0f} ms idle")
+        results.row("one caller", rpc=rpc, grpc_p50_ms=remote * 1000.0,
+                    in_process_p50_ms=local * 1000.0, difference_ms=(remote - local) * 1000.0,
+                    ratio=remote / local)
+    results.row("an empty call (Health/Check)", back_to_back_p50_ms=harness.median(back_s) *
+                1000.0, after_idle_p50_ms=harness.median(paused_s) * 1000.0,
+                idle_ms=pause_s * 1000.0)
+    results.note(f"{args.model}, {harness.PHOTO.name} ({len(jpeg) // 1024} KB JPEG), one caller, "
+                 f"{args.rounds} rounds x {args.calls} calls per side.")
+    results.finish(args.json)
     return 0
 
 

@@ -25,11 +25,11 @@ measures, in one run:
 
 All callers run on one asyncio loop of this process (streams on ``--connections`` channels,
 every other caller on a connection of its own: the kernel spreads connections over
-``--workers``). Everything runs on the same machine as the server, so the
-callers' own CPU counts against it; the load average before and after is printed. It reports
-and never fails on a time: the exit code is 0 unless something crashed. Nothing is downloaded.
+``--workers``). Everything runs on the same machine as the server, so the callers' own CPU
+counts against it; the results record the load average before and after. It reports and never
+fails on a time: the exit code is 0 unless something crashed. Nothing is downloaded.
 
-    python bench/bench_scale.py                   # the README's table (about 6 minutes)
+    python bench/bench_scale.py                   # the full run (about 6 minutes)
     python bench/bench_scale.py --workers auto    # two worker processes here
     python bench/bench_scale.py --server-arg=--device=cpu,cpu   # two engines in one process
     python bench/bench_scale.py --quick           # a short smoke run (200 streams, under 2 min)
@@ -41,33 +41,25 @@ lone call on a worker computes on that worker's share of the cores.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
-import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
+import harness
 from grpc import aio
-from in_process import BATCH, InProcess
 from PIL import Image
-from server_process import OWN_CONNECTION, Server
 
 from camserve import AsyncClient
 from camserve.v1 import camserve_pb2 as pb
 from camserve.v1 import camserve_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-PHOTO = ROOT / "tests" / "data" / "chelsea.jpg"
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    p = harness.parser(__doc__)
     p.add_argument("--model", default="efficientnet_lite0",
                    help="model source (default %(default)s; others get --weights random)")
     p.add_argument("--streams", type=int, default=1000, help="streams (default %(default)s)")
@@ -98,22 +90,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory (VmRSS) of a process and its children (a server's workers), MiB."""
-    total = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            total += int(line.split()[1]) / 1024.0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            total += rss_mib(int(child))
-    return total
-
-
-def load_average() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def small_jpeg(photo: bytes) -> bytes:
     """The photo as a small camera frame: 320x213 JPEG, quality 85."""
     image = Image.open(io.BytesIO(photo)).convert("RGB")
@@ -133,32 +109,13 @@ async def call(client: AsyncClient, rpc: str, photo: bytes):
 
 
 async def closed_loop(clients: List[AsyncClient], rpc: str, photo: bytes, seconds: float,
-                      warmup: float = 0.0) -> Dict:
-    """Each client calls back to back; the calls that ended in the measured window (and each
-    caller's p50: with --workers, callers on a busier worker wait longer)."""
-    begin = time.perf_counter() + warmup
-    end = begin + seconds
-    latencies: List[float] = []
-    batches: List[int] = []
-    own: List[List[float]] = [[] for _ in clients]
-
-    async def caller(client: AsyncClient, mine: List[float]) -> None:
-        while time.perf_counter() < end:
-            started = time.perf_counter()
-            answer = await call(client, rpc, photo)
-            done = time.perf_counter()
-            if begin <= done <= end:
-                latencies.append(done - started)
-                mine.append(done - started)
-                batches.append(answer.timing.batch_size)
-
-    await asyncio.gather(*(caller(c, mine) for c, mine in zip(clients, own)))
-    return {"rate": len(latencies) / seconds, "latencies": np.array(latencies) * 1000.0,
-            "batch": float(np.mean(batches)) if batches else 0.0,
-            "callers p50": [float(np.median(m)) * 1000.0 for m in own if m]}
+                      warmup: float = 0.0) -> harness.Calls:
+    return await harness.closed_loop_async(lambda client: call(client, rpc, photo), clients,
+                                           seconds, warmup)
 
 
-async def single(client: AsyncClient, rpc: str, photo: bytes, calls: int) -> np.ndarray:
+async def single(client: AsyncClient, rpc: str, photo: bytes, calls: int) -> List[float]:
+    """Seconds of each of ``calls`` calls one after the other (after 5 unmeasured)."""
     for _ in range(5):
         await call(client, rpc, photo)
     out = []
@@ -166,7 +123,7 @@ async def single(client: AsyncClient, rpc: str, photo: bytes, calls: int) -> np.
         started = time.perf_counter()
         await call(client, rpc, photo)
         out.append(time.perf_counter() - started)
-    return np.array(out) * 1000.0
+    return out
 
 
 async def _never(stop: asyncio.Event):
@@ -225,55 +182,61 @@ async def camera(stub, tally: StreamTally, frame: bytes, opens_at: float, period
         tally.ended[error.code().name] += 1
 
 
-async def run_all(args, port: int, pid: int, inproc: InProcess, photo: bytes) -> Dict:
-    out: Dict = {}
-    target = f"127.0.0.1:{port}"
+async def run_all(args, server: harness.Server, inproc: harness.InProcess, photo: bytes,
+                  results: harness.Results) -> None:
+    target = server.target
     one = AsyncClient(target, timeout=120)
     await one.wait_until_ready(timeout=300)
 
     # 1. One caller.
     for rpc in ("Predict", "Explain"):
-        grpc_ms = await single(one, rpc, photo, args.single_calls)
-        local_ms = np.array(inproc.one(rpc, args.single_calls)) * 1000.0
-        out[f"single {rpc}"] = (float(np.median(grpc_ms)), float(np.median(local_ms)))
+        grpc_s = await single(one, rpc, photo, args.single_calls)
+        local_s = inproc.one(rpc, args.single_calls)
+        g, e = harness.median(grpc_s) * 1000.0, harness.median(local_s) * 1000.0
+        results.row("one caller", rpc=rpc, grpc_p50_ms=g, engine_1_image_p50_ms=e,
+                    difference_ms=g - e)
     print("# one caller done", file=sys.stderr, flush=True)
 
     # 2. Efficiency: gRPC with --callers against the engine at batch 8, in turns.
-    callers = [AsyncClient(target, timeout=120, options=OWN_CONNECTION)
-               for _ in range(args.callers)]  # one connection each, as bench_workers.py
-    eff = {rpc: {"grpc": [], "engine": [], "batch": [], "p50": []}
-           for rpc in ("Predict", "Explain")}
+    callers = [AsyncClient(target, timeout=120, options=harness.OWN_CONNECTION)
+               for _ in range(args.callers)]
+    eff = {rpc: [] for rpc in ("Predict", "Explain")}
     for _ in range(args.rounds):
-        for rpc in ("Predict", "Explain"):
-            r = await closed_loop(callers, rpc, photo, args.seconds, warmup=2.0)
-            eff[rpc]["grpc"].append(r["rate"])
-            eff[rpc]["batch"].append(r["batch"])
-            eff[rpc]["p50"].append(float(np.median(r["latencies"])))
-            eff[rpc]["engine"].append(inproc.rate(rpc, args.seconds / 2))
+        for rpc in eff:
+            calls = await closed_loop(callers, rpc, photo, args.seconds, warmup=2.0)
+            eff[rpc].append((calls, inproc.rate(rpc, args.seconds / 2)))
     for c in callers:
         await c.close()
-    out["efficiency"] = eff
-    capacity = float(np.median(eff["Predict"]["grpc"]))
+    for rpc, runs in eff.items():
+        ratios = [calls.rate / engine for calls, engine in runs]
+        results.row(f"{args.callers} callers: serving efficiency", rpc=rpc,
+                    grpc_images_per_s=harness.median(c.rate for c, _ in runs),
+                    engine_b8_images_per_s=harness.median(e for _, e in runs),
+                    ratio=harness.median(ratios), rounds=ratios,
+                    mean_batch=harness.median(c.mean_of("batch_size") for c, _ in runs),
+                    p50_ms=harness.median(c.percentiles()["p50_ms"] for c, _ in runs))
+    capacity = harness.median(c.rate for c, _ in eff["Predict"])
     print("# efficiency done", file=sys.stderr, flush=True)
 
     # 3. Unary callers alone.
-    unary = [AsyncClient(target, timeout=120, options=OWN_CONNECTION)
+    unary = [AsyncClient(target, timeout=120, options=harness.OWN_CONNECTION)
              for _ in range(args.unary)]
-    out["unary alone"] = await closed_loop(unary, "Predict", photo, args.unary_seconds, 2.0)
+    alone = await closed_loop(unary, "Predict", photo, args.unary_seconds, 2.0)
 
     # 4. Idle streams.
-    channels = [aio.insecure_channel(target, options=OWN_CONNECTION)
+    loop = asyncio.get_running_loop()
+    channels = [aio.insecure_channel(target, options=harness.OWN_CONNECTION)
                 for _ in range(args.connections)]
     stubs = [pb_grpc.CamserveServiceStub(ch) for ch in channels]
-    out["rss before"] = await _settled_rss(pid)
+    rss_before = await loop.run_in_executor(None, harness.settled_rss_mib, server.process.pid)
     stop = asyncio.Event()
     idle = [stubs[i % len(stubs)].StreamPredict(_never(stop), timeout=600)
             for i in range(args.streams)]
     idle_tasks = [asyncio.ensure_future(_drain(s)) for s in idle]
     await asyncio.sleep(3.0)
-    out["rss idle"] = await _settled_rss(pid)
-    out["unary idle"] = await closed_loop(unary, "Predict", photo, args.unary_seconds, 1.0)
-    out["idle ended"] = sum(t.done() for t in idle_tasks)  # should be 0: all still open
+    rss_idle = await loop.run_in_executor(None, harness.settled_rss_mib, server.process.pid)
+    beside_idle = await closed_loop(unary, "Predict", photo, args.unary_seconds, 1.0)
+    idle_ended = sum(t.done() for t in idle_tasks)  # should be 0: all still open
     for s in idle:
         s.cancel()
     await asyncio.gather(*idle_tasks)
@@ -293,18 +256,48 @@ async def run_all(args, port: int, pid: int, inproc: InProcess, photo: bytes) ->
                for i in range(args.streams)]
     await asyncio.sleep(max(0.0, ramp_end - time.perf_counter()))
     sent_before = tally.sent
-    out["unary streams"] = await closed_loop(unary, "Predict", photo,
-                                             max(1.0, stop_at - time.perf_counter()))
-    out["rss streams"] = rss_mib(pid)
+    beside_streams = await closed_loop(unary, "Predict", photo,
+                                       max(1.0, stop_at - time.perf_counter()))
+    rss_streams = server.rss_mib()
     window_rate = (tally.sent - sent_before) / args.window
     await asyncio.gather(*cameras)
-    out["streams"] = {"tally": tally, "rate": rate, "period": period,
-                      "window_rate": window_rate, "frame_bytes": len(frame)}
     for c in unary + [one]:
         await c.close()
     for ch in channels:
         await ch.close()
-    return out
+
+    base = alone.percentiles()["p50_ms"], _mean_ms(alone)
+    for label, calls in (("alone", alone), (f"beside {args.streams} idle streams", beside_idle),
+                         (f"beside {args.streams} LATEST streams sending", beside_streams)):
+        p = calls.percentiles()
+        results.row(f"{args.unary} unary Predict callers", case=label, calls=len(calls),
+                    p50_ms=p["p50_ms"], p99_ms=p["p99_ms"], mean_ms=_mean_ms(calls),
+                    worst_ms=max(calls.latencies) * 1000.0, each_callers_p50_ms=calls
+                    .callers_p50_ms(), p50_over_alone=p["p50_ms"] / base[0],
+                    mean_over_alone=_mean_ms(calls) / base[1])
+
+    memory = "server memory (RSS)"
+    results.row(memory, state="before streams", mib=rss_before)
+    # Several processes' memory moves by more than the streams add: one process measures it.
+    per_stream = ((rss_idle - rss_before) * 1024.0 / args.streams if args.workers == "1"
+                  else None)
+    results.row(memory, state=f"{args.streams} idle streams open", mib=rss_idle,
+                kib_per_stream=per_stream, streams_ended_early=idle_ended)
+    results.row(memory, state=f"{args.streams} streams sending", mib=rss_streams)
+
+    lat = harness.percentiles(tally.latencies)
+    results.row(f"{args.streams} LATEST streams on {args.connections} connections",
+                frame_bytes=len(frame), seconds_between_frames=period, planned_per_s=rate,
+                sent_per_s_in_window=window_rate, sent=tally.sent, answered=tally.answered,
+                skipped=tally.skipped, failed=dict(tally.failed) or 0, lost=tally.lost,
+                p50_ms=lat["p50_ms"], p99_ms=lat["p99_ms"], streams_ended=dict(tally.ended))
+    results.note(f"The streams send {args.load:g} x the Predict capacity measured with "
+                 f"{args.callers} callers, each stream a frame every few seconds; lost = sent "
+                 "- answered - skipped - failed, which must be 0.")
+
+
+def _mean_ms(calls: harness.Calls) -> float:
+    return sum(calls.latencies) / max(1, len(calls)) * 1000.0
 
 
 async def _drain(stream) -> Optional[str]:
@@ -318,96 +311,26 @@ async def _drain(stream) -> Optional[str]:
     return "OK"
 
 
-async def _settled_rss(pid: int) -> float:
-    """RSS once it stops growing (streams are still being set up a moment after opening)."""
-    previous = rss_mib(pid)
-    for _ in range(20):
-        await asyncio.sleep(1.0)
-        now = rss_mib(pid)
-        if abs(now - previous) < 0.5:
-            return now
-        previous = now
-    return previous
-
-
-# --- the report ------------------------------------------------------------------------------
-
-
-def report(args, out: Dict, load_before: str, photo_bytes: int) -> None:
-    processes = ("one server process" if args.workers == "1" else
-                 f"server --workers {args.workers}")
-    if args.server_arg:
-        processes += " " + " ".join(args.server_arg)
-    print(f"\nmodel {args.model}, {processes}; {len(os.sched_getaffinity(0))} CPUs "
-          f"shared with these callers; load average {load_before} before, {load_average()} "
-          f"after\n")
-    print("| one caller | p50 over gRPC ms | in-process engine, 1 image ms | difference ms |")
-    print("|---|---:|---:|---:|")
-    for rpc in ("Predict", "Explain"):
-        g, e = out[f"single {rpc}"]
-        print(f"| {rpc} | {g:.1f} | {e:.1f} | {g - e:+.1f} |")
-
-    print(f"\n| {args.callers} callers | gRPC images/s | engine b{BATCH} images/s | ratio "
-          "(rounds) | mean batch | p50 ms |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for rpc, e in out["efficiency"].items():
-        ratios = [g / b for g, b in zip(e["grpc"], e["engine"])]
-        print(f"| {rpc} | {np.median(e['grpc']):.1f} | {np.median(e['engine']):.1f} | "
-              f"{np.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)}) | "
-              f"{np.mean(e['batch']):.1f} | {np.median(e['p50']):.0f} |")
-
-    s = out["streams"]
-    t: StreamTally = s["tally"]
-    lat = np.array(t.latencies) * 1000.0 if t.latencies else np.zeros(1)
-    base = out["unary alone"]["latencies"]
-    print(f"\n| {args.unary} unary Predict callers | calls | p50 ms | mean ms | worst ms | "
-          "each caller's p50 ms | p50 / alone | mean / alone |")
-    print("|---|---:|---:|---:|---:|---|---:|---:|")
-    for key, label in (("unary alone", "alone"),
-                       ("unary idle", f"beside {args.streams} idle streams"),
-                       ("unary streams", f"beside {args.streams} LATEST streams sending")):
-        r = out[key]["latencies"]
-        each = ", ".join(f"{p:.0f}" for p in sorted(out[key]["callers p50"]))
-        print(f"| {label} | {r.size} | {np.median(r):.0f} | {r.mean():.0f} | {r.max():.0f} | "
-              f"{each} | {np.median(r) / np.median(base):.2f} | {r.mean() / base.mean():.2f} |")
-
-    per_stream_kib = (out["rss idle"] - out["rss before"]) * 1024.0 / args.streams
-    # Several processes' memory moves by more than the streams add: one process measures it.
-    per_stream = (f"{per_stream_kib:.1f} KiB a stream" if args.workers == "1" else
-                  "a stream's cost is below how much the workers' memory moves")
-    print(f"\n| server memory (RSS) | MiB |\n|---|---:|\n| before streams | "
-          f"{out['rss before']:.0f} |\n| {args.streams} idle streams open | {out['rss idle']:.0f}"
-          f" ({per_stream}; {out['idle ended']} ended early) |\n"
-          f"| {args.streams} streams sending | {out['rss streams']:.0f} |")
-
-    failed = ", ".join(f"{n} code {c}" for c, n in sorted(t.failed.items())) or "0"
-    ended = ", ".join(f"{n} {c}" for c, n in sorted(t.ended.items()))
-    print(f"\n{args.streams} LATEST streams on {args.connections} connections, "
-          f"{s['frame_bytes']:,}-byte JPEG frames, one every {s['period']:.1f} s per stream "
-          f"({s['rate']:.1f} frames/s planned = {args.load:g} x the Predict capacity above; "
-          f"{s['window_rate']:.1f} sent/s in the {args.window:g} s window):")
-    print("| frames sent | answered | skipped | failed | lost | p50 ms | p99 ms | streams ended |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---|")
-    print(f"| {t.sent} | {t.answered} | {t.skipped} | {failed} | {t.lost} | "
-          f"{np.median(lat):.0f} | {np.percentile(lat, 99):.0f} | {ended} |")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    photo = PHOTO.read_bytes()
-    load_before = load_average()
-    inproc = InProcess(args.model, photo)
-    server = Server(args.model, ["--stream-idle-s", "600", "--max-streams", "4096",
-                                 "--workers", args.workers, *args.server_arg])
+    results = harness.Results(__file__, argv, args)
+    photo = harness.photo()
+    processes = ("one server process" if args.workers == "1" else
+                 f"server --workers {args.workers}")
+    results.note(f"Model {args.model}, {' '.join([processes, *args.server_arg])}; the callers "
+                 "run on the same machine as the server.")
+    inproc = harness.InProcess(args.model, photo)
+    server = harness.Server(args.model, ["--stream-idle-s", "600", "--max-streams", "4096",
+                                         "--workers", args.workers, *args.server_arg])
     try:
-        out = asyncio.run(run_all(args, server.port, server.process.pid, inproc, photo))
+        asyncio.run(run_all(args, server, inproc, photo, results))
     except BaseException:
         print(server.tail(), file=sys.stderr)
         raise
     finally:
         server.stop()
         inproc.close()
-    report(args, out, load_before, len(photo))
+    results.finish(args.json)
     return 0
 
 

@@ -1,30 +1,33 @@
-"""Why the server's loading thread runs torch on one thread: a forward on a second thread is
-about 2x slower once the first thread has run parallel work (torch's OpenMP keeps the first
-thread's team, and the second thread's team then waits for its threads instead of keeping them
-spinning between the many small parallel regions of a forward).
+"""Torch on the thread that serves: a forward on a second thread once the first thread has run
+parallel work, against the two ways that avoid it (torch's OpenMP keeps the first thread's
+team, and the second thread's team then waits for its threads instead of keeping them spinning
+between the many small parallel regions of a forward). The server's loading thread runs torch
+on one thread for this reason.
 
     .venv/bin/python bench/bench_threads.py            # default model, batch 1 and 8
+    .venv/bin/python bench/bench_threads.py --quick    # 5 forwards each
 
-Each way runs in a fresh process (OpenMP's state is per process) and prints the median forward
+Each way runs in a fresh process (OpenMP's state is per process) and gives the median forward
 time in milliseconds on the thread that serves, as the server's batcher worker does:
 
 - main: the forward on the main thread (what a script does);
 - worker, main went parallel: the main thread ran one forward first, then a second thread
-  (the old server: the model loaded and warmed up on the main thread);
+  (a model loaded and warmed up on the main thread);
 - worker, main on 1 thread: the main thread loads on one torch thread, the second thread sets
-  its own count (the server now).
+  its own count (what the server does).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from typing import List, Optional
+
+import harness
 
 WAYS = ("main", "worker, main went parallel", "worker, main on 1 thread")
 
@@ -32,13 +35,10 @@ WAYS = ("main", "worker, main went parallel", "worker, main on 1 thread")
 def measure(way: str, batch: int, calls: int) -> float:
     import torch
 
-    from camserve_server.engine.models import load_model
-    from camserve_server.process.settings import Settings
-
     threads = torch.get_num_threads()
     if way == WAYS[2]:
         torch.set_num_threads(1)
-    model = load_model(Settings(device="cpu")).module
+    model = harness.load_model(device=torch.device("cpu")).module
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
 
     def timed() -> float:
@@ -51,7 +51,7 @@ def measure(way: str, batch: int, calls: int) -> float:
                 started = time.perf_counter()
                 model(x)
                 times.append((time.perf_counter() - started) * 1000)
-        return statistics.median(times)
+        return harness.median(times)
 
     if way == WAYS[0]:
         return timed()
@@ -66,28 +66,31 @@ def measure(way: str, batch: int, calls: int) -> float:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__)
     p.add_argument("--batch", default="1,8")
     p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--quick", action="store_true", help="5 forwards each")
     p.add_argument("--way", help=argparse.SUPPRESS)  # one measurement, in this process
     args = p.parse_args(argv)
     if args.way:
         print(json.dumps(measure(args.way, int(args.batch), args.calls)))
         return 0
+    if args.quick:
+        args.calls = 5
+    results = harness.Results(__file__, argv, args)
     import torch
 
-    print(f"default model, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median of {args.calls} forwards, each way in a fresh process")
-    print("| batch | " + " | ".join(f"{w} ms" for w in WAYS) + " |")
-    print("|---:|" + "---:|" * len(WAYS))
+    results.note(f"Default model, torch {torch.__version__}, {torch.get_num_threads()} "
+                 f"threads; median of {args.calls} forwards, each way in a fresh process.")
     for batch in args.batch.split(","):
-        row = []
+        ms = {}
         for way in WAYS:
             out = subprocess.run([sys.executable, __file__, "--way", way, "--batch", batch,
                                   "--calls", str(args.calls)], capture_output=True, text=True,
                                  check=True).stdout
-            row.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"| {batch} | " + " | ".join(f"{ms:.1f}" for ms in row) + " |", flush=True)
+            ms[f"{way}_ms"] = json.loads(out.strip().splitlines()[-1])
+        results.row("forward on the thread that serves", batch=int(batch), **ms)
+    results.finish(args.json)
     return 0
 
 

@@ -3,8 +3,8 @@ along one call.
 
 The server runs in this process (as in bench_latency.py), so one clock times both sides. The
 script wraps, for the length of the run, the places a call passes: the request's parsing
-(calls.parser), the handler (gRPC's method handler), the batcher (Runtime.run, with the batch's
-compute time), the decode (Runtime.decode_here: a lone call's image is decoded by the batcher's
+(calls.parser), the handler (gRPC's method handler), the batcher (Pipeline.run, with the batch's
+compute time), the decode (Pipeline.decode_here: a lone call's image is decoded by the batcher's
 idle worker) and the answer's serialization; a plain gRPC stub sends the cat photo back to
 back (``--rpc explain``: an Explain of the top class's Grad-CAM, the raw map, as the client
 asks by default). It prints the median of each leg over ``--calls`` calls (after 10
@@ -13,20 +13,17 @@ unmeasured). A diagnostic, not a benchmark: the wrappers cost a little themselve
     .venv/bin/python bench/trace_latency.py
     .venv/bin/python bench/trace_latency.py --pause-ms 30    # an idle gap before each call
     .venv/bin/python bench/trace_latency.py --rpc explain
+    .venv/bin/python bench/trace_latency.py --quick          # 20 calls
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Dict, List, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-PHOTO = ROOT / "tests" / "data" / "chelsea.jpg"
+import harness
 
 LEGS = (
     ("client call -> request parsed", "sent", "parse"),
@@ -42,26 +39,30 @@ LEGS = (
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="efficientnet_lite0")
-    p.add_argument("--weights", default=None)
+    p = harness.parser(__doc__)
+    p.add_argument("--model", default=harness.DEFAULT_MODEL)
+    p.add_argument("--weights", default="default",
+                   help="the server's --weights (default: the default model's own, else random)")
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--pause-ms", type=float, default=0.0, help="idle time before each call")
     p.add_argument("--rpc", choices=("predict", "explain"), default="predict")
+    p.add_argument("--quick", action="store_true", help="20 calls")
     args = p.parse_args(argv)
+    if args.quick:
+        args.calls = 20
+    results = harness.Results(__file__, argv, args)
 
     import grpc
 
     from camserve import _calls
     from camserve.v1 import camserve_pb2_grpc as pb_grpc
-    from camserve_server.api import calls, servicer
+    from camserve_server.api import calls, pipeline
     from camserve_server.process.server import CamServer
-    from camserve_server.process.settings import Settings
 
     now = time.perf_counter
     marks: Dict[str, float] = {}
     parser, method_handler = calls.parser, calls.grpc.unary_unary_rpc_method_handler
-    decode, run = servicer.Runtime.decode_here, servicer.Runtime.run
+    decode, run = pipeline.Pipeline.decode_here, pipeline.Pipeline.run
 
     def timed_parser(*a, **k):
         parse = parser(*a, **k)
@@ -102,16 +103,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     calls.parser = timed_parser
     calls.grpc.unary_unary_rpc_method_handler = timed_handler
-    servicer.Runtime.decode_here, servicer.Runtime.run = timed_decode, timed_run
-    server = CamServer(Settings(host="127.0.0.1", port=0, model=args.model,
-                                weights=args.weights))
+    pipeline.Pipeline.decode_here, pipeline.Pipeline.run = timed_decode, timed_run
+    server = CamServer(harness.settings(args.model, args.weights, host="127.0.0.1", port=0))
     try:
         port = server.start()
     finally:  # the server has built its handlers: undo the wrappers' installation
         calls.parser = parser
         calls.grpc.unary_unary_rpc_method_handler = method_handler
     legs: Dict[str, List[float]] = defaultdict(list)
-    photo = PHOTO.read_bytes()
+    photo = harness.photo()
     request = (_calls.predict_request([photo], top_k=5) if args.rpc == "predict" else
                _calls.explain_request([photo], method="gradcam", outputs=("raw",)))
     try:
@@ -134,15 +134,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 legs["(compute)"].append(marks["compute_ms"])
                 legs["(whole call)"].append(ms["received"] - ms["sent"])
     finally:
-        servicer.Runtime.decode_here, servicer.Runtime.run = decode, run
+        pipeline.Pipeline.decode_here, pipeline.Pipeline.run = decode, run
         server.stop(grace=1)
-    print(f"{args.model}, {PHOTO.name}, one caller, {args.calls} {args.rpc.capitalize()}s"
-          f"{f', {args.pause_ms:g} ms apart' if args.pause_ms else ' back to back'}")
-    print("| leg | median ms |\n|---|---:|")
+    table = (f"{args.model}, one caller, {args.calls} {args.rpc.capitalize()}s" +
+             (f", {args.pause_ms:g} ms apart" if args.pause_ms else " back to back"))
     for name in [leg[0] for leg in LEGS] + ["(decode)", "(compute)", "(whole call)"]:
-        print(f"| {name} | {statistics.median(legs[name]):.2f} |")
-    outside = sum(statistics.median(legs[name]) for name, _, _ in LEGS)
-    print(f"| legs outside the decode and the model, summed | {outside:.2f} |")
+        results.row(table, leg=name, median_ms=harness.median(legs[name]))
+    results.row(table, leg="legs outside the decode and the model, summed",
+                median_ms=sum(harness.median(legs[name]) for name, _, _ in LEGS))
+    results.finish(args.json)
     return 0
 
 
