@@ -567,12 +567,9 @@ def load_model(model: str = DEFAULT_MODEL, weights: Optional[str] = "default", d
     spec's other fields, e.g. ``fold_batchnorm=False``), on ``device`` (default: the server's
     choice). The one place the benchmarks name what ``load_model`` takes."""
     from camserve_server.engine import models
+    from camserve_server.engine.spec import ModelSpec
 
     weights = default_weights(model) if weights == "default" else weights
-    try:
-        from camserve_server.engine.spec import ModelSpec
-    except ImportError:  # a load_model that takes the settings
-        return models.load_model(settings(model, weights, **more), device)
     return models.load_model(ModelSpec(source=model, weights=weights, **more), device)
 
 
