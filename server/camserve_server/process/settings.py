@@ -324,6 +324,9 @@ def auto_workers() -> int:
     return max(1, min(MAX_AUTO_CPU_WORKERS, usable_cpus()))
 
 
+# The settings whose flag may be given several times (a comma-separated list in the environment).
+REPEATED = frozenset(f.name for f in dataclasses.fields(Settings) if f.metadata["repeat"])
+
 # Not a setting: its tokens join --auth-token's.
 TOKEN_FILE = "--auth-token-file"
 
@@ -375,8 +378,7 @@ def _env_args(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> li
         value = environ.get("CAMSERVE_" + long[2:].upper().replace("-", "_"))
         if value is None or value == "":
             continue
-        repeatable = isinstance(action, argparse._AppendAction)
-        values = [v.strip() for v in value.split(",")] if repeatable else [value]
+        values = [v.strip() for v in value.split(",")] if action.dest in REPEATED else [value]
         for v in values:
             args += [long, v]
     return args
