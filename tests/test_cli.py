@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from camserve import AsyncClient, CamserveError, Client
-from camserve._calls import health_request, health_status, resolve_target
+from camserve._calls import resolve_target
 from camserve.cli import build_parser, cmd_info
 from camserve.results import ModelInfo
 from camserve.v1 import camserve_pb2 as pb
@@ -462,16 +462,3 @@ def test_health_command_and_client_health(default_server):
             return await aclient.health()
 
     assert asyncio.run(check()) == "SERVING"
-
-
-def test_health_messages_match_grpc_health():
-    """The client's hand-written codec of grpc.health.v1 (it does not depend on
-    grpcio-health-checking) reads and writes what the real messages do."""
-    from grpc_health.v1 import health_pb2
-
-    for service in ("", "camserve.v1.CamserveService", "x" * 300):
-        assert health_request(service) == \
-            health_pb2.HealthCheckRequest(service=service).SerializeToString()
-    for name, status in health_pb2.HealthCheckResponse.ServingStatus.items():
-        data = health_pb2.HealthCheckResponse(status=status).SerializeToString()
-        assert health_status(data) == name

@@ -145,7 +145,7 @@ def test_a_second_signal_stops_at_once_and_cuts_calls_off_with_a_status():
 
 
 def test_without_the_server_extra_it_says_what_to_install():
-    for missing in ("grpc_health", "torch"):
+    for missing in ("grpc_reflection", "torch"):
         done = subprocess.run(
             [sys.executable, "-c", f"import sys; sys.modules[{missing!r}] = None\n"
              "from camserve_server.__main__ import main\nsys.exit(main(['--port', '0']))"],

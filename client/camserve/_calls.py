@@ -131,59 +131,6 @@ def not_ready(target: str, state: str, timeout: float) -> CamserveError:
                          reason=reason)
 
 
-# grpc.health.v1 without the grpcio-health-checking package: HealthCheckRequest has one field,
-# the service name (1, a string); HealthCheckResponse one, the status (1, an enum).
-HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-HEALTH_STATUSES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
-
-
-def health_request(service: str) -> bytes:
-    name = service.encode()
-    return _varint(0x0A) + _varint(len(name)) + name if name else b""
-
-
-def health_status(data: bytes) -> str:
-    """The status name in a HealthCheckResponse's bytes (fields other than 1 are skipped)."""
-    position, status = 0, 0
-    while position < len(data):
-        key, position = _read_varint(data, position)
-        kind = key & 7
-        if kind == 0:
-            value, position = _read_varint(data, position)
-            if key >> 3 == 1:
-                status = value
-        elif kind == 2:
-            length, position = _read_varint(data, position)
-            position += length
-        elif kind == 1:
-            position += 8
-        elif kind == 5:
-            position += 4
-        else:
-            break
-    return HEALTH_STATUSES.get(status, "UNKNOWN")
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _read_varint(data: bytes, position: int) -> Tuple[int, int]:
-    value = shift = 0
-    while position < len(data):
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
-    return value, position
-
 
 def retry_while_starting(error) -> bool:
     """Whether wait_until_ready should keep trying after this error."""

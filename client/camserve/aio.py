@@ -75,14 +75,16 @@ class AsyncClient:
     async def health(self, service: str = "", *, timeout: Any = _UNSET,
                      metadata: _calls.Metadata = None, request_id: Optional[str] = None) -> str:
         """As Client.health."""
-        check = self._channel.unary_unary(_calls.HEALTH_CHECK,
-                                          request_serializer=_calls.health_request,
-                                          response_deserializer=_calls.health_status)
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
         try:
-            return await check(service, timeout=self.timeout if timeout is _UNSET else timeout,
-                               metadata=self._meta(metadata, request_id))
+            answer = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self.timeout if timeout is _UNSET else timeout,
+                metadata=self._meta(metadata, request_id))
         except grpc.RpcError as error:
             raise CamserveError.from_rpc_error(error, self.target) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
     async def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
         """As Client.wait_until_ready."""

@@ -94,14 +94,16 @@ class Client:
         NOT_SERVING while it loads its model or drains, as container probes expect. Raises
         CamserveError if the call fails (NOT_FOUND for a service the server does not know).
         """
-        check = self._channel.unary_unary(_calls.HEALTH_CHECK,
-                                          request_serializer=_calls.health_request,
-                                          response_deserializer=_calls.health_status)
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
         try:
-            return check(service, timeout=self.timeout if timeout is _UNSET else timeout,
-                         metadata=self._meta(metadata, request_id))
+            answer = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self.timeout if timeout is _UNSET else timeout,
+                metadata=self._meta(metadata, request_id))
         except grpc.RpcError as error:
             raise CamserveError.from_rpc_error(error, self.target) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
     def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
         """Wait until the server has loaded its model (state "serving"); returns its ModelInfo.

@@ -19,8 +19,7 @@ from .process.settings import parse_settings
 
 # What `pip install camserve` lacks and the server needs (camserve[server]), checked before
 # anything is imported.
-SERVER_MODULES = ("torch", "torchvision", "timm", "grpc_health", "grpc_reflection",
-                  "prometheus_client")
+SERVER_MODULES = ("torch", "torchvision", "timm", "grpc_reflection", "prometheus_client")
 EXIT_INTERRUPTED = 130  # a second signal: stopped without draining (128 + SIGINT)
 
 
@@ -60,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     missing = _missing(SERVER_MODULES)
     if missing is not None:
         print(f"camserve-server: {missing} is not installed: the server needs camserve's "
-              "server extra (torch, torchvision, timm, grpcio-health-checking...): "
+              "server extra (torch, torchvision, timm, grpcio-reflection...): "
               "pip install 'camserve[server]', or `make serve` in a checkout", file=sys.stderr)
         return 2
     from .errors import StartupError
