@@ -266,6 +266,50 @@ def test_sigterm_during_long_work_exits_0_and_logs_what_the_caller_saw(caller):
         assert "shutting down" in error.details
 
 
+def test_sigterm_while_a_sanity_check_outlives_its_caller_exits_0():
+    """A CheckSanity whose deadline passed stops at its next slice (another check is taken at
+    once), and SIGTERM meanwhile ends the process with 0, never an abort."""
+    process, port = start("--port", "0", "--grace-s", "1")
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        with Client(f"127.0.0.1:{port}", retries=0) as client:
+            client.wait_until_ready(120)
+            stub = client._stub
+            raw = pb.Image(raw=pb.RawImage(pixels=np.full((224, 224, 3), 90, np.uint8).tobytes(),
+                                           height=224, width=224, channels=3))
+            many = pb.CheckSanityRequest(images=[raw] * 16, methods=[pb.CAM_METHOD_SCORECAM])
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.CheckSanity(many, timeout=1.0)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The slot frees at the next slice: a cheap check is taken (with retries for the
+            # slice still running), and answers.
+            cheap = pb.CheckSanityRequest(images=[raw], methods=[pb.CAM_METHOD_GRADCAM],
+                                          stages=1)
+            codes = []
+            for _ in range(20):
+                try:
+                    stub.CheckSanity(cheap, timeout=60)
+                    codes.append("OK")
+                    break
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        break
+                    time.sleep(0.5)
+            assert codes[-1] == "OK", codes
+            with pytest.raises(grpc.RpcError):
+                stub.CheckSanity(many, timeout=1.0)  # and one more outlives its caller
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, "".join(lines)
+        reader.join(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "terminate called" not in "".join(lines)
+
+
 def test_large_requests_beyond_the_inflight_bytes_are_refused_with_a_retry_hint():
     """Two 2.4 MB requests and a 3 MiB budget: while the first computes, the second is refused
     (before it is parsed) with RESOURCE_EXHAUSTED and a retry hint; small requests pass."""

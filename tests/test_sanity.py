@@ -15,14 +15,17 @@ from test_methods import INSENSITIVE
 from camserve import CamserveError
 from camserve.cli import main as cli_main
 from camserve.v1 import camserve_pb2 as pb
-from camserve_server.domain import METHODS, SanityPlan
+from camserve_server.domain import METHODS, SLICE_FORWARDS, SanityPlan
 from camserve_server.engine import sanity
 from camserve_server.engine.engine import Engine
 from camserve_server.engine.models import load_model
 from camserve_server.engine.spec import ModelSpec
 from camserve_server.errors import DeadlineExceeded, ResourceExhausted
 
+import tiny_models
 from conftest import TINY, resized, running
+
+SLOW = "python:tiny_models:slow_cnn"
 
 CHEAP = tuple(m for m in METHODS if m != "scorecam")  # Score-CAM's forwards are the cost
 
@@ -165,6 +168,36 @@ def test_one_check_at_a_time_and_a_stop_ends_it(tiny):
     checker.start(pixels, plan, lambda: None, lambda a: (answers.append(a), finished.set()))
     assert finished.wait(60)
     assert answers[1].method("gradcam").randomisation
+
+
+def test_a_check_asks_to_stop_before_every_slice_and_ends_there(monkeypatch):
+    """Between two asks of ``stop`` at most one slice runs (a batch of SANITY_BATCH images, or
+    SLICE_FORWARDS images of a Score-CAM job); once it answers an error, nothing more runs."""
+    monkeypatch.setattr(tiny_models.SlowNet, "delay_s", 0.0)
+    monkeypatch.setattr(tiny_models.SlowNet, "batches", [])
+    model = load_model(ModelSpec(source=SLOW, fold_batchnorm=False))
+    forwarded = tiny_models.SlowNet.batches
+    pixels = [np.full((224, 224, 3), 10 * i, np.uint8) for i in range(12)]
+    plan = SanityPlan(methods=("gradcam", "scorecam"), layer="features", score_cam_channels=16,
+                      stages=2)
+    between, seen = [], [0]
+
+    def stop():
+        between.append(sum(forwarded[seen[0]:]))
+        seen[0] = len(forwarded)
+        return DeadlineExceeded("the deadline passed") if len(between) == 40 else None
+
+    with pytest.raises(DeadlineExceeded):
+        sanity.check(model, pixels, plan, stop)
+    assert len(between) == 40 and max(between) <= max(SLICE_FORWARDS, sanity.SANITY_BATCH)
+    assert len(forwarded) == seen[0]  # nothing ran after the stop
+    checker = sanity.SanityChecker(model)  # and a stopped check frees the slot
+    finished = threading.Event()
+    answers = []
+    checker.start(pixels[:1], plan, lambda: DeadlineExceeded("passed"),
+                  lambda a: (answers.append(a), finished.set()))
+    assert finished.wait(30) and isinstance(answers[0], DeadlineExceeded)
+    assert checker.close(30) and not checker.busy()
 
 
 # --- malformed requests --------------------------------------------------------------------------

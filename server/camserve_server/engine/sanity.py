@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Generator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,7 +43,7 @@ from ..domain import (
     SanityStage,
     WorkItem,
 )
-from ..errors import BatchFailed, ResourceExhausted, ServiceError
+from ..errors import BatchFailed, ResourceExhausted, ServiceError, Unavailable
 from .engine import Engine
 from .models import LoadedModel
 
@@ -169,13 +170,30 @@ def randomise(module: nn.Module, names: Sequence[str]) -> None:
 
 # --- the checks --------------------------------------------------------------------------------
 
-
+SANITY_BATCH = 8  # images per forward and backward of a check: a slice, as a job's is
 
 
 def check(model: LoadedModel, pixels: Sequence[np.ndarray], plan: SanityPlan,
           stop: Callable[[], Optional[ServiceError]] = lambda: None) -> SanityReport:
     """Both checks on these images (uint8 at the model's input size). ``stop`` is asked before
-    each step; an error it returns ends the check (a cancelled call, a passed deadline)."""
+    each slice (a batch of SANITY_BATCH images, or one slice of a Score-CAM job: at most
+    SLICE_FORWARDS images forwarded); an error it returns ends the check there (a cancelled
+    call, a passed deadline, the server's shutdown)."""
+    slices = check_slices(model, pixels, plan)
+    try:
+        while True:
+            _stop(stop)
+            next(slices)
+    except StopIteration as finished:
+        return finished.value
+    finally:
+        slices.close()
+
+
+def check_slices(model: LoadedModel, pixels: Sequence[np.ndarray],
+                 plan: SanityPlan) -> Generator[None, None, SanityReport]:
+    """The check as a generator: it yields before each slice and returns the report. Closing
+    it ends the check there, its engines' hooks removed."""
     # Everything runs on copies (the trained one shares every tensor): hooks on the served
     # module would also fire in the batcher's worker thread, in the served model's forwards.
     shared = randomised_copy(model, ())
@@ -183,11 +201,10 @@ def check(model: LoadedModel, pixels: Sequence[np.ndarray], plan: SanityPlan,
     cascade = cascade[:plan.stages]
     trained = Engine(shared)
     try:
-        ranked = [_ok(r).logits for r in trained.run([WorkItem(p) for p in pixels])]
+        ranked = [r.logits for r in (yield from _run([WorkItem(p) for p in pixels], trained))]
         classes = tuple((int(np.argmax(logits)), int(np.argsort(-logits)[plan.contrast_rank]))
                         for logits in ranked)
-        _stop(stop)
-        before = _maps(trained, pixels, plan, classes)
+        before = yield from _maps(trained, pixels, plan, classes)
     finally:
         trained.close()
     discrimination = {m: [spearman(*before[i][m]) for i in range(len(pixels))]
@@ -197,19 +214,18 @@ def check(model: LoadedModel, pixels: Sequence[np.ndarray], plan: SanityPlan,
         copy_ = randomised_copy(model, cascade[-1].modules)
         engine = Engine(copy_)
         done: List[str] = []
+        rng = _Rng(plan.seed, model.device)  # the check's own random state, stage to stage
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(plan.seed)
-                for stage in cascade:
-                    _stop(stop)
-                    added = [name for name in stage.modules if name not in done]
+            for stage in cascade:
+                added = [name for name in stage.modules if name not in done]
+                with rng:
                     randomise(copy_.module, added)
-                    done += added
-                    after = _maps(engine, pixels, plan, classes)
-                    for m in plan.methods:
-                        randomisation[m].append(float(np.mean([
-                            abs(spearman(b, a)) for i in range(len(pixels))
-                            for b, a in zip(before[i][m], after[i][m])])))
+                done += added
+                after = yield from _maps(engine, pixels, plan, classes)
+                for m in plan.methods:
+                    randomisation[m].append(float(np.mean([
+                        abs(spearman(b, a)) for i in range(len(pixels))
+                        for b, a in zip(before[i][m], after[i][m])])))
         finally:
             engine.close()
     verdict = verdict_stage(cascade)
@@ -224,16 +240,66 @@ def check(model: LoadedModel, pixels: Sequence[np.ndarray], plan: SanityPlan,
                         seed=plan.seed)
 
 
-def _maps(engine: Engine, pixels, plan: SanityPlan, classes) -> List[Dict[str, list]]:
+class _Rng:
+    """A random state of the check's own, seeded once: inside ``with`` it is torch's (the CPU's
+    and the device's), outside torch's own is as it was. The check yields between stages, so
+    its state is carried from one to the next instead of forked around the whole loop."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self._devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=self._devices):
+            torch.manual_seed(seed)
+            self._states = self._get()
+        self._fork = None
+
+    def _get(self):
+        return (torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in self._devices))
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=self._devices)
+        self._fork.__enter__()
+        torch.set_rng_state(self._states[0])
+        for d, state in zip(self._devices, self._states[1:]):
+            torch.cuda.set_rng_state(state, d)
+
+    def __exit__(self, *exc) -> None:
+        self._states = self._get()
+        self._fork.__exit__(*exc)
+
+
+def _run(items: Sequence[WorkItem], engine: Engine) -> Generator[None, None, list]:
+    """Each item's ItemResult, SANITY_BATCH items per batch and each Score-CAM job a slice at a
+    time, yielding before every batch and every slice."""
+    results = []
+    for start in range(0, len(items), SANITY_BATCH):
+        yield
+        for answer in engine.run_batch(items[start:start + SANITY_BATCH]):
+            if isinstance(answer, Generator):
+                job, answer = answer, None
+                try:
+                    while answer is None:
+                        yield
+                        try:
+                            next(job)
+                        except StopIteration as finished:
+                            answer = finished.value
+                finally:
+                    job.close()
+            results.append(_ok(answer))
+    return results
+
+
+def _maps(engine: Engine, pixels, plan: SanityPlan,
+          classes) -> Generator[None, None, List[Dict[str, list]]]:
     """Per image, per method: the raw maps of its (top, contrast) classes."""
     spec = ExplainSpec(methods=plan.methods, layers=(plan.layer,),
                        score_cam_channels=plan.score_cam_channels)
     items = [WorkItem(p, ExplainSpec(**{**vars(spec), "targets": c}))
              for p, c in zip(pixels, classes)]
     out = []
-    for result in engine.run(items):
+    for result in (yield from _run(items, engine)):
         maps: Dict[str, list] = {}
-        for m in _ok(result).maps:
+        for m in result.maps:
             maps.setdefault(m.method, []).append(m.raw)
         out.append(maps)
     return out
@@ -253,23 +319,40 @@ def _stop(stop: Callable[[], Optional[ServiceError]]) -> None:
 
 class SanityChecker:
     """Runs checks for the handlers, one at a time, each on a thread of its own (so neither
-    the event loop nor the batcher's worker waits for it). Thread-safe."""
+    the event loop nor the batcher's worker waits for it), a slice at a time: a check whose
+    caller has gone or whose deadline has passed ends at its next slice and frees the slot.
+    Thread-safe."""
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self._busy = threading.Lock()
+        self._closing = threading.Event()  # set by close(): checks end at their next slice
+        self._thread: Optional[threading.Thread] = None
+
+    def busy(self) -> bool:
+        """A check runs now (its slot is taken)."""
+        return self._busy.locked()
 
     def start(self, pixels: Sequence[np.ndarray], plan: SanityPlan,
               stop: Callable[[], Optional[ServiceError]], done: Callable[[object], None]) -> None:
         """Start a check; ``done`` gets its SanityReport or its ServiceError, on the check's
-        thread. Raises ResourceExhausted at once while another check runs."""
+        thread. Raises ResourceExhausted at once while another check runs, and Unavailable
+        once the checker is closed."""
+        if self._closing.is_set():
+            raise Unavailable("the server is shutting down", reason="DRAINING")
         if not self._busy.acquire(blocking=False):
             raise ResourceExhausted("another sanity check is running on this server; retry in "
                                     "a few seconds", retry_after_s=5.0, reason="SANITY_BUSY")
 
+        def asked() -> Optional[ServiceError]:
+            if self._closing.is_set():
+                return Unavailable("the server shut down before this sanity check was "
+                                   "finished; send it to another replica", reason="DRAINING")
+            return stop()
+
         def work() -> None:
             try:
-                answer: object = check(self.model, pixels, plan, stop)
+                answer: object = check(self.model, pixels, plan, asked)
             except ServiceError as exc:
                 answer = exc
             except Exception as exc:  # a bug or the model failing: this call only
@@ -279,4 +362,15 @@ class SanityChecker:
                 self._busy.release()
             done(answer)
 
-        threading.Thread(target=work, name="camserve-sanity", daemon=True).start()
+        self._thread = threading.Thread(target=work, name="camserve-sanity", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """End the running check at its next slice and wait for its thread (its torch work must
+        not outlive the interpreter); False when it did not end within ``timeout``."""
+        self._closing.set()
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()

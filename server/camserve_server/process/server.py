@@ -140,6 +140,7 @@ class CamServer:
         self._now = False  # stop_now was called: no grace any more
         self._engines = []  # one per device
         self._batcher: Optional[Batcher] = None
+        self._sanity = None  # engine/sanity.py's SanityChecker, once loaded
         self._pool = ThreadPoolExecutor(max_workers=decode_threads(settings),
                                         thread_name_prefix="camserve-decode")
         self._loop = asyncio.new_event_loop()
@@ -292,6 +293,7 @@ class CamServer:
             str(m.device): (lambda d=m.device: torch.cuda.memory_allocated(d))
             for m in models if m.device.type == "cuda"})
         self.model, self._engines, self._batcher = model, engines, batcher
+        self._sanity = SanityChecker(model)
         pipeline = Pipeline(
             model=card, batcher=batcher, labels=LabelIndex(card.labels), limits=limits(s),
             image_limits=images.Limits(s.max_image_bytes, s.max_image_pixels,
@@ -299,7 +301,7 @@ class CamServer:
             pool=self._pool, batching=pb.BatchingInfo(
                 max_batch_size=s.max_batch_size, max_delay_ms=s.max_delay_ms,
                 max_queue=s.max_queue, workers=s.workers),
-            worker=s.worker_index, sanity=SanityChecker(model))
+            worker=s.worker_index, sanity=self._sanity)
         self._loop.call_soon_threadsafe(self._service.serve, pipeline)
         batcher.start()  # its workers warm up, then report alive: state and health SERVING
         while not self._serving.wait(0.1):
@@ -338,6 +340,10 @@ class CamServer:
             self._on_loop(self._drain(grace))
         if self._batcher is not None:
             self._batcher.stop(timeout=STOP_NOW_S if self._now else grace + 5)
+        # A sanity check still running (its caller gone) ends at its next slice: its thread
+        # must not be inside torch when the interpreter exits (the process would abort).
+        if self._sanity is not None and not self._sanity.close(timeout=grace + 5):
+            log.warning("a sanity check did not end within %.0fs of the shutdown", grace + 5)
         for engine in self._engines:
             engine.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
