@@ -332,6 +332,31 @@ def test_large_requests_beyond_the_inflight_bytes_are_refused_with_a_retry_hint(
             assert first.result(60).results[0].prediction.top
 
 
+def test_typed_tensor_contents_count_what_they_expand_to():
+    """An Open Inference Protocol request of 1.2 million typed uint_contents (1.2 MB on the
+    wire, 3.6 MB once they are pixels) and a 3 MiB budget: while one computes, a second is
+    refused BUSY_WITH_LARGE (counted by wire bytes, both would fit)."""
+    from camserve_server.api import oip
+
+    request = oip.messages().ModelInferRequest(model_name="camserve")
+    tensor = request.inputs.add(name="image", datatype="UINT8", shape=[1, 400, 1000, 3])
+    tensor.contents.uint_contents.extend(np.zeros(1_200_000, np.uint8).tolist())
+    with running(model=SLOW, max_delay_ms=0, max_inflight_bytes=3 << 20) as (server, client):
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            infer = channel.unary_unary(
+                f"/{oip.SERVICE}/ModelInfer", request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=oip.messages().ModelInferResponse.FromString)
+            before = len(tiny_models.SlowNet.batches)
+            first = infer.future(request, timeout=60)
+            _slices_started(before, 1, first)
+            with pytest.raises(grpc.RpcError) as refused:
+                infer(request, timeout=60)
+            error = CamserveError.from_rpc_error(refused.value)
+            assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+            assert error.reason == "BUSY_WITH_LARGE"
+            assert first.result(60).outputs
+
+
 def test_a_cancelled_stream_of_bad_frames_leaves_the_server_serving():
     """A LATEST stream of 20,000 frames that all fail validation, answers unread, cancelled by
     its caller: the server process lives on (it used to crash reading the ended call's peer

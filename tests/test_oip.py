@@ -307,6 +307,54 @@ def test_bad_requests_answer_a_clear_status(served, case):
     assert message in caught.value.details()
 
 
+def test_millions_of_elements_are_refused_uncounted(served):
+    """A BYTES tensor of shape [1] holding two million zero-length elements, raw or typed:
+    refused once the elements outnumber the shape, without splitting the rest."""
+    _, _, channel = served
+    raw = request_of([b""])
+    raw.raw_input_contents[0] = b"\0\0\0\0" * 2_000_000
+    with pytest.raises(grpc.RpcError) as caught:
+        infer(channel, raw)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has shape [1, 1] but holds more than 1 elements" in caught.value.details()
+    typed = oip.messages().ModelInferRequest(model_name="camserve")
+    typed.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.extend(
+        [b""] * 2_000_000)
+    with pytest.raises(grpc.RpcError) as caught:
+        infer(channel, typed)
+    assert "has shape [1] but holds 2000000 elements" in caught.value.details()
+    assert oip._split(b"\0\0\0\0" * 1000, 2) == [b""] * 3
+
+
+def test_a_long_parameter_name_is_echoed_short(served):
+    """A 2 MB parameter name: INVALID_ARGUMENT for a client with default options (not a
+    trailer over its metadata limit), the name cut short in the field at fault as well."""
+    _, _, channel = served
+    request = request_of([JPEG])
+    request.parameters["x" * 2_000_000].int64_param = 1
+    with pytest.raises(grpc.RpcError) as caught:
+        infer(channel, request)
+    error = CamserveError.from_rpc_error(caught.value)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert error.reason == "UNKNOWN_PARAMETER"
+    (field, _), = error.field_violations
+    assert field.startswith("parameters[xxx") and len(field) <= 200
+    assert len(caught.value.details()) <= 1000
+
+
+def test_typed_pixels_count_what_they_expand_to():
+    """uint_contents take 1 byte an element on the wire and 2 more once turned into pixels:
+    the in-flight bound counts those too (and refuses a value over 255, chunk by chunk)."""
+    request = oip.messages().ModelInferRequest(model_name="camserve")
+    tensor = request.inputs.add(name="image", datatype="UINT8", shape=[1, 100, 100, 3])
+    tensor.contents.uint_contents.extend([7] * 30_000)
+    assert oip.expanded_bytes(request) == 60_000
+    assert bytes(oip._typed_pixels(tensor.contents.uint_contents)) == b"\7" * 30_000
+    tensor.contents.uint_contents[-1] = 256
+    with pytest.raises(Exception, match="UINT8 but holds 256"):
+        oip._typed_pixels(tensor.contents.uint_contents)
+
+
 def test_unknown_model_elsewhere_and_other_rpcs(served):
     channel = served[2]
     m = oip.messages()

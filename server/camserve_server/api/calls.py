@@ -38,6 +38,7 @@ access = logging.getLogger("camserve_server.access")
 
 ERROR_DOMAIN = "camserve.dev"
 MAX_MESSAGE_CHARS = 1000  # an error message is cut to this length
+MAX_FIELD_CHARS = 200  # and the name of the field at fault to this
 MAX_REQUEST_ID = 64
 _REQUEST_ID = re.compile(r"[^A-Za-z0-9._:/+=@-]")
 
@@ -84,12 +85,30 @@ class Malformed:
     error: ServiceError
 
 
+@dataclass(frozen=True)
+class Unparsed:
+    """A large unary request's bytes, parsed by its handler in a thread (parsing tens of MB
+    of repeated fields takes a fraction of a second: never on the event loop)."""
+
+    data: bytes
+    parse: Callable[[bytes], object]
+
+
 def parser(message_type, max_bytes: int,
            inflight: Optional[InflightBytes] = None) -> Callable[[bytes], object]:
     """A request deserializer that never raises: a message, or Malformed. With ``inflight``
     (unary calls), a large request that would not be admitted is refused before it is parsed,
-    so that its parsed copy never exists (the handler still reserves its bytes)."""
+    so that its parsed copy never exists (the handler still reserves its bytes), and one that
+    would is left Unparsed, for the handler to parse off the event loop."""
     name = message_type.DESCRIPTOR.full_name
+
+    def parse_now(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError, or its UTF-8 checks
+            return Malformed(InvalidArgument(
+                f"the request is not a valid {name} message ({str(exc)[:120]}); build it "
+                "with the .proto's generated code", reason="MALFORMED_REQUEST"))
 
     def parse(data: bytes):
         busy = inflight.refusal(len(data)) if inflight is not None else None
@@ -100,24 +119,25 @@ def parser(message_type, max_bytes: int,
                 f"the request is {len(data):,} bytes; this server accepts at most "
                 f"{max_bytes:,} (max_message_bytes): send fewer images per call, or send them "
                 "encoded (JPEG, PNG) instead of raw pixels", reason="MESSAGE_TOO_LARGE"))
-        try:
-            return message_type.FromString(data)
-        except Exception as exc:  # protobuf's DecodeError, or its UTF-8 checks
-            return Malformed(InvalidArgument(
-                f"the request is not a valid {name} message ({str(exc)[:120]}); build it "
-                "with the .proto's generated code", reason="MALFORMED_REQUEST"))
+        if inflight is not None and len(data) > SMALL_REQUEST:
+            return Unparsed(data, parse_now)
+        return parse_now(data)
 
     return parse
 
 
 def status_of(error: ServiceError) -> status_pb2.Status:
-    """The google.rpc.Status a ServiceError answers with (unary calls and stream frames)."""
+    """The google.rpc.Status a ServiceError answers with (unary calls and stream frames): its
+    message cut to MAX_MESSAGE_CHARS and the field at fault to MAX_FIELD_CHARS (a field's name
+    may hold caller input, e.g. an Open Inference Protocol parameter's name)."""
     message = error.message[:MAX_MESSAGE_CHARS]
     details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)]
     if error.field:
+        field = error.field
+        if len(field) > MAX_FIELD_CHARS:
+            field = field[:MAX_FIELD_CHARS - 3] + "..."
         details.append(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=error.field,
-                                                        description=message)]))
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]))
     if error.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
@@ -237,19 +257,33 @@ def images_of(request) -> int:
     return len(getattr(request, "images", ()))
 
 
+def no_expansion(request) -> int:
+    return 0
+
+
 def unary(rpc: str, behavior: Callable[..., Awaitable], recorder: Recorder,
-          inflight: InflightBytes, items: Callable[[object], int] = images_of):
+          inflight: InflightBytes, items: Callable[[object], int] = images_of,
+          expands: Callable[[object], int] = no_expansion):
     """A unary handler around ``behavior(request, context)``; ``items(request)`` is the count
-    the access log shows."""
+    the access log shows. The in-flight bytes a request holds are its size on the wire plus
+    ``expands(request)``: what its parsing makes of it beyond that (e.g. typed tensor contents
+    turned into pixels)."""
 
     async def handle(request, context):
         call = Call(rpc, recorder, context)
         held = 0
         try:
+            if isinstance(request, Unparsed):
+                held = inflight.take(len(request.data))
+                loop = asyncio.get_running_loop()
+                request = await loop.run_in_executor(None, request.parse, request.data)
             if isinstance(request, Malformed):
                 raise request.error
             call.items = items(request)
-            held = inflight.take(request.ByteSize())
+            size = (held or request.ByteSize()) + expands(request)
+            inflight.give(held)
+            held = 0  # the request's whole size, taken again at once (nothing runs between)
+            held = inflight.take(size)
             return await behavior(request, context)
         except ServiceError as exc:
             inflight.give(held)
@@ -300,10 +334,11 @@ def streaming(rpc: str, behavior: Callable[..., AsyncIterator], recorder: Record
 
 
 def generic_handler(service: str, methods: dict, max_bytes: int, recorder: Recorder,
-                    inflight: InflightBytes,
-                    items: Callable[[object], int] = images_of) -> grpc.GenericRpcHandler:
+                    inflight: InflightBytes, items: Callable[[object], int] = images_of,
+                    expands: Callable[[object], int] = no_expansion) -> grpc.GenericRpcHandler:
     """The gRPC handler of one service: ``methods`` maps each RPC name to (behavior, request
-    type, response type, streaming); ``items`` counts a unary request's items."""
+    type, response type, streaming); ``items`` counts a unary request's items and
+    ``expands`` the bytes its parsing adds (``unary``)."""
     handlers = {}
     for name, (behavior, request_type, response_type, streaming_rpc) in methods.items():
         kwargs = {"response_serializer": response_type.SerializeToString}
@@ -313,7 +348,7 @@ def generic_handler(service: str, methods: dict, max_bytes: int, recorder: Recor
                 request_deserializer=parser(request_type, max_bytes), **kwargs)
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                unary(name, behavior, recorder, inflight, items),
+                unary(name, behavior, recorder, inflight, items, expands),
                 request_deserializer=parser(request_type, max_bytes, inflight), **kwargs)
     return grpc.method_handlers_generic_handler(service, handlers)
 

@@ -115,8 +115,31 @@ def handler(service: CamserveService, model_name: str, max_message_bytes: int,
     size that camserve's own service uses), every other one UNIMPLEMENTED."""
     oip = OipService(service, model_name)
     served = calls.generic_handler(SERVICE, oip.methods(), max_message_bytes, recorder,
-                                   inflight, items=batch_of)
+                                   inflight, items=batch_of, expands=expanded_bytes)
     return _Handler(served, recorder)
+
+
+def expanded_bytes(request) -> int:
+    """What parsing a ModelInferRequest's input adds to its size on the wire: typed
+    ``uint_contents`` become a pixel buffer and each image's copy (2 bytes an element, from
+    an element of 1 or 2 bytes on the wire; converted a chunk at a time, ``_typed_pixels``),
+    raw contents each image's copy."""
+    extra = 0
+    for tensor in getattr(request, "inputs", ()):
+        extra += 2 * len(tensor.contents.uint_contents)
+    for raw in getattr(request, "raw_input_contents", ()):
+        extra += len(raw)
+    return extra
+
+
+def large(request) -> bool:
+    """A ModelInferRequest whose input takes more than a few milliseconds to turn into
+    images (counted without reading it): parsed in the pool, not on the event loop."""
+    size = sum(len(raw) for raw in request.raw_input_contents)
+    for tensor in request.inputs:
+        contents = tensor.contents
+        size += len(contents.uint_contents) + len(contents.bytes_contents) * 64
+    return size > calls.SMALL_REQUEST
 
 
 def batch_of(request) -> int:
@@ -225,7 +248,8 @@ class OipService:
     async def ModelInfer(self, request, context):
         self._model(request.model_name, request.model_version, "model_name")
         rt = self._service.live()
-        call = infer_call(request, rt)
+        call = await rt.in_pool(infer_call, request, rt) if large(request) else \
+            infer_call(request, rt)
         if call.plan is not None:
             _, outcomes = await rt.explain(call.sources, call.plan, context, field=INPUT)
         else:
@@ -419,17 +443,25 @@ def _encoded(shape: List[int], raw: Optional[bytes], contents) -> List[Source]:
         raise InvalidArgument(f"input {INPUT} is BYTES of shape {shape}; BYTES images have "
                               "shape [N] or [N, 1]: one encoded file per image",
                               field=f"inputs[{INPUT}].shape", reason="INVALID_SHAPE")
-    elements = _split(raw) if raw is not None else list(contents.bytes_contents)
-    if len(elements) != shape[0]:
-        raise InvalidArgument(f"input {INPUT} has shape {shape} but holds {len(elements)} "
-                              "elements", field=f"inputs[{INPUT}]", reason="INVALID_TENSOR")
+    count = shape[0]  # already within max_images_per_request
+    if raw is None and len(contents.bytes_contents) != count:
+        raise _miscounted(shape, len(contents.bytes_contents))
+    elements = _split(raw, count) if raw is not None else list(contents.bytes_contents)
+    if len(elements) != count:
+        raise _miscounted(shape, len(elements) if len(elements) < count else f"more than {count}")
     return elements
 
 
-def _split(raw: bytes) -> List[bytes]:
-    """A raw BYTES tensor's elements: each a 4-byte little-endian length, then the bytes."""
+def _miscounted(shape: List[int], held: object) -> InvalidArgument:
+    return InvalidArgument(f"input {INPUT} has shape {shape} but holds {held} elements",
+                           field=f"inputs[{INPUT}]", reason="INVALID_TENSOR")
+
+
+def _split(raw: bytes, count: int) -> List[bytes]:
+    """A raw BYTES tensor's elements: each a 4-byte little-endian length, then the bytes. It
+    stops at ``count`` + 1 (one more than the shape says), leaving the rest unsplit."""
     elements, offset = [], 0
-    while offset < len(raw):
+    while offset < len(raw) and len(elements) <= count:
         if offset + _LENGTH.size > len(raw):
             raise _truncated(offset)
         (length,) = _LENGTH.unpack_from(raw, offset)
@@ -454,18 +486,34 @@ def _pixels(shape: List[int], raw: Optional[bytes], contents) -> List[Source]:
                               "[N, H, W, 3] (RGB; also 1 gray or 4 RGBA channels)",
                               field=f"inputs[{INPUT}].shape", reason="INVALID_SHAPE")
     n, h, w, c = shape
-    if raw is None:
-        values = np.asarray(contents.uint_contents, dtype=np.uint64)
-        if values.size and values.max() > 255:
-            raise InvalidArgument(f"input {INPUT} is UINT8 but holds {int(values.max())}",
-                                  field=f"inputs[{INPUT}].contents", reason="INVALID_TENSOR")
-        raw = values.astype(np.uint8).tobytes()
     size = h * w * c
+    if raw is None:
+        held = len(contents.uint_contents)
+        if held != n * size:
+            raise InvalidArgument(f"input {INPUT} has shape {shape}, which needs {n * size:,} "
+                                  f"elements, but holds {held:,}", field=f"inputs[{INPUT}]",
+                                  reason="INVALID_TENSOR")
+        raw = _typed_pixels(contents.uint_contents)
     if len(raw) != n * size:
         raise InvalidArgument(f"input {INPUT} has shape {shape}, which needs {n * size:,} bytes, "
                               f"but holds {len(raw):,}", field=f"inputs[{INPUT}]",
                               reason="INVALID_TENSOR")
     return [RawPixels(bytes(raw[i * size:(i + 1) * size]), h, w, c) for i in range(n)]
+
+
+TYPED_CHUNK = 1 << 20  # typed elements converted at a time: 8 MB as uint64
+
+
+def _typed_pixels(values) -> np.ndarray:
+    """``uint_contents`` as uint8 bytes, a chunk at a time (never all of them as uint64)."""
+    out = np.empty(len(values), np.uint8)
+    for start in range(0, len(values), TYPED_CHUNK):
+        chunk = np.asarray(values[start:start + TYPED_CHUNK], dtype=np.uint64)
+        if chunk.size and chunk.max() > 255:
+            raise InvalidArgument(f"input {INPUT} is UINT8 but holds {int(chunk.max())}",
+                                  field=f"inputs[{INPUT}].contents", reason="INVALID_TENSOR")
+        out[start:start + len(chunk)] = chunk
+    return out
 
 
 # --- tensors out -----------------------------------------------------------------------------
