@@ -117,6 +117,37 @@ def test_token_auth(caplog):
     assert "UNAUTHENTICATED" not in caplog.text or token not in caplog.text
 
 
+def test_the_token_is_checked_before_the_message_is_decompressed():
+    """A gzip-compressed Predict that decompresses to 40 MB (over the message limit): without
+    a token it is refused UNAUTHENTICATED from its headers, never decompressed (gRPC would
+    answer RESOURCE_EXHAUSTED "Decompressed message larger than max"); with one, gRPC's
+    limit answers. Denied calls of every kind are counted."""
+    from camserve.v1 import camserve_pb2 as pb
+    from camserve.v1 import camserve_pb2_grpc as pb_grpc
+
+    zeros = bytes(40_000_000)
+    request = pb.PredictRequest(images=[pb.Image(raw=pb.RawImage(
+        pixels=zeros, height=1, width=len(zeros) // 3, channels=3))])
+    with running(model=TINY, auth_tokens=("s3cret",)) as (server, _):
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.CamserveServiceStub(channel)
+            for metadata, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                                   ((("authorization", "Bearer s3cret"),),
+                                    grpc.StatusCode.RESOURCE_EXHAUSTED)):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Predict(request, timeout=30, metadata=metadata,
+                                 compression=grpc.Compression.Gzip)
+                assert caught.value.code() == code, caught.value.details()
+            frames = stub.StreamPredict(iter([pb.StreamPredictRequest()]), timeout=30)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(frames)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert server.metrics.value("camserve_requests_total", rpc="Predict",
+                                    code="UNAUTHENTICATED") == 1
+        assert server.metrics.value("camserve_requests_total", rpc="StreamPredict",
+                                    code="UNAUTHENTICATED") == 1
+
+
 def test_token_flags_and_file(tmp_path):
     from camserve_server.process.settings import parse_settings
 

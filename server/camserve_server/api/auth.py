@@ -43,22 +43,25 @@ class TokenAuth(aio.ServerInterceptor):
             return handler
         method = details.method
 
-        async def deny(request, context):
+        async def deny(requests, context):
             self._on_denied(method, context)
             await abort(context, Unauthenticated(DENIED))
 
-        async def deny_stream(request, context):
+        async def deny_stream(requests, context):
             self._on_denied(method, context)
             await abort(context, Unauthenticated(DENIED))
             yield  # an async generator, as streaming handlers are
 
-        streaming = handler.response_streaming
-        kind = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[
-            (handler.request_streaming, streaming)]
-        # The denying handler never parses the request: an unauthenticated caller cannot
-        # make the server decode anything.
-        return kind(deny_stream if streaming else deny, request_deserializer=lambda data: None,
-                    response_serializer=handler.response_serializer)
+        # The denying handler takes its requests as a stream, whatever the RPC's kind, and
+        # never reads it: gRPC receives (and decompresses) a message only when the handler
+        # asks for it, and a unary handler would be handed its message read. So an
+        # unauthenticated caller's message is never decompressed nor parsed, only refused
+        # from its headers. The wire does not tell the kinds apart: a unary caller gets its
+        # UNAUTHENTICATED status as from any unary handler.
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                deny_stream, request_deserializer=lambda data: None,
+                response_serializer=handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(
+            deny, request_deserializer=lambda data: None,
+            response_serializer=handler.response_serializer)
