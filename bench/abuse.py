@@ -186,6 +186,88 @@ def hostile_messages(target: str, quick: bool, out: Outcome) -> None:
                                     metadata=[("x-request-id", "r" * 7_000)]))
 
 
+def _raw_image(height: int, width: int) -> pb.Image:
+    pixels = np.full((height, width, 3), 90, np.uint8)
+    return pb.Image(raw=pb.RawImage(pixels=pixels.tobytes(), height=height, width=width,
+                                    channels=3))
+
+
+def sanity_outlives_caller(target: str, quick: bool, out: Outcome) -> None:
+    """A CheckSanity of 64 images (16 quick) with a 10 s deadline (3 s quick), then at once a
+    one-image check, retried each 0.5 s while it answers RESOURCE_EXHAUSTED: the slot frees
+    at the expired check's next slice."""
+    stub = _stub(target)
+    request = pb.CheckSanityRequest(images=[_raw_image(224, 224)] * (16 if quick else 64))
+    out.record(lambda: stub.CheckSanity(request, timeout=3 if quick else 10))
+    expired = time.monotonic()
+    cheap = pb.CheckSanityRequest(images=[_raw_image(224, 224)],
+                                  methods=[pb.CAM_METHOD_GRADCAM], stages=1)
+    for _ in range(120):
+        try:
+            stub.CheckSanity(cheap, timeout=60)
+            out.codes[f"next check OK {time.monotonic() - expired:.1f} s after the "
+                      "deadline"] += 1
+            return
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                out.codes[f"next check {exc.code().name}"] += 1
+                return
+            out.codes["next check RESOURCE_EXHAUSTED"] += 1
+            time.sleep(0.5)
+
+
+def _infer(target: str):
+    from camserve_server.api import oip
+
+    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 1 << 30)])
+    return oip, channel.unary_unary(
+        f"/{oip.SERVICE}/ModelInfer", request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=oip.messages().ModelInferResponse.FromString)
+
+
+def _at_once(call: Callable[[], object], calls: int, out: Outcome) -> None:
+    threads = [threading.Thread(target=out.record, args=(call,)) for _ in range(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def oip_empty_elements(target: str, quick: bool, out: Outcome) -> None:
+    """4 Open Inference Protocol requests at once, each a BYTES tensor of shape [1] whose raw
+    contents are 8 million zero-length elements (32 MB)."""
+    oip, infer = _infer(target)
+    request = oip.messages().ModelInferRequest(model_name="camserve")
+    request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(b"\0\0\0\0" * (2_000_000 if quick else 8_000_000))
+    _at_once(lambda: infer(request, timeout=60), 4, out)
+
+
+def oip_long_parameter_name(target: str, quick: bool, out: Outcome) -> None:
+    """8 requests at once, 12 rounds (3 quick), each with a 10 MB parameter name, by a client
+    with gRPC's default options (its 16 KiB metadata limit)."""
+    oip, _ = _infer(target)
+    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 1 << 30)])
+    infer = channel.unary_unary(f"/{oip.SERVICE}/ModelInfer",
+                                request_serializer=lambda m: m.SerializeToString())
+    request = oip.messages().ModelInferRequest(model_name="camserve")
+    request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(b"\0\0\0\0")
+    request.parameters["p" * 10_000_000].int64_param = 1
+    for _ in range(3 if quick else 12):
+        _at_once(lambda: infer(request, timeout=60), 8, out)
+
+
+def oip_typed_contents(target: str, quick: bool, out: Outcome) -> None:
+    """8 requests at once of 27 million typed uint_contents each (3000x3000 RGB; 27 MB on
+    the wire), 2 quick."""
+    oip, infer = _infer(target)
+    request = oip.messages().ModelInferRequest(model_name="camserve")
+    tensor = request.inputs.add(name="image", datatype="UINT8", shape=[1, 3000, 3000, 3])
+    tensor.contents.uint_contents.extend(np.full(27_000_000, 90, np.uint8).tolist())
+    _at_once(lambda: infer(request, timeout=120), 2 if quick else 8, out)
+
+
 CASES: Dict[str, Callable[[str, bool, Outcome], None]] = {
     "unread_latest": unread_latest,
     "failed_frames": failed_frames,
@@ -195,6 +277,10 @@ CASES: Dict[str, Callable[[str, bool, Outcome], None]] = {
     "large_in_parallel": large_in_parallel,
     "at_limit_in_parallel": at_limit_in_parallel,
     "hostile_messages": hostile_messages,
+    "sanity_outlives_caller": sanity_outlives_caller,
+    "oip_empty_elements": oip_empty_elements,
+    "oip_long_parameter_name": oip_long_parameter_name,
+    "oip_typed_contents": oip_typed_contents,
 }
 
 
