@@ -77,13 +77,9 @@ class AsyncClient:
         """As Client.health."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        try:
-            answer = await health_pb2_grpc.HealthStub(self._channel).Check(
-                health_pb2.HealthCheckRequest(service=service),
-                timeout=self.timeout if timeout is _UNSET else timeout,
-                metadata=self._meta(metadata, request_id))
-        except grpc.RpcError as error:
-            raise CamserveError.from_rpc_error(error, self.target) from None
+        answer = await self._call(health_pb2_grpc.HealthStub(self._channel).Check,
+                                  health_pb2.HealthCheckRequest(service=service), timeout,
+                                  metadata, request_id)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
     async def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:

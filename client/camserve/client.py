@@ -96,13 +96,9 @@ class Client:
         """
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        try:
-            answer = health_pb2_grpc.HealthStub(self._channel).Check(
-                health_pb2.HealthCheckRequest(service=service),
-                timeout=self.timeout if timeout is _UNSET else timeout,
-                metadata=self._meta(metadata, request_id))
-        except grpc.RpcError as error:
-            raise CamserveError.from_rpc_error(error, self.target) from None
+        answer = self._call(health_pb2_grpc.HealthStub(self._channel).Check,
+                            health_pb2.HealthCheckRequest(service=service), timeout, metadata,
+                            request_id)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
     def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
