@@ -52,15 +52,17 @@ def pytorch_grad_cam(model, layer_name: str, x: torch.Tensor, targets) -> np.nda
 
 
 def pytorch_grad_cam_raw(method: str, model, layer_name: str, x: torch.Tensor,
-                         targets) -> np.ndarray:
+                         targets, reshape=None) -> np.ndarray:
     """pytorch-grad-cam's own map at the layer's grid, after its ReLU, before any resizing:
-    (N, h, w). ``method`` is a pytorch_grad_cam class name."""
+    (N, h, w). ``method`` is a pytorch_grad_cam class name; ``reshape`` its
+    reshape_transform (token and channels-last layers)."""
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     layer = dict(model.named_modules())[layer_name]
     wanted = [ClassifierOutputTarget(int(t)) for t in targets]
-    cam = getattr(pytorch_grad_cam, method)(model=model, target_layers=[layer])
+    cam = getattr(pytorch_grad_cam, method)(model=model, target_layers=[layer],
+                                            reshape_transform=reshape)
     try:
         outputs = cam.activations_and_grads(x)
         if cam.uses_gradients:

@@ -33,6 +33,21 @@ def test_degenerate_maps_give_zero_heatmaps(raw):
     assert heat.shape == (20, 30) and not heat.any()
 
 
+def test_a_near_zero_map_gives_a_blank_heatmap_as_pytorch_grad_cam_does():
+    """A map whose range is rounding noise (3e-15) stays blank: the range gets
+    pytorch-grad-cam's 1e-7 guard before scaling, and the heatmap equals its
+    scale_cam_image."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    raw = (np.random.default_rng(2).random((7, 7)) * 3e-15).astype(np.float32)
+    heat = maps.heatmap(raw, (28, 28))
+    assert heat.max() < 1e-6
+    big = maps.resize_bilinear(raw, (28, 28))
+    np.testing.assert_allclose(heat, scale_cam_image(big[None] - big.min())[0], atol=1e-9)
+    signal = maps.heatmap(raw * 1e12, (28, 28))  # the same map, a range of 3e-3: not noise
+    assert signal.max() == pytest.approx(1, abs=1e-4)
+
+
 def test_colorize_and_overlay():
     ramp = np.linspace(0, 1, 256, dtype=np.float32)[None, :]
     colours = maps.colorize(ramp)

@@ -219,3 +219,44 @@ def test_default_model_serves_without_dynamic_padding():
     x = torch.randn(4, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         assert (served.module(x) - as_built.module(x)).abs().max().item() <= 1e-4
+
+
+def test_models_load_at_their_own_input_size():
+    """torchvision's inception_v3 expects 299x299 (its weights' crop): served at that size, its
+    last grid is 8x8, not 224's 5x5 (--input-size overriding is
+    test_python_source_labels_and_input_size).
+    timm's come from pretrained_cfg."""
+    from camserve_server.engine.sources import build_model
+
+    built = build_model(ModelSpec(source="torchvision:inception_v3", weights="random"))
+    assert built.input_size == (299, 299)
+    assert "299" in built.size_reason
+    model = load_model(ModelSpec(source="torchvision:inception_v3", weights="random"))
+    assert model.card.input_size == (299, 299)
+    assert model.card.default_layer == "Mixed_7c"
+    assert (model.card.layers[0].height, model.card.layers[0].width) == (8, 8)
+    assert build_model(ModelSpec(source="timm:resnet10t", weights="random")).input_size == (
+        176, 176)
+
+
+def test_a_default_whose_grad_cam_is_all_zero_is_passed_over():
+    """The last 4-D layer (aux) never reaches the logits: its Grad-CAM on the probe is zero, so
+    the default is the layer before it whose map is not, and the card says why."""
+    model = load_model(ModelSpec(source="python:tiny_models:unused_branch"))
+    info = model.card.layers[0]
+    assert info.name == "features"
+    assert "aux was passed over: its Grad-CAM of the probe's top class is zero" in info.reason
+    named = load_model(ModelSpec(source="python:tiny_models:unused_branch", layers=("aux",)))
+    assert named.card.layers[0].reason == "named by --layer"
+
+
+def test_pytorch_grad_cam_style_layer_names_are_accepted():
+    """``layer4[-1]`` (as pytorch-grad-cam's users write target layers) is ``layer4.1`` on a
+    ResNet-18; a child that does not exist suggests the last one."""
+    model = load_model(ModelSpec(source="torchvision:resnet18", weights="random",
+                                 layers=("layer4[-1]", "model.layer3[0].conv1")))
+    assert [i.name for i in model.card.layers] == ["layer4.1", "layer3.0.conv1"]
+    with pytest.raises(StartupError, match=r"did you mean layer4.1 \(the last of layer4's "
+                       r"children\)"):
+        load_model(ModelSpec(source="torchvision:resnet18", weights="random",
+                             layers=("layer4.2",)))

@@ -102,3 +102,23 @@ def slow_loading_cnn() -> nn.Module:
 
     time.sleep(2.0)
     return tiny_cnn()
+
+
+class UnusedBranch(TinyNet):
+    """TinyNet with a 4-D layer after ``features`` whose output never reaches the logits (an
+    auxiliary map): the last 4-D layer, and its Grad-CAM is zero for every class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Conv2d(16, 4, 1)
+        self.aux_map = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.features(self.stem(x))
+        self.aux_map = self.aux(features)
+        return self.head(self.pool(features).flatten(1))
+
+
+def unused_branch() -> nn.Module:
+    torch.manual_seed(0)
+    return UnusedBranch()

@@ -137,6 +137,8 @@ def cmd_info(client: Client, args) -> int:
     for layer in info.layers:
         mark = " (default)" if layer.name == info.default_layer else ""
         print(f"layer:        {layer.name} {layer.channels}x{layer.height}x{layer.width}{mark}")
+        if layer.reason:
+            print(f"              {layer.reason}")
     if info.method_info:
         for m in info.method_info:
             traits = ["backward" if m.needs_backward else "forwards only",

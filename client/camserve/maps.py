@@ -2,8 +2,10 @@
 
 - :func:`heatmap`: the raw map resized bilinearly to the image size exactly as
   ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)`` does (pixel centres aligned, edges
-  clamped), then min-max scaled to [0, 1] over the image (what pytorch-grad-cam returns). An
-  all-zero (or constant) map gives an all-zero heatmap.
+  clamped), then min-max scaled to [0, 1] over the image with pytorch-grad-cam's 1e-7 guard
+  (``(x - min) / (1e-7 + max - min)``, what pytorch-grad-cam returns). An all-zero (or
+  constant) map gives an all-zero heatmap, and a map whose range is far below 1e-7 one close
+  to it.
 - :func:`colorize`: a heatmap through the "jet" colour map, uint8 RGB.
 - :func:`overlay`: the coloured heatmap blended over the image.
 """
@@ -15,6 +17,8 @@ from typing import Tuple
 import numpy as np
 
 __all__ = ["resize_bilinear", "heatmap", "colorize", "overlay"]
+
+MIN_RANGE = 1e-7  # added to a map's range before scaling, as pytorch-grad-cam does
 
 
 def _interpolation_matrix(source: int, target: int) -> np.ndarray:
@@ -54,7 +58,10 @@ def heatmap(raw: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     # A spread within float rounding of the values is a constant map, not a signal.
     if not np.isfinite(low) or not np.isfinite(high) or high - low <= 1e-6 * abs(high):
         return np.zeros(resized.shape, dtype=np.float32)
-    return (resized - low) / (high - low)
+    # pytorch-grad-cam's guard (scale_cam_image: x / (1e-7 + max)): a map whose whole range
+    # is far below 1e-7 stays near zero, blank, instead of its rounding noise being
+    # stretched to [0, 1].
+    return ((resized - low) / (MIN_RANGE + (high - low))).astype(np.float32)
 
 
 def colorize(values: np.ndarray) -> np.ndarray:

@@ -256,6 +256,7 @@ class LayerInfo:
     width: int
     layout: str = "nchw"
     prefix_tokens: int = 0
+    reason: str = ""  # why the server serves it (the default's rule, or "named by --layer")
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,8 @@ class ModelInfo:
             labels=tuple(msg.labels), input_size=(msg.input_size.height, msg.input_size.width),
             mean=tuple(_float32(v) for v in msg.mean), std=tuple(_float32(v) for v in msg.std),
             layers=tuple(LayerInfo(i.name, i.channels, i.height, i.width,
-                                   layouts.get(i.layout, "nchw"), i.prefix_tokens)
+                                   layouts.get(i.layout, "nchw"), i.prefix_tokens,
+                                   i.reason)
                          for i in msg.layers),
             default_layer=msg.default_layer,
             methods=tuple(method_name(m.method) for m in msg.methods),

@@ -28,6 +28,8 @@ class LayerInfo:
     # "nhwc" (batch, height, width, channels), as a Swin stage.
     layout: str = "nchw"
     prefix_tokens: int = 0
+    # Why the server serves this layer: the default rule's reason, or "named by --layer".
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,9 @@ class MapResult:
     deletion: Optional[float] = None  # faithfulness scores, when asked for
     insertion: Optional[float] = None
     steps: int = 0
+    # The target's gradient at the layer is zero everywhere (the score does not reach it: a
+    # transformer's patch tokens after its last attention block), so the map is too.
+    no_gradient: bool = False
 
 
 @dataclass(frozen=True)

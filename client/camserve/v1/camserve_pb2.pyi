@@ -253,20 +253,22 @@ class ImageSize(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class LayerInfo(_message.Message):
-    __slots__ = ["channels", "height", "layout", "name", "prefix_tokens", "width"]
+    __slots__ = ["channels", "height", "layout", "name", "prefix_tokens", "reason", "width"]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     channels: int
     height: int
     layout: LayerLayout
     name: str
     prefix_tokens: int
+    reason: str
     width: int
-    def __init__(self, name: _Optional[str] = ..., channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., layout: _Optional[_Union[LayerLayout, str]] = ..., prefix_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., layout: _Optional[_Union[LayerLayout, str]] = ..., prefix_tokens: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ["max_faithfulness_steps", "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_maps_per_image", "max_message_bytes", "max_score_cam_channels", "max_stream_frames_in_flight"]

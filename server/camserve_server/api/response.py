@@ -97,7 +97,8 @@ def explain_result(outcome: Outcome, labels: Sequence[str], plan: ExplainPlan,
             answer.faithfulness.deletion = m.deletion
             answer.faithfulness.insertion = m.insertion
             answer.faithfulness.steps = m.steps
-        _notes(answer, m.raw, float(result.probabilities[m.target]), m.method, plan)
+        _notes(answer, m.raw, float(result.probabilities[m.target]), m.method, plan,
+               m.no_gradient)
         if outputs.needs_heatmap:
             heat = heatmaps.heatmap(m.raw, shown)
             _render(answer, heat, outputs, full)
@@ -131,8 +132,15 @@ def explain_bound(plan: ExplainPlan, size: Tuple[int, int], card: ModelCard) -> 
 
 
 def _notes(answer: pb.ClassMap, raw: np.ndarray, probability: float, method: str,
-           plan: ExplainPlan) -> None:
-    if not np.any(raw):
+           plan: ExplainPlan, no_gradient: bool = False) -> None:
+    if not np.any(raw) and no_gradient:
+        answer.notes.add(kind=pb.NOTE_KIND_ALL_ZERO, message=(
+            f"the map is zero everywhere, and its heatmap blank, because the gradient at layer "
+            f"{answer.layer} is: the score of {answer.target.label!r} does not reach that "
+            "layer's grid (after a transformer's last attention block only the class token "
+            "reaches the logits, so the patch tokens get no gradient); explain an earlier "
+            "layer, such as the last block's first norm"))
+    elif not np.any(raw):
         why = ("lowers" if plan.spec.counterfactual else "raises")
         answer.notes.add(kind=pb.NOTE_KIND_ALL_ZERO, message=(
             f"the map is zero everywhere: nothing at layer {answer.layer} {why} the score of "
@@ -161,7 +169,8 @@ def model_info(pipeline, state: int) -> pb.GetModelInfoResponse:
         input_size=image_size(card.input_size), mean=card.mean, std=card.std,
         layers=[pb.LayerInfo(name=i.name, channels=i.channels, height=i.height, width=i.width,
                              layout=layout[getattr(i, "layout", "nchw")],
-                             prefix_tokens=getattr(i, "prefix_tokens", 0))
+                             prefix_tokens=getattr(i, "prefix_tokens", 0),
+                             reason=getattr(i, "reason", ""))
                 for i in card.layers],
         default_layer=card.default_layer or "",
         methods=[pb.MethodInfo(method=method_value(name), needs_backward=traits.needs_backward,

@@ -220,6 +220,7 @@ class Engine:
                           if any(CAM_METHODS[m].needs_gradient for m in specs[i].methods)]
         self._recording = frozenset(layers)
         self._activations = {}
+        self._no_gradient: set = set()
         try:
             mode = torch.enable_grad() if gradient_items else torch.inference_mode()
             with mode, self._autocast():
@@ -233,6 +234,7 @@ class Engine:
             self._activations = {}
         # Reduced precision: the methods work on float32 (a no-op in fp32).
         acts = {name: a.detach().float() for name, a in zip(layers, activations)}
+        self._no_gradient = set()  # (item, method, rank, layer) whose gradient is all zero
         computed, (logits, probs) = self._maps(specs, targets, acts, gradients, x,
                                                _outputs(logits.detach()))
         answers: List[Answer] = []
@@ -244,11 +246,14 @@ class Engine:
                 # slices between batches. It keeps only this item's tensors.
                 item_acts = {layer: self._grid(layer, acts[layer][i:i + 1])[0].clone()
                              for layer in spec.layers}
+                silent = frozenset(k for k in self._no_gradient if k[0] == i)
                 answers.append(self._job(spec, targets[i], computed, i, item_acts,
-                                         x[i].clone(), pixels[i].clone(), logits[i], probs[i]))
+                                         x[i].clone(), pixels[i].clone(), logits[i], probs[i],
+                                         silent))
                 continue
             maps = [] if spec is None else [
-                MapResult(method, targets[i][rank], layer, computed[(i, method, rank, layer)])
+                MapResult(method, targets[i][rank], layer, computed[(i, method, rank, layer)],
+                          no_gradient=(i, method, rank, layer) in self._no_gradient)
                 for method, rank, layer in _order(spec, targets[i])]
             answers.append(_result(logits[i], probs[i], maps))
         return answers
@@ -279,6 +284,7 @@ class Engine:
                     groups.setdefault(key, []).append(i)
         computed: Dict[tuple, np.ndarray] = {}
         maps: List[tuple] = []  # (rows, method, rank, layer, cams on the device)
+        silent: List[torch.Tensor] = []  # per group, per row: 1 where the gradient is all 0
         with torch.no_grad():
             for (method, rank, layer, counterfactual, signed), rows in groups.items():
                 index = torch.tensor(rows, device=x.device)
@@ -286,6 +292,8 @@ class Engine:
                 if CAM_METHODS[method].needs_gradient:
                     grads = self._grid(layer, gradients[rank][layer][index].float())
                     grads = -grads if counterfactual else grads
+                silent.append(torch.zeros(len(rows), device=x.device) if grads is None
+                              else grads.flatten(1).abs().amax(dim=1).eq(0).float())
                 cams = CAM_METHODS[method].compute(CamInputs(
                     activations=self._grid(layer, acts[layer][index]), gradients=grads,
                     inputs=x[index],
@@ -294,14 +302,17 @@ class Engine:
                 if not signed:
                     cams = torch.relu(cams)
                 maps.append((rows, method, rank, layer, cams))
-        host = self._data.to_host([*outputs, *(m[4] for m in maps)])
-        for (rows, method, rank, layer, _), cams in zip(maps, host[len(outputs):]):
-            for i, cam in zip(rows, cams):
+        host = self._data.to_host([*outputs, *(m[4] for m in maps), *silent])
+        flags = host[len(outputs) + len(maps):]
+        for (rows, method, rank, layer, _), cams, zero in zip(maps, host[len(outputs):], flags):
+            for i, cam, none in zip(rows, cams, zero):
                 computed[(i, method, rank, layer)] = cam
+                if none:
+                    self._no_gradient.add((i, method, rank, layer))
         return computed, host[:len(outputs)]
 
     def _job(self, spec: ExplainSpec, targets: List[int], computed, i: int, acts, x, pixels,
-             logits: np.ndarray, probs: np.ndarray) -> Job:
+             logits: np.ndarray, probs: np.ndarray, silent=frozenset()) -> Job:
         """One item's maps that need extra forwards, and its faithfulness scores, a chunk of
         forwards at a time (a generator: the batcher runs it in slices, see batching/jobs.py)."""
         maps = []
@@ -313,7 +324,8 @@ class Engine:
                         acts[layer], x, targets[rank], self.forward, spec.score_cam_channels,
                         self._chunk)
                 raw = (cam if spec.signed else torch.relu(cam)).float().cpu().numpy()
-            maps.append(MapResult(method, targets[rank], layer, raw))
+            maps.append(MapResult(method, targets[rank], layer, raw,
+                                  no_gradient=(i, method, rank, layer) in silent))
         if spec.faithfulness_steps:
             steps = spec.faithfulness_steps
             scored = []
@@ -322,7 +334,7 @@ class Engine:
                     self.forward, self.normalise, pixels, torch.from_numpy(m.raw), m.target,
                     steps, self._chunk)
                 scored.append(MapResult(m.method, m.target, m.layer, m.raw, deletion,
-                                        insertion, steps=steps))
+                                        insertion, steps=steps, no_gradient=m.no_gradient))
             maps = scored
         return _result(logits, probs, maps)
 

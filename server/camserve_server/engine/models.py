@@ -18,7 +18,7 @@ from torch import nn
 from ..domain import ModelCard
 from .fold import fold_batchnorms
 from .labels import find_labels
-from .layers import choose_layers, probe_model
+from .layers import choose_layers, gradcam_is_zero, probe_images, probe_model
 from .placement import resolve_device
 from .same_padding import static_same_padding
 from .sources import build_model
@@ -54,8 +54,16 @@ def load_model(spec: ModelSpec, device: Optional[torch.device] = None) -> Loaded
 
     probe = probe_model(module, input_size, device, hookable=built.hookable)
     labels = find_labels(spec.labels, probe.num_classes, built.labels)
-    layers = choose_layers(spec.layers or built.layers, probe, hookable=built.hookable,
-                           model=spec.source)
+    images = probe_images(input_size, device)
+    layers = choose_layers(
+        spec.layers or built.layers, probe, hookable=built.hookable, model=spec.source,
+        zero_map=lambda name, grid: gradcam_is_zero(module, name, grid, images),
+        reasons=None if spec.layers else built.reasons)
+    for info in layers:
+        log.info("layer %s (%dx%d, %d channels): %s", info.name, info.height, info.width,
+                 info.channels, info.reason)
+    if spec.input_size is None and built.size_reason:
+        log.info("input size %dx%d: %s", input_size[0], input_size[1], built.size_reason)
     served = [info.name for info in layers]
     if spec.fold_batchnorm and built.hookable:
         module, folds = fold_batchnorms(module, tuple(input_size), device, keep=served)

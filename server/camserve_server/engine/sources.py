@@ -11,7 +11,7 @@ import difflib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ class BuiltModel:
     labels: Optional[Tuple[str, ...]] = None  # the model's own class names (Hugging Face)
     # The layers offered when --layer is not given (the first is the default); empty: found.
     layers: Tuple[str, ...] = ()
+    reasons: Optional[Dict[str, str]] = None  # why each of ``layers`` is offered
+    size_reason: str = ""  # where input_size comes from
 
 
 def build_model(spec: ModelSpec) -> BuiltModel:
@@ -86,7 +88,12 @@ def _build_default(weights: Optional[str]) -> BuiltModel:
     # bn2 (1280x7x7, before global pooling) explains by default; blocks.4 (112x14x14) is an
     # earlier, finer grid for multi-layer explanations.
     return BuiltModel(module, (224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-                  layers=("bn2", "blocks.4"))
+                      layers=("bn2", "blocks.4"),
+                      reasons={"bn2": "the last convolutional feature map before global "
+                                      "pooling (1280x7x7)",
+                               "blocks.4": "an earlier, finer grid (112x14x14) for "
+                                           "multi-layer explanations"},
+                      size_reason="the size the model was trained at")
 
 
 def _build_torchvision(name: str, weights: Optional[str]) -> BuiltModel:
@@ -105,7 +112,33 @@ def _build_torchvision(name: str, weights: Optional[str]) -> BuiltModel:
                                               num_classes=num_classes(state) or 1000)
         if state is not None:
             load_state(module, state, weights)
-    return BuiltModel(module, (224, 224), IMAGENET_MEAN, IMAGENET_STD)
+    size, mean, std, why = _torchvision_preprocessing(name, module)
+    return BuiltModel(module, size, mean, std, size_reason=why)
+
+
+def _torchvision_preprocessing(name: str, module: nn.Module):
+    """Input size, mean and std of a torchvision classifier: the crop of its published
+    weights' transforms (299 for inception_v3, 384 for efficientnet_b4...), read from
+    torchvision's weights table without downloading anything; a ViT's own ``image_size`` when
+    it has one (its position embedding fixes it)."""
+    import torchvision
+
+    own = getattr(module, "image_size", None)
+    if isinstance(own, int):
+        return (own, own), IMAGENET_MEAN, IMAGENET_STD, "the ViT's own image_size"
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        preset = weights.transforms.keywords if hasattr(weights.transforms, "keywords") else {}
+    except (ValueError, AttributeError):
+        preset = {}
+    crop = preset.get("crop_size")
+    if crop is None:
+        return (224, 224), IMAGENET_MEAN, IMAGENET_STD, ""
+    crop = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
+    mean = tuple(preset.get("mean", IMAGENET_MEAN))
+    std = tuple(preset.get("std", IMAGENET_STD))
+    return ((crop, crop), mean, std,
+            f"the crop of torchvision's {name} weights ({crop}x{crop})")
 
 
 def _build_timm(name: str, weights: Optional[str]) -> BuiltModel:
@@ -124,7 +157,8 @@ def _build_timm(name: str, weights: Optional[str]) -> BuiltModel:
     cfg = getattr(module, "pretrained_cfg", None) or {}
     size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
     return BuiltModel(module, size, tuple(cfg.get("mean", IMAGENET_MEAN)),
-                  tuple(cfg.get("std", IMAGENET_STD)))
+                      tuple(cfg.get("std", IMAGENET_STD)),
+                      size_reason=f"timm's pretrained_cfg input_size for {name}")
 
 
 def _build_torchscript(path: str, weights: Optional[str]) -> BuiltModel:

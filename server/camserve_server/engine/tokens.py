@@ -141,8 +141,9 @@ def find_grid(shape: Optional[Sequence[int]], image_size: Tuple[int, int],
       is channels last, ``(N, 768, 7, 7)`` is not. If both fit (e.g. ``(N, 14, 14, 14)``), the
       module's type decides (LayerNorm and Linear act on the last dimension, conv layers and 2-d
       norms on the second), then the model (``hints.channels_last``: Swin), and otherwise
-      PyTorch's convention, NCHW. If neither fits, NCHW as well: any 4-D output with more than
-      one cell may be explained (``--layer``), read as (N, C, h, w).
+      PyTorch's convention, NCHW. If neither fits, the output holds no grid of the image (an
+      attention layer's (N, windows or heads, tokens, channels), a pooling to another shape):
+      refused, since its map could not be laid over the image.
     """
     hints = hints or Hints()
     if shape is None:
@@ -158,6 +159,13 @@ def find_grid(shape: Optional[Sequence[int]], image_size: Tuple[int, int],
             said = _channels_last_module(module)
             channels_last = hints.channels_last if said is None else said
         grid = Grid("nhwc", c, a, b) if channels_last else Grid("nchw", a, b, c)
+        if not (nchw or nhwc) and b * c > 1 and a * b > 1:
+            raise ValueError(
+                f"has output shape {shape}: neither {b}x{c} (read as batch, channels, height, "
+                f"width) nor {a}x{b} (batch, height, width, channels) is the "
+                f"{image_size[0]}x{image_size[1]} image at one stride, so its map cannot be "
+                "laid over the image (an attention layer's (batch, windows or heads, tokens, "
+                "channels) is such an output)")
         if grid.height * grid.width > 1:
             return grid
         raise ValueError(f"has output shape {shape}: a {grid.height}x{grid.width} grid, nothing "

@@ -3,6 +3,7 @@ for the default model, by position."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -33,14 +34,21 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise StartupError(f"{path!r} holds no state_dict (a mapping of names to tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state = OrderedDict((k.removeprefix("module."), v) for k, v in obj.items())
+    metadata = getattr(obj, "_metadata", None)
+    if metadata is not None:  # the modules' versions, which some loaders read (MNASNet's)
+        state._metadata = OrderedDict((k.removeprefix("module"), v)
+                                      for k, v in metadata.items())
+    return state
 
 
 def num_classes(state: Optional[Dict[str, torch.Tensor]]) -> Optional[int]:
-    """The class count of a checkpoint: the rows of its last 2-D weight (the classifier)."""
+    """The class count of a checkpoint: the rows of its last 2-D weight or 1x1 convolution
+    (the classifier: a Linear, or SqueezeNet's convolution)."""
     if not state:
         return None
-    matrices = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    matrices = [v for k, v in state.items() if k.endswith("weight") and (
+        v.ndim == 2 or (v.ndim == 4 and tuple(v.shape[2:]) == (1, 1)))]
     return int(matrices[-1].shape[0]) if matrices else None
 
 

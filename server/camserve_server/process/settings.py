@@ -131,8 +131,8 @@ class Settings:
         "makes, and only when asked)", shown="the model source's own")
     layers: Tuple[str, ...] = setting(
         (), "layer that may be explained, a dotted module name (repeatable; the first is the "
-        "default)", flag="--layer", metavar="LAYER", repeat=True,
-        shown="the last 4-D layer before global pooling")
+        "default; pytorch-grad-cam's layer4[-1] indexing is accepted)", flag="--layer",
+        metavar="LAYER", repeat=True, shown="the layer chosen for the model's family")
     labels: Optional[str] = setting(None, "text file with one class label per line",
                                     shown="the model source's, else class numbers")
     device: str = setting(

@@ -19,7 +19,8 @@ JPEG_QUALITY = 90
 
 
 def heatmap(raw: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """float32 (height, width) in [0, 1]: the raw map resized to ``size``, min-max scaled."""
+    """float32 (height, width) in [0, 1]: the raw map resized to ``size``, min-max scaled with
+    pytorch-grad-cam's 1e-7 guard (``camserve.maps.heatmap``)."""
     return maps.heatmap(raw, size)
 
 
