@@ -171,6 +171,32 @@ def test_a_killed_worker_is_restarted_while_the_other_answers(server):
     assert value(metrics, "camserve_state", state="serving", worker="2") == 1
 
 
+def test_a_hung_worker_is_killed_and_replaced(server):
+    """SIGSTOP (a hang the process cannot notice itself): its heartbeat stops, and within
+    --worker-hang-s the supervisor kills it and starts another, while the other answers."""
+    hung = server.pids()[1]
+    with client_of(server.port, 2) as survivor:
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 120
+            while server.pids(SERVES).get(1, hung) == hung:
+                assert survivor.predict(str(CAT), timeout=30).timing.worker == 2
+                assert time.monotonic() < deadline, "the stopped worker was not replaced"
+                time.sleep(0.05)
+        finally:
+            if alive(hung):
+                os.kill(hung, signal.SIGCONT)
+    log = "".join(server.log)
+    silent = re.search(rf"worker 1 \(pid {hung}\) has not beaten its heartbeat for "
+                       r"([\d.]+) s \(stopped, or its event loop is stuck\): killing it", log)
+    assert silent and float(silent.group(1)) >= 5.0  # the default --worker-hang-s
+    assert re.search(rf"worker 1 \(pid {hung}\) was killed by SIGKILL; restarting", log)
+    assert not alive(hung)
+    assert set(answers_by_worker(server.port)) == {1, 2}
+    assert value(scrape(server.metrics_port), "camserve_worker_process_restarts_total",
+                 worker="1") == 1
+
+
 def test_sigterm_drains_every_worker_and_exits_zero(server):
     """Callers on connections to both workers; SIGTERM to the supervisor: every call ends with
     an answer or UNAVAILABLE/CANCELLED, both workers exit, the supervisor exits 0."""

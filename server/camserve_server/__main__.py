@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from .errors import StartupError
     from .process.server import CamServer
-    from .process.workers import become_worker, supervise
+    from .process.workers import HEARTBEAT_S, become_worker, heartbeat, supervise
     logs.configure(settings.log_level, settings.log_format)
     shutdown = Shutdown()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -76,6 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = become_worker(settings)
 
     server = CamServer(settings)
+    beat = heartbeat() if settings.worker_index else None
+    if beat is not None:  # from the event loop: a loop that stops or sticks stops beating
+        server.every(HEARTBEAT_S, beat)
     try:
         port = server.listen()
         # Printed (not only logged) so scripts and tests started with --port 0 find the port.

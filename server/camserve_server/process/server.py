@@ -159,6 +159,15 @@ class CamServer:
         """Run a coroutine on the server's loop from another thread; its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
+    def every(self, seconds: float, callback) -> None:
+        """Call ``callback()`` on the server's event loop now and every ``seconds`` after, until
+        the loop stops: it runs only while the loop does (a worker's heartbeat)."""
+        def tick() -> None:
+            callback()
+            self._loop.call_later(seconds, tick)
+
+        self._loop.call_soon_threadsafe(tick)
+
     def start(self) -> int:
         """Listen, load the model and warm up; returns once the server reports SERVING."""
         self.listen()

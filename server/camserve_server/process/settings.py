@@ -115,6 +115,16 @@ def _tokens(value) -> Optional[str]:
     return None
 
 
+# A worker beats its heartbeat this often (process/workers.py); --worker-hang-s must leave room.
+HEARTBEAT_S = 0.5
+
+
+def _hang_bound(value) -> Optional[str]:
+    if value == 0 or value >= 4 * HEARTBEAT_S:
+        return None
+    return f"must be 0 (off) or at least {4 * HEARTBEAT_S:g}"
+
+
 ON_OFF = dict(parse=_on_off, metavar="{on,off}")
 
 
@@ -165,6 +175,10 @@ class Settings:
     workers: int = setting(1, "server processes sharing the port, each with a model replica; "
                            "'auto' picks from the cores or GPUs", parse=_workers,
                            check=_between(1))
+    worker_hang_s: float = setting(
+        5.0, "with --workers: a worker whose event loop has not beaten its heartbeat this long "
+        "(stopped, or stuck) is killed and replaced (0: never)", parse=float,
+        check=_hang_bound)
     # This process's number: 0 the only process, 1..N a worker of the supervisor, which sets it.
     worker_index: int = setting(0, "", parse=int, hidden=True)
     torch_threads: int = setting(0, "torch's intra-op threads per engine (0: the cores divided "

@@ -14,6 +14,11 @@ its workers are fresh interpreters, never forks of it. It:
   has its own model replica, batcher and torch threads (cores / N unless --torch-threads). The
   kernel spreads *connections* over the workers. When all serve, it prints ``camserve-server
   serving MODEL on HOST:PORT``;
+- kills a worker that hangs: each worker's event loop writes a byte to its own pipe every
+  HEARTBEAT_S (0.5 s); a serving worker silent for --worker-hang-s (stopped by SIGSTOP, or
+  its loop stuck) is killed with SIGKILL, which closes its listening socket and its
+  connections (their calls fail UNAVAILABLE, and new connections go to the other workers), and
+  is restarted like a worker that died. A hang while a worker loads is not watched;
 - restarts a worker that dies, after a backoff that doubles with each death in a row (0.5 s to
   30 s; a worker that served for a minute starts again from 0.5 s). A worker that exits with
   status 2 before it served (StartupError: bad model, bad flags, busy port...) stops the whole
@@ -43,10 +48,10 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from .metrics import SupervisorMetrics
-from .settings import Settings
+from .settings import HEARTBEAT_S, Settings
 
 log = logging.getLogger("camserve_server.workers")
 
@@ -57,6 +62,7 @@ KILL_MARGIN_S = 10.0  # on shut-down, workers alive after grace + this are kille
 FATAL_GRACE_S = 5.0  # after a start-up failure, the other workers get this long
 STARTUP_FAILED = 2  # a worker's exit status for StartupError (and for bad flags)
 SUPERVISOR_PID = "_CAMSERVE_SUPERVISOR_PID"  # in a worker's environment
+HEARTBEAT_FD = "_CAMSERVE_HEARTBEAT_FD"  # in a worker's environment: the pipe it beats on
 
 SERVING = "camserve-server serving "  # the lines a server prints on stdout
 LISTENING = "camserve-server listening on "
@@ -95,6 +101,7 @@ class Supervisor:
         self.folder = ""
         self.metrics: Optional[SupervisorMetrics] = None
         self._events: queue.Queue = queue.Queue()  # (index, pid) of a worker that serves
+        self._beats: Dict[int, float] = {}  # pid -> when its heartbeat was last heard
 
     def run(self, stop: threading.Event) -> int:
         s = self.settings
@@ -147,6 +154,8 @@ class Supervisor:
                     status = worker.process.poll()
                     if status is not None and self._exited(worker, status, now):
                         return STARTUP_FAILED
+                    if status is None:
+                        self._check_heartbeat(worker, now)
                 elif now >= worker.restart_at:
                     self._start(worker)
             if not announced and all(w.serving_since is not None for w in self.workers):
@@ -166,9 +175,18 @@ class Supervisor:
         env = dict(os.environ, CAMSERVE_PORT=str(self.port), CAMSERVE_WORKERS=str(s.workers),
                    CAMSERVE_WORKER_INDEX=str(worker.index), PROMETHEUS_MULTIPROC_DIR=self.folder,
                    **{SUPERVISOR_PID: str(os.getpid())})
-        process = subprocess.Popen([sys.executable, "-m", "camserve_server", *self.argv, *flags],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env,
-                                   text=True, bufsize=1)
+        beats, beat = os.pipe()
+        env[HEARTBEAT_FD] = str(beat)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "camserve_server", *self.argv, *flags],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
+                pass_fds=(beat,))
+        except BaseException:
+            os.close(beats)
+            raise
+        finally:
+            os.close(beat)
         log.info("worker %d started (pid %d)%s", worker.index, process.pid,
                  f"; restart {worker.starts}" if worker.starts else "")
         worker.process, worker.serving_since = process, None
@@ -176,6 +194,30 @@ class Supervisor:
         self.metrics.started(worker.index)
         threading.Thread(target=self._read, args=(worker.index, process),
                          name=f"camserve-worker-{worker.index}-stdout", daemon=True).start()
+        threading.Thread(target=self._listen, args=(process.pid, beats),
+                         name=f"camserve-worker-{worker.index}-heartbeat", daemon=True).start()
+
+    def _listen(self, pid: int, beats: int) -> None:
+        """A worker's heartbeat pipe, until the worker's end closes (it exited)."""
+        try:
+            while os.read(beats, 512):
+                self._beats[pid] = time.monotonic()
+        finally:
+            os.close(beats)
+            self._beats.pop(pid, None)
+
+    def _check_heartbeat(self, worker: _Worker, now: float) -> None:
+        """Kill a serving worker whose heartbeat has been silent for --worker-hang-s; it is
+        then restarted as one that died."""
+        hang_s = self.settings.worker_hang_s
+        if not hang_s or worker.serving_since is None:
+            return
+        silent = now - max(worker.serving_since, self._beats.get(worker.process.pid, 0.0))
+        if silent > hang_s:
+            log.error("worker %d (pid %d) has not beaten its heartbeat for %.1f s (stopped, or "
+                      "its event loop is stuck): killing it", worker.index, worker.process.pid,
+                      silent)
+            worker.process.kill()
 
     def _read(self, index: int, process: subprocess.Popen) -> None:
         """A worker's stdout: its serving line becomes an event; the lines the supervisor
@@ -308,6 +350,23 @@ def become_worker(settings: Settings) -> Settings:
         if gpus > 1:
             settings = settings.replace(device=f"cuda:{(settings.worker_index - 1) % gpus}")
     return settings
+
+
+def heartbeat():
+    """In a worker: the callable that beats its heartbeat once (a byte on the pipe the
+    supervisor gave it; never blocks), or None outside a supervisor."""
+    fd = int(os.environ.pop(HEARTBEAT_FD, "") or -1)
+    if fd < 0:
+        return None
+    os.set_blocking(fd, False)
+
+    def beat() -> None:
+        try:
+            os.write(fd, b".")
+        except (BlockingIOError, BrokenPipeError):
+            pass  # a full pipe has beats enough; a closed one has no supervisor to hear them
+
+    return beat
 
 
 class _Tag(logging.Filter):
