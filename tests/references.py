@@ -52,17 +52,18 @@ def pytorch_grad_cam(model, layer_name: str, x: torch.Tensor, targets) -> np.nda
 
 
 def pytorch_grad_cam_raw(method: str, model, layer_name: str, x: torch.Tensor,
-                         targets, reshape=None) -> np.ndarray:
-    """pytorch-grad-cam's own map at the layer's grid, after its ReLU, before any resizing:
-    (N, h, w). ``method`` is a pytorch_grad_cam class name; ``reshape`` its
-    reshape_transform (token and channels-last layers)."""
+                         targets, reshape=None, relu: bool = True, **options) -> np.ndarray:
+    """pytorch-grad-cam's own map at the layer's grid, after its ReLU (unless ``relu`` is
+    False), before any resizing: (N, h, w). ``method`` is a pytorch_grad_cam class name;
+    ``reshape`` its reshape_transform (token and channels-last layers); ``targets`` class
+    indices or pytorch-grad-cam targets; ``options`` go to the class (KPCA_CAM's kernel...)."""
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     layer = dict(model.named_modules())[layer_name]
-    wanted = [ClassifierOutputTarget(int(t)) for t in targets]
+    wanted = [t if callable(t) else ClassifierOutputTarget(int(t)) for t in targets]
     cam = getattr(pytorch_grad_cam, method)(model=model, target_layers=[layer],
-                                            reshape_transform=reshape)
+                                            reshape_transform=reshape, **options)
     try:
         outputs = cam.activations_and_grads(x)
         if cam.uses_gradients:
@@ -74,7 +75,13 @@ def pytorch_grad_cam_raw(method: str, model, layer_name: str, x: torch.Tensor,
         raw = cam.get_cam_image(x, layer, wanted, activations, gradients, False)
     finally:
         cam.activations_and_grads.release()
-    return np.maximum(raw, 0)
+    return np.maximum(raw, 0) if relu else raw
+
+
+def oriented(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """``theirs`` (a principal component's projection, signed as LAPACK returned it) with the
+    sign that brings it closest to ``ours``."""
+    return theirs if np.abs(ours - theirs).max() <= np.abs(ours + theirs).max() else -theirs
 
 
 def pytorch_grad_cam_eigen_projection(model, layer_name: str, x: torch.Tensor) -> np.ndarray:

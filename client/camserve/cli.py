@@ -144,7 +144,7 @@ def cmd_info(client: Client, args) -> int:
             traits = ["backward" if m.needs_backward else "forwards only",
                       "class-discriminative" if m.class_discriminative else "same map for "
                       "every class"]
-            print(f"method:       {m.name:18} {', '.join(traits)}")
+            print(f"method:       {m.name:{_METHOD_WIDTH}} {', '.join(traits)}")
     else:
         print("methods:      none (Predict only)")
     print(f"batching:     up to {info.max_batch_size} items, {info.max_delay_ms:g} ms delay, "
@@ -340,13 +340,17 @@ def _print_sanity(report: SanityReport, paths: Sequence[str], info: ModelInfo) -
     names = [s.name + ("*" if i == report.verdict_stage else "")
              for i, s in enumerate(report.stages)]
     print()
-    print(f"{'':18} {'parameter randomisation':{10 * len(names) + 7}} {'class discrimination'}")
-    print(f"{'method':18} " + " ".join(f"{n:>9}" for n in names)
+    print(f"{'':{_METHOD_WIDTH}} {'parameter randomisation':{10 * len(names) + 7}} "
+          "class discrimination")
+    print(f"{'method':{_METHOD_WIDTH}} " + " ".join(f"{n:>9}" for n in names)
           + f" {'verdict':>7} {'Spearman':>9} {'verdict':>7}")
     for m in report.methods:
-        print(f"{m.method:18} " + " ".join(f"{v:9.2f}" for v in m.randomisation)
+        print(f"{m.method:{_METHOD_WIDTH}} " + " ".join(f"{v:9.2f}" for v in m.randomisation)
               + f" {_verdict(m.randomisation_passed):>7} {m.discrimination:9.2f} "
               f"{_verdict(m.discrimination_passed):>7}")
+
+
+_METHOD_WIDTH = max(len(name) for name in method_names())  # a table's method column
 
 
 def _verdict(passed: bool) -> str:

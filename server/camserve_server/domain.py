@@ -79,6 +79,10 @@ METHODS: Dict[str, MethodTraits] = {
     "eigencam": MethodTraits(needs_backward=False, class_discriminative=False),
     "scorecam": MethodTraits(needs_backward=False, class_discriminative=True),
     "random": MethodTraits(needs_backward=False, class_discriminative=False),
+    "eigengradcam": MethodTraits(needs_backward=True, class_discriminative=True),
+    "gradcam_elementwise": MethodTraits(needs_backward=True, class_discriminative=True),
+    "fem": MethodTraits(needs_backward=False, class_discriminative=False),
+    "kpca_cam": MethodTraits(needs_backward=False, class_discriminative=False),
 }
 
 

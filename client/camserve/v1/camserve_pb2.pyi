@@ -6,9 +6,13 @@ from google.protobuf import message as _message
 from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 CAM_METHOD_EIGENCAM: CamMethod
+CAM_METHOD_EIGENGRADCAM: CamMethod
+CAM_METHOD_FEM: CamMethod
 CAM_METHOD_GRADCAM: CamMethod
+CAM_METHOD_GRADCAM_ELEMENTWISE: CamMethod
 CAM_METHOD_GRADCAM_PLUS_PLUS: CamMethod
 CAM_METHOD_HIRESCAM: CamMethod
+CAM_METHOD_KPCA_CAM: CamMethod
 CAM_METHOD_LAYERCAM: CamMethod
 CAM_METHOD_RANDOM: CamMethod
 CAM_METHOD_SCORECAM: CamMethod

@@ -88,24 +88,74 @@ def hirescam(c: CamInputs) -> torch.Tensor:
     return (c.gradients * c.activations).sum(dim=1)
 
 
-def eigencam(c: CamInputs) -> torch.Tensor:
-    """EigenCAM (Muhammad & Yeasin, IJCNN 2020): the activations (positions x channels,
-    centred per channel) projected on their first principal component. No gradient.
+def principal_component(values: torch.Tensor, orient: torch.Tensor) -> torch.Tensor:
+    """The first principal component of ``values`` (n, K, h, w): positions x channels, centred
+    per channel, projected on the component, (n, h, w); pytorch-grad-cam's get_2d_projection.
 
     A principal component's sign is arbitrary (SVD can return v or -v), and pytorch-grad-cam
-    keeps whatever LAPACK returns; here the sign is fixed so that the map correlates positively
-    with the activations' channel sum, so strong activations read as salient, whatever the
-    linear-algebra library."""
-    n, k, h, w = c.activations.shape
-    a = c.activations.reshape(n, k, h * w).transpose(1, 2).double()  # (n, hw, K)
+    keeps whatever LAPACK returns; here the sign is fixed so that the projection correlates
+    positively with ``orient`` (n, h, w), so that strong evidence reads as salient, whatever
+    the linear-algebra library."""
+    n, k, h, w = values.shape
+    a = torch.nan_to_num(values).reshape(n, k, h * w).transpose(1, 2).double()  # (n, hw, K)
     a = a - a.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(a, full_matrices=False)
-    projection = a @ vh[:, 0, :, None]  # (n, hw, 1)
-    strength = c.activations.reshape(n, k, h * w).sum(dim=1).double()
+    projection = (a @ vh[:, 0, :, None])[:, :, 0]  # (n, hw)
+    strength = orient.reshape(n, h * w).double()
     strength = strength - strength.mean(dim=1, keepdim=True)
-    sign = torch.sign((projection[:, :, 0] * strength).sum(dim=1))
+    sign = torch.sign((projection * strength).sum(dim=1))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return (projection[:, :, 0] * sign[:, None]).reshape(n, h, w).to(c.activations.dtype)
+    return (projection * sign[:, None]).reshape(n, h, w).to(values.dtype)
+
+
+def eigencam(c: CamInputs) -> torch.Tensor:
+    """EigenCAM (Muhammad & Yeasin, IJCNN 2020): the activations (positions x channels,
+    centred per channel) projected on their first principal component. No gradient. Oriented
+    to correlate positively with the activations' channel sum (``principal_component``)."""
+    return principal_component(c.activations, c.activations.sum(dim=1))
+
+
+def eigengradcam(c: CamInputs) -> torch.Tensor:
+    """EigenGradCAM (pytorch-grad-cam's class-discriminative EigenCAM, after Muhammad & Yeasin
+    2020): the first principal component of gradient x activation, element-wise. Oriented to
+    correlate positively with HiResCAM's map, their channel sum."""
+    product = c.gradients * c.activations
+    return principal_component(product, product.sum(dim=1))
+
+
+def gradcam_elementwise(c: CamInputs) -> torch.Tensor:
+    """GradCAMElementWise (pytorch-grad-cam's variant of HiResCAM, Draelos & Carin 2020):
+    L = ReLU(sum_k ReLU(g_k * A_k)), the ReLU element-wise before the channel sum."""
+    return torch.relu(c.gradients * c.activations).sum(dim=1)
+
+
+def fem(c: CamInputs, k: float = 2.0) -> torch.Tensor:
+    """FEM, the Feature Explanation Method (Fuad et al., IPTA 2020): a channel's weight is the
+    fraction of its positions above its mean + k standard deviations (k = 2, the k-sigma
+    rule); L = ReLU(sum_k w_k A_k). No gradient, no class."""
+    a = c.activations
+    mean = a.mean(dim=(2, 3), keepdim=True)
+    std = a.std(dim=(2, 3), keepdim=True, unbiased=False)
+    return _weighted((a > mean + k * std).to(a.dtype).mean(dim=(2, 3)), a)
+
+
+def kpca_cam(c: CamInputs) -> torch.Tensor:
+    """KPCA-CAM (Karmani et al., 2024): EigenCAM with kernel PCA, as pytorch-grad-cam's KPCA_CAM
+    with its defaults (scikit-learn's KernelPCA, sigmoid kernel tanh(<x, y> / K + 1) between
+    the positions' centred channel vectors, the kernel matrix centred, the first component
+    scaled by the square root of its eigenvalue). Its sign as scikit-learn fixes it: the
+    eigenvector's largest entry in absolute value is positive. No gradient, no class."""
+    n, k, h, w = c.activations.shape
+    a = torch.nan_to_num(c.activations).reshape(n, k, h * w).transpose(1, 2).double()
+    a = a - a.mean(dim=1, keepdim=True)
+    kernel = torch.tanh(a @ a.transpose(1, 2) / k + 1.0)  # (n, hw, hw)
+    kernel = (kernel - kernel.mean(dim=1, keepdim=True) - kernel.mean(dim=2, keepdim=True)
+              + kernel.mean(dim=(1, 2), keepdim=True))
+    values, vectors = torch.linalg.eigh(kernel)
+    top, value = vectors[:, :, -1], values[:, -1].clamp(min=0)  # (n, hw), (n,)
+    biggest = top.gather(1, top.abs().argmax(dim=1, keepdim=True))
+    top = top * torch.sign(biggest)
+    return (top * value.sqrt()[:, None]).reshape(n, h, w).to(c.activations.dtype)
 
 
 def scorecam_slices(acts: torch.Tensor, inputs: torch.Tensor, target: int,
@@ -161,6 +211,10 @@ CAM_METHODS: Dict[str, CamMethod] = {
         CamMethod("layercam", layercam),
         CamMethod("hirescam", hirescam),
         CamMethod("eigencam", eigencam),
+        CamMethod("eigengradcam", eigengradcam),
+        CamMethod("gradcam_elementwise", gradcam_elementwise),
+        CamMethod("fem", fem),
+        CamMethod("kpca_cam", kpca_cam),
         CamMethod("scorecam", None, slices=scorecam_slices),
         CamMethod("random", random_map),
     )
