@@ -99,11 +99,78 @@ def test_vit_equals_pytorch_grad_cam(vit, name):
     _compare(name, explained, model, info.default_layer, x, reshape)
 
 
+GUIDED = ("guided_backprop", "guided_gradcam")
+
+
+def test_guided_methods_equal_pytorch_grad_cam_and_captum(resnet_server, resnet_weights,
+                                                          images):
+    """Guided backpropagation equals pytorch-grad-cam's GuidedBackpropReLUModel (summed over
+    the colour channels); Guided Grad-CAM equals Captum's GuidedGradCam with bilinear
+    upsampling, and pytorch-grad-cam's recipe (Grad-CAM's min-max scaled heatmap times guided
+    backpropagation) once that scaling is undone; both at the input's resolution, signed."""
+    from captum.attr import GuidedGradCam
+    from pytorch_grad_cam import GradCAM, GuidedBackpropReLUModel
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camserve.maps import resize_bilinear
+
+    _, client = resnet_server
+    card = client.model_info()
+    assert set(GUIDED) <= set(card.methods)
+    explained = client.explain_many(images, method=[*GUIDED, "gradcam"], target=285,
+                                    layer="layer4", signed=True)
+    model = ref.resnet18(resnet_weights)
+    x = ref.normalise(np.stack(images), card.mean, card.std)
+    with GradCAM(model=model, target_layers=[model.layer4]) as cam:
+        heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(285)] * len(images))
+    guided_gradcam = GuidedGradCam(model, model.layer4)
+    for i, e in enumerate(explained):
+        backprop = GuidedBackpropReLUModel(model, device="cpu")(x[i:i + 1].clone(), 285)
+        backprop = backprop.sum(axis=2)  # (H, W, 3) summed over the colours
+        got = e.map("guided_backprop").raw
+        assert got.shape == card.input_size == backprop.shape
+        np.testing.assert_allclose(got, backprop, rtol=0, atol=_tolerance(backprop))
+        theirs = guided_gradcam.attribute(x[i:i + 1].clone().requires_grad_(), target=285,
+                                          interpolate_mode="bilinear")[0].sum(0).detach()
+        got = e.map("guided_gradcam").raw
+        np.testing.assert_allclose(got, theirs.numpy(), rtol=0, atol=_tolerance(theirs.numpy()))
+        up = resize_bilinear(np.maximum(e.map("gradcam").raw, 0), card.input_size)
+        low, high = float(up.min()), float(up.max())
+        recipe = heat[i] * backprop * (high - low + 1e-7) + low * backprop
+        np.testing.assert_allclose(got, recipe, rtol=0, atol=_tolerance(recipe))
+
+
+def test_guided_methods_cost_their_own_forward_and_full_backward():
+    from camserve_server.domain import ExplainSpec
+
+    plain = ExplainSpec(methods=("gradcam",), layers=("layer4",), targets=(1, 2))
+    guided = ExplainSpec(methods=("gradcam", "guided_gradcam"), layers=("layer4",),
+                         targets=(1, 2))
+    assert guided.cost == plain.cost + 1 + 2 * 2  # a forward, two full backwards
+    assert ExplainSpec(methods=("guided_backprop",), layers=("x",)).cost == 1 + 3
+
+
+@pytest.mark.parametrize("name", GUIDED)
+def test_guided_methods_refused_on_a_model_without_relus(vit, name):
+    """timm's ViT has GELUs and no ReLU: nothing to guide, so the server says what to ask for
+    instead (and GetModelInfo does not offer the guided methods)."""
+    from camserve import CamserveError
+
+    client, info, _, _, images = vit
+    assert name not in info.methods and "gradcam" in info.methods
+    with pytest.raises(CamserveError) as caught:
+        client.explain(images[0], method=["gradcam", name])
+    error = caught.value
+    assert error.code.name == "INVALID_ARGUMENT" and error.reason == "NOT_APPLICABLE"
+    assert f"CAM_METHOD_{name.upper()}" in error.details and "ReLU" in error.details
+    assert "CAM_METHOD_GRADCAM" in error.details
+
+
 def test_a_map_is_the_same_alone_and_batched_with_other_methods(resnet_server, images):
     _, client = resnet_server
-    methods = ["gradcam", *sorted(REFERENCES)]
+    methods = ["gradcam", *sorted(REFERENCES), *GUIDED]
     together = client.explain_many(images, method=methods, target=[285, 3], layer="layer4")
-    for name in sorted(REFERENCES):
+    for name in [*sorted(REFERENCES), *GUIDED]:
         alone = client.explain(images[1], method=name, target=3, layer="layer4")
         got = together[1].map(name, 3).raw
         np.testing.assert_allclose(got, alone.raw, rtol=0,

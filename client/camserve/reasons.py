@@ -47,6 +47,7 @@ MISSING_INPUT = "MISSING_INPUT"
 NO_IMAGES = "NO_IMAGES"
 NO_MODEL = "NO_MODEL"
 NO_SANITY_CHECKS = "NO_SANITY_CHECKS"
+NOT_APPLICABLE = "NOT_APPLICABLE"
 NOT_EXPLAINABLE = "NOT_EXPLAINABLE"
 NOT_FOUND = "NOT_FOUND"
 POLICY_CHANGED = "POLICY_CHANGED"
@@ -129,6 +130,9 @@ REASONS: Dict[str, str] = {
     NO_IMAGES: "there are no images to answer: give at least one",
     NO_MODEL: "an Open Inference Protocol call names no model: name the served one",
     NO_SANITY_CHECKS: "this server runs no sanity checks",
+    NOT_APPLICABLE: "a method, target or option cannot run on this model or with the other "
+                    "options (e.g. a guided method on a model without ReLUs): the details say "
+                    "what to ask for instead",
     NOT_EXPLAINABLE: "the served model has no layer to explain (e.g. TorchScript): it serves "
                      "Predict only",
     NOT_FOUND: "what the call names is not served here",

@@ -43,6 +43,9 @@ class ModelCard:
     std: Tuple[float, float, float]
     layers: Tuple[LayerInfo, ...]  # explainable layers; the first is the default
     device: str  # "cpu", "cuda:0"; several devices (one engine each): "cuda:0,cuda:1"
+    # The model has ReLU (or ReLU6) modules, whose backward guided backpropagation guides: the
+    # guided methods serve it (a GELU-only transformer has none).
+    guided: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -64,8 +67,11 @@ class ModelCard:
 class MethodTraits:
     """What a CAM method needs and what its maps can be trusted for."""
 
-    needs_backward: bool
+    needs_backward: bool  # a partial backward, from the target to the explained layer
     class_discriminative: bool  # a different class gives a different map
+    # A backward to the input through guided ReLUs (its own forward and full backward): the
+    # map has the input's resolution, not the layer's grid.
+    guided: bool = False
 
 
 # Every method the engine implements (``engine/cams.py`` has one function per name; a test
@@ -83,6 +89,9 @@ METHODS: Dict[str, MethodTraits] = {
     "gradcam_elementwise": MethodTraits(needs_backward=True, class_discriminative=True),
     "fem": MethodTraits(needs_backward=False, class_discriminative=False),
     "kpca_cam": MethodTraits(needs_backward=False, class_discriminative=False),
+    "guided_backprop": MethodTraits(needs_backward=False, class_discriminative=True,
+                                    guided=True),
+    "guided_gradcam": MethodTraits(needs_backward=True, class_discriminative=True, guided=True),
 }
 
 
@@ -134,12 +143,19 @@ class ExplainSpec:
         return cost
 
     @property
+    def guided(self) -> bool:
+        """A method needs the guided backward to the input."""
+        return any(METHODS[m].guided for m in self.methods)
+
+    @property
     def cost(self) -> int:
         """What one image's explanation costs the engine, in forwards of one image: the
         forward, a partial backward per target rank (counted as a forward) when a method
-        needs it, and the extra forwards."""
+        needs it, for the guided methods a forward of their own and a full backward to the
+        input per target rank (counted as two forwards), and the extra forwards."""
         backward = self.ranks if any(METHODS[m].needs_backward for m in self.methods) else 0
-        return 1 + backward + self.extra_cost
+        guided = 1 + 2 * self.ranks if self.guided else 0
+        return 1 + backward + guided + self.extra_cost
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,14 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
         or ("gradcam",)
     layers = _unique(_layer(name, model, f"{f}layers[{i}]")
                      for i, name in enumerate(options.layers)) or (_layer("", model, f"{f}layers"),)
+    for i, name in enumerate(methods):
+        if METHODS[name].guided and not model.guided:
+            raise InvalidArgument(
+                f"{f}methods[{i}] {_method_enum(name)} guides the backward through the model's "
+                f"ReLU modules, and {model.name} has none (no nn.ReLU or nn.ReLU6: e.g. a "
+                "GELU-only transformer, whose gradient would go unguided): ask for "
+                "CAM_METHOD_GRADCAM or another method that needs no guided backward",
+                field=f"{f}methods[{i}]", reason="NOT_APPLICABLE")
     targets = _unique(_target(t, labels, f"{f}targets[{i}]")
                       for i, t in enumerate(options.targets))
     if targets and options.top_targets:

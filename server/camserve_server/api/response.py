@@ -119,11 +119,13 @@ def explain_bound(plan: ExplainPlan, size: Tuple[int, int], card: ModelCard) -> 
     """An upper estimate of one image's ExplainResult in bytes, before any work: what
     Explain checks against the message limit."""
     spec, outputs = plan.spec, plan.outputs
-    per_layer = plan.maps // len(spec.layers)
     total = 1024 + plan.top_k * 64 + plan.maps * 256
     if outputs.raw_map:
-        total += per_layer * sum(5 * card.layer(name).height * card.layer(name).width + 16
-                                 for name in spec.layers)
+        guided = sum(METHODS[m].guided for m in spec.methods)  # maps at the input's size
+        grids = sum(5 * card.layer(name).height * card.layer(name).width + 16
+                    for name in spec.layers)
+        pixels = len(spec.layers) * (5 * card.input_size[0] * card.input_size[1] + 16)
+        total += spec.ranks * ((len(spec.methods) - guided) * grids + guided * pixels)
     if outputs.needs_heatmap:
         pictures = plan.maps + (len(spec.methods) * spec.ranks if len(spec.layers) > 1 else 0)
         total += pictures * heatmaps.encoded_size_bound(
@@ -175,7 +177,8 @@ def model_info(pipeline, state: int) -> pb.GetModelInfoResponse:
         default_layer=card.default_layer or "",
         methods=[pb.MethodInfo(method=method_value(name), needs_backward=traits.needs_backward,
                                class_discriminative=traits.class_discriminative)
-                 for name, traits in METHODS.items()] if card.layers else [],
+                 for name, traits in METHODS.items()
+                 if card.guided or not traits.guided] if card.layers else [],
         batching=pipeline.batching,
         devices=list(card.devices),
         limits=pb.Limits(max_image_bytes=images.max_image_bytes,

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Generator, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..domain import METHODS as TRAITS
 
@@ -29,6 +30,8 @@ class CamInputs:
     inputs: torch.Tensor  # (n, 3, H, W), normalised, as the model saw them
     targets: torch.Tensor  # (n,) class indices
     forward: Callable[[torch.Tensor], torch.Tensor]  # logits of a batch; no hooks, no grad
+    # The guided methods: d(target)/d(inputs) through guided ReLUs, (n, 3, H, W)
+    guided: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ class CamMethod:
     @property
     def needs_gradient(self) -> bool:
         return TRAITS[self.name].needs_backward
+
+    @property
+    def guided(self) -> bool:
+        return TRAITS[self.name].guided
 
 
 def _weighted(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
@@ -158,6 +165,56 @@ def kpca_cam(c: CamInputs) -> torch.Tensor:
     return (top * value.sqrt()[:, None]).reshape(n, h, w).to(c.activations.dtype)
 
 
+# --- guided backpropagation (Springenberg et al., ICLR-W 2015) ---------------------------------
+
+GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)  # the modules whose backward is guided
+
+
+def guidable(module: nn.Module) -> bool:
+    """The model has activations guided backpropagation guides."""
+    return any(isinstance(m, GUIDED_ACTIVATIONS) for m in module.modules())
+
+
+class _PositiveGradient(torch.autograd.Function):
+    """Identity forward; backward passes only the positive part of the gradient. After a ReLU,
+    whose own backward masks where its input was <= 0, the gradient below the pair is
+    grad * (input > 0) * (grad > 0): pytorch-grad-cam's GuidedBackpropReLU."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clamp(min=0)
+
+
+def guided_output(output: torch.Tensor) -> torch.Tensor:
+    """A ReLU's output whose backward is guided (the engine's forward hook on each
+    GUIDED_ACTIVATIONS module returns it during its guided pass)."""
+    return _PositiveGradient.apply(output)
+
+
+def guided_backprop(c: CamInputs) -> torch.Tensor:
+    """Guided backpropagation (Springenberg et al. 2015), as pytorch-grad-cam's
+    GuidedBackpropReLUModel: the gradient of the target with respect to the (normalised)
+    input, through ReLUs whose backward passes only positive gradients; summed over the colour
+    channels, at the input's resolution."""
+    return c.guided.sum(dim=1)
+
+
+def guided_gradcam(c: CamInputs) -> torch.Tensor:
+    """Guided Grad-CAM (Selvaraju et al. 2017, section 3.1): guided backpropagation times the
+    Grad-CAM map (after its ReLU) upsampled bilinearly to the input's resolution, element-wise;
+    summed over the colour channels. Captum's GuidedGradCam(interpolate_mode="bilinear");
+    pytorch-grad-cam's recipe (its example multiplies by the min-max scaled map) up to that
+    scale."""
+    cam = torch.relu(gradcam(c))
+    up = F.interpolate(cam[:, None], size=c.guided.shape[-2:], mode="bilinear",
+                       align_corners=False)[:, 0]
+    return up * c.guided.sum(dim=1)
+
+
 def scorecam_slices(acts: torch.Tensor, inputs: torch.Tensor, target: int,
                     forward: Callable[[torch.Tensor], torch.Tensor], max_channels: int,
                     chunk: int) -> Generator[int, None, torch.Tensor]:
@@ -215,6 +272,8 @@ CAM_METHODS: Dict[str, CamMethod] = {
         CamMethod("gradcam_elementwise", gradcam_elementwise),
         CamMethod("fem", fem),
         CamMethod("kpca_cam", kpca_cam),
+        CamMethod("guided_backprop", guided_backprop),
+        CamMethod("guided_gradcam", guided_gradcam),
         CamMethod("scorecam", None, slices=scorecam_slices),
         CamMethod("random", random_map),
     )

@@ -35,7 +35,7 @@ import torch
 from ..domain import SLICE_FORWARDS, ExplainSpec, ItemResult, Job, MapResult, WorkItem
 from ..errors import BatchFailed, OutOfMemory, ServiceError, StartupError
 from . import faithfulness
-from .cams import CAM_METHODS, CamInputs
+from .cams import CAM_METHODS, GUIDED_ACTIVATIONS, CamInputs, guided_output
 from .device import DataPath, Staged, key
 from .models import LoadedModel
 from .tokens import to_nchw
@@ -90,6 +90,10 @@ class Engine:
         modules = dict(model.module.named_modules())
         self._hooks = [modules[info.name].register_forward_hook(self._hook(info.name))
                        for info in model.card.layers]
+        # Guided backpropagation's ReLUs: their backward is guided during _guided's pass only.
+        self._guiding = False
+        self._hooks += [m.register_forward_hook(self._guide()) for m in model.module.modules()
+                        if isinstance(m, GUIDED_ACTIVATIONS)]
 
     def close(self) -> None:
         for handle in self._hooks:
@@ -111,6 +115,11 @@ class Engine:
             # gradient is taken with respect to this tensor; _grid turns both into (N, C, h, w).
             return acts.clone()
         return hook
+
+    def _guide(self):
+        def guide(_module, _inputs, output):
+            return guided_output(output) if self._guiding else None
+        return guide
 
     def _grid(self, layer: str, tensor: torch.Tensor) -> torch.Tensor:
         """A layer's activations or gradients as (N, C, h, w); conv layers' as they are."""
@@ -234,9 +243,10 @@ class Engine:
             self._activations = {}
         # Reduced precision: the methods work on float32 (a no-op in fp32).
         acts = {name: a.detach().float() for name, a in zip(layers, activations)}
+        guided = self._guided(x, [i for i in explaining if specs[i].guided], specs, targets)
         self._no_gradient = set()  # (item, method, rank, layer) whose gradient is all zero
         computed, (logits, probs) = self._maps(specs, targets, acts, gradients, x,
-                                               _outputs(logits.detach()))
+                                               _outputs(logits.detach()), guided)
         answers: List[Answer] = []
         for i, item in enumerate(items):
             spec = item.explain
@@ -272,7 +282,38 @@ class Engine:
             out.append(dict(zip(layers, grads)))
         return out
 
-    def _maps(self, specs, targets, acts, gradients, x, outputs) -> tuple:
+    def _guided(self, x, rows, specs, targets) -> List[torch.Tensor]:
+        """Guided backpropagation for ``rows``: their own forward, with every ReLU's backward
+        guided, and per target rank one backward to the input of the sum of the rows' target
+        logits (negated for counterfactual items: the guide is not linear, so the sign goes
+        in before it): per rank, (len(x), 3, H, W), zero for the other rows."""
+        if not rows:
+            return []
+        index = torch.tensor(rows, device=x.device)
+        inputs = x[index].detach().requires_grad_()
+        ranks = max(len(targets[i]) for i in rows)
+        out = []
+        self._guiding = True
+        try:
+            with torch.enable_grad(), self._autocast():
+                logits = self.model.module(inputs)
+            for rank in range(ranks):
+                ranked = [j for j, i in enumerate(rows) if len(targets[i]) > rank]
+                signs = torch.tensor([-1.0 if specs[rows[j]].counterfactual else 1.0
+                                      for j in ranked], device=x.device)
+                classes = torch.tensor([targets[rows[j]][rank] for j in ranked],
+                                       device=x.device)
+                score = (logits[torch.tensor(ranked, device=x.device), classes].float()
+                         * signs).sum()
+                grad, = torch.autograd.grad(score, inputs, retain_graph=rank < ranks - 1)
+                full = torch.zeros(x.shape, device=x.device)
+                full[index] = grad.float()
+                out.append(full)
+        finally:
+            self._guiding = False
+        return out
+
+    def _maps(self, specs, targets, acts, gradients, x, outputs, guided=()) -> tuple:
         """Every map that needs no extra forwards, by (item, method, rank, layer), computed in
         groups of items that share method, layer, target rank and options; and ``outputs``
         (device tensors) on the host: everything copied back together."""
@@ -298,7 +339,8 @@ class Engine:
                     activations=self._grid(layer, acts[layer][index]), gradients=grads,
                     inputs=x[index],
                     targets=torch.tensor([targets[i][rank] for i in rows], device=x.device),
-                    forward=self.forward))
+                    forward=self.forward,
+                    guided=guided[rank][index] if CAM_METHODS[method].guided else None))
                 if not signed:
                     cams = torch.relu(cams)
                 maps.append((rows, method, rank, layer, cams))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..domain import ModelCard
+from .cams import guidable
 from .fold import fold_batchnorms
 from .labels import find_labels
 from .layers import choose_layers, gradcam_is_zero, probe_images, probe_model
@@ -73,6 +74,7 @@ def load_model(spec: ModelSpec, device: Optional[torch.device] = None) -> Loaded
         if pads:
             log.info("%d convolutions' \"same\" padding made static", pads)
     card = ModelCard(name=spec.source, labels=labels, input_size=tuple(input_size),
-                     mean=tuple(mean), std=tuple(std), layers=layers, device=str(device))
+                     mean=tuple(mean), std=tuple(std), layers=layers, device=str(device),
+                     guided=guidable(module))
     return LoadedModel(module=module, device=device, card=card,
                        load_seconds=time.perf_counter() - started)

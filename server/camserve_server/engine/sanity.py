@@ -140,7 +140,7 @@ def randomised_copy(model: LoadedModel, modules: Sequence[str]) -> LoadedModel:
     clone = copy.deepcopy(served, memo=shared)
     for m in clone.modules():
         for key, hook in list(m._forward_hooks.items()):
-            if getattr(hook, "__qualname__", "").startswith(Engine._hook.__qualname__):
+            if getattr(hook, "__qualname__", "").startswith(f"{Engine.__qualname__}."):
                 del m._forward_hooks[key]
     return LoadedModel(module=clone, device=model.device, card=model.card, load_seconds=0.0)
 
