@@ -16,6 +16,9 @@ a case misses one.
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
+import re
 import signal
 import sys
 import threading
@@ -268,6 +271,34 @@ def oip_typed_contents(target: str, quick: bool, out: Outcome) -> None:
     _at_once(lambda: infer(request, timeout=120), 2 if quick else 8, out)
 
 
+def _flood(target: str, seconds: float, opened) -> None:
+    """In a process of its own (the flood's CPU and GIL are not the background callers'):
+    bursts of 4,000 calls opened and cancelled at once on one connection."""
+    request = pb.PredictRequest(images=[pb.Image(encoded=jpeg(64, 64))])
+    stub = _stub(target, [("grpc.use_local_subchannel_pool", 1)])
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        calls = [stub.Predict.future(request, timeout=30) for _ in range(4000)]
+        for call in calls:
+            call.cancel()
+        with opened.get_lock():
+            opened.value += len(calls)
+
+
+def rapid_reset(target: str, quick: bool, out: Outcome) -> None:
+    """Calls opened and cancelled at once, in bursts of 4,000 a connection, from 4 processes
+    on 4 connections, for 20 s (5 s quick): the background callers must not be CANCELLED."""
+    spawn = multiprocessing.get_context("spawn")
+    opened = spawn.Value("q", 0)
+    floods = [spawn.Process(target=_flood, args=(target, 5 if quick else 20, opened))
+              for _ in range(4)]
+    for flood in floods:
+        flood.start()
+    for flood in floods:
+        flood.join()
+    out.codes[f"{opened.value} calls opened and cancelled at once"] += 1
+
+
 CASES: Dict[str, Callable[[str, bool, Outcome], None]] = {
     "unread_latest": unread_latest,
     "failed_frames": failed_frames,
@@ -281,6 +312,7 @@ CASES: Dict[str, Callable[[str, bool, Outcome], None]] = {
     "oip_empty_elements": oip_empty_elements,
     "oip_long_parameter_name": oip_long_parameter_name,
     "oip_typed_contents": oip_typed_contents,
+    "rapid_reset": rapid_reset,
 }
 
 
@@ -308,15 +340,57 @@ def sigterm_during_long_work(quick: bool, model: str) -> Dict[str, object]:
     return rows
 
 
+def worker_faults(quick: bool, model: str) -> Dict[str, Dict[str, object]]:
+    """``--workers 2``, 8 callers each on its own connection sending Predict (10 s deadline, no
+    retries); worker 2 killed with SIGKILL, later stopped with SIGSTOP (hung): per fault, the
+    seconds until the supervisor killed it (a hang) and until its successor served, and the
+    callers' codes and worst wait from the fault until then."""
+    server = harness.Server(model, flags=["--workers", "2"], log_level="INFO")
+    image = jpeg(480, 640, seed=3)
+    clients = [Client(server.target, timeout=10, retries=0,
+                      options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(8)]
+    callers = harness.Callers(lambda i: clients[i].predict(image), 8, pause=0.02,
+                              errors=(CamserveError,)).start()
+    rows = {}
+    try:
+        for fault in (signal.SIGKILL, signal.SIGSTOP):
+            time.sleep(3 if quick else 10)
+            pid = int(re.findall(r"worker 2 started \(pid (\d+)\)", server.tail(10**8))[-1])
+            callers.take()
+            faulted = time.monotonic()
+            os.kill(pid, fault)
+            killed_s = serves_s = None
+            while serves_s is None and time.monotonic() - faulted < 120:
+                log = server.tail(10**8)
+                if killed_s is None and f"(pid {pid}) has not beaten" in log:
+                    killed_s = time.monotonic() - faulted
+                served = re.findall(r"worker 2 serves \(pid (\d+)\)", log)
+                if served and int(served[-1]) != pid:
+                    serves_s = time.monotonic() - faulted
+                time.sleep(0.05)
+            calls = callers.take()
+            rows[fault.name] = dict(
+                supervisor_killed_it_s=killed_s if fault == signal.SIGSTOP else "-",
+                serving_again_s=serves_s, calls=len(calls),
+                codes=dict(calls.codes),
+                worst_wait_ms=max(calls.latencies, default=0.0) * 1000.0)
+    finally:
+        callers.stop()
+        for client in clients:
+            client.close()
+        server.stop(120)
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = harness.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a try-out")
-    p.add_argument("--case", action="append", choices=[*CASES, "sigterm"],
+    p.add_argument("--case", action="append", choices=[*CASES, "sigterm", "workers"],
                    help="run only these cases (repeatable; default: all)")
     p.add_argument("--model", default=harness.DEFAULT_MODEL)
     args = p.parse_args(argv)
     results = harness.Results(__file__, argv, args)
-    chosen = args.case or [*CASES, "sigterm"]
+    chosen = args.case or [*CASES, "sigterm", "workers"]
     failures = 0
     server = harness.Server(args.model)
     memory = harness.MemorySampler(server.process.pid)
@@ -338,7 +412,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             failures += bad
             results.row("cases", case=name, mib_before=before, peak_mib=memory.peak,
                         mib_after=after, background_p50_ms=calls.percentiles()["p50_ms"],
-                        background_worst_ms=worst * 1000.0, serving=answers,
+                        background_worst_ms=worst * 1000.0,
+                        background_codes=dict(calls.codes), serving=answers,
                         abusive_calls=dict(outcome.codes), meets_the_goals=not bad)
             print(f"# {name} done", file=sys.stderr, flush=True)
     finally:
@@ -353,6 +428,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             results.row("SIGTERM during a long explanation (grace 10 s)", caller=caller,
                         exit_status=code, seconds_to_exit=seconds, the_call=codes,
                         meets_the_goals=not bad)
+    if "workers" in chosen:
+        for fault, row in worker_faults(args.quick, args.model).items():
+            bad = row["serving_again_s"] is None
+            failures += bad
+            results.row("A worker killed, then hung (--workers 2, 8 callers)", fault=fault,
+                        **row, meets_the_goals=not bad)
     results.finish(args.json)
     return 1 if failures else 0
 

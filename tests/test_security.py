@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 
 import grpc
 import numpy as np
@@ -12,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from camserve import CamserveError, Client
 
-from conftest import TINY, running
+from conftest import TINY, running, wait_for
 
 PLAIN = np.full((32, 32, 3), 100, np.uint8)
 
@@ -216,3 +217,72 @@ def test_metrics_serve_only_metrics_and_follow_tls_and_tokens(certs):
         assert _get(https, "wrong", trusted)[0] == 401
         with pytest.raises(OSError):  # plaintext HTTP is not answered
             _get(f"http://localhost:{server.metrics_port}/metrics", token)
+
+
+FLOOD = """
+import sys, time, grpc
+from camserve.v1 import camserve_pb2 as pb, camserve_pb2_grpc as pb_grpc
+channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.use_local_subchannel_pool", 1)])
+stub, request = pb_grpc.CamserveServiceStub(channel), pb.PredictRequest()
+ends = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < ends:
+    for call in [stub.Predict.future(request, timeout=30) for _ in range(2000)]:
+        call.cancel()
+"""
+
+
+def test_a_flood_of_calls_opened_and_cancelled_cancels_no_one_else():
+    """HTTP/2 rapid reset from 3 other connections (3 processes): gRPC core cancels calls at
+    random once more than its pending limit wait for the application; an innocent caller's
+    calls must all be answered."""
+    import subprocess
+    import sys
+
+    with running(model=TINY) as (server, client):
+        floods = [subprocess.Popen([sys.executable, "-c", FLOOD, f"127.0.0.1:{server.port}",
+                                    "6"]) for _ in range(3)]
+        codes = []
+        try:
+            while any(flood.poll() is None for flood in floods):
+                try:
+                    client.predict(PLAIN, timeout=60)
+                    codes.append("OK")
+                except CamserveError as exc:
+                    codes.append(exc.code.name)
+        finally:
+            for flood in floods:
+                flood.kill()
+                flood.wait()
+        assert codes and set(codes) == {"OK"}, codes
+
+
+def test_a_connection_holds_at_most_max_calls_per_connection():
+    """--max-calls-per-connection 2: a third stream on the same connection waits in the
+    client, never reaching the server, until one of the first two ends."""
+    import threading
+
+    from camserve.v1 import camserve_pb2 as pb
+    from camserve.v1 import camserve_pb2_grpc as pb_grpc
+
+    with running(model=TINY, max_calls_per_connection=2) as (server, _):
+        release = [threading.Event() for _ in range(3)]
+
+        def requests(event):
+            yield pb.StreamPredictRequest(config=pb.StreamPredictConfig())
+            event.wait(60)
+
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.CamserveServiceStub(channel)
+            streams = [stub.StreamPredict(requests(e), timeout=60) for e in release]
+            open_now = lambda: server.metrics.value("camserve_streams_open")  # noqa: E731
+            wait_for(lambda: open_now() == 2, 30, "two streams open")
+            for _ in range(10):  # and the third does not come meanwhile
+                assert open_now() == 2
+                time.sleep(0.1)
+            release[0].set()
+            wait_for(lambda: open_now() == 2 and streams[0].code() is not None, 30,
+                     "the third stream in the first one's place")
+            for event in release:
+                event.set()
+            for stream in streams:
+                list(stream)

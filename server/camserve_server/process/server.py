@@ -53,6 +53,7 @@ access = logging.getLogger("camserve_server.access")
 
 HEALTH_NAMES = ("", SERVICE, oip.SERVICE)  # the server as a whole, and each served API
 KEEPALIVE_TIMEOUT_MS = 20_000
+PENDING_CALLS = 20_000  # gRPC core's max_pending_requests (soft; the hard limit twice that)
 STOP_NOW_S = 1.0  # how long cut-off calls' answers and the batcher's last step may take
 OVER_LIMIT_SLACK = 1 << 20  # bytes over --max-message-bytes still read, to answer INVALID_ARGUMENT
 # How long an idle torch (libgomp) thread spins before it sleeps, in iterations; libgomp's own
@@ -204,6 +205,13 @@ class CamServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0),
+            # A flood of calls opened and cancelled at once (HTTP/2 rapid reset) is bounded per
+            # connection; calls gRPC holds for the application to take beyond 1,000 (its
+            # default) would be cancelled at random, innocent callers' too: the limits leave
+            # room for a flood on many connections (each holds a stream's window at most).
+            ("grpc.max_concurrent_streams", s.max_calls_per_connection),
+            ("grpc.server.max_pending_requests", PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
         ]
         if s.max_connection_age_s > 0:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),

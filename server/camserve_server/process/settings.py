@@ -189,6 +189,11 @@ class Settings:
                                check=_between(1))
     stream_idle_s: float = setting(30.0, "close a stream that sent no frame this long after "
                                    "it opened", parse=float, check=_positive)
+    max_calls_per_connection: int = setting(
+        1024, "calls (HTTP/2 streams, StreamPredict's included) one connection may hold open at "
+        "once; a client's further calls wait in the client until one ends. It bounds what one "
+        "connection's flood of opened and cancelled calls costs everyone else", parse=int,
+        check=_between(1))
     keepalive_s: float = setting(60.0, "ping connections this often to notice dead peers "
                                  "(answered within 20 s)", parse=float, check=_positive)
     max_connection_age_s: float = setting(
