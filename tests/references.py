@@ -78,6 +78,49 @@ def pytorch_grad_cam_raw(method: str, model, layer_name: str, x: torch.Tensor,
     return np.maximum(raw, 0) if relu else raw
 
 
+def pytorch_grad_cam_called(method: str, model, layer_name: str, x: torch.Tensor, targets=None,
+                            reshape=None, options=None, **call) -> np.ndarray:
+    """pytorch-grad-cam's raw map (before its ReLU and any resizing) as the class's own call
+    computes it, whatever its path (FinerCAM's targets, ShapleyCAM's second-order backward,
+    eigen_smooth): its get_cam_image's result, recorded. (N, h, w). ``targets``: class indices
+    or pytorch-grad-cam targets (None: the class's default); ``call``: the call's keywords."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer = dict(model.named_modules())[layer_name]
+    cam = getattr(pytorch_grad_cam, method)(model, [layer], reshape_transform=reshape,
+                                            **(options or {}))
+    base = getattr(cam, "base_cam", cam)
+    recorded = []
+    own = base.get_cam_image
+
+    def record(input_tensor, target_layer, wanted, activations, grads, eigen_smooth=False):
+        if reshape is not None and isinstance(activations, torch.Tensor) \
+                and activations.dim() == 3:
+            # pytorch-grad-cam 1.5.7's ShapleyCAM (detach=False) applies the reshape_transform
+            # inside its get_cam_weights only, and get_cam_image then fails on the tokens
+            # ("Invalid activation shape"): its weights times the reshaped activations.
+            weights = base.get_cam_weights(input_tensor, target_layer, wanted, activations,
+                                           grads)
+            grid = reshape(activations).detach().numpy()
+            recorded.append((weights[:, :, None, None] * grid).sum(axis=1))
+        else:
+            recorded.append(own(input_tensor, target_layer, wanted, activations, grads,
+                                eigen_smooth))
+        return recorded[-1]
+    base.get_cam_image = record
+    if targets is not None:
+        targets = [t if callable(t) else ClassifierOutputTarget(int(t)) for t in targets]
+    try:
+        cam(x.clone(), targets, **call)
+    finally:
+        # Dropped before release(), whose in-place detach fails on ShapleyCAM's gradients of
+        # token layers (views).
+        base.activations_and_grads.activations, base.activations_and_grads.gradients = [], []
+        base.activations_and_grads.release()
+    return recorded[0] if len(recorded) == 1 else np.stack(recorded)
+
+
 def oriented(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
     """``theirs`` (a principal component's projection, signed as LAPACK returned it) with the
     sign that brings it closest to ``ours``."""

@@ -58,6 +58,8 @@ def test_client_errors_before_sending_have_reasons(offline, tmp_path):
         ("not an image type", lambda: offline.predict(object()), reasons.INVALID_IMAGE),
         ("unknown method", lambda: offline.explain(pixels, method="nope"),
          reasons.UNKNOWN_METHOD),
+        ("unknown target kind", lambda: offline.explain(pixels, target_kind="nope"),
+         reasons.INVALID_OPTION),
         ("unknown method in a check", lambda: offline.check_sanity([pixels], method="nope"),
          reasons.UNKNOWN_METHOD),
         ("unknown output", lambda: offline.explain(pixels, outputs=("svg",)),

@@ -6,11 +6,12 @@ and in a batch with other methods (1e-5)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import references as ref
 from conftest import resized, running
@@ -24,6 +25,7 @@ class Reference:
     oriented: bool = False  # a principal component: equal up to its sign (ref.oriented)
     options: Dict[str, object] = field(default_factory=dict)
     vit: bool = True  # compared on the ViT too
+    kinds: Tuple[str, ...] = ("logit",)  # the target kinds compared
 
 
 # camserve's name → pytorch-grad-cam's class.
@@ -32,19 +34,50 @@ REFERENCES = {
     "gradcam_elementwise": Reference("GradCAMElementWise"),
     "fem": Reference("FEM"),
     "kpca_cam": Reference("KPCA_CAM"),
+    "finercam": Reference("FinerCAM", kinds=("finer",)),
+    # On resnet18 everything above layer3 is piecewise linear: with a logit the Hessian is
+    # zero; ReST (the paper's pairing) makes it count.
+    "shapleycam": Reference("ShapleyCAM", kinds=("rest", "logit")),
 }
+# Target kinds, each on Grad-CAM (and ShapleyCAM above).
+TARGET_CASES = [("gradcam", kind) for kind in ("softmax", "rest", "raw_scores", "finer")]
+CASES = [(name, kind) for name, case in REFERENCES.items() for kind in case.kinds] \
+    + TARGET_CASES
+
+
+def _their_targets(kind: str, classes):
+    """pytorch-grad-cam's target for each class (None: FinerCAM's own, from its call)."""
+    from pytorch_grad_cam.utils import model_targets as t
+
+    if kind == "finer":
+        return None
+    if kind == "raw_scores":  # RawScoresOutputTarget, summed: a scalar per image
+        return [lambda output: output.sum(dim=-1) for _ in classes]
+    cls = {"logit": t.ClassifierOutputTarget, "softmax": t.ClassifierOutputSoftmaxTarget,
+           "rest": t.ClassifierOutputReST}[kind]
+    return [cls(int(c)) for c in classes]
 
 
 def _tolerance(expected: np.ndarray) -> float:
     return 1e-4 * max(float(np.abs(expected).max()), 1e-6)
 
 
-def _compare(name, explained, model, layer, x, reshape=None):
-    """Each of ``explained``'s maps of ``name`` (signed) against pytorch-grad-cam's."""
-    case = REFERENCES[name]
-    targets = [e.map(name).target.index for e in explained]
-    theirs = ref.pytorch_grad_cam_raw(case.cls, model, layer, x, targets, reshape=reshape,
-                                      relu=False, **case.options)
+def _compare(name, kind, explained, model, layer, x, reshape=None):
+    """Each of ``explained``'s maps of ``name`` (signed) against pytorch-grad-cam's, as its
+    class computes it when called."""
+    case = REFERENCES.get(name, Reference("GradCAM"))
+    classes = [e.map(name).target.index for e in explained]
+    assert all(e.map(name).target_kind == kind for e in explained)
+    cls, call = case.cls, {}
+    if kind == "finer":  # FinerCAM over the method (Grad-CAM), at the class asked for
+        cls, call = "FinerCAM", {"target_idx": classes[0]}
+        assert len(set(classes)) == 1
+    # pytorch-grad-cam's ShapleyCAM needs plain attention too (the fused kernels have no
+    # second derivative), as camserve's engine runs it.
+    with sdpa_kernel([SDPBackend.MATH]):
+        theirs = ref.pytorch_grad_cam_called(cls, model, layer, x,
+                                             _their_targets(kind, classes), reshape=reshape,
+                                             options=case.options, **call)
     assert np.abs(theirs).max() > 0, f"{name}: the reference maps are all zero"
     for e, expected in zip(explained, theirs):
         got = e.map(name).raw
@@ -52,7 +85,7 @@ def _compare(name, explained, model, layer, x, reshape=None):
             expected = ref.oriented(got, expected)
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=0, atol=_tolerance(expected),
-                                   err_msg=f"{name} at {layer}")
+                                   err_msg=f"{name} {kind} at {layer}")
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +96,16 @@ def images(cat, coffee):
 
 
 @pytest.mark.parametrize("layer", ["layer4", "layer3"])
-@pytest.mark.parametrize("name", sorted(REFERENCES))
-def test_resnet18_equals_pytorch_grad_cam(resnet_server, resnet_weights, images, name, layer):
+@pytest.mark.parametrize("name, kind", CASES)
+def test_resnet18_equals_pytorch_grad_cam(resnet_server, resnet_weights, images, name, kind,
+                                          layer):
     _, client = resnet_server
     card = client.model_info()
-    explained = client.explain_many(images, method=name, layer=layer, target=285, signed=True)
+    explained = client.explain_many(images, method=name, layer=layer, target=285, signed=True,
+                                    target_kind=kind)
     model = ref.resnet18(resnet_weights)
     x = ref.normalise(np.stack(images), card.mean, card.std)
-    _compare(name, explained, model, layer, x)
+    _compare(name, kind, explained, model, layer, x)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +126,14 @@ def vit(tmp_path_factory, cat):
         yield client, info, model, vit_reshape(1, 14, 14), images
 
 
-@pytest.mark.parametrize("name", sorted(n for n, r in REFERENCES.items() if r.vit))
-def test_vit_equals_pytorch_grad_cam(vit, name):
+@pytest.mark.parametrize("name, kind", [c for c in CASES
+                                        if REFERENCES.get(c[0], Reference("")).vit])
+def test_vit_equals_pytorch_grad_cam(vit, name, kind):
     client, info, model, reshape, images = vit
-    explained = client.explain_many(images, method=name, signed=True)
+    explained = client.explain_many(images, method=name, signed=True, target_kind=kind,
+                                    target=3)
     x = ref.normalise(np.stack(images), info.mean, info.std)
-    _compare(name, explained, model, info.default_layer, x, reshape)
+    _compare(name, kind, explained, model, info.default_layer, x, reshape)
 
 
 GUIDED = ("guided_backprop", "guided_gradcam")
@@ -164,6 +201,92 @@ def test_guided_methods_refused_on_a_model_without_relus(vit, name):
     assert error.code.name == "INVALID_ARGUMENT" and error.reason == "NOT_APPLICABLE"
     assert f"CAM_METHOD_{name.upper()}" in error.details and "ReLU" in error.details
     assert "CAM_METHOD_GRADCAM" in error.details
+
+
+@pytest.mark.parametrize("kind", ["softmax", "rest", "finer"])
+def test_scorecam_scores_the_target_kind(tiny_server_large, kind):
+    """Score-CAM scores each masked image with the target kind, as pytorch-grad-cam's ScoreCAM
+    does with that target (on the tiny model: all of its 16 channels)."""
+    from camserve_server.engine.models import load_model
+    from camserve_server.engine.spec import ModelSpec
+    from conftest import TINY
+
+    _, client = tiny_server_large
+    info = client.model_info()
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (*info.input_size, 3), dtype=np.uint8) for _ in range(2)]
+    explained = client.explain_many(images, method="scorecam", target=4, target_kind=kind,
+                                    signed=True)
+    model = load_model(ModelSpec(source=TINY)).module
+    for p in model.parameters():
+        p.requires_grad_(True)
+    x = ref.normalise(np.stack(images), info.mean, info.std)
+    if kind == "finer":  # the FinerWeightedTarget FinerCAM would build, given to ScoreCAM
+        from pytorch_grad_cam.utils.model_targets import FinerWeightedTarget
+
+        with torch.no_grad():
+            logits = model(x).numpy()
+        order = np.argsort(np.abs(logits - logits[:, 4:5]), axis=-1)
+        targets = [FinerWeightedTarget(4, [int(c) for c in row[1:4]], 1.0) for row in order]
+    else:
+        targets = _their_targets(kind, [4, 4])
+    theirs = ref.pytorch_grad_cam_called("ScoreCAM", model, "features", x, targets)
+    for e, expected in zip(explained, theirs):
+        assert e.map().target_kind == kind
+        np.testing.assert_allclose(e.map().raw, expected, rtol=0, atol=_tolerance(expected))
+
+
+def test_target_kinds_are_one_list():
+    from camserve import target_kind_names
+    from camserve_server.domain import TARGET_KINDS
+    from camserve_server.engine.targets import TARGETS
+
+    assert target_kind_names() == TARGET_KINDS == tuple(TARGETS)
+
+
+def test_finercam_refuses_another_target_kind(resnet_server, images):
+    from camserve import CamserveError
+
+    _, client = resnet_server
+    with pytest.raises(CamserveError) as caught:
+        client.explain(images[0], method=["gradcam", "finercam"], target_kind="softmax")
+    error = caught.value
+    assert error.code.name == "INVALID_ARGUMENT" and error.reason == "NOT_APPLICABLE"
+    assert "CAM_METHOD_FINERCAM" in error.details and "TARGET_KIND_FINER" in error.details
+    assert "options.target_kind" in error.details
+    e = client.explain(images[0], method=["gradcam", "finercam"], target_kind="finer")
+    assert [m.target_kind for m in e.maps] == ["finer", "finer"]
+    np.testing.assert_allclose(e.maps[0].raw, e.maps[1].raw, atol=1e-6)
+
+
+def test_items_of_other_target_kinds_share_a_batch(resnet_weights, images):
+    """In one batch, items asking for other target kinds and methods: each map equals the
+    item's own alone (1e-5), though the batch runs one backward per (rank, finer) and
+    ShapleyCAM's rows one of their own."""
+    from camserve_server.domain import ExplainSpec, WorkItem
+    from camserve_server.engine.engine import Engine
+    from camserve_server.engine.models import load_model
+    from camserve_server.engine.spec import ModelSpec
+
+    engine = Engine(load_model(ModelSpec(source="torchvision:resnet18",
+                                         weights=str(resnet_weights), layers=("layer4",))))
+    try:
+        specs = [ExplainSpec(methods=("gradcam", "shapleycam"), layers=("layer4",),
+                             targets=(285, 3), target_kind="rest"),
+                 ExplainSpec(methods=("finercam", "hirescam", "guided_gradcam"),
+                             layers=("layer4",), target_kind="logit", top_targets=2),
+                 ExplainSpec(methods=("gradcam", "eigengradcam"), layers=("layer4",),
+                             targets=(3,), target_kind="softmax", counterfactual=True)]
+        together = engine.run([WorkItem(p, s) for p, s in zip(images, specs)])
+        for image, spec, result in zip(images, specs, together):
+            alone = engine.run([WorkItem(image, spec)])[0]
+            assert [(m.method, m.target, m.target_kind) for m in alone.maps] == [
+                (m.method, m.target, m.target_kind) for m in result.maps]
+            for a, b in zip(alone.maps, result.maps):
+                np.testing.assert_allclose(b.raw, a.raw, rtol=0, atol=1e-5 * max(
+                    float(np.abs(a.raw).max()), 1.0), err_msg=f"{a.method} {a.target_kind}")
+    finally:
+        engine.close()
 
 
 def test_a_map_is_the_same_alone_and_batched_with_other_methods(resnet_server, images):

@@ -12,7 +12,7 @@ Needs grpcio, protobuf, numpy and Pillow; never torch, OpenCV or a GPU.
 from .aio import AsyncClient
 from .client import Client
 from .errors import CamserveError
-from .methods import method_names
+from .methods import method_names, target_kind_names
 from .reasons import REASONS
 from .results import (
     ClassMap,
@@ -52,4 +52,5 @@ __all__ = [
     "StreamResult",
     "Timing",
     "method_names",
+    "target_kind_names",
 ]

@@ -14,7 +14,7 @@ from . import reasons
 from .addresses import DEFAULT_PORT, is_uri, with_port
 from .errors import CamserveError, invalid
 from .images import to_proto
-from .methods import method_value
+from .methods import method_value, target_kind_value
 from .results import Explanation, Prediction
 from .v1 import camserve_pb2 as pb
 
@@ -185,7 +185,7 @@ def predict_options(top_k: int = 5) -> pb.PredictOptions:
 
 
 ADVANCED = {"top_targets": 0, "counterfactual": False, "signed": False,
-            "score_cam_channels": 0, "faithfulness_steps": 0}
+            "score_cam_channels": 0, "faithfulness_steps": 0, "target_kind": "logit"}
 
 
 def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "gradcam",
@@ -195,7 +195,8 @@ def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "
     """The ExplainOptions message for the client's options.
 
     ``target``, ``method`` and ``layer`` each take one value or a list. ``advanced``:
-    top_targets, counterfactual, signed, score_cam_channels, faithfulness_steps."""
+    top_targets, counterfactual, signed, score_cam_channels, faithfulness_steps, target_kind
+    (a name of camserve.target_kind_names(): "logit", "softmax", "rest"...)."""
     unknown = sorted(set(advanced) - set(ADVANCED))
     if unknown:
         raise invalid(f"unknown explain options {unknown}; choose from {', '.join(ADVANCED)}",
@@ -219,7 +220,12 @@ def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "
                 fields[name] < 0:
             raise invalid(f"{name} must be a non-negative integer, got {fields[name]!r}",
                           reasons.INVALID_OPTION)
+    try:
+        kind = target_kind_value(fields["target_kind"])
+    except (ValueError, AttributeError) as exc:
+        raise invalid(str(exc), reasons.INVALID_OPTION) from None
     return pb.ExplainOptions(
+        target_kind=kind,
         targets=[_target(t) for t in targets], methods=method_enums, layers=layers,
         outputs=[OUTPUTS[o] for o in outputs], top_k=check_top_k(top_k),
         top_targets=fields["top_targets"], counterfactual=bool(fields["counterfactual"]),

@@ -31,7 +31,7 @@ import grpc
 from . import _calls, reasons
 from .client import Client
 from .errors import CamserveError, invalid
-from .methods import method_names
+from .methods import method_names, target_kind_names
 from .results import ClassMap, Explanation, ModelInfo, Prediction, SanityReport
 
 CHUNK = 8  # images per RPC, so the server can batch them
@@ -195,7 +195,7 @@ def cmd_explain(client: Client, args) -> int:
             chunk, target=[_target(c) for c in args.target_class] or None, method=methods,
             layer=args.layer or None, outputs=("raw", "heatmap", "overlay_png"),
             top_k=args.top_k, counterfactual=args.counterfactual,
-            score_cam_channels=args.score_cam_channels)
+            score_cam_channels=args.score_cam_channels, target_kind=args.target_kind)
 
     for path, exp in _each(args.images, call, progress, errors):
         written = _write(out, path, exp, args.grid)
@@ -582,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="layer to explain (repeatable; default: the server's)")
     explain.add_argument("--method", action="append", choices=method_names(),
                          help="CAM method (repeatable; default: gradcam)")
+    explain.add_argument("--target-kind", choices=target_kind_names(), default="logit",
+                         help="the score of each class explained (default %(default)s)")
     explain.add_argument("--counterfactual", action="store_true",
                          help="negated gradients: regions whose removal would raise the score")
     explain.add_argument("--score-cam-channels", type=int, default=0, metavar="N",

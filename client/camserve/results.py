@@ -10,7 +10,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from . import maps
-from .methods import method_name
+from .methods import method_name, target_kind_name
 from .v1 import camserve_pb2 as pb
 
 Size = Tuple[int, int]  # (height, width)
@@ -100,7 +100,8 @@ def _notes(msg) -> Tuple[Note, ...]:
 class ClassMap:
     """One map: ``method``'s explanation of ``target`` at ``layer``.
 
-    ``raw``: float32 at the layer's grid (None unless "raw" was asked for); ``heatmap``: the
+    ``raw``: float32 at the layer's grid, or at the model's input size for the guided methods
+    (None unless "raw" was asked for); ``target_kind``: the score explained; ``heatmap``: the
     raw map resized to the image and scaled to [0, 1], computed on first use (or read from the
     server's PNG). ``deletion``/``insertion``: faithfulness scores when asked for. ``notes``:
     the server's remarks (an all-zero map, a class the model does not see here).
@@ -116,6 +117,7 @@ class ClassMap:
     deletion: Optional[float] = None
     insertion: Optional[float] = None
     notes: Tuple[Note, ...] = ()
+    target_kind: str = "logit"  # the score explained: "logit", "softmax", "rest", ...
 
     @classmethod
     def from_proto(cls, msg: pb.ClassMap, image_size: Size) -> ClassMap:
@@ -123,7 +125,8 @@ class ClassMap:
         return cls(ClassScore.from_proto(msg.target), method_name(msg.method), msg.layer,
                    _raw(msg), image_size, msg.heatmap_png or None, msg.overlay or None,
                    msg.faithfulness.deletion if scored else None,
-                   msg.faithfulness.insertion if scored else None, _notes(msg))
+                   msg.faithfulness.insertion if scored else None, _notes(msg),
+                   target_kind_name(msg.target_kind))
 
     @property
     def all_zero(self) -> bool:

@@ -72,6 +72,8 @@ class MethodTraits:
     # A backward to the input through guided ReLUs (its own forward and full backward): the
     # map has the input's resolution, not the layer's grid.
     guided: bool = False
+    second_order: bool = False  # a Hessian-vector product after its backward
+    target_kind: Optional[str] = None  # a target of its own (a key of TARGET_KINDS)
 
 
 # Every method the engine implements (``engine/cams.py`` has one function per name; a test
@@ -92,7 +94,15 @@ METHODS: Dict[str, MethodTraits] = {
     "guided_backprop": MethodTraits(needs_backward=False, class_discriminative=True,
                                     guided=True),
     "guided_gradcam": MethodTraits(needs_backward=True, class_discriminative=True, guided=True),
+    "finercam": MethodTraits(needs_backward=True, class_discriminative=True,
+                             target_kind="finer"),
+    "shapleycam": MethodTraits(needs_backward=True, class_discriminative=True,
+                               second_order=True),
 }
+
+# The scores of a class that a map can explain (the proto enum TargetKind's values, lower-cased
+# without their prefix; ``engine/targets.py`` computes them).
+TARGET_KINDS = ("logit", "softmax", "rest", "raw_scores", "finer")
 
 
 # --- a request, once validated ---------------------------------------------------------------
@@ -123,6 +133,11 @@ class ExplainSpec:
     signed: bool = False  # no final ReLU
     score_cam_channels: int = 0  # Score-CAM: top channels by mean activation (0: all)
     faithfulness_steps: int = 0  # deletion/insertion scores in this many steps (0: off)
+    target_kind: str = "logit"  # the score explained (TARGET_KINDS)
+
+    def kind(self, method: str) -> str:
+        """The score ``method``'s maps explain: its own target, or the spec's."""
+        return METHODS[method].target_kind or self.target_kind
 
     @property
     def ranks(self) -> int:
@@ -212,6 +227,7 @@ class MapResult:
     deletion: Optional[float] = None  # faithfulness scores, when asked for
     insertion: Optional[float] = None
     steps: int = 0
+    target_kind: str = "logit"  # the score explained
     # The target's gradient at the layer is zero everywhere (the score does not reach it: a
     # transformer's patch tokens after its last attention block), so the map is too.
     no_gradient: bool = False

@@ -8,6 +8,7 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 CAM_METHOD_EIGENCAM: CamMethod
 CAM_METHOD_EIGENGRADCAM: CamMethod
 CAM_METHOD_FEM: CamMethod
+CAM_METHOD_FINERCAM: CamMethod
 CAM_METHOD_GRADCAM: CamMethod
 CAM_METHOD_GRADCAM_ELEMENTWISE: CamMethod
 CAM_METHOD_GRADCAM_PLUS_PLUS: CamMethod
@@ -18,6 +19,7 @@ CAM_METHOD_KPCA_CAM: CamMethod
 CAM_METHOD_LAYERCAM: CamMethod
 CAM_METHOD_RANDOM: CamMethod
 CAM_METHOD_SCORECAM: CamMethod
+CAM_METHOD_SHAPLEYCAM: CamMethod
 CAM_METHOD_UNSPECIFIED: CamMethod
 CAM_METHOD_XGRADCAM: CamMethod
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -45,6 +47,12 @@ SERVER_STATE_UNSPECIFIED: ServerState
 STREAM_POLICY_ALL: StreamPolicy
 STREAM_POLICY_LATEST: StreamPolicy
 STREAM_POLICY_UNSPECIFIED: StreamPolicy
+TARGET_KIND_FINER: TargetKind
+TARGET_KIND_LOGIT: TargetKind
+TARGET_KIND_RAW_SCORES: TargetKind
+TARGET_KIND_REST: TargetKind
+TARGET_KIND_SOFTMAX: TargetKind
+TARGET_KIND_UNSPECIFIED: TargetKind
 
 class BatchingInfo(_message.Message):
     __slots__ = ["max_batch_size", "max_delay_ms", "max_queue", "workers"]
@@ -97,7 +105,7 @@ class CheckSanityResponse(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[SanityStage, _Mapping]]] = ..., verdict_stage: _Optional[int] = ..., threshold: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[SanityClasses, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[MethodSanity, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ClassMap(_message.Message):
-    __slots__ = ["faithfulness", "heatmap_png", "layer", "method", "notes", "overlay", "raw_map", "target"]
+    __slots__ = ["faithfulness", "heatmap_png", "layer", "method", "notes", "overlay", "raw_map", "target", "target_kind"]
     FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +114,7 @@ class ClassMap(_message.Message):
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
     RAW_MAP_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_KIND_FIELD_NUMBER: _ClassVar[int]
     faithfulness: Faithfulness
     heatmap_png: bytes
     layer: str
@@ -114,7 +123,8 @@ class ClassMap(_message.Message):
     overlay: bytes
     raw_map: RawMap
     target: ClassScore
-    def __init__(self, target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., raw_map: _Optional[_Union[RawMap, _Mapping]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ..., faithfulness: _Optional[_Union[Faithfulness, _Mapping]] = ..., notes: _Optional[_Iterable[_Union[Note, _Mapping]]] = ...) -> None: ...
+    target_kind: TargetKind
+    def __init__(self, target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., raw_map: _Optional[_Union[RawMap, _Mapping]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ..., faithfulness: _Optional[_Union[Faithfulness, _Mapping]] = ..., notes: _Optional[_Iterable[_Union[Note, _Mapping]]] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ["index", "label", "logit", "probability"]
@@ -143,7 +153,7 @@ class CombinedMap(_message.Message):
     def __init__(self, target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layers: _Optional[_Iterable[str]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ...) -> None: ...
 
 class ExplainOptions(_message.Message):
-    __slots__ = ["counterfactual", "faithfulness_steps", "keep_sign", "layers", "methods", "outputs", "score_cam_channels", "targets", "top_k", "top_targets"]
+    __slots__ = ["counterfactual", "faithfulness_steps", "keep_sign", "layers", "methods", "outputs", "score_cam_channels", "target_kind", "targets", "top_k", "top_targets"]
     COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
     FAITHFULNESS_STEPS_FIELD_NUMBER: _ClassVar[int]
     KEEP_SIGN_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +162,7 @@ class ExplainOptions(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     SCORE_CAM_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_KIND_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_TARGETS_FIELD_NUMBER: _ClassVar[int]
     counterfactual: bool
@@ -161,10 +172,11 @@ class ExplainOptions(_message.Message):
     methods: _containers.RepeatedScalarFieldContainer[CamMethod]
     outputs: _containers.RepeatedScalarFieldContainer[ExplainOutput]
     score_cam_channels: int
+    target_kind: TargetKind
     targets: _containers.RepeatedCompositeFieldContainer[Target]
     top_k: int
     top_targets: int
-    def __init__(self, methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., top_targets: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., counterfactual: bool = ..., keep_sign: bool = ..., score_cam_channels: _Optional[int] = ..., faithfulness_steps: _Optional[int] = ...) -> None: ...
+    def __init__(self, methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., top_targets: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., counterfactual: bool = ..., keep_sign: bool = ..., score_cam_channels: _Optional[int] = ..., faithfulness_steps: _Optional[int] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ["images", "options"]
@@ -493,6 +505,9 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., decode_ms: _Optional[float] = ..., respond_ms: _Optional[float] = ..., worker: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class CamMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = []
+
+class TargetKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = []
 
 class ExplainOutput(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):

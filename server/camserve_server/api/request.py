@@ -11,10 +11,10 @@ import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from camserve.methods import method_name
+from camserve.methods import method_name, target_kind_name
 from camserve.v1 import camserve_pb2 as pb
 
-from ..domain import METHODS, ExplainSpec, ModelCard, Outputs, RawPixels, Source
+from ..domain import METHODS, TARGET_KINDS, ExplainSpec, ModelCard, Outputs, RawPixels, Source
 from ..errors import FailedPrecondition, InvalidArgument, ServiceError, quote
 
 if TYPE_CHECKING:
@@ -109,6 +109,25 @@ def _method(value: int, field: str) -> str:
 
 def _method_enum(name: str) -> str:
     return "CAM_METHOD_" + name.upper()
+
+
+def _target_kind(value: int, methods: Sequence[str], field: str) -> str:
+    """The TargetKind's name (UNSPECIFIED: logit), checked against the methods."""
+    if value not in pb.TargetKind.values():
+        raise InvalidArgument(f"{field} is {value}, not a TargetKind; choose from "
+                              f"{_enum_names(pb.TargetKind)}", field=field,
+                              reason="INVALID_OPTION")
+    kind = target_kind_name(value)
+    assert kind in TARGET_KINDS, kind
+    for name in methods:
+        own = METHODS[name].target_kind
+        if own and kind not in ("logit", own):
+            raise InvalidArgument(
+                f"{_method_enum(name)} explains its own target, TARGET_KIND_{own.upper()}, and "
+                f"{field} asks for TARGET_KIND_{kind.upper()}: leave {field} unset (or ask for "
+                f"another method with TARGET_KIND_{kind.upper()})", field=field,
+                reason="NOT_APPLICABLE")
+    return kind
 
 
 def _layer(name: str, model: ModelCard, field: str) -> str:
@@ -219,7 +238,9 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
                               field=f"{f}faithfulness_steps", reason="INVALID_STEPS")
     spec = ExplainSpec(methods=methods, layers=layers, targets=targets, top_targets=top,
                        counterfactual=options.counterfactual, signed=options.keep_sign,
-                       score_cam_channels=channels, faithfulness_steps=steps)
+                       score_cam_channels=channels, faithfulness_steps=steps,
+                       target_kind=_target_kind(options.target_kind, methods,
+                                                f"{f}target_kind"))
     if spec.cost > limits.max_item_cost:
         raise InvalidArgument(
             f"this explanation costs about {spec.cost:,} forwards per image ({maps} maps"

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from camserve.methods import method_value
+from camserve.methods import method_value, target_kind_value
 from camserve.v1 import camserve_pb2 as pb
 
 from ..batching.batcher import Outcome
@@ -89,7 +89,8 @@ def explain_result(outcome: Outcome, labels: Sequence[str], plan: ExplainPlan,
     sums: Dict[Tuple[str, int], np.ndarray] = {}
     for m in result.maps:
         answer = out.maps.add(target=class_score(result, m.target, labels),
-                              method=method_value(m.method), layer=m.layer)
+                              method=method_value(m.method), layer=m.layer,
+                              target_kind=target_kind_value(m.target_kind))
         if outputs.raw_map:
             answer.raw_map.height, answer.raw_map.width = m.raw.shape
             answer.raw_map.values.extend(m.raw.ravel().tolist())

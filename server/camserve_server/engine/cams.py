@@ -32,6 +32,8 @@ class CamInputs:
     forward: Callable[[torch.Tensor], torch.Tensor]  # logits of a batch; no hooks, no grad
     # The guided methods: d(target)/d(inputs) through guided ReLUs, (n, 3, H, W)
     guided: Optional[torch.Tensor] = None
+    # ShapleyCAM: the Hessian-vector product d(gradients . A)/dA, like the gradients
+    hvp: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ class CamMethod:
     @property
     def guided(self) -> bool:
         return TRAITS[self.name].guided
+
+    @property
+    def second_order(self) -> bool:
+        return TRAITS[self.name].second_order
 
 
 def _weighted(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
@@ -93,6 +99,14 @@ def layercam(c: CamInputs) -> torch.Tensor:
 def hirescam(c: CamInputs) -> torch.Tensor:
     """HiResCAM (Draelos & Carin, 2020), eq. 3: L = ReLU(sum_k g_k * A_k), element-wise."""
     return (c.gradients * c.activations).sum(dim=1)
+
+
+def shapleycam(c: CamInputs) -> torch.Tensor:
+    """ShapleyCAM (Cai et al., 2025, eq. 9, as pytorch-grad-cam's ShapleyCAM): a second-order
+    Taylor view of each channel's Shapley value, w_k = mean_ij (g - 1/2 H A)_k,ij with H A the
+    Hessian of the target with respect to the activations times the activations;
+    L = ReLU(sum_k w_k A_k)."""
+    return _weighted((c.gradients - 0.5 * c.hvp).mean(dim=(2, 3)), c.activations)
 
 
 def principal_component(values: torch.Tensor, orient: torch.Tensor) -> torch.Tensor:
@@ -215,12 +229,14 @@ def guided_gradcam(c: CamInputs) -> torch.Tensor:
     return up * c.guided.sum(dim=1)
 
 
-def scorecam_slices(acts: torch.Tensor, inputs: torch.Tensor, target: int,
+def scorecam_slices(acts: torch.Tensor, inputs: torch.Tensor,
+                    score: Callable[[torch.Tensor], torch.Tensor],
                     forward: Callable[[torch.Tensor], torch.Tensor], max_channels: int,
                     chunk: int) -> Generator[int, None, torch.Tensor]:
     """Score-CAM (Wang et al., CVPR-W 2020) of one image: each channel, upsampled to the input
-    and min-max scaled, masks the input; the masked image's target logit is that channel's
-    score; the weights are the softmax of the scores over the channels; L = ReLU(sum_k w_k A_k).
+    and min-max scaled, masks the input; the masked image's target score (``score``: logits
+    (m, classes) -> (m,), by default the target's logit) is that channel's score; the weights
+    are the softmax of the scores over the channels; L = ReLU(sum_k w_k A_k).
 
     As pytorch-grad-cam: logits and a softmax over channels (the paper scores with the class
     probability, relative to a baseline). ``max_channels`` keeps the channels with the highest
@@ -241,7 +257,7 @@ def scorecam_slices(acts: torch.Tensor, inputs: torch.Tensor, target: int,
     scores = []
     for start in range(0, keep, chunk):
         masked = inputs[None] * masks[start:start + chunk, None]
-        scores.append(forward(masked)[:, target])
+        scores.append(score(forward(masked)))
         yield masked.shape[0]
     weights = torch.zeros(k, device=acts.device, dtype=acts.dtype)
     weights[channels] = torch.softmax(torch.cat(scores).to(acts.dtype), dim=0)
@@ -274,6 +290,8 @@ CAM_METHODS: Dict[str, CamMethod] = {
         CamMethod("kpca_cam", kpca_cam),
         CamMethod("guided_backprop", guided_backprop),
         CamMethod("guided_gradcam", guided_gradcam),
+        CamMethod("finercam", gradcam),  # Grad-CAM of its own target (domain.METHODS)
+        CamMethod("shapleycam", shapleycam),
         CamMethod("scorecam", None, slices=scorecam_slices),
         CamMethod("random", random_map),
     )

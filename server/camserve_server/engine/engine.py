@@ -26,11 +26,13 @@ method sees them, so that every method works on every layout unchanged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Generator
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..domain import SLICE_FORWARDS, ExplainSpec, ItemResult, Job, MapResult, WorkItem
 from ..errors import BatchFailed, OutOfMemory, ServiceError, StartupError
@@ -38,6 +40,7 @@ from . import faithfulness
 from .cams import CAM_METHODS, GUIDED_ACTIVATIONS, CamInputs, guided_output
 from .device import DataPath, Staged, key
 from .models import LoadedModel
+from .targets import target_scores
 from .tokens import to_nchw
 
 
@@ -230,14 +233,20 @@ class Engine:
         self._recording = frozenset(layers)
         self._activations = {}
         self._no_gradient: set = set()
+        # A second-order backward (ShapleyCAM) needs attention in plain operations: the fused
+        # scaled-dot-product kernels have no derivative of their backward.
+        second = any(CAM_METHODS[m].second_order for i in gradient_items
+                     for m in specs[i].methods)
         try:
             mode = torch.enable_grad() if gradient_items else torch.inference_mode()
-            with mode, self._autocast():
+            attention = sdpa_kernel([SDPBackend.MATH]) if second else contextlib.nullcontext()
+            with mode, self._autocast(), attention:
                 logits = self.model.module(x)
                 self._stage_upcoming(upcoming)  # on CUDA the forward runs meanwhile
                 targets = _targets(specs, logits.detach())
                 activations = [self._activations[name] for name in layers]
-                gradients = self._gradients(logits, activations, gradient_items, targets, layers)
+                gradients = self._gradients(logits, activations, gradient_items, targets, layers,
+                                            specs)
         finally:
             self._recording = None
             self._activations = {}
@@ -263,29 +272,56 @@ class Engine:
                 continue
             maps = [] if spec is None else [
                 MapResult(method, targets[i][rank], layer, computed[(i, method, rank, layer)],
+                          target_kind=spec.kind(method),
                           no_gradient=(i, method, rank, layer) in self._no_gradient)
                 for method, rank, layer in _order(spec, targets[i])]
             answers.append(_result(logits[i], probs[i], maps))
         return answers
 
     @staticmethod
-    def _gradients(logits, activations, rows, targets, layers) -> List[Dict[str, torch.Tensor]]:
-        """Per target rank, per layer: d(each row's rank-r target logit)/d(activations)."""
-        ranks = max((len(targets[i]) for i in rows), default=0)
-        out = []
-        for rank in range(ranks):
-            ranked = [i for i in rows if len(targets[i]) > rank]
-            index = torch.tensor(ranked, device=logits.device)
-            classes = torch.tensor([targets[i][rank] for i in ranked], device=logits.device)
-            score = logits[index, classes].sum()
-            grads = torch.autograd.grad(score, activations, retain_graph=rank < ranks - 1)
-            out.append(dict(zip(layers, grads)))
+    def _gradients(logits, activations, rows, targets, layers, specs) -> Dict[tuple, dict]:
+        """Per (target rank, finer), per layer: d(each row's rank-r target score)/d(activations),
+        the score FinerCAM's (``finer``) or the row's own target kind; and per (rank, finer,
+        "hvp") the Hessian-vector products ShapleyCAM's rows need. One backward per (rank,
+        finer) the rows ask for; ShapleyCAM's rows have one of their own, which keeps its graph
+        for the second-order backward of each layer."""
+        calls: Dict[tuple, List[int]] = {}
+        for i in rows:
+            methods = [m for m in specs[i].methods if CAM_METHODS[m].needs_gradient]
+            for finer in sorted({specs[i].kind(m) == "finer" for m in methods}):
+                second = any(CAM_METHODS[m].second_order and (specs[i].kind(m) == "finer")
+                             == finer for m in methods)
+                for rank in range(len(targets[i])):
+                    calls.setdefault((rank, finer, second), []).append(i)
+        out: Dict[tuple, dict] = {}
+        for (rank, finer, second), ranked in sorted(calls.items()):
+            score = 0
+            by_kind: Dict[str, List[int]] = {}
+            for i in ranked:
+                by_kind.setdefault("finer" if finer else specs[i].target_kind, []).append(i)
+            for kind, group in by_kind.items():
+                index = torch.tensor(group, device=logits.device)
+                classes = torch.tensor([targets[i][rank] for i in group], device=logits.device)
+                score = score + target_scores(logits[index], classes, kind).sum()
+            grads = torch.autograd.grad(score, activations, retain_graph=True,
+                                        create_graph=second)
+            if second:
+                # A gradient that does not depend on the activations (the network is linear
+                # above the layer) has a zero Hessian.
+                hvp = [torch.autograd.grad(g, a, grad_outputs=a.detach(), retain_graph=True,
+                                           allow_unused=True)[0] if g.requires_grad else None
+                       for g, a in zip(grads, activations)]
+                _accumulate(out, (rank, finer, "hvp"), layers, [
+                    torch.zeros_like(a) if h is None else h.detach()
+                    for h, a in zip(hvp, activations)])
+                grads = [g.detach() for g in grads]
+            _accumulate(out, (rank, finer), layers, grads)
         return out
 
     def _guided(self, x, rows, specs, targets) -> List[torch.Tensor]:
         """Guided backpropagation for ``rows``: their own forward, with every ReLU's backward
         guided, and per target rank one backward to the input of the sum of the rows' target
-        logits (negated for counterfactual items: the guide is not linear, so the sign goes
+        scores (negated for counterfactual items: the guide is not linear, so the sign goes
         in before it): per rank, (len(x), 3, H, W), zero for the other rows."""
         if not rows:
             return []
@@ -298,13 +334,19 @@ class Engine:
             with torch.enable_grad(), self._autocast():
                 logits = self.model.module(inputs)
             for rank in range(ranks):
-                ranked = [j for j, i in enumerate(rows) if len(targets[i]) > rank]
-                signs = torch.tensor([-1.0 if specs[rows[j]].counterfactual else 1.0
-                                      for j in ranked], device=x.device)
-                classes = torch.tensor([targets[rows[j]][rank] for j in ranked],
-                                       device=x.device)
-                score = (logits[torch.tensor(ranked, device=x.device), classes].float()
-                         * signs).sum()
+                score = 0
+                for kind in {specs[i].target_kind for i in rows}:
+                    ranked = [j for j, i in enumerate(rows)
+                              if len(targets[i]) > rank and specs[i].target_kind == kind]
+                    if not ranked:
+                        continue
+                    signs = torch.tensor([-1.0 if specs[rows[j]].counterfactual else 1.0
+                                          for j in ranked], device=x.device)
+                    classes = torch.tensor([targets[rows[j]][rank] for j in ranked],
+                                           device=x.device)
+                    scores = target_scores(logits[torch.tensor(ranked, device=x.device)],
+                                           classes, kind)
+                    score = score + (scores * signs).sum()
                 grad, = torch.autograd.grad(score, inputs, retain_graph=rank < ranks - 1)
                 full = torch.zeros(x.shape, device=x.device)
                 full[index] = grad.float()
@@ -321,18 +363,22 @@ class Engine:
         for i, spec in specs.items():
             for method, rank, layer in _order(spec, targets[i]):
                 if CAM_METHODS[method].slices is None:
-                    key = (method, rank, layer, spec.counterfactual, spec.signed)
+                    key = (method, rank, layer, spec.counterfactual, spec.signed,
+                           spec.kind(method) == "finer")
                     groups.setdefault(key, []).append(i)
         computed: Dict[tuple, np.ndarray] = {}
         maps: List[tuple] = []  # (rows, method, rank, layer, cams on the device)
         silent: List[torch.Tensor] = []  # per group, per row: 1 where the gradient is all 0
         with torch.no_grad():
-            for (method, rank, layer, counterfactual, signed), rows in groups.items():
+            for (method, rank, layer, counterfactual, signed, finer), rows in groups.items():
                 index = torch.tensor(rows, device=x.device)
-                grads = None
+                grads = hvp = None
+                sign = -1.0 if counterfactual else 1.0
                 if CAM_METHODS[method].needs_gradient:
-                    grads = self._grid(layer, gradients[rank][layer][index].float())
-                    grads = -grads if counterfactual else grads
+                    grads = sign * self._grid(layer, gradients[rank, finer][layer][index].float())
+                if CAM_METHODS[method].second_order:
+                    hvp = sign * self._grid(layer, gradients[rank, finer, "hvp"][layer][index]
+                                            .float())
                 silent.append(torch.zeros(len(rows), device=x.device) if grads is None
                               else grads.flatten(1).abs().amax(dim=1).eq(0).float())
                 cams = CAM_METHODS[method].compute(CamInputs(
@@ -340,7 +386,8 @@ class Engine:
                     inputs=x[index],
                     targets=torch.tensor([targets[i][rank] for i in rows], device=x.device),
                     forward=self.forward,
-                    guided=guided[rank][index] if CAM_METHODS[method].guided else None))
+                    guided=guided[rank][index] if CAM_METHODS[method].guided else None,
+                    hvp=hvp))
                 if not signed:
                     cams = torch.relu(cams)
                 maps.append((rows, method, rank, layer, cams))
@@ -361,12 +408,14 @@ class Engine:
         for method, rank, layer in _order(spec, targets):
             raw = computed.get((i, method, rank, layer))
             if raw is None:
+                score = _score(targets[rank], spec.kind(method), x.device)
                 with torch.no_grad():
                     cam = yield from CAM_METHODS[method].slices(
-                        acts[layer], x, targets[rank], self.forward, spec.score_cam_channels,
+                        acts[layer], x, score, self.forward, spec.score_cam_channels,
                         self._chunk)
                 raw = (cam if spec.signed else torch.relu(cam)).float().cpu().numpy()
             maps.append(MapResult(method, targets[rank], layer, raw,
+                                  target_kind=spec.kind(method),
                                   no_gradient=(i, method, rank, layer) in silent))
         if spec.faithfulness_steps:
             steps = spec.faithfulness_steps
@@ -375,8 +424,8 @@ class Engine:
                 deletion, insertion = yield from faithfulness.score_slices(
                     self.forward, self.normalise, pixels, torch.from_numpy(m.raw), m.target,
                     steps, self._chunk)
-                scored.append(MapResult(m.method, m.target, m.layer, m.raw, deletion,
-                                        insertion, steps=steps, no_gradient=m.no_gradient))
+                scored.append(dataclasses.replace(m, deletion=deletion, insertion=insertion,
+                                                  steps=steps))
             maps = scored
         return _result(logits, probs, maps)
 
@@ -393,6 +442,21 @@ def finish(answer: Answer) -> Union[ItemResult, BatchFailed]:
             next(answer)
         except StopIteration as done:
             return done.value
+
+
+def _score(target: int, kind: str, device):
+    """The target's score of a batch of logits (m, classes) -> (m,)."""
+    classes = torch.tensor([target], device=device)
+    return lambda logits: target_scores(logits, classes.expand(logits.shape[0]), kind)
+
+
+def _accumulate(out: Dict[tuple, dict], key: tuple, layers, grads) -> None:
+    """Adds per-layer gradients of a batch (rows outside a backward's score get zeros) into
+    ``out[key]``."""
+    if key not in out:
+        out[key] = dict(zip(layers, grads))
+    else:
+        out[key] = {layer: out[key][layer] + g for layer, g in zip(layers, grads)}
 
 
 def _outputs(logits: torch.Tensor):
