@@ -44,6 +44,7 @@ from ..engine.spec import ModelSpec
 from ..errors import StartupError
 from ..metrics import Metrics
 from ..render import images
+from .memory import Trimmer
 from .metrics import MetricsEndpoint
 from .settings import Settings, usable_cpus
 from .tls import server_credentials
@@ -147,6 +148,7 @@ class CamServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="camserve-grpc",
                                         daemon=True)
+        self._trimmer = Trimmer()
         self._stopping = False
         self._serving = threading.Event()  # set once state and health first say SERVING
         self._stopped = threading.Event()
@@ -364,6 +366,7 @@ class CamServer:
         for engine in self._engines:
             engine.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._trimmer.close()
         self.metrics.set_state("stopped")
         self.metrics.close()
         if self.metrics_endpoint is not None:
