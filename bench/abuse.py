@@ -15,6 +15,7 @@ a case misses one.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ from camserve.v1 import camserve_pb2_grpc as pb_grpc
 
 GOAL_MEMORY_MB = 1024
 GOAL_WAIT_S = 2.0
+CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def jpeg(height: int, width: int, quality: int = 90, seed: int = 0) -> bytes:
@@ -299,6 +301,65 @@ def rapid_reset(target: str, quick: bool, out: Outcome) -> None:
     out.codes[f"{opened.value} calls opened and cancelled at once"] += 1
 
 
+def _streams(target: str, streams: int, connections: int, period: float, seconds: float,
+             out: Outcome) -> None:
+    """``streams`` ALL streams over ``connections`` connections, from a process of their own
+    (their CPU and GIL are not the background callers'), each sending a small JPEG every
+    ``period`` seconds for ``seconds`` and reading its answers; each frame's answer (OK or its
+    error's code) and each stream's end are counted."""
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(1) as pool:
+        out.codes.update(pool.apply(_stream_client, (target, streams, connections, period,
+                                                     seconds)))
+
+
+def _stream_client(target: str, streams: int, connections: int, period: float,
+                   seconds: float) -> Counter:
+    out = Outcome()
+    frame = pb.Image(encoded=jpeg(120, 160))
+
+    async def one(stub, index: int) -> None:
+        async def requests():
+            yield pb.StreamPredictRequest(config=pb.StreamPredictConfig(
+                policy=pb.STREAM_POLICY_ALL))
+            ends = time.monotonic() + seconds
+            i = 0
+            while time.monotonic() < ends:
+                yield pb.StreamPredictRequest(frame=pb.StreamFrame(frame_id=i, image=frame))
+                i += 1
+                await asyncio.sleep(period)
+
+        try:
+            async for answer in stub.StreamPredict(requests(), timeout=seconds + 120):
+                out.codes["frame " + (CODE_NAMES[answer.error.code]
+                                      if answer.HasField("error") else "OK")] += 1
+            out.codes["stream OK"] += 1
+        except grpc.aio.AioRpcError as exc:
+            out.codes[f"stream {exc.code().name}"] += 1
+
+    async def run() -> None:
+        channels = [grpc.aio.insecure_channel(target, options=[
+            ("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)]
+        stubs = [pb_grpc.CamserveServiceStub(c) for c in channels]
+        await asyncio.gather(*(one(stubs[i % connections], i) for i in range(streams)))
+        for channel in channels:
+            await channel.close()
+
+    asyncio.run(run())
+    return out.codes
+
+
+def many_streams(target: str, quick: bool, out: Outcome) -> None:
+    """4,096 streams (the --max-streams default; 512 quick) opened at once on 8 connections,
+    each sending a frame a second for 20 s."""
+    _streams(target, 512 if quick else 4096, 8, 1.0, 20.0, out)
+
+
+def slow_streams(target: str, quick: bool, out: Outcome) -> None:
+    """200 streams on 4 connections, each sending a frame every 10 s for 40 s (20 s quick)."""
+    _streams(target, 200, 4, 10.0, 20.0 if quick else 40.0, out)
+
+
 CASES: Dict[str, Callable[[str, bool, Outcome], None]] = {
     "unread_latest": unread_latest,
     "failed_frames": failed_frames,
@@ -313,6 +374,8 @@ CASES: Dict[str, Callable[[str, bool, Outcome], None]] = {
     "oip_long_parameter_name": oip_long_parameter_name,
     "oip_typed_contents": oip_typed_contents,
     "rapid_reset": rapid_reset,
+    "many_streams": many_streams,
+    "slow_streams": slow_streams,
 }
 
 
