@@ -109,6 +109,13 @@ def pytorch_grad_cam_called(method: str, model, layer_name: str, x: torch.Tensor
                                 eigen_smooth))
         return recorded[-1]
     base.get_cam_image = record
+    if method == "FullGrad":  # its map is compute_cam_per_layer's (one "layer" of it)
+        whole = base.compute_cam_per_layer
+
+        def record_whole(*args, **kwargs):
+            recorded.append(whole(*args, **kwargs)[:, 0])
+            return recorded[-1][:, None]
+        base.compute_cam_per_layer = record_whole
     if targets is not None:
         targets = [t if callable(t) else ClassifierOutputTarget(int(t)) for t in targets]
     try:

@@ -273,11 +273,14 @@ def test_class_discriminative_on_the_composite_photo(default_engine, cat, coffee
 # average pooling follow the activations' energy; EigenGradCAM's principal component of
 # gradient x activation is dominated by the activations' (0.70); guided backpropagation
 # (0.997) and Guided Grad-CAM (0.59) are the very failure Adebayo et al. report: the guided
-# backward reconstructs the image's edges whatever the weights above. They fail Adebayo et al.'s
-# check here; docs/methods.md says so. Strict: if one starts passing, the test says so.
+# backward reconstructs the image's edges whatever the weights above; FullGrad (0.91) sums
+# bias-gradient maps of every layer, most of them below the randomised top. They fail
+# Adebayo et al.'s check here; docs/methods.md says so. Strict: if one starts passing, the
+# test says so.
 # tests/test_sanity.py checks that CheckSanity's table through a real server agrees.
 INSENSITIVE = {"eigencam", "scorecam", "gradcam_plus_plus", "layercam", "eigengradcam",
-               "gradcam_elementwise", "fem", "kpca_cam", "guided_backprop", "guided_gradcam"}
+               "gradcam_elementwise", "fem", "kpca_cam", "guided_backprop", "guided_gradcam",
+               "fullgrad"}
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from conftest import TINY, resized, running
 
 SLOW = "python:tiny_models:slow_cnn"
 
-CHEAP = tuple(m for m in METHODS if m != "scorecam")  # Score-CAM's forwards are the cost
+# Score-CAM's and AblationCAM's forwards per channel are the cost
+CHEAP = tuple(m for m in METHODS if not METHODS[m].channel_forwards)
 
 
 def test_spearman_equals_scipy_with_ties():

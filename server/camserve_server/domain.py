@@ -73,6 +73,16 @@ class MethodTraits:
     # map has the input's resolution, not the layer's grid.
     guided: bool = False
     second_order: bool = False  # a Hessian-vector product after its backward
+    # One forward per channel of the layer (score_cam_channels of them), run in slices
+    channel_forwards: bool = False
+    # A backward to the input and every bias layer (its own forward and full backward): the
+    # map has the input's resolution
+    full_gradient: bool = False
+
+    @property
+    def input_resolution(self) -> bool:
+        """Its maps have the model's input size, not the layer's grid."""
+        return self.guided or self.full_gradient
     target_kind: Optional[str] = None  # a target of its own (a key of TARGET_KINDS)
 
 
@@ -85,7 +95,8 @@ METHODS: Dict[str, MethodTraits] = {
     "layercam": MethodTraits(needs_backward=True, class_discriminative=True),
     "hirescam": MethodTraits(needs_backward=True, class_discriminative=True),
     "eigencam": MethodTraits(needs_backward=False, class_discriminative=False),
-    "scorecam": MethodTraits(needs_backward=False, class_discriminative=True),
+    "scorecam": MethodTraits(needs_backward=False, class_discriminative=True,
+                             channel_forwards=True),
     "random": MethodTraits(needs_backward=False, class_discriminative=False),
     "eigengradcam": MethodTraits(needs_backward=True, class_discriminative=True),
     "gradcam_elementwise": MethodTraits(needs_backward=True, class_discriminative=True),
@@ -98,6 +109,10 @@ METHODS: Dict[str, MethodTraits] = {
                              target_kind="finer"),
     "shapleycam": MethodTraits(needs_backward=True, class_discriminative=True,
                                second_order=True),
+    "ablationcam": MethodTraits(needs_backward=False, class_discriminative=True,
+                                channel_forwards=True),
+    "fullgrad": MethodTraits(needs_backward=False, class_discriminative=True,
+                             full_gradient=True),
 }
 
 # The scores of a class that a map can explain (the proto enum TargetKind's values, lower-cased
@@ -131,7 +146,7 @@ class ExplainSpec:
     top_targets: int = 1
     counterfactual: bool = False  # negated gradients
     signed: bool = False  # no final ReLU
-    score_cam_channels: int = 0  # Score-CAM: top channels by mean activation (0: all)
+    score_cam_channels: int = 0  # Score-/AblationCAM: top channels by mean activation (0: all)
     faithfulness_steps: int = 0  # deletion/insertion scores in this many steps (0: off)
     target_kind: str = "logit"  # the score explained (TARGET_KINDS)
 
@@ -146,13 +161,14 @@ class ExplainSpec:
 
     @property
     def extra_cost(self) -> int:
-        """Forwards beyond the batch's own forward and backward: one per Score-CAM channel of
-        every Score-CAM map, 2 (steps + 1) per map for faithfulness. The engine runs them in
-        slices between batches (validation resolves score_cam_channels to a count first)."""
+        """Forwards beyond the batch's own forward and backward: one per channel of every
+        Score-CAM and AblationCAM map, 2 (steps + 1) per map for faithfulness. The engine runs
+        them in slices between batches (validation resolves score_cam_channels to a count
+        first)."""
         ranks, layers = self.ranks, len(self.layers)
         cost = 0
-        if "scorecam" in self.methods:
-            cost += ranks * layers * self.score_cam_channels
+        per_channel = sum(METHODS[m].channel_forwards for m in self.methods)
+        cost += per_channel * ranks * layers * self.score_cam_channels
         if self.faithfulness_steps:
             cost += len(self.methods) * ranks * layers * 2 * (self.faithfulness_steps + 1)
         return cost
@@ -166,11 +182,13 @@ class ExplainSpec:
     def cost(self) -> int:
         """What one image's explanation costs the engine, in forwards of one image: the
         forward, a partial backward per target rank (counted as a forward) when a method
-        needs it, for the guided methods a forward of their own and a full backward to the
-        input per target rank (counted as two forwards), and the extra forwards."""
+        needs it, for the guided methods and for FullGrad a forward of their own and a full
+        backward to the input per target rank (counted as two forwards), and the extra
+        forwards."""
         backward = self.ranks if any(METHODS[m].needs_backward for m in self.methods) else 0
-        guided = 1 + 2 * self.ranks if self.guided else 0
-        return 1 + backward + guided + self.extra_cost
+        full = 1 + 2 * self.ranks  # a pass of their own: a forward, a full backward per rank
+        passes = self.guided + any(METHODS[m].full_gradient for m in self.methods)
+        return 1 + backward + passes * full + self.extra_cost
 
 
 @dataclass(frozen=True)

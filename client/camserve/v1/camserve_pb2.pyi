@@ -5,10 +5,12 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
+CAM_METHOD_ABLATIONCAM: CamMethod
 CAM_METHOD_EIGENCAM: CamMethod
 CAM_METHOD_EIGENGRADCAM: CamMethod
 CAM_METHOD_FEM: CamMethod
 CAM_METHOD_FINERCAM: CamMethod
+CAM_METHOD_FULLGRAD: CamMethod
 CAM_METHOD_GRADCAM: CamMethod
 CAM_METHOD_GRADCAM_ELEMENTWISE: CamMethod
 CAM_METHOD_GRADCAM_PLUS_PLUS: CamMethod

@@ -198,6 +198,15 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
     layers = _unique(_layer(name, model, f"{f}layers[{i}]")
                      for i, name in enumerate(options.layers)) or (_layer("", model, f"{f}layers"),)
     for i, name in enumerate(methods):
+        if name == "ablationcam":
+            grids = [n for n in layers if model.layer(n).layout != "nchw"]
+            if grids:
+                raise InvalidArgument(
+                    f"{f}methods[{i}] CAM_METHOD_ABLATIONCAM ablates the channels of a "
+                    f"convolutional layer's (N, C, h, w) output, and {quote(grids[0])} holds its "
+                    f"grid as {model.layer(grids[0]).layout}: ask for another method (e.g. "
+                    "CAM_METHOD_SCORECAM) there, or a convolutional layer",
+                    field=f"{f}methods[{i}]", reason="NOT_APPLICABLE")
         if METHODS[name].guided and not model.guided:
             raise InvalidArgument(
                 f"{f}methods[{i}] {_method_enum(name)} guides the backward through the model's "
@@ -219,7 +228,7 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
                               "(max_maps_per_image): ask for fewer",
                               field=f"{f}methods", reason="TOO_MANY_MAPS")
     channels = 0
-    if "scorecam" in methods:
+    if any(METHODS[m].channel_forwards for m in methods):
         # Unset: every channel, or the max_score_cam_channels most active ones of a wider
         # layer. Resolved to a count here, so that the item's cost is known.
         widest = max(model.layer(name).channels for name in layers)
@@ -227,7 +236,8 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
         channels = min(options.score_cam_channels or min(widest, cap), widest)
         if channels > cap:
             raise InvalidArgument(
-                f"Score-CAM on {channels} channels costs {channels} forwards per map; this "
+                f"Score-CAM or AblationCAM on {channels} channels costs {channels} forwards "
+                f"per map; this "
                 f"server allows {cap} (max_score_cam_channels): set "
                 f"options.score_cam_channels to at most that", field=f"{f}score_cam_channels",
                 reason="TOO_MANY_CHANNELS")

@@ -36,7 +36,7 @@ def plan(request: pb.CheckSanityRequest, model: ModelCard, limits: RequestLimits
     methods = spec.methods if request.methods else tuple(METHODS)
     layer = spec.layers[0]
     channels = 0
-    if "scorecam" in methods:
+    if any(METHODS[m].channel_forwards for m in methods):
         widest = model.layer(layer).channels
         cap = limits.max_score_cam_channels
         channels = min(request.score_cam_channels or min(DEFAULT_SCORE_CAM_CHANNELS, cap),

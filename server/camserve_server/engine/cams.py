@@ -14,7 +14,7 @@ differs from the paper it is said below.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Generator, Optional
+from typing import Callable, Dict, Generator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,10 @@ class CamInputs:
     guided: Optional[torch.Tensor] = None
     # ShapleyCAM: the Hessian-vector product d(gradients . A)/dA, like the gradients
     hvp: Optional[torch.Tensor] = None
+    # FullGrad: d(target)/d(inputs) (n, 3, H, W), and per bias layer (its bias (C,), the
+    # target's gradient at its output (n, C, h, w))
+    input_gradient: Optional[torch.Tensor] = None
+    bias_gradients: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,10 @@ class CamMethod:
     @property
     def second_order(self) -> bool:
         return TRAITS[self.name].second_order
+
+    @property
+    def full_gradient(self) -> bool:
+        return TRAITS[self.name].full_gradient
 
 
 def _weighted(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
@@ -107,6 +115,47 @@ def shapleycam(c: CamInputs) -> torch.Tensor:
     Hessian of the target with respect to the activations times the activations;
     L = ReLU(sum_k w_k A_k)."""
     return _weighted((c.gradients - 0.5 * c.hvp).mean(dim=(2, 3)), c.activations)
+
+
+def bias_layers(module: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """FullGrad's layers, as pytorch-grad-cam's: every Conv2d and BatchNorm2d with a bias, and
+    the bias each adds (a batch norm's: beta - mean * gamma / sqrt(var + eps); after the
+    engine folds a batch norm into its convolution, the convolution's bias is that)."""
+    found = []
+    for name, m in module.named_modules():
+        if type(m) not in (nn.Conv2d, nn.BatchNorm2d) or m.bias is None:
+            continue
+        bias = m.bias.detach()
+        if isinstance(m, nn.BatchNorm2d):
+            bias = bias - m.running_mean * m.weight.detach() / torch.sqrt(m.running_var + m.eps)
+        found.append((name, bias.float()))
+    return found
+
+
+def _scaled(values: torch.Tensor, size) -> torch.Tensor:
+    """pytorch-grad-cam's scale_accross_batch_and_channels, summed over the channels: each
+    (image, channel) map min-max scaled (x - min) / (max + 1e-7), then resized bilinearly to
+    ``size`` (as cv2.resize; resizing is linear, so the sum is resized once): (n, H, W)."""
+    flat = values.flatten(2)
+    shifted = values - flat.min(dim=2).values[:, :, None, None]
+    scaled = shifted / (1e-7 + shifted.flatten(2).max(dim=2).values[:, :, None, None])
+    total = scaled.sum(dim=1, keepdim=True)
+    if tuple(total.shape[-2:]) != tuple(size):
+        total = F.interpolate(total, size=size, mode="bilinear", align_corners=False)
+    return total[:, 0]
+
+
+def fullgrad(c: CamInputs) -> torch.Tensor:
+    """FullGrad (Srinivas & Fleuret, NeurIPS 2019), eq. 5, as pytorch-grad-cam's FullGrad: the
+    input-gradient term |dy/dx * x| plus, for every bias layer, |b * dy/dz| (z its output),
+    each channel's map min-max scaled and upsampled to the input, summed: a map at the
+    input's resolution. Needs the full backward to the input (its own pass). The layer asked
+    for does not matter: every bias layer counts."""
+    size = c.inputs.shape[-2:]
+    cam = _scaled((c.input_gradient * c.inputs).abs(), size)
+    for bias, grads in c.bias_gradients:
+        cam = cam + _scaled((bias[None, :, None, None] * grads).abs(), size)
+    return cam
 
 
 def principal_component(values: torch.Tensor, orient: torch.Tensor) -> torch.Tensor:
@@ -229,38 +278,81 @@ def guided_gradcam(c: CamInputs) -> torch.Tensor:
     return up * c.guided.sum(dim=1)
 
 
-def scorecam_slices(acts: torch.Tensor, inputs: torch.Tensor,
-                    score: Callable[[torch.Tensor], torch.Tensor],
-                    forward: Callable[[torch.Tensor], torch.Tensor], max_channels: int,
-                    chunk: int) -> Generator[int, None, torch.Tensor]:
+@dataclass(frozen=True)
+class SliceInputs:
+    """What a method that runs forwards per channel gets, for one image and one map."""
+
+    activations: torch.Tensor  # (K, h, w)
+    inputs: torch.Tensor  # (3, H, W), normalised
+    score: Callable[[torch.Tensor], torch.Tensor]  # logits (m, classes) -> target scores (m,)
+    forward: Callable[[torch.Tensor], torch.Tensor]  # logits of a batch of inputs; no grad
+    # logits of the image with the layer's output replaced by each of a batch of (m, K, h, w)
+    replaced: Callable[[torch.Tensor], torch.Tensor]
+    original: torch.Tensor  # (1, classes) the image's own logits
+    max_channels: int  # 0: every channel
+    chunk: int  # images per forward
+
+
+def _top_channels(acts: torch.Tensor, max_channels: int) -> torch.Tensor:
+    """The channels a per-channel method runs: all, or the ``max_channels`` with the highest
+    mean activation (camserve's cap, since each costs a forward)."""
+    k = acts.shape[0]
+    if not max_channels or max_channels >= k:
+        return torch.arange(k, device=acts.device)
+    return torch.topk(acts.mean(dim=(1, 2)), max_channels).indices
+
+
+def scorecam_slices(c: SliceInputs) -> Generator[int, None, torch.Tensor]:
     """Score-CAM (Wang et al., CVPR-W 2020) of one image: each channel, upsampled to the input
-    and min-max scaled, masks the input; the masked image's target score (``score``: logits
-    (m, classes) -> (m,), by default the target's logit) is that channel's score; the weights
-    are the softmax of the scores over the channels; L = ReLU(sum_k w_k A_k).
+    and min-max scaled, masks the input; the masked image's target score (by default the
+    target's logit) is that channel's score; the weights are the softmax of the scores over
+    the channels; L = ReLU(sum_k w_k A_k).
 
     As pytorch-grad-cam: logits and a softmax over channels (the paper scores with the class
     probability, relative to a baseline). ``max_channels`` keeps the channels with the highest
     mean activation (the others get no weight), since each channel costs one forward.
 
     A chunk of masked forwards at a time: yields the number of images each chunk forwarded;
-    returns the (h, w) map before the final ReLU. ``acts``: (K, h, w); ``inputs``: (3, H, W)
-    normalised."""
-    k = acts.shape[0]
-    keep = k if not max_channels or max_channels >= k else max_channels
-    channels = torch.arange(k, device=acts.device) if keep == k else torch.topk(
-        acts.mean(dim=(1, 2)), keep).indices
+    returns the (h, w) map before the final ReLU."""
+    acts, inputs = c.activations, c.inputs
+    channels = _top_channels(acts, c.max_channels)
+    keep = len(channels)
     masks = F.interpolate(acts[channels][None], size=inputs.shape[-2:], mode="bilinear",
                           align_corners=True)[0]  # (keep, H, W)
     flat = masks.reshape(keep, -1)
     low, high = flat.min(dim=1).values, flat.max(dim=1).values
     masks = (masks - low[:, None, None]) / (high - low + 1e-8)[:, None, None]
     scores = []
-    for start in range(0, keep, chunk):
-        masked = inputs[None] * masks[start:start + chunk, None]
-        scores.append(score(forward(masked)))
+    for start in range(0, keep, c.chunk):
+        masked = inputs[None] * masks[start:start + c.chunk, None]
+        scores.append(c.score(c.forward(masked)))
         yield masked.shape[0]
-    weights = torch.zeros(k, device=acts.device, dtype=acts.dtype)
+    weights = torch.zeros(acts.shape[0], device=acts.device, dtype=acts.dtype)
     weights[channels] = torch.softmax(torch.cat(scores).to(acts.dtype), dim=0)
+    return _weighted(weights[None], acts[None])[0]
+
+
+def ablationcam_slices(c: SliceInputs) -> Generator[int, None, torch.Tensor]:
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020), eq. 3: each channel of the layer's output
+    is set to zero (ablated) and the rest of the model run on it; a channel's weight is the
+    target score's relative drop, w_k = (y - y_k) / y; L = ReLU(sum_k w_k A_k). As
+    pytorch-grad-cam's AblationCAM on a layer whose smallest activation is 0 (after a ReLU:
+    where it is not, pytorch-grad-cam sets the channel to ever lower values, min - 1e7 and
+    below, and camserve keeps the paper's zero). Channels not ablated (``max_channels``: the
+    most active ones are) get no weight, as pytorch-grad-cam's skipped channels. A chunk of
+    ablated forwards at a time, as Score-CAM's."""
+    acts = c.activations
+    channels = _top_channels(acts, c.max_channels)
+    original = c.score(c.original)[0]
+    drops = []
+    for start in range(0, len(channels), c.chunk):
+        chunk = channels[start:start + c.chunk]
+        ablated = acts[None].repeat(len(chunk), 1, 1, 1)
+        ablated[torch.arange(len(chunk), device=acts.device), chunk] = 0
+        drops.append(c.score(c.replaced(ablated)))
+        yield len(chunk)
+    weights = torch.zeros(acts.shape[0], device=acts.device, dtype=acts.dtype)
+    weights[channels] = ((original - torch.cat(drops)) / original).to(acts.dtype)
     return _weighted(weights[None], acts[None])[0]
 
 
@@ -292,6 +384,8 @@ CAM_METHODS: Dict[str, CamMethod] = {
         CamMethod("guided_gradcam", guided_gradcam),
         CamMethod("finercam", gradcam),  # Grad-CAM of its own target (domain.METHODS)
         CamMethod("shapleycam", shapleycam),
+        CamMethod("ablationcam", None, slices=ablationcam_slices),
+        CamMethod("fullgrad", fullgrad),
         CamMethod("scorecam", None, slices=scorecam_slices),
         CamMethod("random", random_map),
     )

@@ -37,7 +37,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..domain import SLICE_FORWARDS, ExplainSpec, ItemResult, Job, MapResult, WorkItem
 from ..errors import BatchFailed, OutOfMemory, ServiceError, StartupError
 from . import faithfulness
-from .cams import CAM_METHODS, GUIDED_ACTIVATIONS, CamInputs, guided_output
+from .cams import (
+    CAM_METHODS,
+    GUIDED_ACTIVATIONS,
+    CamInputs,
+    SliceInputs,
+    bias_layers,
+    guided_output,
+)
 from .device import DataPath, Staged, key
 from .models import LoadedModel
 from .targets import target_scores
@@ -88,15 +95,21 @@ class Engine:
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
         self._recording: Optional[frozenset] = None
+        self._replacing: Optional[tuple] = None  # (layer, the output it returns instead)
         self._activations: Dict[str, torch.Tensor] = {}
         self._layers = {info.name: info for info in model.card.layers}
         modules = dict(model.module.named_modules())
         self._hooks = [modules[info.name].register_forward_hook(self._hook(info.name))
                        for info in model.card.layers]
-        # Guided backpropagation's ReLUs: their backward is guided during _guided's pass only.
+        # Guided backpropagation's ReLUs: their backward is guided during _input_pass only.
         self._guiding = False
         self._hooks += [m.register_forward_hook(self._guide()) for m in model.module.modules()
                         if isinstance(m, GUIDED_ACTIVATIONS)]
+        # FullGrad's bias layers: their outputs recorded during _input_pass's pass only.
+        self._biases = bias_layers(model.module)
+        self._bias_outputs: Optional[Dict[str, torch.Tensor]] = None
+        self._hooks += [modules[name].register_forward_hook(self._bias_hook(name))
+                        for name, _ in self._biases]
 
     def close(self) -> None:
         for handle in self._hooks:
@@ -105,6 +118,8 @@ class Engine:
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
+            if self._replacing is not None and self._replacing[0] == name:
+                return self._replacing[1].to(output.dtype)  # AblationCAM's ablated outputs
             if self._recording is None or name not in self._recording:
                 return None  # outside the engine's own explaining calls: record nothing
             acts = output
@@ -118,6 +133,14 @@ class Engine:
             # gradient is taken with respect to this tensor; _grid turns both into (N, C, h, w).
             return acts.clone()
         return hook
+
+    def _bias_hook(self, name: str):
+        def record(_module, _inputs, output):
+            if self._bias_outputs is None:
+                return None
+            self._bias_outputs[name] = output
+            return output.clone()  # in-place ops after it (ReLU) leave the recorded one be
+        return record
 
     def _guide(self):
         def guide(_module, _inputs, output):
@@ -159,6 +182,17 @@ class Engine:
             logits = torch.cat([self.model.module(x[i:i + self._chunk])
                                 for i in range(0, x.shape[0], self._chunk)])
         return logits if self._dtype is None else logits.float()
+
+    def _replaced(self, layer: str, x: torch.Tensor):
+        """Logits of the input ``x`` (3, H, W) with ``layer``'s output replaced by each of a
+        batch of (m, C, h, w) (an nchw layer's): the layers below it still run."""
+        def forward(outputs: torch.Tensor) -> torch.Tensor:
+            self._replacing = (layer, outputs)
+            try:
+                return self.forward(x[None].repeat(outputs.shape[0], 1, 1, 1))
+            finally:
+                self._replacing = None
+        return forward
 
     def run(self, items: Sequence[WorkItem]) -> List[Union[ItemResult, BatchFailed]]:
         """One result per item, in order, every job run to its end (for in-process use; the
@@ -252,10 +286,14 @@ class Engine:
             self._activations = {}
         # Reduced precision: the methods work on float32 (a no-op in fp32).
         acts = {name: a.detach().float() for name, a in zip(layers, activations)}
-        guided = self._guided(x, [i for i in explaining if specs[i].guided], specs, targets)
+        guided = self._input_pass(x, [i for i in explaining if specs[i].guided], specs,
+                                  targets, guide=True)
+        full = self._input_pass(x, [i for i in explaining if any(
+            CAM_METHODS[m].full_gradient for m in specs[i].methods)], specs, targets,
+            biases=True)
         self._no_gradient = set()  # (item, method, rank, layer) whose gradient is all zero
         computed, (logits, probs) = self._maps(specs, targets, acts, gradients, x,
-                                               _outputs(logits.detach()), guided)
+                                               _outputs(logits.detach()), guided, full)
         answers: List[Answer] = []
         for i, item in enumerate(items):
             spec = item.explain
@@ -318,44 +356,63 @@ class Engine:
             _accumulate(out, (rank, finer), layers, grads)
         return out
 
-    def _guided(self, x, rows, specs, targets) -> List[torch.Tensor]:
-        """Guided backpropagation for ``rows``: their own forward, with every ReLU's backward
-        guided, and per target rank one backward to the input of the sum of the rows' target
-        scores (negated for counterfactual items: the guide is not linear, so the sign goes
-        in before it): per rank, (len(x), 3, H, W), zero for the other rows."""
+    def _input_pass(self, x, rows, specs, targets, guide: bool = False,
+                    biases: bool = False) -> List[dict]:
+        """A forward of ``rows``' own and per target rank one backward to the input of the sum
+        of the rows' target scores (negated for counterfactual items, before any guide: it is
+        not linear). ``guide``: every ReLU's backward guided (guided backpropagation).
+        ``biases``: the gradients at FullGrad's bias layers too. Per rank {"input": (len(x),
+        3, H, W), zero for the other rows; "biases": [(bias, gradient (len(rows), C, h, w))];
+        "rows": rows}."""
         if not rows:
             return []
         index = torch.tensor(rows, device=x.device)
         inputs = x[index].detach().requires_grad_()
         ranks = max(len(targets[i]) for i in rows)
         out = []
-        self._guiding = True
+        self._guiding = guide
+        self._bias_outputs = {} if biases else None
         try:
-            with torch.enable_grad(), self._autocast():
+            with torch.enable_grad(), self._autocast():  # the scores recorded too
                 logits = self.model.module(inputs)
-            for rank in range(ranks):
-                score = 0
-                for kind in {specs[i].target_kind for i in rows}:
-                    ranked = [j for j, i in enumerate(rows)
-                              if len(targets[i]) > rank and specs[i].target_kind == kind]
-                    if not ranked:
-                        continue
-                    signs = torch.tensor([-1.0 if specs[rows[j]].counterfactual else 1.0
-                                          for j in ranked], device=x.device)
-                    classes = torch.tensor([targets[rows[j]][rank] for j in ranked],
-                                           device=x.device)
-                    scores = target_scores(logits[torch.tensor(ranked, device=x.device)],
-                                           classes, kind)
-                    score = score + (scores * signs).sum()
-                grad, = torch.autograd.grad(score, inputs, retain_graph=rank < ranks - 1)
+                scores = [self._guided_score(logits, rows, specs, targets, rank)
+                          for rank in range(ranks)]
+            recorded = self._bias_outputs or {}
+            self._bias_outputs = None
+            names = [name for name, _ in self._biases if name in recorded] if biases else []
+            wrt = [inputs, *(recorded[name] for name in names)]
+            for rank, score in enumerate(scores):
+                grads = torch.autograd.grad(score, wrt, retain_graph=rank < ranks - 1,
+                                            allow_unused=True)
                 full = torch.zeros(x.shape, device=x.device)
-                full[index] = grad.float()
-                out.append(full)
+                full[index] = grads[0].float()
+                bias = dict(self._biases)
+                out.append({"input": full, "rows": rows, "biases": [
+                    (bias[name], torch.zeros_like(recorded[name]).float() if g is None
+                     else g.float()) for name, g in zip(names, grads[1:])]})
         finally:
             self._guiding = False
+            self._bias_outputs = None
         return out
 
-    def _maps(self, specs, targets, acts, gradients, x, outputs, guided=()) -> tuple:
+    @staticmethod
+    def _guided_score(logits, rows, specs, targets, rank: int):
+        """The sum of the rows' rank-r target scores, negated for counterfactual rows."""
+        score = 0
+        device = logits.device
+        for kind in {specs[i].target_kind for i in rows}:
+            ranked = [j for j, i in enumerate(rows)
+                      if len(targets[i]) > rank and specs[i].target_kind == kind]
+            if not ranked:
+                continue
+            signs = torch.tensor([-1.0 if specs[rows[j]].counterfactual else 1.0
+                                  for j in ranked], device=device)
+            classes = torch.tensor([targets[rows[j]][rank] for j in ranked], device=device)
+            scores = target_scores(logits[torch.tensor(ranked, device=device)], classes, kind)
+            score = score + (scores * signs).sum()
+        return score
+
+    def _maps(self, specs, targets, acts, gradients, x, outputs, guided=(), full=()) -> tuple:
         """Every map that needs no extra forwards, by (item, method, rank, layer), computed in
         groups of items that share method, layer, target rank and options; and ``outputs``
         (device tensors) on the host: everything copied back together."""
@@ -386,8 +443,9 @@ class Engine:
                     inputs=x[index],
                     targets=torch.tensor([targets[i][rank] for i in rows], device=x.device),
                     forward=self.forward,
-                    guided=guided[rank][index] if CAM_METHODS[method].guided else None,
-                    hvp=hvp))
+                    guided=(guided[rank]["input"][index] if CAM_METHODS[method].guided
+                            else None),
+                    hvp=hvp, **_full_gradients(full, rank, rows, method)))
                 if not signed:
                     cams = torch.relu(cams)
                 maps.append((rows, method, rank, layer, cams))
@@ -409,10 +467,14 @@ class Engine:
             raw = computed.get((i, method, rank, layer))
             if raw is None:
                 score = _score(targets[rank], spec.kind(method), x.device)
-                with torch.no_grad():
-                    cam = yield from CAM_METHODS[method].slices(
-                        acts[layer], x, score, self.forward, spec.score_cam_channels,
-                        self._chunk)
+                # No grad-mode context around the slices: it would stay set across their
+                # yields, into the batches that run meanwhile. Their tensors need no gradient
+                # (the forwards run under inference mode).
+                cam = yield from CAM_METHODS[method].slices(SliceInputs(
+                    activations=acts[layer], inputs=x, score=score, forward=self.forward,
+                    replaced=self._replaced(layer, x),
+                    original=torch.from_numpy(logits)[None].to(x.device),
+                    max_channels=spec.score_cam_channels, chunk=self._chunk))
                 raw = (cam if spec.signed else torch.relu(cam)).float().cpu().numpy()
             maps.append(MapResult(method, targets[rank], layer, raw,
                                   target_kind=spec.kind(method),
@@ -442,6 +504,17 @@ def finish(answer: Answer) -> Union[ItemResult, BatchFailed]:
             next(answer)
         except StopIteration as done:
             return done.value
+
+
+def _full_gradients(full, rank: int, rows, method: str) -> dict:
+    """FullGrad's CamInputs fields for ``rows`` from _input_pass's answer."""
+    if not CAM_METHODS[method].full_gradient:
+        return {}
+    entry = full[rank]
+    index = torch.tensor(rows, device=entry["input"].device)
+    at = torch.tensor([entry["rows"].index(i) for i in rows], device=index.device)
+    return {"input_gradient": entry["input"][index],
+            "bias_gradients": [(b, g[at]) for b, g in entry["biases"]]}
 
 
 def _score(target: int, kind: str, device):
