@@ -102,8 +102,10 @@ def pytorch_grad_cam_called(method: str, model, layer_name: str, x: torch.Tensor
             # ("Invalid activation shape"): its weights times the reshaped activations.
             weights = base.get_cam_weights(input_tensor, target_layer, wanted, activations,
                                            grads)
-            grid = reshape(activations).detach().numpy()
-            recorded.append((weights[:, :, None, None] * grid).sum(axis=1))
+            from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+            terms = weights[:, :, None, None] * reshape(activations).detach().numpy()
+            recorded.append(get_2d_projection(terms) if eigen_smooth else terms.sum(axis=1))
         else:
             recorded.append(own(input_tensor, target_layer, wanted, activations, grads,
                                 eigen_smooth))

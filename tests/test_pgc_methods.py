@@ -279,6 +279,62 @@ def test_a_job_between_its_slices_leaves_the_grad_mode_as_it_was(resnet_weights,
         engine.close()
 
 
+# eigen_smooth: the methods whose map is a sum over channels, and pytorch-grad-cam's class
+# (Score-CAM and AblationCAM, a forward per channel, are left to their own tests' cost).
+SMOOTHED = {"gradcam": "GradCAM", "gradcam_plus_plus": "GradCAMPlusPlus",
+            "xgradcam": "XGradCAM", "layercam": "LayerCAM", "hirescam": "HiResCAM",
+            "gradcam_elementwise": "GradCAMElementWise", "finercam": "FinerCAM",
+            "shapleycam": "ShapleyCAM"}
+
+
+def _compare_smoothed(explained, model, layer, x, target, reshape=None):
+    for name, cls in SMOOTHED.items():
+        options = {"target_idx": target} if name == "finercam" else {}
+        targets = None if name == "finercam" else [target] * len(x)
+        with sdpa_kernel([SDPBackend.MATH]):
+            theirs = ref.pytorch_grad_cam_called(cls, model, layer, x, targets,
+                                                 reshape=reshape, eigen_smooth=True, **options)
+        for e, expected in zip(explained, theirs):
+            got = e.map(name).raw
+            expected = ref.oriented(got, expected)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=_tolerance(expected),
+                                       err_msg=f"{name} eigen_smooth at {layer}")
+
+
+def test_eigen_smooth_equals_pytorch_grad_cam(resnet_server, resnet_weights, images):
+    """pytorch-grad-cam's eigen_smooth=True, up to the principal component's sign (camserve's
+    correlates with the unsmoothed map)."""
+    _, client = resnet_server
+    card = client.model_info()
+    explained = client.explain_many(images, method=list(SMOOTHED), layer="layer4", target=285,
+                                    signed=True, eigen_smooth=True)
+    x = ref.normalise(np.stack(images), card.mean, card.std)
+    _compare_smoothed(explained, ref.resnet18(resnet_weights), "layer4", x, 285)
+    plain = client.explain(images[0], method="hirescam", layer="layer4", target=285)
+    assert np.corrcoef(plain.raw.ravel(), explained[0].map("hirescam").raw.ravel())[0, 1] > 0
+
+
+def test_eigen_smooth_on_the_vit(vit):
+    client, info, model, reshape, images = vit
+    explained = client.explain_many(images, method=list(SMOOTHED), target=3, signed=True,
+                                    eigen_smooth=True)
+    x = ref.normalise(np.stack(images), info.mean, info.std)
+    _compare_smoothed(explained, model, info.default_layer, x, 3, reshape)
+
+
+@pytest.mark.parametrize("name", ["eigencam", "guided_gradcam", "fullgrad", "kpca_cam"])
+def test_eigen_smooth_refused_where_the_map_is_no_channel_sum(resnet_server, images, name):
+    from camserve import CamserveError
+
+    _, client = resnet_server
+    with pytest.raises(CamserveError) as caught:
+        client.explain(images[0], method=["gradcam", name], eigen_smooth=True)
+    error = caught.value
+    assert error.code.name == "INVALID_ARGUMENT" and error.reason == "NOT_APPLICABLE"
+    assert f"CAM_METHOD_{name.upper()}" in error.details
+    assert "unset options.eigen_smooth" in error.details
+
+
 def test_target_kinds_are_one_list():
     from camserve import target_kind_names
     from camserve_server.domain import TARGET_KINDS
@@ -319,9 +375,12 @@ def test_items_of_other_target_kinds_share_a_batch(resnet_weights, images):
                  ExplainSpec(methods=("finercam", "hirescam", "guided_gradcam"),
                              layers=("layer4",), target_kind="logit", top_targets=2),
                  ExplainSpec(methods=("gradcam", "eigengradcam"), layers=("layer4",),
-                             targets=(3,), target_kind="softmax", counterfactual=True)]
-        together = engine.run([WorkItem(p, s) for p, s in zip(images, specs)])
-        for image, spec, result in zip(images, specs, together):
+                             targets=(3,), target_kind="softmax", counterfactual=True),
+                 ExplainSpec(methods=("gradcam", "layercam"), layers=("layer4",),
+                             targets=(3,), eigen_smooth=True)]
+        pixels = [*images, images[0]]
+        together = engine.run([WorkItem(p, s) for p, s in zip(pixels, specs)])
+        for image, spec, result in zip(pixels, specs, together):
             alone = engine.run([WorkItem(image, spec)])[0]
             assert [(m.method, m.target, m.target_kind) for m in alone.maps] == [
                 (m.method, m.target, m.target_kind) for m in result.maps]

@@ -195,7 +195,8 @@ def cmd_explain(client: Client, args) -> int:
             chunk, target=[_target(c) for c in args.target_class] or None, method=methods,
             layer=args.layer or None, outputs=("raw", "heatmap", "overlay_png"),
             top_k=args.top_k, counterfactual=args.counterfactual,
-            score_cam_channels=args.score_cam_channels, target_kind=args.target_kind)
+            score_cam_channels=args.score_cam_channels, target_kind=args.target_kind,
+            eigen_smooth=args.eigen_smooth)
 
     for path, exp in _each(args.images, call, progress, errors):
         written = _write(out, path, exp, args.grid)
@@ -584,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="CAM method (repeatable; default: gradcam)")
     explain.add_argument("--target-kind", choices=target_kind_names(), default="logit",
                          help="the score of each class explained (default %(default)s)")
+    explain.add_argument("--eigen-smooth", action="store_true",
+                         help="the first principal component of each map's terms instead of "
+                         "their sum (methods whose map is a sum over channels)")
     explain.add_argument("--counterfactual", action="store_true",
                          help="negated gradients: regions whose removal would raise the score")
     explain.add_argument("--score-cam-channels", type=int, default=0, metavar="N",

@@ -78,6 +78,9 @@ class MethodTraits:
     # A backward to the input and every bias layer (its own forward and full backward): the
     # map has the input's resolution
     full_gradient: bool = False
+    # The map is a sum over the layer's channels of terms (w_k A_k, or element-wise products):
+    # eigen_smooth applies (their first principal component instead)
+    channel_sum: bool = False
 
     @property
     def input_resolution(self) -> bool:
@@ -87,30 +90,27 @@ class MethodTraits:
 
 
 # Every method the engine implements (``engine/cams.py`` has one function per name; a test
-# checks that the two lists agree and match the proto enum ``CamMethod``).
+# checks that the two lists agree and match the proto enum ``CamMethod``). Positional traits:
+# (needs_backward, class_discriminative).
 METHODS: Dict[str, MethodTraits] = {
-    "gradcam": MethodTraits(needs_backward=True, class_discriminative=True),
-    "gradcam_plus_plus": MethodTraits(needs_backward=True, class_discriminative=True),
-    "xgradcam": MethodTraits(needs_backward=True, class_discriminative=True),
-    "layercam": MethodTraits(needs_backward=True, class_discriminative=True),
-    "hirescam": MethodTraits(needs_backward=True, class_discriminative=True),
+    "gradcam": MethodTraits(True, True, channel_sum=True),
+    "gradcam_plus_plus": MethodTraits(True, True, channel_sum=True),
+    "xgradcam": MethodTraits(True, True, channel_sum=True),
+    "layercam": MethodTraits(True, True, channel_sum=True),
+    "hirescam": MethodTraits(True, True, channel_sum=True),
     "eigencam": MethodTraits(needs_backward=False, class_discriminative=False),
-    "scorecam": MethodTraits(needs_backward=False, class_discriminative=True,
-                             channel_forwards=True),
+    "scorecam": MethodTraits(False, True, channel_forwards=True, channel_sum=True),
     "random": MethodTraits(needs_backward=False, class_discriminative=False),
     "eigengradcam": MethodTraits(needs_backward=True, class_discriminative=True),
-    "gradcam_elementwise": MethodTraits(needs_backward=True, class_discriminative=True),
+    "gradcam_elementwise": MethodTraits(True, True, channel_sum=True),
     "fem": MethodTraits(needs_backward=False, class_discriminative=False),
     "kpca_cam": MethodTraits(needs_backward=False, class_discriminative=False),
     "guided_backprop": MethodTraits(needs_backward=False, class_discriminative=True,
                                     guided=True),
     "guided_gradcam": MethodTraits(needs_backward=True, class_discriminative=True, guided=True),
-    "finercam": MethodTraits(needs_backward=True, class_discriminative=True,
-                             target_kind="finer"),
-    "shapleycam": MethodTraits(needs_backward=True, class_discriminative=True,
-                               second_order=True),
-    "ablationcam": MethodTraits(needs_backward=False, class_discriminative=True,
-                                channel_forwards=True),
+    "finercam": MethodTraits(True, True, target_kind="finer", channel_sum=True),
+    "shapleycam": MethodTraits(True, True, second_order=True, channel_sum=True),
+    "ablationcam": MethodTraits(False, True, channel_forwards=True, channel_sum=True),
     "fullgrad": MethodTraits(needs_backward=False, class_discriminative=True,
                              full_gradient=True),
 }
@@ -149,6 +149,7 @@ class ExplainSpec:
     score_cam_channels: int = 0  # Score-/AblationCAM: top channels by mean activation (0: all)
     faithfulness_steps: int = 0  # deletion/insertion scores in this many steps (0: off)
     target_kind: str = "logit"  # the score explained (TARGET_KINDS)
+    eigen_smooth: bool = False  # the terms' first principal component instead of their sum
 
     def kind(self, method: str) -> str:
         """The score ``method``'s maps explain: its own target, or the spec's."""

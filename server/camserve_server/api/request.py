@@ -130,6 +130,18 @@ def _target_kind(value: int, methods: Sequence[str], field: str) -> str:
     return kind
 
 
+def _eigen_smooth(value: bool, methods: Sequence[str], field: str) -> bool:
+    """eigen_smooth, for methods whose map is a sum over channels only."""
+    other = [m for m in methods if not METHODS[m].channel_sum]
+    if value and other:
+        raise InvalidArgument(
+            f"{field} projects the terms a map sums over the channels, and "
+            f"{_method_enum(other[0])}'s map is no such sum: unset {field}, or ask for one "
+            f"of {', '.join(_method_enum(m) for m in METHODS if METHODS[m].channel_sum)}",
+            field=field, reason="NOT_APPLICABLE")
+    return value
+
+
 def _layer(name: str, model: ModelCard, field: str) -> str:
     if not model.layers:
         raise FailedPrecondition(f"the model {model.name} has no explainable layer, so it serves "
@@ -250,7 +262,9 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
                        counterfactual=options.counterfactual, signed=options.keep_sign,
                        score_cam_channels=channels, faithfulness_steps=steps,
                        target_kind=_target_kind(options.target_kind, methods,
-                                                f"{f}target_kind"))
+                                                f"{f}target_kind"),
+                       eigen_smooth=_eigen_smooth(options.eigen_smooth, methods,
+                                                  f"{f}eigen_smooth"))
     if spec.cost > limits.max_item_cost:
         raise InvalidArgument(
             f"this explanation costs about {spec.cost:,} forwards per image ({maps} maps"

@@ -2,10 +2,12 @@
 gradient methods, the gradient of the target score with respect to them) to a signed map.
 
 Every function takes a :class:`CamInputs` for n images and returns (n, h, w) BEFORE the final
-ReLU: the engine applies it (or not, for signed maps), and negates the gradients for
-counterfactual maps. The registry is keyed by the method's name: the proto enum value's name
-without its ``CAM_METHOD_`` prefix, lower-cased (``camserve.methods`` derives the same names for
-the client and the CLI; a test checks that every enum value has a function here and back).
+ReLU, or, for the methods whose map is a sum over channels (``CamMethod.terms``), the terms
+(n, K, h, w) that ``finish_map`` sums (or projects, for eigen_smooth). The engine applies the
+ReLU (or not, for signed maps), and negates the gradients for counterfactual maps. The
+registry is keyed by the method's name: the proto enum value's name without its
+``CAM_METHOD_`` prefix, lower-cased (``camserve.methods`` derives the same names for the client
+and the CLI; a test checks that every enum value has a function here and back).
 
 Definitions follow pytorch-grad-cam, the reference the tests compare against; where that
 differs from the paper it is said below.
@@ -59,6 +61,13 @@ class CamMethod:
         return TRAITS[self.name].guided
 
     @property
+    def terms(self) -> bool:
+        """compute (slices) returns the terms (n, K, h, w) ((K, h, w)) whose channel sum is the
+        map (domain's channel_sum): eigen_smooth projects them on their first principal
+        component instead, as pytorch-grad-cam's eigen_smooth."""
+        return TRAITS[self.name].channel_sum
+
+    @property
     def second_order(self) -> bool:
         return TRAITS[self.name].second_order
 
@@ -69,13 +78,19 @@ class CamMethod:
 
 def _weighted(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
     """sum_k w_k A_k for per-channel weights (n, K)."""
-    return (weights[:, :, None, None] * activations).sum(dim=1)
+    return _terms(weights, activations).sum(dim=1)
+
+
+def _terms(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """w_k A_k for per-channel weights (n, K): (n, K, h, w), the terms whose channel sum is
+    the map (what eigen_smooth projects instead of summing)."""
+    return weights[:, :, None, None] * activations
 
 
 def gradcam(c: CamInputs) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al., ICCV 2017), eq. 1-2: alpha_k = mean_ij dy/dA_k,ij;
     L = ReLU(sum_k alpha_k A_k)."""
-    return _weighted(c.gradients.mean(dim=(2, 3)), c.activations)
+    return _terms(c.gradients.mean(dim=(2, 3)), c.activations)
 
 
 def gradcam_plus_plus(c: CamInputs) -> torch.Tensor:
@@ -88,25 +103,25 @@ def gradcam_plus_plus(c: CamInputs) -> torch.Tensor:
     total = c.activations.sum(dim=(2, 3), keepdim=True)
     alpha = g2 / (2 * g2 + total * g2 * g + 1e-6)
     alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
-    return _weighted((alpha * torch.relu(g)).sum(dim=(2, 3)), c.activations)
+    return _terms((alpha * torch.relu(g)).sum(dim=(2, 3)), c.activations)
 
 
 def xgradcam(c: CamInputs) -> torch.Tensor:
     """XGrad-CAM (Fu et al., BMVC 2020), eq. 9: w_k = sum_ij (A_k,ij / sum_ab A_k,ab) dy/dA_k,ij."""
     total = c.activations.sum(dim=(2, 3), keepdim=True)
-    return _weighted((c.gradients * c.activations / (total + 1e-7)).sum(dim=(2, 3)),
-                     c.activations)
+    return _terms((c.gradients * c.activations / (total + 1e-7)).sum(dim=(2, 3)),
+                  c.activations)
 
 
 def layercam(c: CamInputs) -> torch.Tensor:
     """LayerCAM (Jiang et al., IEEE TIP 2021), eq. 5-6: L = ReLU(sum_k ReLU(g_k) * A_k),
     element-wise."""
-    return (torch.relu(c.gradients) * c.activations).sum(dim=1)
+    return torch.relu(c.gradients) * c.activations
 
 
 def hirescam(c: CamInputs) -> torch.Tensor:
     """HiResCAM (Draelos & Carin, 2020), eq. 3: L = ReLU(sum_k g_k * A_k), element-wise."""
-    return (c.gradients * c.activations).sum(dim=1)
+    return c.gradients * c.activations
 
 
 def shapleycam(c: CamInputs) -> torch.Tensor:
@@ -114,7 +129,7 @@ def shapleycam(c: CamInputs) -> torch.Tensor:
     Taylor view of each channel's Shapley value, w_k = mean_ij (g - 1/2 H A)_k,ij with H A the
     Hessian of the target with respect to the activations times the activations;
     L = ReLU(sum_k w_k A_k)."""
-    return _weighted((c.gradients - 0.5 * c.hvp).mean(dim=(2, 3)), c.activations)
+    return _terms((c.gradients - 0.5 * c.hvp).mean(dim=(2, 3)), c.activations)
 
 
 def bias_layers(module: nn.Module) -> List[Tuple[str, torch.Tensor]]:
@@ -196,7 +211,7 @@ def eigengradcam(c: CamInputs) -> torch.Tensor:
 def gradcam_elementwise(c: CamInputs) -> torch.Tensor:
     """GradCAMElementWise (pytorch-grad-cam's variant of HiResCAM, Draelos & Carin 2020):
     L = ReLU(sum_k ReLU(g_k * A_k)), the ReLU element-wise before the channel sum."""
-    return torch.relu(c.gradients * c.activations).sum(dim=1)
+    return torch.relu(c.gradients * c.activations)
 
 
 def fem(c: CamInputs, k: float = 2.0) -> torch.Tensor:
@@ -272,7 +287,7 @@ def guided_gradcam(c: CamInputs) -> torch.Tensor:
     summed over the colour channels. Captum's GuidedGradCam(interpolate_mode="bilinear");
     pytorch-grad-cam's recipe (its example multiplies by the min-max scaled map) up to that
     scale."""
-    cam = torch.relu(gradcam(c))
+    cam = torch.relu(gradcam(c).sum(dim=1))
     up = F.interpolate(cam[:, None], size=c.guided.shape[-2:], mode="bilinear",
                        align_corners=False)[:, 0]
     return up * c.guided.sum(dim=1)
@@ -313,7 +328,7 @@ def scorecam_slices(c: SliceInputs) -> Generator[int, None, torch.Tensor]:
     mean activation (the others get no weight), since each channel costs one forward.
 
     A chunk of masked forwards at a time: yields the number of images each chunk forwarded;
-    returns the (h, w) map before the final ReLU."""
+    returns the (K, h, w) terms w_k A_k of the map (before the final ReLU)."""
     acts, inputs = c.activations, c.inputs
     channels = _top_channels(acts, c.max_channels)
     keep = len(channels)
@@ -329,7 +344,7 @@ def scorecam_slices(c: SliceInputs) -> Generator[int, None, torch.Tensor]:
         yield masked.shape[0]
     weights = torch.zeros(acts.shape[0], device=acts.device, dtype=acts.dtype)
     weights[channels] = torch.softmax(torch.cat(scores).to(acts.dtype), dim=0)
-    return _weighted(weights[None], acts[None])[0]
+    return _terms(weights[None], acts[None])[0]
 
 
 def ablationcam_slices(c: SliceInputs) -> Generator[int, None, torch.Tensor]:
@@ -353,7 +368,7 @@ def ablationcam_slices(c: SliceInputs) -> Generator[int, None, torch.Tensor]:
         yield len(chunk)
     weights = torch.zeros(acts.shape[0], device=acts.device, dtype=acts.dtype)
     weights[channels] = ((original - torch.cat(drops)) / original).to(acts.dtype)
-    return _weighted(weights[None], acts[None])[0]
+    return _terms(weights[None], acts[None])[0]
 
 
 def random_map(c: CamInputs) -> torch.Tensor:
@@ -382,7 +397,8 @@ CAM_METHODS: Dict[str, CamMethod] = {
         CamMethod("kpca_cam", kpca_cam),
         CamMethod("guided_backprop", guided_backprop),
         CamMethod("guided_gradcam", guided_gradcam),
-        CamMethod("finercam", gradcam),  # Grad-CAM of its own target (domain.METHODS)
+        # Grad-CAM of its own target (domain.METHODS)
+        CamMethod("finercam", gradcam),
         CamMethod("shapleycam", shapleycam),
         CamMethod("ablationcam", None, slices=ablationcam_slices),
         CamMethod("fullgrad", fullgrad),
@@ -390,3 +406,12 @@ CAM_METHODS: Dict[str, CamMethod] = {
         CamMethod("random", random_map),
     )
 }
+
+
+def finish_map(method: CamMethod, out: torch.Tensor, eigen_smooth: bool) -> torch.Tensor:
+    """A method's map from what it computed for n images: the terms summed over the channels,
+    or with ``eigen_smooth`` their first principal component (oriented to correlate with that
+    sum); a map as it is."""
+    if not method.terms:
+        return out
+    return principal_component(out, out.sum(dim=1)) if eigen_smooth else out.sum(dim=1)

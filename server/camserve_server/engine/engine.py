@@ -43,6 +43,7 @@ from .cams import (
     CamInputs,
     SliceInputs,
     bias_layers,
+    finish_map,
     guided_output,
 )
 from .device import DataPath, Staged, key
@@ -421,13 +422,14 @@ class Engine:
             for method, rank, layer in _order(spec, targets[i]):
                 if CAM_METHODS[method].slices is None:
                     key = (method, rank, layer, spec.counterfactual, spec.signed,
-                           spec.kind(method) == "finer")
+                           spec.kind(method) == "finer", spec.eigen_smooth)
                     groups.setdefault(key, []).append(i)
         computed: Dict[tuple, np.ndarray] = {}
         maps: List[tuple] = []  # (rows, method, rank, layer, cams on the device)
         silent: List[torch.Tensor] = []  # per group, per row: 1 where the gradient is all 0
         with torch.no_grad():
-            for (method, rank, layer, counterfactual, signed, finer), rows in groups.items():
+            for (method, rank, layer, counterfactual, signed, finer, smooth), rows in \
+                    groups.items():
                 index = torch.tensor(rows, device=x.device)
                 grads = hvp = None
                 sign = -1.0 if counterfactual else 1.0
@@ -438,14 +440,14 @@ class Engine:
                                             .float())
                 silent.append(torch.zeros(len(rows), device=x.device) if grads is None
                               else grads.flatten(1).abs().amax(dim=1).eq(0).float())
-                cams = CAM_METHODS[method].compute(CamInputs(
+                cams = finish_map(CAM_METHODS[method], CAM_METHODS[method].compute(CamInputs(
                     activations=self._grid(layer, acts[layer][index]), gradients=grads,
                     inputs=x[index],
                     targets=torch.tensor([targets[i][rank] for i in rows], device=x.device),
                     forward=self.forward,
                     guided=(guided[rank]["input"][index] if CAM_METHODS[method].guided
                             else None),
-                    hvp=hvp, **_full_gradients(full, rank, rows, method)))
+                    hvp=hvp, **_full_gradients(full, rank, rows, method))), smooth)
                 if not signed:
                     cams = torch.relu(cams)
                 maps.append((rows, method, rank, layer, cams))
@@ -475,6 +477,7 @@ class Engine:
                     replaced=self._replaced(layer, x),
                     original=torch.from_numpy(logits)[None].to(x.device),
                     max_channels=spec.score_cam_channels, chunk=self._chunk))
+                cam = finish_map(CAM_METHODS[method], cam[None], spec.eigen_smooth)[0]
                 raw = (cam if spec.signed else torch.relu(cam)).float().cpu().numpy()
             maps.append(MapResult(method, targets[rank], layer, raw,
                                   target_kind=spec.kind(method),
