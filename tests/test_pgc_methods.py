@@ -201,6 +201,8 @@ def test_guided_methods_cost_their_own_forward_and_full_backward():
                          targets=(1, 2))
     assert guided.cost == plain.cost + 1 + 2 * 2  # a forward, two full backwards
     assert ExplainSpec(methods=("guided_backprop",), layers=("x",)).cost == 1 + 3
+    # aug_smooth: the 6 copies' explanations besides the item's own
+    assert ExplainSpec(methods=("gradcam",), layers=("x",), aug_smooth=True).cost == 7 * 2
     # AblationCAM: a forward per channel, as Score-CAM
     assert ExplainSpec(methods=("ablationcam", "scorecam"), layers=("x",),
                        score_cam_channels=8).extra_cost == 2 * 8
@@ -322,17 +324,57 @@ def test_eigen_smooth_on_the_vit(vit):
     _compare_smoothed(explained, model, info.default_layer, x, 3, reshape)
 
 
-@pytest.mark.parametrize("name", ["eigencam", "guided_gradcam", "fullgrad", "kpca_cam"])
-def test_eigen_smooth_refused_where_the_map_is_no_channel_sum(resnet_server, images, name):
+# aug_smooth, against pytorch-grad-cam's aug_smooth=True (its final heatmaps): the methods
+# whose sign is no principal component's (EigenCAM's and EigenGradCAM's are LAPACK's there).
+AUGMENTED = {"gradcam": "GradCAM", "gradcam_plus_plus": "GradCAMPlusPlus",
+             "layercam": "LayerCAM", "hirescam": "HiResCAM",
+             "gradcam_elementwise": "GradCAMElementWise", "fem": "FEM", "kpca_cam": "KPCA_CAM"}
+
+
+def _compare_augmented(explained, model, layer, x, target, reshape=None):
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    for name, cls in AUGMENTED.items():
+        module = model.get_submodule(layer)
+        with getattr(pytorch_grad_cam, cls)(model, [module], reshape_transform=reshape) as cam:
+            theirs = cam(x.clone(), [ClassifierOutputTarget(target)] * len(x), aug_smooth=True)
+        for e, expected in zip(explained, theirs):
+            got = e.map(name).raw
+            assert got.shape == expected.shape == x.shape[-2:]
+            np.testing.assert_allclose(got, expected, rtol=0, atol=_tolerance(expected),
+                                       err_msg=f"{name} aug_smooth at {layer}")
+
+
+def test_aug_smooth_equals_pytorch_grad_cam(resnet_server, resnet_weights, images):
+    _, client = resnet_server
+    card = client.model_info()
+    explained = client.explain_many(images, method=list(AUGMENTED), layer="layer4",
+                                    target=285, aug_smooth=True)
+    x = ref.normalise(np.stack(images), card.mean, card.std)
+    _compare_augmented(explained, ref.resnet18(resnet_weights), "layer4", x, 285)
+
+
+def test_aug_smooth_on_the_vit(vit):
+    client, info, model, reshape, images = vit
+    explained = client.explain_many(images, method=list(AUGMENTED), target=3, aug_smooth=True)
+    x = ref.normalise(np.stack(images), info.mean, info.std)
+    _compare_augmented(explained, model, info.default_layer, x, 3, reshape)
+
+
+@pytest.mark.parametrize("option, name", [
+    *(("eigen_smooth", n) for n in ("eigencam", "guided_gradcam", "fullgrad", "kpca_cam")),
+    *(("aug_smooth", n) for n in ("scorecam", "ablationcam", "guided_backprop", "fullgrad"))])
+def test_smoothing_refused_where_it_does_not_apply(resnet_server, images, option, name):
     from camserve import CamserveError
 
     _, client = resnet_server
     with pytest.raises(CamserveError) as caught:
-        client.explain(images[0], method=["gradcam", name], eigen_smooth=True)
+        client.explain(images[0], method=["gradcam", name], **{option: True})
     error = caught.value
     assert error.code.name == "INVALID_ARGUMENT" and error.reason == "NOT_APPLICABLE"
     assert f"CAM_METHOD_{name.upper()}" in error.details
-    assert "unset options.eigen_smooth" in error.details
+    assert f"unset options.{option}" in error.details
 
 
 def test_target_kinds_are_one_list():
@@ -377,8 +419,10 @@ def test_items_of_other_target_kinds_share_a_batch(resnet_weights, images):
                  ExplainSpec(methods=("gradcam", "eigengradcam"), layers=("layer4",),
                              targets=(3,), target_kind="softmax", counterfactual=True),
                  ExplainSpec(methods=("gradcam", "layercam"), layers=("layer4",),
-                             targets=(3,), eigen_smooth=True)]
-        pixels = [*images, images[0]]
+                             targets=(3,), eigen_smooth=True),
+                 ExplainSpec(methods=("gradcam", "fem"), layers=("layer4",),
+                             top_targets=2, aug_smooth=True, target_kind="rest")]
+        pixels = [*images, images[0], images[1]]
         together = engine.run([WorkItem(p, s) for p, s in zip(pixels, specs)])
         for image, spec, result in zip(pixels, specs, together):
             alone = engine.run([WorkItem(image, spec)])[0]

@@ -186,7 +186,7 @@ def predict_options(top_k: int = 5) -> pb.PredictOptions:
 
 ADVANCED = {"top_targets": 0, "counterfactual": False, "signed": False,
             "score_cam_channels": 0, "faithfulness_steps": 0, "target_kind": "logit",
-            "eigen_smooth": False}
+            "eigen_smooth": False, "aug_smooth": False}
 
 
 def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "gradcam",
@@ -197,7 +197,8 @@ def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "
 
     ``target``, ``method`` and ``layer`` each take one value or a list. ``advanced``:
     top_targets, counterfactual, signed, score_cam_channels, faithfulness_steps, target_kind
-    (a name of camserve.target_kind_names(): "logit", "softmax", "rest"...), eigen_smooth."""
+    (a name of camserve.target_kind_names(): "logit", "softmax", "rest"...), eigen_smooth,
+    aug_smooth."""
     unknown = sorted(set(advanced) - set(ADVANCED))
     if unknown:
         raise invalid(f"unknown explain options {unknown}; choose from {', '.join(ADVANCED)}",
@@ -227,6 +228,7 @@ def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "
         raise invalid(str(exc), reasons.INVALID_OPTION) from None
     return pb.ExplainOptions(
         target_kind=kind, eigen_smooth=bool(fields["eigen_smooth"]),
+        aug_smooth=bool(fields["aug_smooth"]),
         targets=[_target(t) for t in targets], methods=method_enums, layers=layers,
         outputs=[OUTPUTS[o] for o in outputs], top_k=check_top_k(top_k),
         top_targets=fields["top_targets"], counterfactual=bool(fields["counterfactual"]),

@@ -196,7 +196,7 @@ def cmd_explain(client: Client, args) -> int:
             layer=args.layer or None, outputs=("raw", "heatmap", "overlay_png"),
             top_k=args.top_k, counterfactual=args.counterfactual,
             score_cam_channels=args.score_cam_channels, target_kind=args.target_kind,
-            eigen_smooth=args.eigen_smooth)
+            eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth)
 
     for path, exp in _each(args.images, call, progress, errors):
         written = _write(out, path, exp, args.grid)
@@ -588,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--eigen-smooth", action="store_true",
                          help="the first principal component of each map's terms instead of "
                          "their sum (methods whose map is a sum over channels)")
+    explain.add_argument("--aug-smooth", action="store_true",
+                         help="the mean heatmap of 6 flipped and scaled copies of each image "
+                         "(test-time augmentation, one more batch)")
     explain.add_argument("--counterfactual", action="store_true",
                          help="negated gradients: regions whose removal would raise the score")
     explain.add_argument("--score-cam-channels", type=int, default=0, metavar="N",

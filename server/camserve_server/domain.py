@@ -120,6 +120,11 @@ METHODS: Dict[str, MethodTraits] = {
 TARGET_KINDS = ("logit", "softmax", "rest", "raw_scores", "finer")
 
 
+# aug_smooth's copies of an image, as pytorch-grad-cam's default test-time augmentation
+# (ttach: HorizontalFlip x Multiply([0.9, 1, 1.1]) on the normalised input): (flipped, factor).
+AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (1.0, 0.9, 1.1))
+
+
 # --- a request, once validated ---------------------------------------------------------------
 
 
@@ -150,6 +155,7 @@ class ExplainSpec:
     faithfulness_steps: int = 0  # deletion/insertion scores in this many steps (0: off)
     target_kind: str = "logit"  # the score explained (TARGET_KINDS)
     eigen_smooth: bool = False  # the terms' first principal component instead of their sum
+    aug_smooth: bool = False  # the mean heatmap of 6 flipped and scaled copies (AUGMENTATIONS)
 
     def kind(self, method: str) -> str:
         """The score ``method``'s maps explain: its own target, or the spec's."""
@@ -189,7 +195,9 @@ class ExplainSpec:
         backward = self.ranks if any(METHODS[m].needs_backward for m in self.methods) else 0
         full = 1 + 2 * self.ranks  # a pass of their own: a forward, a full backward per rank
         passes = self.guided + any(METHODS[m].full_gradient for m in self.methods)
-        return 1 + backward + passes * full + self.extra_cost
+        one = 1 + backward + passes * full
+        # aug_smooth: the copies' explanations too, in the same batch
+        return one * (1 + len(AUGMENTATIONS) if self.aug_smooth else 1) + self.extra_cost
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,8 @@ class CombinedMap(_message.Message):
     def __init__(self, target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layers: _Optional[_Iterable[str]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ...) -> None: ...
 
 class ExplainOptions(_message.Message):
-    __slots__ = ["counterfactual", "eigen_smooth", "faithfulness_steps", "keep_sign", "layers", "methods", "outputs", "score_cam_channels", "target_kind", "targets", "top_k", "top_targets"]
+    __slots__ = ["aug_smooth", "counterfactual", "eigen_smooth", "faithfulness_steps", "keep_sign", "layers", "methods", "outputs", "score_cam_channels", "target_kind", "targets", "top_k", "top_targets"]
+    AUG_SMOOTH_FIELD_NUMBER: _ClassVar[int]
     COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
     EIGEN_SMOOTH_FIELD_NUMBER: _ClassVar[int]
     FAITHFULNESS_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +169,7 @@ class ExplainOptions(_message.Message):
     TARGET_KIND_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    aug_smooth: bool
     counterfactual: bool
     eigen_smooth: bool
     faithfulness_steps: int
@@ -180,7 +182,7 @@ class ExplainOptions(_message.Message):
     targets: _containers.RepeatedCompositeFieldContainer[Target]
     top_k: int
     top_targets: int
-    def __init__(self, methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., top_targets: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., counterfactual: bool = ..., keep_sign: bool = ..., score_cam_channels: _Optional[int] = ..., faithfulness_steps: _Optional[int] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ..., eigen_smooth: bool = ...) -> None: ...
+    def __init__(self, methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., top_targets: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., counterfactual: bool = ..., keep_sign: bool = ..., score_cam_channels: _Optional[int] = ..., faithfulness_steps: _Optional[int] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ["images", "options"]

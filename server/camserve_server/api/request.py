@@ -142,6 +142,22 @@ def _eigen_smooth(value: bool, methods: Sequence[str], field: str) -> bool:
     return value
 
 
+def _aug_smooth(value: bool, methods: Sequence[str], field: str) -> bool:
+    """aug_smooth, for methods whose maps are at the layer's grid from one forward only."""
+    def fits(m: str) -> bool:
+        return not (METHODS[m].input_resolution or METHODS[m].channel_forwards)
+
+    other = [m for m in methods if not fits(m)]
+    if value and other:
+        raise InvalidArgument(
+            f"{field} averages the heatmaps of 6 copies of the image, and "
+            f"{_method_enum(other[0])} has its own resolution or runs a forward per channel: "
+            f"unset {field}, or ask for one of "
+            f"{', '.join(_method_enum(m) for m in METHODS if fits(m))}", field=field,
+            reason="NOT_APPLICABLE")
+    return value
+
+
 def _layer(name: str, model: ModelCard, field: str) -> str:
     if not model.layers:
         raise FailedPrecondition(f"the model {model.name} has no explainable layer, so it serves "
@@ -264,7 +280,9 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
                        target_kind=_target_kind(options.target_kind, methods,
                                                 f"{f}target_kind"),
                        eigen_smooth=_eigen_smooth(options.eigen_smooth, methods,
-                                                  f"{f}eigen_smooth"))
+                                                  f"{f}eigen_smooth"),
+                       aug_smooth=_aug_smooth(options.aug_smooth, methods,
+                                              f"{f}aug_smooth"))
     if spec.cost > limits.max_item_cost:
         raise InvalidArgument(
             f"this explanation costs about {spec.cost:,} forwards per image ({maps} maps"

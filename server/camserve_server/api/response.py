@@ -122,7 +122,8 @@ def explain_bound(plan: ExplainPlan, size: Tuple[int, int], card: ModelCard) -> 
     spec, outputs = plan.spec, plan.outputs
     total = 1024 + plan.top_k * 64 + plan.maps * 256
     if outputs.raw_map:
-        guided = sum(METHODS[m].input_resolution for m in spec.methods)  # at the input's size
+        guided = len(spec.methods) if spec.aug_smooth else sum(  # maps at the input's size
+            METHODS[m].input_resolution for m in spec.methods)
         grids = sum(5 * card.layer(name).height * card.layer(name).width + 16
                     for name in spec.layers)
         pixels = len(spec.layers) * (5 * card.input_size[0] * card.input_size[1] + 16)

@@ -32,9 +32,18 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..domain import SLICE_FORWARDS, ExplainSpec, ItemResult, Job, MapResult, WorkItem
+from ..domain import (
+    AUGMENTATIONS,
+    SLICE_FORWARDS,
+    ExplainSpec,
+    ItemResult,
+    Job,
+    MapResult,
+    WorkItem,
+)
 from ..errors import BatchFailed, OutOfMemory, ServiceError, StartupError
 from . import faithfulness
 from .cams import (
@@ -295,6 +304,9 @@ class Engine:
         self._no_gradient = set()  # (item, method, rank, layer) whose gradient is all zero
         computed, (logits, probs) = self._maps(specs, targets, acts, gradients, x,
                                                _outputs(logits.detach()), guided, full)
+        silent = self._no_gradient
+        self._augmented(specs, targets, x, computed)
+        self._no_gradient = silent
         answers: List[Answer] = []
         for i, item in enumerate(items):
             spec = item.explain
@@ -356,6 +368,40 @@ class Engine:
                 grads = [g.detach() for g in grads]
             _accumulate(out, (rank, finer), layers, grads)
         return out
+
+    def _augmented(self, specs, targets, x, computed) -> None:
+        """aug_smooth (pytorch-grad-cam's forward_augmentation_smoothing): each such item's
+        copies (AUGMENTATIONS: flipped, scaled, all of them in one more batch) explained for
+        the item's own targets; each copy's map after its ReLU min-max scaled at the layer's
+        grid, resized to the input, scaled again (pytorch-grad-cam's two scale_cam_image),
+        flipped back; the item's map the mean of its copies' (at the input's size)."""
+        rows = [i for i, spec in specs.items() if spec.aug_smooth]
+        if not rows:
+            return
+        copies, inputs = [], []
+        for i in rows:
+            spec = dataclasses.replace(specs[i], aug_smooth=False, targets=tuple(targets[i]),
+                                       faithfulness_steps=0)
+            for flip, factor in AUGMENTATIONS:
+                inputs.append((x[i].flip(-1) if flip else x[i]) * factor)
+                copies.append(WorkItem(pixels=None, explain=spec))
+        stacked = torch.stack(inputs).contiguous(memory_format=torch.channels_last)
+        answers = self._explain(copies, stacked, stacked, list(range(len(copies))))
+        size = tuple(x.shape[-2:])
+        smoothed: Dict[tuple, np.ndarray] = {}
+        for n, i in enumerate(rows):
+            mine = answers[n * len(AUGMENTATIONS):(n + 1) * len(AUGMENTATIONS)]
+            if any(not isinstance(a, ItemResult) for a in mine):
+                continue  # not finite: the item's own maps stay, and answer for it
+            for (flip, _), answer in zip(AUGMENTATIONS, mine):
+                for m in answer.maps:
+                    heat = _scale(torch.relu(torch.from_numpy(m.raw)))
+                    heat = _scale(F.interpolate(heat[None, None], size=size, mode="bilinear",
+                                                align_corners=False)[0, 0])
+                    heat = heat.flip(-1) if flip else heat
+                    key = (i, m.method, targets[i].index(m.target), m.layer)
+                    smoothed[key] = smoothed.get(key, 0) + heat.numpy() / len(AUGMENTATIONS)
+        computed.update(smoothed)
 
     def _input_pass(self, x, rows, specs, targets, guide: bool = False,
                     biases: bool = False) -> List[dict]:
@@ -507,6 +553,12 @@ def finish(answer: Answer) -> Union[ItemResult, BatchFailed]:
             next(answer)
         except StopIteration as done:
             return done.value
+
+
+def _scale(cam: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's scale_cam_image: (x - min) / (1e-7 + max of that)."""
+    cam = cam - cam.min()
+    return cam / (1e-7 + cam.max())
 
 
 def _full_gradients(full, rank: int, rows, method: str) -> dict:
