@@ -377,6 +377,51 @@ def test_smoothing_refused_where_it_does_not_apply(resnet_server, images, option
     assert f"unset options.{option}" in error.details
 
 
+def tiny_multilabel():
+    """The tiny model as a multi-label classifier (served as python:test_pgc_methods:
+    tiny_multilabel): its output_activation says so."""
+    from tiny_models import tiny_cnn
+
+    model = tiny_cnn()
+    model.output_activation = "sigmoid"
+    return model
+
+
+def test_a_multilabel_model_answers_sigmoids_and_explains_them(images):
+    """Predict's probabilities are a sigmoid per class (they need not sum to 1); the sigmoid
+    target's Grad-CAM equals pytorch-grad-cam's with sigmoid(logit) as its target; the softmax
+    kinds are refused there, and the sigmoid kind on a softmax model."""
+    from camserve import CamserveError
+
+    model = tiny_multilabel().eval()
+    with running(model="python:test_pgc_methods:tiny_multilabel", max_delay_ms=1) as (_, client):
+        info = client.model_info()
+        x = ref.normalise(np.stack(images), info.mean, info.std)
+        with torch.no_grad():
+            expected = torch.sigmoid(model(x)).numpy()
+        predicted = client.predict_many(images, top_k=len(info.labels))
+        for p, probabilities in zip(predicted, expected):
+            for c in p.top:
+                assert c.probability == pytest.approx(float(probabilities[c.index]), abs=1e-5)
+            assert sum(c.probability for c in p.top) != pytest.approx(1.0, abs=1e-3)
+        explained = client.explain_many(images, method="gradcam", target=4,
+                                        target_kind="sigmoid", signed=True)
+        targets = [lambda output: torch.sigmoid(output[..., 4])] * len(images)
+        theirs = ref.pytorch_grad_cam_called("GradCAM", model, "features", x, targets)
+        for e, want in zip(explained, theirs):
+            assert e.map().target_kind == "sigmoid"
+            np.testing.assert_allclose(e.map().raw, want, rtol=0, atol=_tolerance(want))
+        with pytest.raises(CamserveError) as caught:
+            client.explain(images[0], target_kind="softmax")
+        assert caught.value.reason == "NOT_APPLICABLE"
+        assert "TARGET_KIND_SIGMOID" in caught.value.details
+    with running(model="python:tiny_models:tiny_cnn", max_delay_ms=1) as (_, client):
+        with pytest.raises(CamserveError) as caught:
+            client.explain(images[0], target_kind="sigmoid")
+        assert caught.value.reason == "NOT_APPLICABLE"
+        assert "TARGET_KIND_SOFTMAX" in caught.value.details
+
+
 def test_target_kinds_are_one_list():
     from camserve import target_kind_names
     from camserve_server.domain import TARGET_KINDS

@@ -46,6 +46,8 @@ class ModelCard:
     # The model has ReLU (or ReLU6) modules, whose backward guided backpropagation guides: the
     # guided methods serve it (a GELU-only transformer has none).
     guided: bool = False
+    # "softmax" or "sigmoid" (multi-label): how the logits become the answers' probabilities
+    output_activation: str = "softmax"
 
     @property
     def num_classes(self) -> int:
@@ -117,7 +119,10 @@ METHODS: Dict[str, MethodTraits] = {
 
 # The scores of a class that a map can explain (the proto enum TargetKind's values, lower-cased
 # without their prefix; ``engine/targets.py`` computes them).
-TARGET_KINDS = ("logit", "softmax", "rest", "raw_scores", "finer")
+TARGET_KINDS = ("logit", "softmax", "rest", "raw_scores", "finer", "sigmoid")
+# The target kinds that read the logits as one softmax over the classes: a sigmoid
+# (multi-label) model's logits are not that
+SOFTMAX_KINDS = ("softmax", "rest", "finer")
 
 
 # aug_smooth's copies of an image, as pytorch-grad-cam's default test-time augmentation

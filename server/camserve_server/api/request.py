@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from camserve.methods import method_name, target_kind_name
 from camserve.v1 import camserve_pb2 as pb
 
-from ..domain import METHODS, TARGET_KINDS, ExplainSpec, ModelCard, Outputs, RawPixels, Source
+from ..domain import (
+    METHODS,
+    SOFTMAX_KINDS,
+    TARGET_KINDS,
+    ExplainSpec,
+    ModelCard,
+    Outputs,
+    RawPixels,
+    Source,
+)
 from ..errors import FailedPrecondition, InvalidArgument, ServiceError, quote
 
 if TYPE_CHECKING:
@@ -111,7 +120,7 @@ def _method_enum(name: str) -> str:
     return "CAM_METHOD_" + name.upper()
 
 
-def _target_kind(value: int, methods: Sequence[str], field: str) -> str:
+def _target_kind(value: int, methods: Sequence[str], field: str, model: ModelCard) -> str:
     """The TargetKind's name (UNSPECIFIED: logit), checked against the methods."""
     if value not in pb.TargetKind.values():
         raise InvalidArgument(f"{field} is {value}, not a TargetKind; choose from "
@@ -119,6 +128,18 @@ def _target_kind(value: int, methods: Sequence[str], field: str) -> str:
                               reason="INVALID_OPTION")
     kind = target_kind_name(value)
     assert kind in TARGET_KINDS, kind
+    sigmoid = model.output_activation == "sigmoid"
+    if kind == "sigmoid" and not sigmoid:
+        raise InvalidArgument(
+            f"{field} TARGET_KIND_SIGMOID is a multi-label model's probability, and "
+            f"{model.name}'s outputs are one softmax over its classes: ask for "
+            "TARGET_KIND_SOFTMAX (or LOGIT), or serve a multi-label model", field=field,
+            reason="NOT_APPLICABLE")
+    if sigmoid and kind in SOFTMAX_KINDS:
+        raise InvalidArgument(
+            f"{field} TARGET_KIND_{kind.upper()} reads the logits as one softmax over the "
+            f"classes, and {model.name} is multi-label (a sigmoid per class): ask for "
+            "TARGET_KIND_SIGMOID (or LOGIT)", field=field, reason="NOT_APPLICABLE")
     for name in methods:
         own = METHODS[name].target_kind
         if own and kind not in ("logit", own):
@@ -278,7 +299,7 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
                        counterfactual=options.counterfactual, signed=options.keep_sign,
                        score_cam_channels=channels, faithfulness_steps=steps,
                        target_kind=_target_kind(options.target_kind, methods,
-                                                f"{f}target_kind"),
+                                                f"{f}target_kind", model),
                        eigen_smooth=_eigen_smooth(options.eigen_smooth, methods,
                                                   f"{f}eigen_smooth"),
                        aug_smooth=_aug_smooth(options.aug_smooth, methods,

@@ -93,6 +93,7 @@ class Engine:
     def __init__(self, model: LoadedModel, precision: str = "fp32") -> None:
         self.model = model
         self._chunk = SLICE_FORWARDS  # images per extra forward (Score-CAM, faithfulness)
+        self._activation = model.card.output_activation
         device = model.device
         check_precision(precision, device)
         self.precision = precision
@@ -265,7 +266,7 @@ class Engine:
             with torch.inference_mode(), self._autocast():
                 logits = self.model.module(x)
             self._stage_upcoming(upcoming)
-            logits, probs = self._data.to_host(_outputs(logits))
+            logits, probs = self._data.to_host(_outputs(logits, self._activation))
             return [_result(logits[i], probs[i], ()) for i in range(len(items))]
         return self._explain(items, pixels, x, explaining, upcoming)
 
@@ -303,7 +304,8 @@ class Engine:
             biases=True)
         self._no_gradient = set()  # (item, method, rank, layer) whose gradient is all zero
         computed, (logits, probs) = self._maps(specs, targets, acts, gradients, x,
-                                               _outputs(logits.detach()), guided, full)
+                                               _outputs(logits.detach(), self._activation),
+                                               guided, full)
         silent = self._no_gradient
         self._augmented(specs, targets, x, computed)
         self._no_gradient = silent
@@ -534,7 +536,7 @@ class Engine:
             for m in maps:
                 deletion, insertion = yield from faithfulness.score_slices(
                     self.forward, self.normalise, pixels, torch.from_numpy(m.raw), m.target,
-                    steps, self._chunk)
+                    steps, self._chunk, self._activation)
                 scored.append(dataclasses.replace(m, deletion=deletion, insertion=insertion,
                                                   steps=steps))
             maps = scored
@@ -587,11 +589,12 @@ def _accumulate(out: Dict[tuple, dict], key: tuple, layers, grads) -> None:
         out[key] = {layer: out[key][layer] + g for layer, g in zip(layers, grads)}
 
 
-def _outputs(logits: torch.Tensor):
+def _outputs(logits: torch.Tensor, activation: str = "softmax"):
     """Logits and probabilities of a batch, on the device (``DataPath.to_host`` brings
-    them back)."""
+    them back): a softmax over the classes, or for a multi-label model a sigmoid each."""
     logits = logits.float()
-    return logits, torch.softmax(logits, dim=1)
+    return logits, torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(
+        logits, dim=1)
 
 
 def _result(logits: np.ndarray, probs: np.ndarray, maps) -> Union[ItemResult, BatchFailed]:

@@ -39,11 +39,12 @@ def _area(probabilities: torch.Tensor) -> float:
 
 def score_slices(forward: Callable[[torch.Tensor], torch.Tensor],
                  normalise: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
-                 raw_map: torch.Tensor, target: int, steps: int, chunk: int
-                 ) -> Generator[int, None, Tuple[float, float]]:
+                 raw_map: torch.Tensor, target: int, steps: int, chunk: int,
+                 activation: str = "softmax") -> Generator[int, None, Tuple[float, float]]:
     """(deletion, insertion) for one map, a chunk of forwards at a time: yields the number of
     images each chunk forwarded. ``pixels``: uint8 (H, W, 3) on the device; ``forward``:
-    logits of normalised inputs; ``normalise``: pixels → model input."""
+    logits of normalised inputs; ``normalise``: pixels → model input; ``activation``: the
+    probability recorded, a softmax or (a multi-label model's) a sigmoid."""
     height, width = pixels.shape[:2]
     image = pixels.float()
     saliency = F.interpolate(raw_map.float()[None, None].to(image.device), size=(height, width),
@@ -65,7 +66,9 @@ def score_slices(forward: Callable[[torch.Tensor], torch.Tensor],
                             torch.where(shown, torch.zeros_like(image), image))
         with torch.inference_mode():
             logits = forward(normalise(batch))
-        probabilities.append(torch.softmax(logits.float(), dim=1)[:, target])
+        logits = logits.float()
+        probabilities.append((torch.sigmoid(logits) if activation == "sigmoid" else
+                              torch.softmax(logits, dim=1))[:, target])
         yield index.numel()
     probabilities = torch.cat(probabilities)
     return _area(probabilities[:steps + 1]), _area(probabilities[steps + 1:])

@@ -38,6 +38,18 @@ class LoadedModel:
     load_seconds: float
 
 
+def output_activation(module: nn.Module) -> str:
+    """What the model says its outputs are: "sigmoid" when the module has an
+    ``output_activation = "sigmoid"`` attribute or a Hugging Face config whose problem_type is
+    multi_label_classification (a wrapper's inner model's too); else "softmax"."""
+    for m in (module, getattr(module, "model", None)):
+        config = getattr(m, "config", None)
+        if getattr(m, "output_activation", None) == "sigmoid" or getattr(
+                config, "problem_type", None) == "multi_label_classification":
+            return "sigmoid"
+    return "softmax"
+
+
 def load_model(spec: ModelSpec, device: Optional[torch.device] = None) -> LoadedModel:
     """Build the model the spec names, load its weights, find its labels and layers; on
     ``device``, or else CUDA's current GPU when there is one, else the CPU."""
@@ -66,6 +78,7 @@ def load_model(spec: ModelSpec, device: Optional[torch.device] = None) -> Loaded
     if spec.input_size is None and built.size_reason:
         log.info("input size %dx%d: %s", input_size[0], input_size[1], built.size_reason)
     served = [info.name for info in layers]
+    activation = spec.output_activation or output_activation(module)
     if spec.fold_batchnorm and built.hookable:
         module, folds = fold_batchnorms(module, tuple(input_size), device, keep=served)
         log.info("%d batch norms folded into their convolutions", folds)
@@ -75,6 +88,6 @@ def load_model(spec: ModelSpec, device: Optional[torch.device] = None) -> Loaded
             log.info("%d convolutions' \"same\" padding made static", pads)
     card = ModelCard(name=spec.source, labels=labels, input_size=tuple(input_size),
                      mean=tuple(mean), std=tuple(std), layers=layers, device=str(device),
-                     guided=guidable(module))
+                     guided=guidable(module), output_activation=activation)
     return LoadedModel(module=module, device=device, card=card,
                        load_seconds=time.perf_counter() - started)

@@ -50,9 +50,14 @@ def _finer(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return (weights * margin).sum(dim=1) / (weights.sum(dim=1) + 1e-9)
 
 
+def _sigmoid(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """A multi-label (sigmoid) model's probability of the class, sigmoid(z_c)."""
+    return torch.sigmoid(_logit(logits, classes))
+
+
 TARGETS: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "logit": _logit, "softmax": _softmax, "rest": _rest, "raw_scores": _raw_scores,
-    "finer": _finer,
+    "finer": _finer, "sigmoid": _sigmoid,
 }
 
 
