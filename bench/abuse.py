@@ -350,7 +350,7 @@ def _stream_client(target: str, streams: int, connections: int, period: float,
 
 
 def many_streams(target: str, quick: bool, out: Outcome) -> None:
-    """4,096 streams (the --max-streams default; 512 quick) opened at once on 8 connections,
+    """4,096 streams (4 x the --max-streams default; 512 quick) opened at once on 8 connections,
     each sending a frame a second for 20 s."""
     _streams(target, 512 if quick else 4096, 8, 1.0, 20.0, out)
 

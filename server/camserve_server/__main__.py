@@ -15,7 +15,7 @@ import threading
 from typing import Optional, Sequence
 
 from .process import logs
-from .process.settings import parse_settings
+from .process.settings import HEARTBEAT_S, parse_settings
 
 # What `pip install camserve` lacks and the server needs (camserve[server]), checked before
 # anything is imported.
@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from .errors import StartupError
     from .process.server import CamServer
-    from .process.workers import HEARTBEAT_S, become_worker, heartbeat, supervise
+    from .process.workers import become_worker, heartbeat, supervise
     logs.configure(settings.log_level, settings.log_format)
     shutdown = Shutdown()
     for signum in (signal.SIGTERM, signal.SIGINT):

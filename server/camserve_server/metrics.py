@@ -84,7 +84,9 @@ class Metrics:
                                     buckets=_BATCH, registry=r)
         self.dropped = Counter("camserve_items_dropped",
                                "Items dropped before they reached the model, by reason "
-                               "(deadline, cancelled, skipped)", ["reason"], registry=r)
+                               "(deadline, cancelled, skipped; evicted: a full queue's "
+                               "place given to an item of a higher level)", ["reason"],
+                               registry=r)
         self.batch_failures = Counter("camserve_batch_failures",
                                       "Batches (or single items) that failed, by reason",
                                       ["reason"], registry=r)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 from camserve.v1 import camserve_pb2 as pb
 
 from ..batching.batcher import Batcher
+from ..batching.levels import INTERACTIVE, LevelPool
 from ..batching.tickets import Outcome, Ticket
 from ..domain import DeferredDecode, ExplainSpec, ModelCard, Source, WorkItem
 from ..errors import Cancelled, InvalidArgument, ServiceError
@@ -69,7 +69,7 @@ class Pipeline:
     labels: req.LabelIndex
     limits: RequestLimits
     image_limits: images.Limits
-    pool: Executor  # decoding and rendering
+    pool: LevelPool  # decoding and rendering
     batching: pb.BatchingInfo  # as GetModelInfo shows it
     worker: int = 0  # this process's number among --workers (0: the only one)
     sanity: Any = None  # engine/sanity.py's SanityChecker: CheckSanity runs on it
@@ -136,9 +136,10 @@ class Pipeline:
             raise exc.at(field, f"{field} ") from None
         return DecodedImage(image, (time.perf_counter() - started) * 1000.0)
 
-    async def decode(self, source: Source, field: str, full: bool = False) -> DecodedImage:
-        """Decode and resize one image in the pool."""
-        return await self.in_pool(self.decode_here, source, field, full)
+    async def decode(self, source: Source, field: str, full: bool = False,
+                     level: int = INTERACTIVE) -> DecodedImage:
+        """Decode and resize one image in the pool, at that level (a stream frame's: STREAM)."""
+        return await self.in_pool(self.decode_here, source, field, full, level=level)
 
     async def decode_all(self, sources: Sequence[Source], full: bool = False,
                          field: str = "images") -> List[DecodedImage]:
@@ -183,8 +184,9 @@ class Pipeline:
             raise
         return [outcome(ticket) for ticket in tickets]
 
-    async def in_pool(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+    async def in_pool(self, function, *args, level: int = INTERACTIVE):
+        """``function(*args)`` on the pool's threads, whose tasks wait in priority levels."""
+        return await asyncio.wrap_future(self.pool.submit_at(level, function, *args))
 
 
 def outcome(ticket: Ticket) -> Outcome:

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from camserve.v1 import camserve_pb2 as pb
 
+from ..batching.levels import STREAM
 from ..domain import WorkItem
 from ..errors import ResourceExhausted, ServiceError, Unavailable
 from . import calls, sanity
@@ -111,7 +112,8 @@ class CamserveService:
             return rt.top_k(options.top_k or None)
 
         async def prepare(frame, top_k: int) -> Prepared:
-            d = await rt.decode(req.source(frame.image, "frame.image"), "frame.image")
+            d = await rt.decode(req.source(frame.image, "frame.image"), "frame.image",
+                                level=STREAM)
 
             async def finish(o: Outcome):
                 return resp.predict_result(o, rt.model.labels, top_k, d.image.size, d.ms,
@@ -134,13 +136,14 @@ class CamserveService:
 
         async def prepare(frame, plan: req.ExplainPlan) -> Prepared:
             d = await rt.decode(req.source(frame.image, "frame.image"), "frame.image",
-                                full=plan.outputs.overlay_format is not None)
+                                full=plan.outputs.overlay_format is not None, level=STREAM)
 
             async def finish(o: Outcome):
                 def build():
                     return resp.explain_result(o, rt.model.labels, plan, d.image.size, d.ms,
                                                rt.worker, d.image.full)
-                return await rt.in_pool(build) if plan.outputs.needs_heatmap else build()
+                return (await rt.in_pool(build, level=STREAM) if plan.outputs.needs_heatmap
+                        else build())
             return Prepared(WorkItem(d.image.pixels, plan.spec), finish)
 
         def answer(frame_id, skipped, result=None, error=None):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Optional
 
 from ..batching.batcher import Batcher, Ticket
+from ..batching.levels import STREAM
 from ..domain import WorkItem
 from ..errors import DeadlineExceeded, InvalidArgument, ServiceError
 from .calls import Call, Malformed
@@ -190,7 +191,7 @@ class StreamSession:
             return entry
         try:
             prepared = await self._prepare(frame, self._options)
-            entry.ticket = self._batcher.submit(prepared.work, self._deadline)
+            entry.ticket = self._batcher.submit(prepared.work, self._deadline, STREAM)
         except ServiceError as exc:
             entry.error = exc
             return entry

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 from ..domain import WorkItem
 from ..metrics import Metrics
+from .levels import INTERACTIVE, SHARE
 from .queue import WorkQueue
 from .tickets import Outcome, Ticket
 from .worker import DeviceWorker, RunBatch
@@ -40,7 +41,8 @@ class Batcher:
                  max_job_forwards: int = 1 << 30,
                  on_worker: Callable[[bool], None] = lambda alive: None,
                  restart_delay_s: float = 0.2, prefetch: bool = False,
-                 prepare: Optional[Sequence[Callable[[], float]]] = None) -> None:
+                 prepare: Optional[Sequence[Callable[[], float]]] = None,
+                 share: int = SHARE) -> None:
         """``run_batch`` and ``device``: one each, or a list each (one worker per device).
         With ``prefetch`` the run functions take the upcoming batch as a second argument.
         ``prepare``: one per worker, run on its thread before it takes work; a worker counts
@@ -54,7 +56,7 @@ class Batcher:
         self._queue = WorkQueue(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                                 max_queue=max_queue, max_job_forwards=max_job_forwards,
                                 metrics=metrics or Metrics(), batch_seconds=batch_seconds,
-                                workers=len(runs))
+                                workers=len(runs), share=share)
         self._abandon_jobs = threading.Event()  # set by stop(): end jobs instead of finishing
         self._workers = [DeviceWorker(d, r, p, self._queue, prefetch=prefetch,
                                       abandon_jobs=self._abandon_jobs,
@@ -69,14 +71,16 @@ class Batcher:
 
     # --- handler side ----------------------------------------------------------------------
 
-    def submit(self, work: WorkItem, deadline: Optional[float] = None) -> Ticket:
-        """Queue one item. Raises QueueFull when the queue is full and DeadlineExceeded when
-        the deadline leaves less time than the expected wait; both at once, before queueing.
+    def submit(self, work: WorkItem, deadline: Optional[float] = None,
+               level: int = INTERACTIVE) -> Ticket:
+        """Queue one item at ``level`` (``levels.py``; an item with extra forwards is always
+        EXPENSIVE). Raises QueueFull when the queue is full and DeadlineExceeded when the
+        deadline leaves less time than the expected wait; both at once, before queueing.
 
         Withdrawing (or cancelling) the returned ticket before its batch starts removes the
         item from the queue unrun.
         """
-        return self._queue.submit(work, deadline)
+        return self._queue.submit(work, deadline, level)
 
     def depth(self) -> int:
         return self._queue.depth()

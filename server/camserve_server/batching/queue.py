@@ -1,5 +1,6 @@
 """The bounded queue every device worker takes from: admission when an item is submitted, and
-again when a worker takes it, and how a worker gathers its next batch.
+again when a worker takes it, and how a worker gathers its next batch. Its items wait in
+priority levels (``levels.py``): interactive calls, then stream frames, then expensive work.
 
 Admission. A full queue refuses at once with a retry hint (``QueueFull``); so does an expensive
 item (extra forwards: Score-CAM channels, faithfulness steps) when the forwards of the queued
@@ -27,14 +28,14 @@ import contextlib
 import math
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 from ..domain import SLICE_FORWARDS, WorkItem
 from ..errors import DeadlineExceeded, QueueFull
 from ..metrics import Metrics
-from .tickets import Ticket
+from .levels import EXPENSIVE, INTERACTIVE, SHARE, Levels
+from .tickets import Ticket, resolve
 
 # After a batch of n > 1 items, wait up to this fraction of a batch's compute time (at most
 # COMPANY_WAIT_MAX_S) for n items before starting the next (--max-delay-ms 0 only).
@@ -49,6 +50,7 @@ class Pending:
     future: Ticket
     enqueued: float
     deadline: Optional[float]  # time.monotonic() value; None: no deadline
+    level: int = INTERACTIVE  # levels.py
 
     @property
     def extra(self) -> int:
@@ -64,11 +66,11 @@ class WorkQueue:
 
     def __init__(self, *, max_batch_size: int, max_delay_ms: float, max_queue: int,
                  max_job_forwards: int, metrics: Metrics, batch_seconds: float,
-                 workers: int) -> None:
+                 workers: int, share: int = SHARE) -> None:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_ms / 1000.0
         self.metrics = metrics
-        self.items: Deque[Pending] = deque()
+        self.items = Levels(share)
         self.cond = threading.Condition()
         self.job_forwards = 0  # extra forwards of the queued items and the jobs, not yet run
         self.stopping = threading.Event()
@@ -84,24 +86,33 @@ class WorkQueue:
 
     # --- handler side ----------------------------------------------------------------------
 
-    def submit(self, work: WorkItem, deadline: Optional[float] = None) -> Ticket:
+    def submit(self, work: WorkItem, deadline: Optional[float] = None,
+               level: int = INTERACTIVE) -> Ticket:
         """Queue one item (see :meth:`Batcher.submit`)."""
         now = time.monotonic()
         extra = work.explain.extra_cost if work.explain is not None else 0
+        if extra:
+            level = EXPENSIVE
         if deadline is not None:
-            expected = self.expected_wait(extra)
+            expected = self.expected_wait(extra, level)
             if deadline - now < expected:
                 self.metrics.dropped.labels("deadline").inc()
                 raise DeadlineExceeded(
                     f"the deadline leaves {max(0.0, deadline - now) * 1000:.0f} ms, and this "
                     f"server needs about {expected * 1000:.0f} ms to answer now; allow more "
                     "time (the call's timeout)")
-        pending = Pending(work, Ticket(), now, deadline)
+        pending = Pending(work, Ticket(), now, deadline, level)
+        evicted = None
         with self.cond:
             if len(self.items) >= self._max_queue:
-                retry = self.expected_wait()
-                raise QueueFull(f"the server is busy: {len(self.items)} items are waiting; "
-                                f"retry in {retry * 1000:.0f} ms", retry_after_s=retry)
+                evicted = self.items.newest_below(level)
+                if evicted is None:
+                    retry = self.expected_wait(level=level)
+                    raise QueueFull(f"the server is busy: {len(self.items)} items are "
+                                    f"waiting; retry in {retry * 1000:.0f} ms",
+                                    retry_after_s=retry)
+                self.items.remove(evicted)
+                self.job_forwards -= evicted.extra
             if extra and self.job_forwards + extra > self._max_job_forwards:
                 retry = self.job_forwards * self.forward_seconds
                 raise QueueFull(f"the server is busy with {self.job_forwards} forwards of "
@@ -110,6 +121,13 @@ class WorkQueue:
             self.items.append(pending)
             self.job_forwards += extra
             self.cond.notify()
+        if evicted is not None:  # a full queue: the newest item of a lower level makes room
+            self.metrics.dropped.labels("evicted").inc()
+            retry = self.expected_wait(level=evicted.level)
+            resolve(evicted.future, exception=QueueFull(
+                f"the server is busy: {self._max_queue} items are waiting, and this one gave "
+                f"its place to a call of a higher priority; retry in {retry * 1000:.0f} ms",
+                retry_after_s=retry))
         pending.future.add_done_callback(lambda f: f.cancelled() and self._forget(pending))
         return pending.future
 
@@ -135,12 +153,14 @@ class WorkQueue:
         finally:
             self.arriving_items -= items
 
-    def expected_wait(self, extra_forwards: int = 0) -> float:
-        """Seconds until an item queued now (with that many extra forwards) would be
-        answered: the batches ahead, a slice of the jobs' between each, and for an expensive
-        item the jobs' forwards ahead, which it shares the worker with, and its own."""
+    def expected_wait(self, extra_forwards: int = 0, level: int = INTERACTIVE) -> float:
+        """Seconds until an item of ``level`` queued now (with that many extra forwards)
+        would be answered: the batches ahead of it (its level and those above), a slice of
+        the jobs' between each, and for an expensive item the jobs' forwards ahead, which it
+        shares the worker with, and its own."""
         workers = self._workers
-        batches_ahead = math.ceil((len(self.items) // self.max_batch_size + 1) / workers)
+        ahead = self.items.ahead(level)
+        batches_ahead = math.ceil((ahead // self.max_batch_size + 1) / workers)
         wait = self.batch_seconds * batches_ahead
         if self.job_forwards:
             wait += batches_ahead * SLICE_FORWARDS * self.forward_seconds
@@ -166,7 +186,8 @@ class WorkQueue:
             finally:
                 self.idle_workers -= 1
             if self.max_delay_s > 0:
-                closes, want = self.items[0].enqueued + self.max_delay_s, self.max_batch_size
+                closes = self.items.oldest().enqueued + self.max_delay_s
+                want = self.max_batch_size
             else:
                 # The last batch had company: its callers are likely sending again. Wait a
                 # fraction of a batch's time for as many items, so that closed-loop callers

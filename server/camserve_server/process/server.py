@@ -21,7 +21,6 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -39,6 +38,7 @@ from ..api.pipeline import Pipeline, RequestLimits
 from ..api.request import LabelIndex
 from ..api.servicer import SERVICE, CamserveService
 from ..batching.batcher import Batcher
+from ..batching.levels import LevelPool
 from ..domain import ExplainSpec, WorkItem
 from ..engine.spec import ModelSpec
 from ..errors import StartupError
@@ -143,8 +143,7 @@ class CamServer:
         self._engines = []  # one per device
         self._batcher: Optional[Batcher] = None
         self._sanity = None  # engine/sanity.py's SanityChecker, once loaded
-        self._pool = ThreadPoolExecutor(max_workers=decode_threads(settings),
-                                        thread_name_prefix="camserve-decode")
+        self._pool = LevelPool(decode_threads(settings), "camserve-decode")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="camserve-grpc",
                                         daemon=True)

@@ -184,7 +184,7 @@ class Settings:
     torch_threads: int = setting(0, "torch's intra-op threads per engine (0: the cores divided "
                                  "by --workers and by the CPU engines that --device lists)",
                                  parse=int, check=_between(0))
-    max_streams: int = setting(4096, "open streams beyond this are refused with "
+    max_streams: int = setting(1024, "open streams beyond this are refused with "
                                "RESOURCE_EXHAUSTED and a retry hint", parse=int,
                                check=_between(1))
     stream_idle_s: float = setting(30.0, "close a stream that sent no frame this long after "

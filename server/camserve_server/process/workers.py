@@ -51,7 +51,7 @@ import time
 from typing import Dict, Optional, Sequence, Tuple
 
 from .metrics import SupervisorMetrics
-from .settings import HEARTBEAT_S, Settings
+from .settings import Settings
 
 log = logging.getLogger("camserve_server.workers")
 
