@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Deque, Iterable, List
 
 INTERACTIVE, STREAM, EXPENSIVE = 0, 1, 2
-LEVELS = ("interactive", "stream", "expensive")  # by level, for logs and metrics
+LEVELS = ("interactive", "stream", "expensive")  # their names, by level
 SHARE = 4  # a waiting lower level's next item goes first once this many were taken above it
 
 
@@ -59,7 +59,7 @@ class Levels:
             yield from level
 
     def oldest(self):
-        """The item that has waited longest (an IndexError when there is none)."""
+        """The item that has waited longest (a ValueError when there is none)."""
         return min((level[0] for level in self._levels if level), key=lambda i: i.enqueued)
 
     def ahead(self, level: int) -> int:
