@@ -27,6 +27,9 @@ if str(TESTS) not in sys.path:  # so servers can load python:tiny_models:tiny_cn
     sys.path.insert(0, str(TESTS))
 
 TINY = "python:tiny_models:tiny_cnn"
+# Servers the tests start serve no HTTP unless a test asks (--http-port's default, 8000, is one
+# port for all of them): subprocesses through the environment, CamServer through running().
+os.environ.setdefault("CAMSERVE_HTTP_PORT", "off")
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -111,6 +114,7 @@ class ServerProcess:
 @contextlib.contextmanager
 def running(**overrides) -> Iterator[Tuple[CamServer, Client]]:
     """A real server on a free port, and a client connected to it."""
+    overrides.setdefault("http_port", None)
     server = CamServer(Settings(host="127.0.0.1", port=0, **overrides))
     port = server.start()
     try:
@@ -184,3 +188,16 @@ def tiny_server():
     with running(model=TINY, max_delay_ms=50, max_image_bytes=200_000,
                  max_images_per_request=10, max_score_cam_channels=8) as pair:
         yield pair
+
+
+def record_levels(batcher, monkeypatch) -> list:
+    """The queue level of every item submitted to ``batcher`` from now on, in order."""
+    levels = []
+    submit = batcher.submit
+
+    def recording(work, deadline=None, level=0, caller="", admit=1):
+        levels.append(level)
+        return submit(work, deadline, level, caller, admit)
+
+    monkeypatch.setattr(batcher, "submit", recording)
+    return levels

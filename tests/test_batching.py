@@ -225,17 +225,17 @@ def test_a_lone_call_is_decoded_by_the_idle_worker_with_the_pools_answer(monkeyp
     jpeg = cat_path.read_bytes()
     worker = "camserve-batcher"
     with running(model=TINY) as (server, client):
-        wait_idle(server._batcher)
+        wait_idle(server.batcher)
         alone = client.predict(jpeg, top_k=10)
         assert threads == [worker]
         pair = client.predict_many([jpeg, jpeg], top_k=10)
         assert [a.timing.batch_size for a in pair] == [2, 2]
         after_pair = client.predict(jpeg)
         assert worker not in threads[1:4] and after_pair.timing.batch_size == 1
-        wait_idle(server._batcher)
+        wait_idle(server.batcher)
         explained = client.explain(jpeg, outputs=("raw", "overlay_jpeg"))
         assert threads[4] == worker and explained.overlay is not None
-        wait_idle(server._batcher)  # its worker may still be finishing that batch
+        wait_idle(server.batcher)  # its worker may still be finishing that batch
         with pytest.raises(CamserveError) as refused:
             client.predict(b"not an image")
     assert threads[5:] == [worker]

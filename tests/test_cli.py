@@ -21,7 +21,7 @@ from PIL import Image
 from camserve import AsyncClient, CamserveError, Client
 from camserve._calls import resolve_target
 from camserve.cli import build_parser, cmd_info
-from camserve.results import ModelInfo
+from camserve.results import ModelInfo, ModelStatus
 from camserve.v1 import camserve_pb2 as pb
 from camserve_server.process.server import CamServer
 from camserve_server.process.settings import Settings
@@ -139,7 +139,7 @@ def test_connection_flags_after_the_subcommand(default_server, cat_path):
 
 
 def test_info_while_the_model_loads_shows_the_state():
-    server = CamServer(Settings(host="127.0.0.1", port=0,
+    server = CamServer(Settings(host="127.0.0.1", port=0, http_port=None,
                                 model="python:tiny_models:slow_loading_cnn"))
     port = server.listen()
     loader = threading.Thread(target=server.load)
@@ -187,10 +187,10 @@ def test_the_callers_request_id_is_in_the_access_log(default_server, caplog):
         return [r.getMessage() for r in caplog.records if r.name == "camserve_server.access"
                 and "id=cli-test-4711" in r.getMessage()]
 
-    wait_for(lambda: lines())
-    assert len(lines()) == 1
-    line = lines()[0]
+    wait_for(lambda: len(lines()) == 2)  # camserve info: GetModelInfo, then ListModels
+    line, listed = lines()
     assert line.startswith("GetModelInfo OK") and "items=0" in line and "peer=ipv" in line
+    assert line.endswith("model=camserve:1") and listed.startswith("ListModels OK")
 
 
 def test_an_all_zero_map_is_explained(default_server, coffee_path, tmp_path):
@@ -439,12 +439,16 @@ def test_info_prints_floats_rounded(capsys):
     assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)
 
     class Answers:
-        def model_info(self):
+        def model_info(self, model=None):
             return info
+
+        def models(self, ready=False):
+            return [ModelStatus("resnet", 1, "ready", is_default=True)]
 
     assert cmd_info(Answers(), argparse.Namespace(json=False)) == 0
     out = capsys.readouterr().out
     assert "224x224, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)" in out, out
+    assert "loaded:       resnet:1 (default)" in out, out
 
 
 def test_health_command_and_client_health(default_server):

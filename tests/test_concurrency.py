@@ -84,7 +84,7 @@ def test_state_and_health_say_serving_together_on_every_start():
     not_serving, serving = (health_pb2.HealthCheckResponse.NOT_SERVING,
                             health_pb2.HealthCheckResponse.SERVING)
     for _ in range(5):
-        server = CamServer(Settings(host="127.0.0.1", port=0, model=TINY))
+        server = CamServer(Settings(host="127.0.0.1", port=0, http_port=None, model=TINY))
         port = server.listen()
         loader = threading.Thread(target=server.load)
         loader.start()

@@ -73,7 +73,7 @@ def test_bf16_on_cpu_keeps_maps_and_top1(default_model):
 
 
 def test_fp16_on_cpu_is_refused_at_start_up():
-    server = CamServer(Settings(host="127.0.0.1", port=0, model=TINY, device="cpu",
+    server = CamServer(Settings(host="127.0.0.1", port=0, http_port=None, model=TINY, device="cpu",
                                 precision="fp16"))
     with pytest.raises(StartupError, match="fp16 needs a CUDA device.*bf16"):
         server.start()
@@ -239,14 +239,14 @@ def test_each_worker_prepares_on_its_own_thread_before_it_counts_alive():
 
 
 def test_a_failing_warm_up_stops_the_server_from_starting(monkeypatch):
-    from camserve_server.process import server as server_module
+    from camserve_server.models import runtime
 
     def broken(*_args):
         raise RuntimeError("no memory for the warm-up batch")
 
-    monkeypatch.setattr(server_module, "_warm_up", broken)
+    monkeypatch.setattr(runtime, "warm_up", broken)
     with pytest.raises(StartupError, match="fails its warm-up: no memory"):
-        CamServer(Settings(model=TINY, port=0)).start()
+        CamServer(Settings(model=TINY, port=0, http_port=None)).start()
 
 
 def test_after_a_batch_with_company_the_worker_waits_for_as_many(monkeypatch):

@@ -15,7 +15,7 @@ from camserve_server.batching.batcher import Batcher
 from camserve_server.batching.levels import EXPENSIVE, INTERACTIVE, STREAM, Levels
 from camserve_server.domain import ItemResult, WorkItem
 
-from conftest import wait_for
+from conftest import record_levels, wait_for
 
 
 @dataclass(eq=False)
@@ -183,3 +183,163 @@ def test_the_pool_runs_a_unary_calls_decode_before_queued_frames():
     assert left.done()  # run, or cancelled: never left pending
     with pytest.raises(RuntimeError):
         pool.submit(ran.append, "after")
+
+
+# --- callers within a level --------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Sent:
+    name: str
+    caller: str
+    enqueued: float
+    level: int = INTERACTIVE
+
+
+def test_callers_take_turns_within_a_level():
+    """A greedy caller's eight items and a polite one's two: the polite caller's come second
+    and fourth, not after the greedy caller's eight; each caller's own stay in order."""
+    levels, now = Levels(share=60), time.monotonic()
+    for i in range(8):
+        levels.append(Sent(f"g{i}", "greedy", now + i))
+    levels.append(Sent("p0", "polite", now + 10))
+    levels.append(Sent("p1", "polite", now + 11))
+    assert levels.oldest().name == "g0"
+    assert [levels.popleft().name for _ in range(10)] == [
+        "g0", "p0", "g1", "p1", "g2", "g3", "g4", "g5", "g6", "g7"]
+
+
+def test_a_full_queue_refuses_the_greedy_caller_first():
+    levels, now = Levels(), time.monotonic()
+    for i in range(3):
+        levels.append(Sent(f"g{i}", "greedy", now + i))
+    levels.append(Sent("p0", "polite", now + 5))
+    assert levels.greedier(INTERACTIVE, "polite").name == "g2"  # 3 >= 1 + 2
+    assert levels.greedier(INTERACTIVE, "greedy") is None  # it is the greedy one
+    assert levels.newest_below(INTERACTIVE) is None
+    levels.append(Sent("s0", "polite", now + 6, STREAM))
+    levels.append(Sent("s1", "greedy", now + 7, STREAM))
+    levels.append(Sent("s2", "greedy", now + 8, STREAM))
+    assert levels.newest_below(INTERACTIVE).name == "s2"  # the greediest of the lower level
+
+
+def test_the_queue_bounds_each_callers_items():
+    from camserve_server.batching.queue import WorkQueue
+    from camserve_server.errors import QueueFull
+    from camserve_server.metrics import Metrics
+
+    queue = WorkQueue(max_batch_size=4, max_delay_ms=0, max_queue=6, max_job_forwards=100,
+                      metrics=Metrics(), batch_seconds=0.01, workers=1,
+                      max_queue_per_caller=2)
+    work = WorkItem(np.zeros((4, 4, 3), np.uint8))
+    greedy = [queue.submit(work, caller="greedy") for _ in range(2)]
+    with pytest.raises(QueueFull) as caught:
+        queue.submit(work, caller="greedy")
+    assert caught.value.reason == "CALLER_QUEUE_FULL" and caught.value.retry_after_s > 0
+    polite = queue.submit(work, caller="polite")  # others still get in
+    greedy[0].cancel()  # a withdrawn item gives its caller's slot back
+    queue.submit(work, caller="greedy")
+    assert queue.depth() == 3 and not polite.done()
+    # A call is admitted whole at its first item: three items would pass the bound of two for
+    # a caller with one waiting; a caller with nothing waiting may send more than the bound.
+    with pytest.raises(QueueFull):
+        queue.submit(work, caller="polite", admit=3)
+    calls = [queue.submit(work, caller="batch", admit=3 if i == 0 else 0) for i in range(3)]
+    assert queue.depth() == 6 and not any(c.done() for c in calls)
+
+
+def test_a_full_queue_gives_a_polite_callers_item_the_greedy_ones_place():
+    from camserve_server.batching.queue import WorkQueue
+    from camserve_server.errors import QueueFull
+    from camserve_server.metrics import Metrics
+
+    queue = WorkQueue(max_batch_size=4, max_delay_ms=0, max_queue=4, max_job_forwards=100,
+                      metrics=Metrics(), batch_seconds=0.01, workers=1)
+    work = WorkItem(np.zeros((4, 4, 3), np.uint8))
+    greedy = [queue.submit(work, caller="greedy") for _ in range(4)]
+    queue.submit(work, caller="polite")
+    with pytest.raises(QueueFull) as caught:
+        greedy[-1].result(timeout=1)
+    assert "a caller with fewer items waiting" in caught.value.message
+    assert queue.depth() == 4
+
+
+def test_callers_over_a_real_server(cat_path, monkeypatch, capsys):
+    """Who the queue takes a call's items for: with --tenant-header on, each tenant header is
+    a caller of its own (on one connection); a call without one is its connection; a token's
+    caller is a digest of it, never the token. A call is admitted whole at its first item."""
+    from camserve import Client
+
+    from conftest import TINY, running
+
+    with running(model=TINY, tenant_header=True, auth_tokens=("secret-1",)) as (server, _):
+        batcher, seen = server.batcher, []
+        submit = batcher.submit
+
+        def recording(work, deadline=None, level=INTERACTIVE, caller="", admit=1):
+            seen.append((caller, admit))
+            return submit(work, deadline, level, caller, admit)
+
+        monkeypatch.setattr(batcher, "submit", recording)
+        with Client(f"127.0.0.1:{server.port}", token="secret-1") as client:
+            client.predict_many([cat_path] * 3, metadata=[("x-camserve-tenant", "batch-job")])
+            client.predict(cat_path, metadata=[("x-camserve-tenant", "person")])
+            client.predict(cat_path)
+        assert [a for _, a in seen] == [3, 0, 0, 1, 1]
+        callers = [c for c, _ in seen]
+        assert callers[:4] == ["tenant:batch-job"] * 3 + ["tenant:person"]
+        assert callers[4].startswith("token:") and "secret-1" not in callers[4]
+        with Client(f"127.0.0.1:{server.port}", token="secret-1") as client:
+            info = client.model_info()  # GetModelInfo shows the scheduling
+        assert (info.priority_levels, info.level_share, info.max_queue_per_caller,
+                info.tenant_header) == (3, 4, 0, True)
+        from camserve import cli
+
+        assert cli.main(["--target", f"127.0.0.1:{server.port}", "--token", "secret-1",
+                         "info"]) == 0
+        assert ("scheduling:   priorities 1-3, a waiting lower level goes first after 4 above "
+                "it; callers by tenant header take turns, no bound per caller"
+                ) in capsys.readouterr().out
+
+
+def test_a_calls_priority_sets_its_level(tiny_server, cat_path, monkeypatch):
+    """Triton's meaning: 1 the highest, 0 the call's default; out of range is refused."""
+    from camserve import CamserveError
+    from camserve_server.api import request
+
+    assert [request.level(p, STREAM) for p in (0, 1, 2, 3)] == [STREAM, INTERACTIVE, STREAM,
+                                                                 EXPENSIVE]
+    server, client = tiny_server
+    levels = record_levels(server.batcher, monkeypatch)
+    client.predict(cat_path)
+    client.predict(cat_path, priority=3)
+    client.explain(cat_path, priority=2)
+    assert levels == [INTERACTIVE, EXPENSIVE, STREAM]
+    list(client.stream_predict([cat_path]))
+    assert levels[-1] == STREAM
+    from camserve.v1 import camserve_pb2 as pb
+
+    with pytest.raises(CamserveError) as caught:
+        client._call(client._stub.Predict, pb.PredictRequest(
+            images=[pb.Image(encoded=cat_path.read_bytes())], priority=7), None)
+    assert caught.value.reason == "INVALID_PRIORITY"
+    assert "priorities 1 (the highest) to 3" in caught.value.details
+    with pytest.raises(CamserveError):
+        client.predict(cat_path, priority=4)  # refused before it is sent
+
+
+def test_the_decode_pool_takes_callers_in_turn():
+    """A caller's many images to decode do not hold up another caller's one."""
+    from camserve_server.batching.levels import LevelPool
+
+    pool, order, gate = LevelPool(1, "test-pool"), [], threading.Event()
+    try:
+        pool.submit(gate.wait)  # the one thread is busy until the tasks below are queued
+        done = [pool.submit_for(INTERACTIVE, "greedy", order.append, f"g{i}") for i in range(4)]
+        done.append(pool.submit_for(INTERACTIVE, "polite", order.append, "p0"))
+        gate.set()
+        for future in done:
+            future.result(timeout=10)
+        assert order == ["g0", "p0", "g1", "g2", "g3"]
+    finally:
+        pool.shutdown()

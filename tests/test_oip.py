@@ -27,7 +27,7 @@ from camserve import CamserveError, Client
 from camserve_server.api import oip
 from camserve_server.process.settings import parse_settings
 
-from conftest import DATA, TESTS, TINY, load_rgb, running, wait_for
+from conftest import DATA, TESTS, TINY, load_rgb, record_levels, running, wait_for
 
 # At collection, before any server of this process loads camserve's stubs (see above).
 try:
@@ -270,10 +270,11 @@ BAD = {
     "too many images": (lambda: request_of([JPEG] * 65), "INVALID_ARGUMENT",
                         "takes at most 64 per request"),
     "unknown model": (lambda: request_of([JPEG], model="resnet"), "NOT_FOUND",
-                      "model 'resnet' is not served here; this server serves 'camserve'"),
+                      "model 'resnet' is not served here; loaded: camserve:1"),
     "no model": (lambda: request_of([JPEG], model=""), "INVALID_ARGUMENT",
                  "model_name is empty"),
-    "unknown version": (lambda: _version(request_of([JPEG])), "NOT_FOUND", "has no version '2'"),
+    "unknown version": (lambda: _version(request_of([JPEG])), "NOT_FOUND",
+                        "has no version 2; it has version 1"),
     "unknown parameter": (lambda: request_of([JPEG], topk=3), "INVALID_ARGUMENT",
                           "parameter 'topk' is not one this model takes; use top_k"),
     "parameter type": (lambda: request_of([JPEG], top_k="3"), "INVALID_ARGUMENT",
@@ -364,7 +365,7 @@ def test_unknown_model_elsewhere_and_other_rpcs(served):
         with pytest.raises(grpc.RpcError) as caught:
             rpc(channel, name, request, response)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "this server serves 'camserve'" in caught.value.details()
+        assert "not served here; loaded: camserve:1" in caught.value.details()
     # Triton's extensions that camserve does not serve, unary and streaming.
     with pytest.raises(grpc.RpcError) as caught:
         rpc(channel, "ModelStatistics", m.ServerLiveRequest(), m.ServerLiveResponse)
@@ -433,7 +434,7 @@ def test_model_name_flag_and_tokens():
                 rpc(channel, "ModelInfer", request_of([JPEG]), oip.messages().ModelInferResponse,
                     metadata=token)
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-            assert "this server serves 'cats'" in caught.value.details()
+            assert "loaded: cats:1" in caught.value.details()
 
 
 # --- tritonclient against a server process (make test-compat) ---------------------------------
@@ -535,7 +536,7 @@ def test_tritonclient_bad_tensors(triton, case):
         name, message = "INPUT0", "no input 'image' (its inputs are 'INPUT0')"
     else:
         model, code = "resnet", "NOT_FOUND"
-        message = "model 'resnet' is not served here; this server serves 'camserve'"
+        message = "model 'resnet' is not served here; loaded: camserve:1"
     tensor = triton_grpc.InferInput(name, shape, datatype)
     tensor.set_data_from_numpy(data)
     with pytest.raises(InferenceServerException) as caught:
@@ -587,3 +588,64 @@ def _reasons(error) -> str:
         if key == "grpc-status-details-bin":
             return str(value)
     return ""
+
+
+def test_tritonclient_repository_load_and_unload(tmp_path):
+    """Triton's repository extension as tritonclient calls it: the index, a load (with the admin
+    token), an inference on the loaded model, an unload."""
+    if triton_grpc is None:
+        pytest.skip("tritonclient is not installed (make test-compat runs these tests)")
+    import torch
+
+    import tiny_models
+
+    for name in ("a", "b"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "config.toml").write_text(f'source = "{TINY}"\n')
+        torch.save(tiny_models.tiny_cnn().state_dict(), tmp_path / name / "1" / "weights.pth")
+    process, port = start("--port", "0", "--model-repository", str(tmp_path),
+                          "--model-control", "explicit", "--load-model", "a",
+                          "--admin-token", "root")
+    admin = {"authorization": "Bearer root"}
+    try:
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+        with Client(f"127.0.0.1:{port}", timeout=60) as camserve_client:
+            camserve_client.wait_until_ready(60)
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert [(m["name"], m.get("state")) for m in index] == [("a", "READY"),
+                                                                 ("b", "UNAVAILABLE")]
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model("b")
+        assert "PERMISSION_DENIED" in _status(caught.value)
+        client.load_model("b", headers=admin)
+        assert client.is_model_ready("b") and client.is_model_ready("b", "1")
+        image = triton_grpc.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([JPEG], dtype=object))
+        result = client.infer("b", [image], model_version="1")
+        assert result.get_response().model_version == "1"
+        assert result.as_numpy("probabilities").shape == (1, 10)
+        client.unload_model("b", headers=admin)
+        assert not client.is_model_ready("b")
+        client.close()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_the_priority_parameter_sets_the_queue_level(served, monkeypatch):
+    """Triton's priority parameter (tritonclient sends a uint64, others an int64): 1 the
+    highest, 0 the default; out of range INVALID_ARGUMENT."""
+    from camserve_server.batching.levels import EXPENSIVE, INTERACTIVE, STREAM
+
+    server, _, channel = served
+    levels = record_levels(server.batcher, monkeypatch)
+    infer(channel, request_of([JPEG], priority=0))
+    infer(channel, request_of([JPEG], priority=3))
+    request = request_of([JPEG])
+    request.parameters["priority"].uint64_param = 2
+    infer(channel, request)
+    assert levels == [INTERACTIVE, EXPENSIVE, STREAM]
+    with pytest.raises(grpc.RpcError) as caught:
+        infer(channel, request_of([JPEG], priority=9))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameters[priority] is 9; this server has priorities 1" in caught.value.details()

@@ -363,7 +363,8 @@ def test_the_readme_picture_is_what_the_examples_make(workdir, default_server):
 def test_every_block_is_run_or_says_why_not():
     for block in all_blocks():
         at = where(block.page, block.line)
-        assert block.language in ("python", "sh", "console", "text", "json", ""), (
+        # toml: model configs, which tests/test_repository.py's test_the_docs_configs_load reads
+        assert block.language in ("python", "sh", "console", "text", "json", "toml", ""), (
             f"{at}: ```{block.language} blocks are neither run nor checked here")
         if block.not_run is not None:
             assert len(block.not_run) > 10, f"{at}: say why it is not run"

@@ -164,7 +164,8 @@ def test_worker_that_dies_is_restarted_and_health_follows():
 
 
 def test_readiness_loading_serving_draining():
-    server = CamServer(Settings(host="127.0.0.1", port=0, model="python:tiny_models:"
+    server = CamServer(Settings(host="127.0.0.1", port=0, http_port=None,
+                                model="python:tiny_models:"
                                 "slow_loading_cnn"))
     port = server.listen()
     loader = threading.Thread(target=server.load)

@@ -77,7 +77,7 @@ def test_idle_streams_do_not_delay_unary_calls_and_end_after_stream_idle_s(cat_p
         assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == IDLE_STREAMS
         # Nothing is left behind: every slot is free, nothing queued, a new stream works.
         wait_for(lambda: server._service.open_streams == 0)
-        assert server._batcher.depth() == 0
+        assert server.batcher.depth() == 0
         answers = list(client.stream_predict([cat_path.read_bytes()] * 3, top_k=1))
         assert [a.frame_id for a in answers] == [0, 1, 2] and all(a.ok for a in answers)
 

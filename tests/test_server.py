@@ -121,13 +121,15 @@ def test_health_and_reflection(default_server):
     server, _ = default_server
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "camserve.v1.CamserveService"):
+        # The server as a whole, each API, and each model (the repository of one: "camserve").
+        for service in ("", "camserve.v1.CamserveService", "camserve.v1.CamserveService/camserve"):
             answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
         listed = health.List(health_pb2.HealthListRequest(), timeout=10).statuses
         assert {name: s.status for name, s in listed.items()} == {
             "": health_pb2.HealthCheckResponse.SERVING,
             "camserve.v1.CamserveService": health_pb2.HealthCheckResponse.SERVING,
+            "camserve.v1.CamserveService/camserve": health_pb2.HealthCheckResponse.SERVING,
             "inference.GRPCInferenceService": health_pb2.HealthCheckResponse.SERVING}
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")

@@ -15,7 +15,7 @@ from .addresses import DEFAULT_PORT, is_uri, with_port
 from .errors import CamserveError, invalid
 from .images import to_proto
 from .methods import method_value, target_kind_value
-from .results import Explanation, Prediction
+from .results import Comparison, Explanation, Prediction, Similarity
 from .v1 import camserve_pb2 as pb
 
 DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
@@ -175,9 +175,42 @@ def check_size(request, max_message_bytes: int) -> None:
 # --- requests --------------------------------------------------------------------------------
 
 
-def predict_request(images: Sequence[Any], top_k: int) -> pb.PredictRequest:
+Model = Optional[str]  # "NAME" or "NAME:VERSION"; None: the server's default model
+
+
+def model_ref(model: Model, version: int = 0) -> Optional[pb.ModelRef]:
+    """The ModelRef of ``model`` ("NAME" or "NAME:VERSION") and ``version`` (0: the newest the
+    server serves); None for the default model."""
+    if model is None and not version:
+        return None
+    name, _, written = (model or "").partition(":")
+    if written:
+        if not written.isdigit() or int(written) < 1:
+            raise invalid(f"model {model!r}: write NAME or NAME:VERSION, VERSION a positive "
+                          "number", reasons.INVALID_OPTION)
+        if version and version != int(written):
+            raise invalid(f"model {model!r} and version={version} disagree",
+                          reasons.INVALID_OPTION)
+        version = int(written)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise invalid(f"version must be a positive integer (0: the newest), got {version!r}",
+                      reasons.INVALID_OPTION)
+    return pb.ModelRef(name=name, version=version)
+
+
+def check_priority(priority: int) -> int:
+    """A call's priority: 0 (its default) or 1 (the highest) to 3."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 3:
+        raise invalid(f"priority must be 0 (the call's default) or 1 (the highest) to 3, got "
+                      f"{priority!r}", reasons.INVALID_OPTION)
+    return priority
+
+
+def predict_request(images: Sequence[Any], top_k: int, model: Optional[pb.ModelRef] = None,
+                    priority: int = 0) -> pb.PredictRequest:
     return pb.PredictRequest(images=[to_proto(i) for i in images],
-                             options=predict_options(top_k))
+                             options=predict_options(top_k), model=model,
+                             priority=check_priority(priority))
 
 
 def predict_options(top_k: int = 5) -> pb.PredictOptions:
@@ -236,9 +269,11 @@ def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "
         faithfulness_steps=fields["faithfulness_steps"])
 
 
-def explain_request(images: Sequence[Any], **options) -> pb.ExplainRequest:
+def explain_request(images: Sequence[Any], model: Optional[pb.ModelRef] = None,
+                    priority: int = 0, **options) -> pb.ExplainRequest:
     return pb.ExplainRequest(images=[to_proto(i) for i in images],
-                             options=explain_options(**options))
+                             options=explain_options(**options), model=model,
+                             priority=check_priority(priority))
 
 
 def predictions(response: pb.PredictResponse) -> List[Prediction]:
@@ -268,3 +303,15 @@ def _target(target: Union[int, str]) -> pb.Target:
         return pb.Target(label=target)
     raise invalid(f"a target must be a class index or a label, got {type(target).__name__}",
                   reasons.INVALID_OPTION)
+
+
+def comparison(response: pb.CompareExplainResponse, image: Any) -> Comparison:
+    """CompareExplain's answer for one image."""
+    from .methods import method_name
+
+    return Comparison(
+        explanations=tuple(Explanation.from_proto(e.results[0], image)
+                           for e in response.explanations),
+        similarities=tuple(Similarity(p.first, p.second, method_name(p.method), p.target,
+                                      p.spearman)
+                           for p in response.similarities[0].pairs))

@@ -11,7 +11,7 @@ from grpc import aio
 
 from . import _calls
 from .errors import CamserveError
-from .results import Explanation, ModelInfo, Prediction
+from .results import Explanation, ModelInfo, ModelStatus, Prediction
 from .streams import StreamResult, Tracker
 from .v1 import camserve_pb2 as pb
 from .v1 import camserve_pb2_grpc as pb_grpc
@@ -66,11 +66,39 @@ class AsyncClient:
         except grpc.RpcError as error:
             raise CamserveError.from_rpc_error(error, self.target) from None
 
-    async def model_info(self, *, timeout: Any = _UNSET, metadata: _calls.Metadata = None,
+    async def model_info(self, *, model: _calls.Model = None, version: int = 0,
+                         timeout: Any = _UNSET, metadata: _calls.Metadata = None,
                          request_id: Optional[str] = None) -> ModelInfo:
         """As Client.model_info."""
+        request = pb.GetModelInfoRequest(model=_calls.model_ref(model, version))
         return ModelInfo.from_proto(await self._call(
-            self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout, metadata, request_id))
+            self._stub.GetModelInfo, request, timeout, metadata, request_id))
+
+    async def models(self, *, ready: bool = False, timeout: Any = _UNSET,
+                     metadata: _calls.Metadata = None,
+                     request_id: Optional[str] = None) -> List[ModelStatus]:
+        """As Client.models."""
+        answer = await self._call(self._stub.ListModels, pb.ListModelsRequest(ready=ready),
+                                  timeout, metadata, request_id)
+        return [ModelStatus.from_proto(m) for m in answer.models]
+
+    async def load_model(self, name: str, *, wait: bool = True, timeout: Any = _UNSET,
+                         metadata: _calls.Metadata = None,
+                         request_id: Optional[str] = None) -> List[ModelStatus]:
+        """As Client.load_model."""
+        answer = await self._call(self._stub.LoadModel,
+                                  pb.LoadModelRequest(name=name, no_wait=not wait), timeout,
+                                  metadata, request_id)
+        return [ModelStatus.from_proto(m) for m in answer.models]
+
+    async def unload_model(self, name: str, *, version: int = 0, timeout: Any = _UNSET,
+                           metadata: _calls.Metadata = None,
+                           request_id: Optional[str] = None) -> List[ModelStatus]:
+        """As Client.unload_model."""
+        answer = await self._call(self._stub.UnloadModel,
+                                  pb.UnloadModelRequest(name=name, version=version), timeout,
+                                  metadata, request_id)
+        return [ModelStatus.from_proto(m) for m in answer.models]
 
     async def health(self, service: str = "", *, timeout: Any = _UNSET,
                      metadata: _calls.Metadata = None, request_id: Optional[str] = None) -> str:
@@ -100,18 +128,22 @@ class AsyncClient:
                 raise _calls.not_ready(self.target, state, timeout)
             await asyncio.sleep(0.1)
 
-    async def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET,
+    async def predict(self, image: Any, *, top_k: int = 5, model: _calls.Model = None,
+                      version: int = 0, timeout: Any = _UNSET,
                       metadata: _calls.Metadata = None,
                       request_id: Optional[str] = None) -> Prediction:
         """As Client.predict."""
-        return (await self.predict_many([image], top_k=top_k, timeout=timeout,
-                                        metadata=metadata, request_id=request_id))[0]
+        return (await self.predict_many([image], top_k=top_k, model=model, version=version,
+                                        timeout=timeout, metadata=metadata,
+                                        request_id=request_id))[0]
 
     async def predict_many(self, images: Iterable[Any], *, top_k: int = 5,
+                           model: _calls.Model = None, version: int = 0, priority: int = 0,
                            timeout: Any = _UNSET, metadata: _calls.Metadata = None,
                            request_id: Optional[str] = None) -> List[Prediction]:
         """As Client.predict_many."""
-        request = _calls.predict_request(list(images), top_k)
+        request = _calls.predict_request(list(images), top_k, _calls.model_ref(model, version),
+                                         priority)
         return _calls.predictions(await self._call(self._stub.Predict, request, timeout,
                                                    metadata, request_id))
 
@@ -119,11 +151,13 @@ class AsyncClient:
                       method: Union[str, Sequence[str]] = "gradcam",
                       layer: Union[None, str, Sequence[str]] = None,
                       outputs: Iterable[str] = ("raw",), top_k: int = 5,
+                      model: _calls.Model = None, version: int = 0,
                       timeout: Any = _UNSET, metadata: _calls.Metadata = None,
                       request_id: Optional[str] = None, **options) -> Explanation:
         """As Client.explain."""
         return (await self.explain_many([image], target=target, method=method, layer=layer,
-                                        outputs=outputs, top_k=top_k, timeout=timeout,
+                                        outputs=outputs, top_k=top_k, model=model,
+                                        version=version, timeout=timeout,
                                         metadata=metadata, request_id=request_id,
                                         **options))[0]
 
@@ -131,33 +165,38 @@ class AsyncClient:
                            method: Union[str, Sequence[str]] = "gradcam",
                            layer: Union[None, str, Sequence[str]] = None,
                            outputs: Iterable[str] = ("raw",), top_k: int = 5,
+                           model: _calls.Model = None, version: int = 0, priority: int = 0,
                            timeout: Any = _UNSET, metadata: _calls.Metadata = None,
                            request_id: Optional[str] = None, **options) -> List[Explanation]:
         """As Client.explain_many."""
         images = list(images)
-        request = _calls.explain_request(images, target=target, method=method, layer=layer,
+        request = _calls.explain_request(images, _calls.model_ref(model, version), priority,
+                                         target=target, method=method, layer=layer,
                                          outputs=outputs, top_k=top_k, **options)
         return _calls.explanations(await self._call(self._stub.Explain, request, timeout,
                                                     metadata, request_id), images)
 
     def stream_predict(self, frames, *, top_k: int = 5, policy: str = "all",
+                       model: _calls.Model = None, version: int = 0,
                        timeout: Optional[float] = None, metadata: _calls.Metadata = None,
                        request_id: Optional[str] = None) -> AsyncIterator[StreamResult]:
         """As Client.stream_predict; ``frames`` may be an iterable or an async iterable."""
-        return self._stream(self._stub.StreamPredict, Tracker("predict", {"top_k": top_k},
-                                                              policy), frames, timeout,
+        tracker = Tracker("predict", {"top_k": top_k}, policy, _calls.model_ref(model, version))
+        return self._stream(self._stub.StreamPredict, tracker, frames, timeout,
                             self._meta(metadata, request_id))
 
     def stream_explain(self, frames, *, target: _calls.Target = None,
                        method: Union[str, Sequence[str]] = "gradcam",
                        layer: Union[None, str, Sequence[str]] = None,
                        outputs: Iterable[str] = ("raw",), top_k: int = 5, policy: str = "all",
+                       model: _calls.Model = None, version: int = 0,
                        timeout: Optional[float] = None, metadata: _calls.Metadata = None,
                        request_id: Optional[str] = None, **options):
         """Explanations for a stream of frames; as stream_predict, with explain's options."""
         options = dict(options, target=target, method=method, layer=layer,
                        outputs=tuple(outputs), top_k=top_k)
-        return self._stream(self._stub.StreamExplain, Tracker("explain", options, policy),
+        tracker = Tracker("explain", options, policy, _calls.model_ref(model, version))
+        return self._stream(self._stub.StreamExplain, tracker,
                             frames, timeout, self._meta(metadata, request_id))
 
     async def _stream(self, method, tracker: Tracker, frames, timeout, metadata):

@@ -2,17 +2,20 @@
 
     camserve info [--json]
     camserve health
+    camserve models [--json]
+    camserve load NAME | camserve unload NAME[:VERSION]
     camserve predict IMAGE... [--top-k N] [--json]
     camserve explain IMAGE... -o DIR [--class N|LABEL]... [--layer NAME]... [--method NAME]...
                                     [--grid] [--counterfactual]
+    camserve explain IMAGE... -o DIR --model NAME:V1 --model NAME:V2 [--grid]
     camserve evaluate FOLDER [--method NAME]... [--steps N]
     camserve evaluate --sanity IMAGE|FOLDER... [--method NAME]... [--stages N]
     camserve stream VIDEO|--camera N [-o OUT.mp4] [--explain] [--policy all|latest]
 
 The server address comes from --target or CAMSERVE_TARGET (default localhost:50051;
 a port-less host gets :50051). Connection flags (--target, --timeout, --token, TLS,
---request-id) go before or after the subcommand. Exit status: 0 when every image was answered,
-1 when any failed (or the server could not be reached), 2 for usage errors.
+--model, --request-id) go before or after the subcommand. Exit status: 0 when every image was
+answered, 1 when any failed (or the server could not be reached), 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -119,16 +122,29 @@ def _info_json(info: ModelInfo) -> dict:
     return data
 
 
+def _model(args) -> Optional[str]:
+    """The one --model a subcommand takes (None: the server's default)."""
+    models = getattr(args, "model", None) or []
+    if len(models) > 1:
+        raise _LocalError(f"{args.command} takes one --model, not {len(models)} (explain "
+                          "compares several)")
+    return models[0] if models else None
+
+
 def cmd_info(client: Client, args) -> int:
-    info = client.model_info()
+    info = client.model_info(model=_model(args))
     if args.json:
         print(json.dumps(_info_json(info), indent=2))
         return 0 if info.state == "serving" else 1
-    print(f"model:        {info.name}")
+    print(f"model:        {info.model + ':' + str(info.version) + ' ' if info.model else ''}"
+          f"{info.name}")
     print(f"state:        {info.state}")
     if info.state == "loading":
         print("              the server is loading its model; run this again in a moment")
         return 1
+    loaded = [f"{m.name}:{m.version}{' (default)' if m.is_default else ''}"
+              for m in client.models(ready=True)]
+    print(f"loaded:       {', '.join(loaded)}")
     print(f"devices:      {', '.join(info.devices)} ({info.workers} worker process"
           f"{'es' if info.workers != 1 else ''})")
     print(f"classes:      {len(info.labels)} ({', '.join(info.labels[:3])}, ...)")
@@ -149,6 +165,13 @@ def cmd_info(client: Client, args) -> int:
         print("methods:      none (Predict only)")
     print(f"batching:     up to {info.max_batch_size} items, {info.max_delay_ms:g} ms delay, "
           f"queue {info.max_queue}")
+    if info.priority_levels:
+        per_caller = (f"at most {info.max_queue_per_caller} waiting per caller"
+                      if info.max_queue_per_caller else "no bound per caller")
+        named = "tenant header" if info.tenant_header else "token or connection"
+        print(f"scheduling:   priorities 1-{info.priority_levels}, a waiting lower level goes "
+              f"first after {info.level_share} above it; callers by {named} take turns, "
+              f"{per_caller}")
     return 0 if info.state == "serving" else 1
 
 
@@ -167,7 +190,8 @@ def cmd_predict(client: Client, args) -> int:
     errors: List[Tuple[str, CamserveError]] = []
     progress = Progress(len(args.images), not args.json)
     rows = []
-    for path, prediction in _each(args.images, lambda c: client.predict_many(c, top_k=args.top_k),
+    for path, prediction in _each(args.images, lambda c: client.predict_many(c, top_k=args.top_k,
+                                                                  model=_model(args)),
                                   progress, errors):
         if args.json:
             rows.append(_prediction_json(path, prediction))
@@ -183,6 +207,8 @@ def _notes(m: ClassMap) -> str:
 
 
 def cmd_explain(client: Client, args) -> int:
+    if len(args.model) > 1:
+        return cmd_compare(client, args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     errors: List[Tuple[str, CamserveError]] = []
@@ -196,7 +222,7 @@ def cmd_explain(client: Client, args) -> int:
             layer=args.layer or None, outputs=("raw", "heatmap", "overlay_png"),
             top_k=args.top_k, counterfactual=args.counterfactual,
             score_cam_channels=args.score_cam_channels, target_kind=args.target_kind,
-            eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth)
+            eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth, model=_model(args))
 
     for path, exp in _each(args.images, call, progress, errors):
         written = _write(out, path, exp, args.grid)
@@ -221,6 +247,89 @@ def cmd_explain(client: Client, args) -> int:
     return _report(errors)
 
 
+def cmd_compare(client: Client, args) -> int:
+    """explain with several --model: each image on every model, for the same class, with the
+    similarity of their maps; NAME.MODEL.overlay.png per model (and NAME.models.grid.png)."""
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    errors: List[Tuple[str, CamserveError]] = []
+    rows = []
+    for path in args.images:
+        try:
+            compared = client.compare(
+                path, args.model, target=[_target(c) for c in args.target_class] or None,
+                method=args.method or ["gradcam"], outputs=("raw", "heatmap", "overlay_png"),
+                top_k=args.top_k, counterfactual=args.counterfactual,
+                score_cam_channels=args.score_cam_channels, target_kind=args.target_kind)
+        except CamserveError as exc:
+            if not _about_images(exc):
+                raise
+            errors.append((path, exc))
+            continue
+        stem = Path(path).stem
+        files = []
+        for name, exp in zip(args.model, compared.explanations):
+            safe = name.replace(":", "-v")
+            overlay = out / f"{stem}.{safe}.overlay.png"
+            overlay.write_bytes(exp.maps[0].overlay_image)
+            files.append(str(overlay))
+        if args.grid:
+            from PIL import Image
+
+            from .grid import models_grid
+            from .images import load_rgb
+
+            Image.fromarray(models_grid(compared, args.model, load_rgb(path))).save(
+                out / f"{stem}.models.grid.png")
+        pairs = [dict(first=args.model[s.first], second=args.model[s.second], method=s.method,
+                      target=s.target, spearman=round(s.spearman, 4))
+                 for s in compared.similarities]
+        if args.json:
+            rows.append(dict(image=path, overlays=files, similarities=pairs))
+            continue
+        first = compared.explanations[0]
+        print(f"{path}: {first.maps[0].target.label} ({first.maps[0].target.index}) on "
+              f"{', '.join(args.model)}: {', '.join(files)}")
+        for p in pairs:
+            print(f"  {p['method']}: {p['first']} vs {p['second']}: Spearman {p['spearman']:.3f}")
+        if args.grid:
+            print(f"  comparison grid: {out / (stem + '.models.grid.png')}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return _report(errors)
+
+
+def cmd_models(client: Client, args) -> int:
+    """The models and versions the server knows, with their states."""
+    statuses = client.models()
+    if args.json:
+        print(json.dumps([vars(m) for m in statuses], indent=2))
+        return 0
+    for m in statuses:
+        size = f"{m.bytes / 2**20:.1f} MiB" if m.bytes else ""
+        line = (f"{m.name + (':' + str(m.version) if m.version else ''):24} {m.state:10} "
+                f"{'default ' if m.is_default else ''}{m.source} {size}").rstrip()
+        print(line + (f"\n  error: {m.error}" if m.error else ""))
+    return 0
+
+
+def cmd_load(client: Client, args) -> int:
+    """Load a model of the server's repository (needs its admin token: --token)."""
+    for m in client.load_model(args.name, wait=not args.no_wait):
+        print(f"{m.name}:{m.version} {m.state}")
+    return 0
+
+
+def cmd_unload(client: Client, args) -> int:
+    """Unload a model, or one version (NAME:VERSION)."""
+    name, _, version = args.name.partition(":")
+    if version and not version.isdigit():
+        raise _LocalError(f"{args.name!r}: write NAME or NAME:VERSION")
+    for m in client.unload_model(name, version=int(version or 0)):
+        print(f"{m.name}:{m.version} {m.state}")
+    return 0
+
+
 def cmd_evaluate(client: Client, args) -> int:
     """Faithfulness of every method (and a random map) over a folder of images."""
     import numpy as np
@@ -237,7 +346,7 @@ def cmd_evaluate(client: Client, args) -> int:
     if not paths:
         print(f"camserve: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}", file=sys.stderr)
         return 1
-    info = client.model_info()
+    info = client.model_info(model=_model(args))
     methods = args.method or [m for m in info.methods if m != "random"]
     methods = list(dict.fromkeys([*methods, "random"]))
     scores = {m: [] for m in methods}
@@ -254,7 +363,8 @@ def cmd_evaluate(client: Client, args) -> int:
     def call(chunk):
         return client.explain_many(chunk, method=methods, layer=args.layer, outputs=(),
                                    faithfulness_steps=args.steps,
-                                   score_cam_channels=args.score_cam_channels, timeout=timeout)
+                                   score_cam_channels=args.score_cam_channels, timeout=timeout,
+                                   model=_model(args))
 
     for _path, exp in _each(paths, call, progress, errors, size=1):
         for m in exp.maps:
@@ -290,7 +400,7 @@ def cmd_sanity(client: Client, args) -> int:
     if not paths:
         raise invalid(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(args.folder)}",
                       reasons.NO_IMAGES)
-    info = client.model_info()
+    info = client.model_info(model=_model(args))
     methods = args.method or list(info.methods)
     stages = args.stages or 4
     channels = args.score_cam_channels or 16
@@ -302,7 +412,8 @@ def cmd_sanity(client: Client, args) -> int:
     report = client.check_sanity(paths, method=methods, layer=args.layer,
                                  score_cam_channels=args.score_cam_channels or 0,
                                  contrast_rank=args.contrast_rank, stages=args.stages,
-                                 seed=args.seed, threshold=args.threshold, timeout=timeout)
+                                 seed=args.seed, threshold=args.threshold, timeout=timeout,
+                                 model=_model(args))
     if args.json:
         print(json.dumps(_sanity_json(report, paths, info), indent=2))
     else:
@@ -376,7 +487,7 @@ def cmd_stream(client: Client, args) -> int:
     target = _target(args.target_class)
     if target is not None or args.layer:
         # Refuse a misspelled class or layer once, here, instead of once per frame.
-        info = client.model_info()
+        info = client.model_info(model=_model(args))
         lowered = {label.lower() for label in info.labels}
         if isinstance(target, str) and target.strip().lower() not in lowered:
             raise invalid(f"no class is labelled {target!r} (camserve info lists the labels)",
@@ -419,9 +530,10 @@ def cmd_stream(client: Client, args) -> int:
 
     if args.explain:
         results = client.stream_explain(produce(), target=target, layer=args.layer,
-                                        policy=args.policy)
+                                        policy=args.policy, model=_model(args))
     else:
-        results = client.stream_predict(produce(), top_k=1, policy=args.policy)
+        results = client.stream_predict(produce(), top_k=1, policy=args.policy,
+                                        model=_model(args))
     progress = Progress(total or 0, enabled=total > 1)
     writer = None
     answered = skipped = failed = written_up_to = 0
@@ -539,6 +651,10 @@ def _connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
                         help="client certificate (mutual TLS)")
     parser.add_argument("--client-key", metavar="PEM", default=d(None),
                         help="key of --client-cert")
+    parser.add_argument("--model", metavar="NAME[:VERSION]", action="append", default=d([]),
+                        help="the model (and version) to ask, of those the server serves "
+                        "(camserve models); explain takes several to compare them (default: "
+                        "the server's default model)")
     parser.add_argument("--request-id", metavar="ID", default=d(None),
                         help="sent as x-request-id with every call, for the server's access "
                         "log (default: the server makes one per call)")
@@ -563,6 +679,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = command("health", help="exit 0 when the server's health service says SERVING")
     health.set_defaults(run=cmd_health)
+
+    models = command("models", help="the models and versions the server serves, with their "
+                     "states")
+    models.add_argument("--json", action="store_true", help="print them as JSON")
+    models.set_defaults(run=cmd_models)
+
+    load = command("load", help="load a model of the server's repository, or reload it "
+                   "(--token: the server's admin token)")
+    load.add_argument("name", metavar="NAME", help="the model's folder in the repository")
+    load.add_argument("--no-wait", action="store_true",
+                      help="return at once instead of when the model is ready")
+    load.set_defaults(run=cmd_load)
+
+    unload = command("unload", help="unload a model, or one version of it (--token: the "
+                     "server's admin token)")
+    unload.add_argument("name", metavar="NAME[:VERSION]", help="the model (and version)")
+    unload.set_defaults(run=cmd_unload)
 
     predict = command("predict", help="top classes for images")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help=IMAGE_HELP)

@@ -11,7 +11,7 @@ from . import _calls, reasons
 from .errors import CamserveError, invalid
 from .images import to_proto
 from .methods import method_value
-from .results import Explanation, ModelInfo, Prediction, SanityReport
+from .results import Comparison, Explanation, ModelInfo, ModelStatus, Prediction, SanityReport
 from .streams import StreamResult, Tracker
 from .v1 import camserve_pb2 as pb
 from .v1 import camserve_pb2_grpc as pb_grpc
@@ -79,12 +79,63 @@ class Client:
         except grpc.RpcError as error:
             raise CamserveError.from_rpc_error(error, self.target) from None
 
-    def model_info(self, *, timeout: Any = _UNSET, metadata: _calls.Metadata = None,
+    def model_info(self, *, model: _calls.Model = None, version: int = 0,
+                   timeout: Any = _UNSET, metadata: _calls.Metadata = None,
                    request_id: Optional[str] = None) -> ModelInfo:
-        """The served model: name, state, labels, input size, layers, methods, batching,
-        limits. Answers at once while the model loads too (state "loading", little else)."""
-        return ModelInfo.from_proto(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(),
-                                               timeout, metadata, request_id))
+        """A served model (``model``: "NAME" or "NAME:VERSION"; None: the default): name,
+        state, labels, input size, layers, methods, batching, limits. Answers at once while the
+        server loads too (state "loading", little else)."""
+        request = pb.GetModelInfoRequest(model=_calls.model_ref(model, version))
+        return ModelInfo.from_proto(self._call(self._stub.GetModelInfo, request, timeout,
+                                               metadata, request_id))
+
+    def models(self, *, ready: bool = False, timeout: Any = _UNSET,
+               metadata: _calls.Metadata = None,
+               request_id: Optional[str] = None) -> List[ModelStatus]:
+        """Every version of every model the server knows, with its state (``ready``: only
+        those ready), by name and version."""
+        answer = self._call(self._stub.ListModels, pb.ListModelsRequest(ready=ready), timeout,
+                            metadata, request_id)
+        return [ModelStatus.from_proto(m) for m in answer.models]
+
+    def load_model(self, name: str, *, wait: bool = True, timeout: Any = _UNSET,
+                   metadata: _calls.Metadata = None,
+                   request_id: Optional[str] = None) -> List[ModelStatus]:
+        """Load (or reload) a model of the server's repository, the versions its policy names;
+        returns its versions once loaded (``wait=False``: at once, LOADING). Needs a server
+        with ``--model-control explicit`` and this client's token to be its admin token.
+        Raises CamserveError: PERMISSION_DENIED without the admin token, NOT_FOUND for a name
+        the repository lacks, FAILED_PRECONDITION for a bad config, the load's error."""
+        answer = self._call(self._stub.LoadModel, pb.LoadModelRequest(name=name,
+                                                                      no_wait=not wait),
+                            timeout, metadata, request_id)
+        return [ModelStatus.from_proto(m) for m in answer.models]
+
+    def unload_model(self, name: str, *, version: int = 0, timeout: Any = _UNSET,
+                     metadata: _calls.Metadata = None,
+                     request_id: Optional[str] = None) -> List[ModelStatus]:
+        """Unload a model's versions (``version``: just that one): calls already accepted
+        finish first. Needs the admin token; the server's last model (and its default model)
+        cannot be unloaded (FAILED_PRECONDITION)."""
+        answer = self._call(self._stub.UnloadModel,
+                            pb.UnloadModelRequest(name=name, version=version), timeout,
+                            metadata, request_id)
+        return [ModelStatus.from_proto(m) for m in answer.models]
+
+    def compare(self, image: Any, models: Sequence[str], *, target: _calls.Target = None,
+                method: Union[str, Sequence[str]] = "gradcam", outputs: Iterable[str] = ("raw",),
+                top_k: int = 5, timeout: Any = _UNSET, metadata: _calls.Metadata = None,
+                request_id: Optional[str] = None, **options) -> Comparison:
+        """Explain one image on two or more models ("NAME" or "NAME:VERSION" each, e.g.
+        ``["resnet:1", "resnet:2"]``) for the same class (``target``; None: the first
+        model's top class) and how alike their maps are (Spearman's rank correlation). The
+        models must share labels. Each model explains at its own default layer."""
+        refs = [_calls.model_ref(m) or pb.ModelRef() for m in models]
+        request = pb.CompareExplainRequest(
+            models=refs, images=[to_proto(image)], options=_calls.explain_options(
+                target=target, method=method, outputs=outputs, top_k=top_k, **options))
+        answer = self._call(self._stub.CompareExplain, request, timeout, metadata, request_id)
+        return _calls.comparison(answer, image)
 
     def health(self, service: str = "", *, timeout: Any = _UNSET,
                metadata: _calls.Metadata = None, request_id: Optional[str] = None) -> str:
@@ -119,26 +170,34 @@ class Client:
                 raise _calls.not_ready(self.target, state, timeout)
             time.sleep(0.1)
 
-    def predict(self, image: Any, *, top_k: int = 5, timeout: Any = _UNSET,
-                metadata: _calls.Metadata = None, request_id: Optional[str] = None) -> Prediction:
-        """Top-k classes for one image (a path, encoded bytes, uint8 array or PIL image)."""
-        return self.predict_many([image], top_k=top_k, timeout=timeout, metadata=metadata,
+    def predict(self, image: Any, *, top_k: int = 5, model: _calls.Model = None,
+                version: int = 0, priority: int = 0, timeout: Any = _UNSET,
+                metadata: _calls.Metadata = None,
+                request_id: Optional[str] = None) -> Prediction:
+        """Top-k classes for one image (a path, encoded bytes, uint8 array or PIL image), on
+        ``model`` ("NAME" or "NAME:VERSION"; None: the server's default)."""
+        return self.predict_many([image], top_k=top_k, model=model, version=version,
+                                 priority=priority, timeout=timeout, metadata=metadata,
                                  request_id=request_id)[0]
 
-    def predict_many(self, images: Iterable[Any], *, top_k: int = 5, timeout: Any = _UNSET,
+    def predict_many(self, images: Iterable[Any], *, top_k: int = 5, model: _calls.Model = None,
+                     version: int = 0, priority: int = 0, timeout: Any = _UNSET,
                      metadata: _calls.Metadata = None,
                      request_id: Optional[str] = None) -> List[Prediction]:
-        """One RPC for several images; answers in the same order."""
-        request = _calls.predict_request(list(images), top_k)
+        """One RPC for several images; answers in the same order. ``priority``: the queue
+        level of its images, 1 (the highest, a call's default) to 3; 0: the default."""
+        request = _calls.predict_request(list(images), top_k, _calls.model_ref(model, version),
+                                         priority)
         return _calls.predictions(self._call(self._stub.Predict, request, timeout, metadata,
                                              request_id))
 
     def explain(self, image: Any, *, target: _calls.Target = None,
                 method: Union[str, Sequence[str]] = "gradcam",
                 layer: Union[None, str, Sequence[str]] = None,
-                outputs: Iterable[str] = ("raw",), top_k: int = 5, timeout: Any = _UNSET,
-                metadata: _calls.Metadata = None, request_id: Optional[str] = None,
-                **options) -> Explanation:
+                outputs: Iterable[str] = ("raw",), top_k: int = 5, model: _calls.Model = None,
+                version: int = 0, priority: int = 0, timeout: Any = _UNSET,
+                metadata: _calls.Metadata = None,
+                request_id: Optional[str] = None, **options) -> Explanation:
         """Class activation maps for one image, with its prediction.
 
         ``target``: a class index or label, or a list of them; None explains the top-1 class
@@ -147,21 +206,25 @@ class Client:
         ``raw``/``heatmap``. ``outputs``: any of "raw" (maps at the layer's grid), "heatmap"
         (8-bit PNGs), "overlay_jpeg", "overlay_png" (rendered by the server at the image's
         size). ``options``: top_targets, counterfactual (negated gradients), signed (no final
-        ReLU), score_cam_channels, faithfulness_steps (deletion/insertion scores).
+        ReLU), score_cam_channels, faithfulness_steps (deletion/insertion scores). ``model``
+        and ``version``: as for predict.
         """
         return self.explain_many([image], target=target, method=method, layer=layer,
-                                 outputs=outputs, top_k=top_k, timeout=timeout,
+                                 outputs=outputs, top_k=top_k, model=model, version=version,
+                                 priority=priority, timeout=timeout,
                                  metadata=metadata, request_id=request_id, **options)[0]
 
     def explain_many(self, images: Iterable[Any], *, target: _calls.Target = None,
                      method: Union[str, Sequence[str]] = "gradcam",
                      layer: Union[None, str, Sequence[str]] = None,
                      outputs: Iterable[str] = ("raw",), top_k: int = 5,
+                     model: _calls.Model = None, version: int = 0, priority: int = 0,
                      timeout: Any = _UNSET, metadata: _calls.Metadata = None,
                      request_id: Optional[str] = None, **options) -> List[Explanation]:
         """One RPC for several images; answers in the same order."""
         images = list(images)
-        request = _calls.explain_request(images, target=target, method=method, layer=layer,
+        request = _calls.explain_request(images, _calls.model_ref(model, version), priority,
+                                         target=target, method=method, layer=layer,
                                          outputs=outputs, top_k=top_k, **options)
         return _calls.explanations(self._call(self._stub.Explain, request, timeout, metadata,
                                               request_id), images)
@@ -169,8 +232,8 @@ class Client:
     def check_sanity(self, images: Iterable[Any], *,
                      method: Union[None, str, Sequence[str]] = None, layer: Optional[str] = None,
                      score_cam_channels: int = 0, contrast_rank: int = 0, stages: int = 0,
-                     seed: int = 0, threshold: float = 0.0, timeout: Any = _UNSET,
-                     metadata: _calls.Metadata = None,
+                     seed: int = 0, threshold: float = 0.0, model: _calls.Model = None,
+                     version: int = 0, timeout: Any = _UNSET, metadata: _calls.Metadata = None,
                      request_id: Optional[str] = None) -> SanityReport:
         """How far to trust each method's maps on the served model, measured by the server on
         these images: the parameter-randomisation check (Adebayo et al. 2018: the top of the
@@ -197,11 +260,13 @@ class Client:
                               reasons.INVALID_OPTION)
         request = pb.CheckSanityRequest(images=[to_proto(i) for i in images],
                                         methods=method_enums, layer=layer or "",
-                                        threshold=float(threshold), **numbers)
+                                        threshold=float(threshold),
+                                        model=_calls.model_ref(model, version), **numbers)
         return SanityReport.from_proto(self._call(self._stub.CheckSanity, request, timeout,
                                                   metadata, request_id))
 
     def stream_predict(self, frames: Iterable[Any], *, top_k: int = 5, policy: str = "all",
+                       model: _calls.Model = None, version: int = 0,
                        timeout: Optional[float] = None, metadata: _calls.Metadata = None,
                        request_id: Optional[str] = None) -> Iterator[StreamResult]:
         """Predictions for a stream of frames (images, or camserve.Frame for ids and per-frame
@@ -214,7 +279,8 @@ class Client:
         ``timeout`` bounds the whole stream (default: none). Raises CamserveError if the stream
         itself fails; a frame that fails comes back as a StreamResult with ``error`` set.
         """
-        tracker = Tracker("predict", {"top_k": top_k}, policy)
+        tracker = Tracker("predict", {"top_k": top_k}, policy,
+                          _calls.model_ref(model, version))
         return self._stream(self._stub.StreamPredict, tracker, frames, timeout,
                             self._meta(metadata, request_id))
 
@@ -222,12 +288,14 @@ class Client:
                        method: Union[str, Sequence[str]] = "gradcam",
                        layer: Union[None, str, Sequence[str]] = None,
                        outputs: Iterable[str] = ("raw",), top_k: int = 5, policy: str = "all",
+                       model: _calls.Model = None, version: int = 0,
                        timeout: Optional[float] = None, metadata: _calls.Metadata = None,
                        request_id: Optional[str] = None, **options):
         """Explanations for a stream of frames; as stream_predict, with explain's options."""
         options = dict(options, target=target, method=method, layer=layer,
                        outputs=tuple(outputs), top_k=top_k)
-        return self._stream(self._stub.StreamExplain, Tracker("explain", options, policy),
+        tracker = Tracker("explain", options, policy, _calls.model_ref(model, version))
+        return self._stream(self._stub.StreamExplain, tracker,
                             frames, timeout, self._meta(metadata, request_id))
 
     def _stream(self, method, tracker: Tracker, frames, timeout,

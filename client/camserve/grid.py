@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from PIL import Image, ImageDraw
 
 from . import maps
-from .results import Explanation
+from .results import Comparison, Explanation
 
 TILE_HEIGHT = 224
 HEADER = 22
@@ -40,3 +42,21 @@ def _fit(text: str, width: int) -> str:
     limit = max(4, width // 7)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
+
+
+def models_grid(comparison: Comparison, names: Sequence[str], image: np.ndarray) -> np.ndarray:
+    """uint8 RGB: one comparison_grid per model, stacked, each under its name and, after the
+    first, its maps' Spearman correlation with the first model's."""
+    sheets = []
+    for i, (name, explanation) in enumerate(zip(names, comparison.explanations)):
+        grid = comparison_grid(explanation, image)
+        similar = ", ".join(f"{s.method} {s.spearman:.2f}" for s in comparison.similarities
+                            if s.first == 0 and s.second == i)
+        title = Image.new("RGB", (grid.shape[1], HEADER), "white")
+        ImageDraw.Draw(title).text((4, 4), _fit(name + (f" (Spearman vs {names[0]}: "
+                                                        f"{similar})" if similar else ""),
+                                                grid.shape[1]), fill="black")
+        sheets += [np.asarray(title), grid]
+    width = max(s.shape[1] for s in sheets)
+    return np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)),
+                                  constant_values=255) for s in sheets])

@@ -16,7 +16,7 @@ from typing import Tuple
 
 import numpy as np
 
-__all__ = ["resize_bilinear", "heatmap", "colorize", "overlay"]
+__all__ = ["resize_bilinear", "heatmap", "colorize", "overlay", "spearman"]
 
 MIN_RANGE = 1e-7  # added to a map's range before scaling, as pytorch-grad-cam does
 
@@ -81,3 +81,27 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
         image = np.repeat(image[:, :, None], 3, axis=2)
     blended = (1.0 - alpha) * image[:, :, :3].astype(np.float32) + alpha * colorize(heat)
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def spearman(first: np.ndarray, second: np.ndarray) -> float:
+    """Spearman's rank correlation of two raw maps, the coarser resized bilinearly to the finer
+    one's grid: 1 when they rank every place alike, 0 when one is constant."""
+    if first.size < second.size:
+        first = resize_bilinear(first, second.shape)
+    elif second.size < first.size:
+        second = resize_bilinear(second, first.shape)
+    a = _ranks(np.asarray(first, dtype=np.float64).ravel())
+    b = _ranks(np.asarray(second, dtype=np.float64).ravel())
+    a, b = a - a.mean(), b - b.mean()
+    scale = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / scale) if scale > 0 else 0.0

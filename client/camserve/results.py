@@ -300,6 +300,12 @@ class ModelInfo:
     max_message_bytes: int = 0
     max_score_cam_channels: int = 0
     max_faithfulness_steps: int = 0
+    model: str = ""  # the model's name in the server's repository
+    version: int = 0  # the version described
+    priority_levels: int = 0  # the queue's levels: 1 (the highest) to priority_levels
+    level_share: int = 0  # a waiting lower level goes first after this many above it
+    max_queue_per_caller: int = 0  # 0: only max_queue bounds a caller
+    tenant_header: bool = False  # callers named by x-camserve-tenant
 
     @property
     def device(self) -> str:
@@ -329,7 +335,51 @@ class ModelInfo:
             max_images_per_request=msg.limits.max_images_per_request,
             max_message_bytes=msg.limits.max_message_bytes,
             max_score_cam_channels=msg.limits.max_score_cam_channels,
-            max_faithfulness_steps=msg.limits.max_faithfulness_steps)
+            max_faithfulness_steps=msg.limits.max_faithfulness_steps,
+            model=msg.model.name, version=msg.model.version,
+            priority_levels=msg.batching.priority_levels,
+            level_share=msg.batching.level_share,
+            max_queue_per_caller=msg.batching.max_queue_per_caller,
+            tenant_header=msg.batching.tenant_header)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One version of one model the server knows (``Client.models()``)."""
+
+    name: str
+    version: int  # 0: a model of the repository that was never loaded
+    state: str  # "loading", "ready", "unloading", "failed" or "unloaded"
+    error: str = ""  # failed: why
+    is_default: bool = False  # calls that name no model go to it
+    bytes: int = 0  # its parameters and buffers on its devices
+    source: str = ""  # e.g. "torchvision:resnet18"
+
+    @classmethod
+    def from_proto(cls, msg: pb.ModelStatus) -> ModelStatus:
+        return cls(msg.name, msg.version,
+                   pb.ModelState.Name(msg.state)[len("MODEL_STATE_"):].lower(), msg.error,
+                   msg.is_default, msg.bytes, msg.source)
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """How alike two models' maps of one image are (``Client.compare``)."""
+
+    first: int  # the index of the first model, in the order they were named
+    second: int
+    method: str
+    target: int  # the class both maps explain
+    spearman: float  # Spearman's rank correlation of the raw maps, in [-1, 1]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One image explained on several models: each model's Explanation, in the order the
+    models were named, and the similarity of every pair's maps."""
+
+    explanations: Tuple[Explanation, ...]
+    similarities: Tuple[Similarity, ...]
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,10 @@ class Tracker:
     previous frame's. Each distinct set of options is checked and converted once.
     Thread-safe (gRPC reads requests on its own thread)."""
 
-    def __init__(self, kind: str, options: Mapping[str, Any], policy: str) -> None:
+    def __init__(self, kind: str, options: Mapping[str, Any], policy: str,
+                 model: Optional[pb.ModelRef] = None) -> None:
         self._kind = kind
+        self._model = model  # the stream's model, named in every config (None: the default)
         self._options = dict(options)
         self._policy = policy_value(policy)
         self._configs: dict = {}  # options key -> options message
@@ -96,9 +98,9 @@ class Tracker:
         policy = self._policy if first else pb.STREAM_POLICY_UNSPECIFIED
         if self._kind == "predict":
             return pb.StreamPredictRequest(config=pb.StreamPredictConfig(
-                policy=policy, options=options_message))
+                policy=policy, options=options_message, model=self._model))
         return pb.StreamExplainRequest(config=pb.StreamExplainConfig(
-            policy=policy, options=options_message))
+            policy=policy, options=options_message, model=self._model))
 
     def messages(self, item: Any) -> list:
         """The messages for the next frame: a config when its options change, then the frame

@@ -19,7 +19,8 @@ from .process.settings import HEARTBEAT_S, parse_settings
 
 # What `pip install camserve` lacks and the server needs (camserve[server]), checked before
 # anything is imported.
-SERVER_MODULES = ("torch", "torchvision", "timm", "grpc_reflection", "prometheus_client")
+SERVER_MODULES = ("torch", "torchvision", "timm", "grpc_reflection", "prometheus_client",
+                  "starlette", "uvicorn")
 EXIT_INTERRUPTED = 130  # a second signal: stopped without draining (128 + SIGINT)
 
 
@@ -85,6 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"camserve-server listening on {settings.host}:{port}", flush=True)
         if server.metrics_port is not None:
             print(f"camserve-server metrics on {settings.host}:{server.metrics_port}", flush=True)
+        if server.http_port is not None:
+            print(f"camserve-server http on {settings.host}:{server.http_port}", flush=True)
         server.load()
     except (StartupError, OSError) as exc:
         print(f"camserve-server: {exc}", file=sys.stderr)

@@ -84,6 +84,14 @@ class Unauthenticated(ServiceError):
     reason = "UNAUTHENTICATED"
 
 
+class PermissionDenied(ServiceError):
+    """The caller is known but may not do this (load or unload models without the admin
+    token)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "NOT_ADMIN"
+
+
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"

@@ -71,6 +71,11 @@ class Metrics:
         requests = Counter("camserve_requests", "RPCs answered, by RPC and status code"
                            + (" and worker process" if self.shared else ""),
                            ["rpc", "code", *by_worker], registry=r)
+        # Calls to a model (every call but the server's own: ListModels, health): by model,
+        # version, RPC and status code; the model is its repository name.
+        self.model_requests = Counter(
+            "camserve_model_requests", "RPCs answered for a model, by model, version, RPC and "
+            "status code", ["model", "version", "rpc", "code"], registry=r)
         self.latency = Histogram("camserve_request_seconds",
                                  "End-to-end handler time of an RPC, by RPC", ["rpc"],
                                  buckets=_SECONDS, registry=r)
@@ -85,7 +90,8 @@ class Metrics:
         self.dropped = Counter("camserve_items_dropped",
                                "Items dropped before they reached the model, by reason "
                                "(deadline, cancelled, skipped; evicted: a full queue's "
-                               "place given to an item of a higher level)", ["reason"],
+                               "place given to an item of a higher level or a politer "
+                               "caller; caller_full: over --max-queue-per-caller)", ["reason"],
                                registry=r)
         self.batch_failures = Counter("camserve_batch_failures",
                                       "Batches (or single items) that failed, by reason",

@@ -77,5 +77,7 @@ def test_health_list_where_the_protocol_has_it():
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             listed = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(),
                                                               timeout=10).statuses
+    # The server, each API, and each model (the repository of one's: camserve).
     assert {name: s.status for name, s in listed.items()} == dict.fromkeys(
-        HEALTH_NAMES, health_pb2.HealthCheckResponse.SERVING)
+        (*HEALTH_NAMES, "camserve.v1.CamserveService/camserve"),
+        health_pb2.HealthCheckResponse.SERVING)

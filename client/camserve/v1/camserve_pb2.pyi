@@ -37,6 +37,12 @@ LAYER_LAYOUT_NCHW: LayerLayout
 LAYER_LAYOUT_NHWC: LayerLayout
 LAYER_LAYOUT_TOKENS: LayerLayout
 LAYER_LAYOUT_UNSPECIFIED: LayerLayout
+MODEL_STATE_FAILED: ModelState
+MODEL_STATE_LOADING: ModelState
+MODEL_STATE_READY: ModelState
+MODEL_STATE_UNLOADED: ModelState
+MODEL_STATE_UNLOADING: ModelState
+MODEL_STATE_UNSPECIFIED: ModelState
 NOTE_KIND_ALL_ZERO: NoteKind
 NOTE_KIND_RENDER_DOWNSCALED: NoteKind
 NOTE_KIND_UNLIKELY_CLASS: NoteKind
@@ -58,23 +64,32 @@ TARGET_KIND_SOFTMAX: TargetKind
 TARGET_KIND_UNSPECIFIED: TargetKind
 
 class BatchingInfo(_message.Message):
-    __slots__ = ["max_batch_size", "max_delay_ms", "max_queue", "workers"]
+    __slots__ = ["level_share", "max_batch_size", "max_delay_ms", "max_queue", "max_queue_per_caller", "priority_levels", "tenant_header", "workers"]
+    LEVEL_SHARE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_PER_CALLER_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_HEADER_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    level_share: int
     max_batch_size: int
     max_delay_ms: float
     max_queue: int
+    max_queue_per_caller: int
+    priority_levels: int
+    tenant_header: bool
     workers: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ..., workers: _Optional[int] = ..., priority_levels: _Optional[int] = ..., level_share: _Optional[int] = ..., max_queue_per_caller: _Optional[int] = ..., tenant_header: bool = ...) -> None: ...
 
 class CheckSanityRequest(_message.Message):
-    __slots__ = ["contrast_rank", "images", "layer", "methods", "score_cam_channels", "seed", "stages", "threshold"]
+    __slots__ = ["contrast_rank", "images", "layer", "methods", "model", "score_cam_channels", "seed", "stages", "threshold"]
     CONTRAST_RANK_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_CAM_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -83,11 +98,12 @@ class CheckSanityRequest(_message.Message):
     images: _containers.RepeatedCompositeFieldContainer[Image]
     layer: str
     methods: _containers.RepeatedScalarFieldContainer[CamMethod]
+    model: ModelRef
     score_cam_channels: int
     seed: int
     stages: int
     threshold: float
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., layer: _Optional[str] = ..., score_cam_channels: _Optional[int] = ..., contrast_rank: _Optional[int] = ..., stages: _Optional[int] = ..., seed: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., layer: _Optional[str] = ..., score_cam_channels: _Optional[int] = ..., contrast_rank: _Optional[int] = ..., stages: _Optional[int] = ..., seed: _Optional[int] = ..., threshold: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class CheckSanityResponse(_message.Message):
     __slots__ = ["classes", "layer", "methods", "seed", "stages", "threshold", "verdict_stage"]
@@ -155,6 +171,26 @@ class CombinedMap(_message.Message):
     target: ClassScore
     def __init__(self, target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layers: _Optional[_Iterable[str]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ...) -> None: ...
 
+class CompareExplainRequest(_message.Message):
+    __slots__ = ["images", "models", "options", "priority"]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    models: _containers.RepeatedCompositeFieldContainer[ModelRef]
+    options: ExplainOptions
+    priority: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class CompareExplainResponse(_message.Message):
+    __slots__ = ["explanations", "similarities"]
+    EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITIES_FIELD_NUMBER: _ClassVar[int]
+    explanations: _containers.RepeatedCompositeFieldContainer[ExplainResponse]
+    similarities: _containers.RepeatedCompositeFieldContainer[ImageSimilarities]
+    def __init__(self, explanations: _Optional[_Iterable[_Union[ExplainResponse, _Mapping]]] = ..., similarities: _Optional[_Iterable[_Union[ImageSimilarities, _Mapping]]] = ...) -> None: ...
+
 class ExplainOptions(_message.Message):
     __slots__ = ["aug_smooth", "counterfactual", "eigen_smooth", "faithfulness_steps", "keep_sign", "layers", "methods", "outputs", "score_cam_channels", "target_kind", "targets", "top_k", "top_targets"]
     AUG_SMOOTH_FIELD_NUMBER: _ClassVar[int]
@@ -186,12 +222,16 @@ class ExplainOptions(_message.Message):
     def __init__(self, methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., top_targets: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., counterfactual: bool = ..., keep_sign: bool = ..., score_cam_channels: _Optional[int] = ..., faithfulness_steps: _Optional[int] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ["images", "options"]
+    __slots__ = ["images", "model", "options", "priority"]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
+    model: ModelRef
     options: ExplainOptions
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ["results"]
@@ -230,11 +270,13 @@ class Faithfulness(_message.Message):
     def __init__(self, deletion: _Optional[float] = ..., insertion: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = []
-    def __init__(self) -> None: ...
+    __slots__ = ["model"]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ["batching", "default_layer", "devices", "input_size", "labels", "layers", "limits", "mean", "methods", "name", "state", "std"]
+    __slots__ = ["batching", "default_layer", "devices", "input_size", "labels", "layers", "limits", "mean", "methods", "model", "name", "state", "std"]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_LAYER_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +286,7 @@ class GetModelInfoResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
@@ -256,10 +299,11 @@ class GetModelInfoResponse(_message.Message):
     limits: Limits
     mean: _containers.RepeatedScalarFieldContainer[float]
     methods: _containers.RepeatedCompositeFieldContainer[MethodInfo]
+    model: ModelRef
     name: str
     state: ServerState
     std: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ServerState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., input_size: _Optional[_Union[ImageSize, _Mapping]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., default_layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., devices: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ServerState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., input_size: _Optional[_Union[ImageSize, _Mapping]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., default_layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., devices: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ["encoded", "raw"]
@@ -268,6 +312,12 @@ class Image(_message.Message):
     encoded: bytes
     raw: RawImage
     def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
+
+class ImageSimilarities(_message.Message):
+    __slots__ = ["pairs"]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    pairs: _containers.RepeatedCompositeFieldContainer[MapSimilarity]
+    def __init__(self, pairs: _Optional[_Iterable[_Union[MapSimilarity, _Mapping]]] = ...) -> None: ...
 
 class ImageSize(_message.Message):
     __slots__ = ["height", "width"]
@@ -315,6 +365,46 @@ class Limits(_message.Message):
     max_stream_frames_in_flight: int
     def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_frames_in_flight: _Optional[int] = ..., max_score_cam_channels: _Optional[int] = ..., max_maps_per_image: _Optional[int] = ..., max_faithfulness_steps: _Optional[int] = ...) -> None: ...
 
+class ListModelsRequest(_message.Message):
+    __slots__ = ["ready"]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    def __init__(self, ready: bool = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ["models"]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ["name", "no_wait"]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NO_WAIT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    no_wait: bool
+    def __init__(self, name: _Optional[str] = ..., no_wait: bool = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ["models"]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
+
+class MapSimilarity(_message.Message):
+    __slots__ = ["first", "method", "second", "spearman", "target"]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SECOND_FIELD_NUMBER: _ClassVar[int]
+    SPEARMAN_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    method: CamMethod
+    second: int
+    spearman: float
+    target: int
+    def __init__(self, first: _Optional[int] = ..., second: _Optional[int] = ..., method: _Optional[_Union[CamMethod, str]] = ..., target: _Optional[int] = ..., spearman: _Optional[float] = ...) -> None: ...
+
 class MethodInfo(_message.Message):
     __slots__ = ["class_discriminative", "method", "needs_backward"]
     CLASS_DISCRIMINATIVE_FIELD_NUMBER: _ClassVar[int]
@@ -339,6 +429,32 @@ class MethodSanity(_message.Message):
     randomisation_passed: bool
     def __init__(self, method: _Optional[_Union[CamMethod, str]] = ..., randomisation: _Optional[_Iterable[float]] = ..., randomisation_passed: bool = ..., discrimination: _Optional[float] = ..., discrimination_passed: bool = ...) -> None: ...
 
+class ModelRef(_message.Message):
+    __slots__ = ["name", "version"]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ["bytes", "error", "is_default", "name", "source", "state", "version"]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    error: str
+    is_default: bool
+    name: str
+    source: str
+    state: ModelState
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., is_default: bool = ..., bytes: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
 class Note(_message.Message):
     __slots__ = ["kind", "message"]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -354,12 +470,16 @@ class PredictOptions(_message.Message):
     def __init__(self, top_k: _Optional[int] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ["images", "options"]
+    __slots__ = ["images", "model", "options", "priority"]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
+    model: ModelRef
     options: PredictOptions
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[PredictOptions, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[PredictOptions, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ["results"]
@@ -422,12 +542,16 @@ class SanityStage(_message.Message):
     def __init__(self, name: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StreamExplainConfig(_message.Message):
-    __slots__ = ["options", "policy"]
+    __slots__ = ["model", "options", "policy", "priority"]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
     options: ExplainOptions
     policy: StreamPolicy
-    def __init__(self, policy: _Optional[_Union[StreamPolicy, str]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, policy: _Optional[_Union[StreamPolicy, str]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class StreamExplainRequest(_message.Message):
     __slots__ = ["config", "frame"]
@@ -458,12 +582,16 @@ class StreamFrame(_message.Message):
     def __init__(self, frame_id: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
 
 class StreamPredictConfig(_message.Message):
-    __slots__ = ["options", "policy"]
+    __slots__ = ["model", "options", "policy", "priority"]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
     options: PredictOptions
     policy: StreamPolicy
-    def __init__(self, policy: _Optional[_Union[StreamPolicy, str]] = ..., options: _Optional[_Union[PredictOptions, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, policy: _Optional[_Union[StreamPolicy, str]] = ..., options: _Optional[_Union[PredictOptions, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class StreamPredictRequest(_message.Message):
     __slots__ = ["config", "frame"]
@@ -511,6 +639,20 @@ class Timing(_message.Message):
     worker: int
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., decode_ms: _Optional[float] = ..., respond_ms: _Optional[float] = ..., worker: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
+class UnloadModelRequest(_message.Message):
+    __slots__ = ["name", "version"]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ["models"]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
+
 class CamMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = []
 
@@ -533,4 +675,7 @@ class LayerLayout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = []
 
 class StreamPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = []
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = []

@@ -46,6 +46,26 @@ class CamserveServiceStub(object):
                 request_serializer=camserve_dot_v1_dot_camserve__pb2.CheckSanityRequest.SerializeToString,
                 response_deserializer=camserve_dot_v1_dot_camserve__pb2.CheckSanityResponse.FromString,
                 )
+        self.ListModels = channel.unary_unary(
+                '/camserve.v1.CamserveService/ListModels',
+                request_serializer=camserve_dot_v1_dot_camserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=camserve_dot_v1_dot_camserve__pb2.ListModelsResponse.FromString,
+                )
+        self.LoadModel = channel.unary_unary(
+                '/camserve.v1.CamserveService/LoadModel',
+                request_serializer=camserve_dot_v1_dot_camserve__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=camserve_dot_v1_dot_camserve__pb2.LoadModelResponse.FromString,
+                )
+        self.UnloadModel = channel.unary_unary(
+                '/camserve.v1.CamserveService/UnloadModel',
+                request_serializer=camserve_dot_v1_dot_camserve__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=camserve_dot_v1_dot_camserve__pb2.UnloadModelResponse.FromString,
+                )
+        self.CompareExplain = channel.unary_unary(
+                '/camserve.v1.CamserveService/CompareExplain',
+                request_serializer=camserve_dot_v1_dot_camserve__pb2.CompareExplainRequest.SerializeToString,
+                response_deserializer=camserve_dot_v1_dot_camserve__pb2.CompareExplainResponse.FromString,
+                )
 
 
 class CamserveServiceServicer(object):
@@ -101,6 +121,40 @@ class CamserveServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The models and versions the server knows, each with its state (loading, ready, unloading,
+        failed with its error). Answers at once, also while models load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load a model of the repository (the versions its policy names), or reload it; answers once
+        they are ready, or with the load's error. Other models serve meanwhile. Needs the admin
+        token and --model-control explicit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload a model's versions (or one version): calls already accepted finish, new ones are
+        refused. Needs the admin token and --model-control explicit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareExplain(self, request, context):
+        """Explain the same images on two or more models (or versions of one) in one call: each
+        model's maps, and how alike they are (Spearman's rank correlation of the raw maps), so a
+        team sees whether version 2 looks where version 1 did. The models must share labels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CamserveServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +187,26 @@ def add_CamserveServiceServicer_to_server(servicer, server):
                     servicer.CheckSanity,
                     request_deserializer=camserve_dot_v1_dot_camserve__pb2.CheckSanityRequest.FromString,
                     response_serializer=camserve_dot_v1_dot_camserve__pb2.CheckSanityResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=camserve_dot_v1_dot_camserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=camserve_dot_v1_dot_camserve__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=camserve_dot_v1_dot_camserve__pb2.LoadModelRequest.FromString,
+                    response_serializer=camserve_dot_v1_dot_camserve__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=camserve_dot_v1_dot_camserve__pb2.UnloadModelRequest.FromString,
+                    response_serializer=camserve_dot_v1_dot_camserve__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'CompareExplain': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareExplain,
+                    request_deserializer=camserve_dot_v1_dot_camserve__pb2.CompareExplainRequest.FromString,
+                    response_serializer=camserve_dot_v1_dot_camserve__pb2.CompareExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -245,5 +319,73 @@ class CamserveService(object):
         return grpc.experimental.unary_unary(request, target, '/camserve.v1.CamserveService/CheckSanity',
             camserve_dot_v1_dot_camserve__pb2.CheckSanityRequest.SerializeToString,
             camserve_dot_v1_dot_camserve__pb2.CheckSanityResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/camserve.v1.CamserveService/ListModels',
+            camserve_dot_v1_dot_camserve__pb2.ListModelsRequest.SerializeToString,
+            camserve_dot_v1_dot_camserve__pb2.ListModelsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/camserve.v1.CamserveService/LoadModel',
+            camserve_dot_v1_dot_camserve__pb2.LoadModelRequest.SerializeToString,
+            camserve_dot_v1_dot_camserve__pb2.LoadModelResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/camserve.v1.CamserveService/UnloadModel',
+            camserve_dot_v1_dot_camserve__pb2.UnloadModelRequest.SerializeToString,
+            camserve_dot_v1_dot_camserve__pb2.UnloadModelResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def CompareExplain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/camserve.v1.CamserveService/CompareExplain',
+            camserve_dot_v1_dot_camserve__pb2.CompareExplainRequest.SerializeToString,
+            camserve_dot_v1_dot_camserve__pb2.CompareExplainResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

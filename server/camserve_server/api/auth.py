@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 import grpc
 from grpc import aio
 
-from ..errors import Unauthenticated
+from ..errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from .calls import abort
 
 # Health checks answer without a token so that orchestrators can probe the server.
@@ -26,7 +26,7 @@ class TokenAuth(aio.ServerInterceptor):
         self._tokens = tuple(t.encode() for t in tokens)
         self._on_denied = on_denied
 
-    def _accepts(self, metadata) -> bool:
+    def accepts(self, metadata) -> bool:
         values = [v for k, v in (metadata or ()) if k == "authorization"]
         if len(values) != 1 or not isinstance(values[0], str):
             return False
@@ -38,7 +38,7 @@ class TokenAuth(aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_METHODS) or self._accepts(
+        if handler is None or details.method.startswith(OPEN_METHODS) or self.accepts(
                 details.invocation_metadata):
             return handler
         method = details.method
@@ -65,3 +65,33 @@ class TokenAuth(aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(
             deny, request_deserializer=lambda data: None,
             response_serializer=handler.response_serializer)
+
+
+class AdminAuth:
+    """Loading and unloading models: allowed by ``--model-control explicit`` only, to a caller
+    with an admin token (``--admin-token``; distinct from the ordinary ones, which it also
+    passes for) and in a server of one process (a load would reach one of several)."""
+
+    def __init__(self, tokens: Iterable[str], control: str, workers: int) -> None:
+        self._auth = TokenAuth(tokens)
+        self._any = bool(tuple(tokens))
+        self._control = control
+        self._workers = workers
+
+    def check(self, context) -> None:
+        """Raises unless this call may load and unload models."""
+        if self._control != "explicit":
+            raise FailedPrecondition(
+                f"this server's models are fixed (--model-control {self._control}); start it "
+                "with --model-control explicit to load and unload them by call",
+                reason="MODEL_CONTROL")
+        if self._workers > 1:
+            raise FailedPrecondition(
+                f"this server runs {self._workers} processes (--workers) and a load would reach "
+                "one of them; use --model-control poll, or --workers 1", reason="MODEL_CONTROL")
+        if not self._any:
+            raise PermissionDenied("loading and unloading need an admin token, and this server "
+                                   "has none: start it with --admin-token", reason="NOT_ADMIN")
+        if not self._auth.accepts(context.invocation_metadata()):
+            raise PermissionDenied("loading and unloading need the admin token: send "
+                                   "'authorization: Bearer <admin token>'", reason="NOT_ADMIN")

@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hashlib
 import logging
 import re
 import time
@@ -41,6 +43,40 @@ MAX_MESSAGE_CHARS = 1000  # an error message is cut to this length
 MAX_FIELD_CHARS = 200  # and the name of the field at fault to this
 MAX_REQUEST_ID = 64
 _REQUEST_ID = re.compile(r"[^A-Za-z0-9._:/+=@-]")
+
+
+# The model versions a call uses, as the handler resolved them ((name, version) pairs): the
+# access log and the per-model metrics read it. A context variable, so each call's task has its
+# own; its default is an empty tuple.
+MODELS: contextvars.ContextVar = contextvars.ContextVar("camserve_models", default=())
+
+
+# Who the running call is, for the queue's turns and per-caller bound (levels.py): set when the
+# call starts (Call), read by the pipeline and the streams when they queue items.
+CALLER: contextvars.ContextVar = contextvars.ContextVar("camserve_caller", default="")
+TENANT_HEADER = "x-camserve-tenant"
+MAX_TENANT_CHARS = 64
+
+
+def caller_of(context, trust_tenant: bool = False) -> str:
+    """A call's caller: its ``x-camserve-tenant`` header when the operator trusts it
+    (``--tenant-header on``), else its bearer token (a digest of it, never the token), else
+    its connection (the peer's address and port)."""
+    metadata = context.invocation_metadata() or ()
+    if trust_tenant:
+        tenant = next((v for k, v in metadata if k == TENANT_HEADER and isinstance(v, str)
+                       and v), None)
+        if tenant is not None:
+            return "tenant:" + tenant[:MAX_TENANT_CHARS]
+    token = next((v for k, v in metadata if k == "authorization" and isinstance(v, str)), None)
+    if token is not None:
+        return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    return "peer:" + (context.peer() or "")
+
+
+def uses_model(name: str, version: int) -> None:
+    """Record that the running call uses this model version (servicer.py's live)."""
+    MODELS.set(MODELS.get() + ((name, version),))
 
 
 SMALL_REQUEST = 1 << 20  # bytes: always admitted
@@ -173,9 +209,11 @@ class Recorder:
     """Counts each call and writes its access line; knows the calls running, so that the
     end of a shutdown's grace can cut them off with a status of their own."""
 
-    def __init__(self, metrics: Metrics, stopping: Callable[[], bool]) -> None:
+    def __init__(self, metrics: Metrics, stopping: Callable[[], bool],
+                 trust_tenant: bool = False) -> None:
         self._metrics = metrics
         self._stopping = stopping
+        self.trust_tenant = trust_tenant  # --tenant-header: callers named by x-camserve-tenant
         self.running: Set[asyncio.Task] = set()  # the handlers' tasks (event-loop only)
         self.cut = False
 
@@ -190,10 +228,15 @@ class Recorder:
              peer: str) -> None:
         self._metrics.requests.labels(rpc, code.name).inc()
         self._metrics.latency.labels(rpc).observe(seconds)
-        access.info("%s %s %.1f ms id=%s items=%d peer=%s", rpc, code.name, seconds * 1000.0,
-                    rid, items, peer, extra={
+        models = MODELS.get()
+        for name, version in models:
+            self._metrics.model_requests.labels(name, str(version), rpc, code.name).inc()
+        model = ",".join(f"{name}:{version}" for name, version in models)
+        access.info("%s %s %.1f ms id=%s items=%d peer=%s%s", rpc, code.name, seconds * 1000.0,
+                    rid, items, peer, f" model={model}" if model else "", extra={
                         "request_id": rid, "rpc": rpc, "code": code.name,
-                        "ms": round(seconds * 1000.0, 2), "items": items, "peer": peer})
+                        "ms": round(seconds * 1000.0, 2), "items": items, "peer": peer,
+                        "model": model})
 
     def interrupted(self, call: Call) -> grpc.StatusCode:
         """The status a caller saw for a call that was cut short under its handler."""
@@ -214,6 +257,7 @@ class Call:
     def __init__(self, rpc: str, recorder: Recorder, context) -> None:
         self.rpc, self.recorder = rpc, recorder
         self.request_id, self.peer = request_id(context), context.peer()
+        CALLER.set(caller_of(context, recorder.trust_tenant))
         self.deadline = deadline(context)
         self.started, self.items, self.recorded = time.perf_counter(), 0, False
         self.task = asyncio.current_task()

@@ -6,7 +6,9 @@ messages, decode in the pool, one batcher, the engine), with the same auth inter
 log and metrics (``calls.py`` wraps every handler); this module only converts the tensors and
 parameters. docs/oip.md describes the tensors for users:
 
-- one model, ``--oip-model-name`` (default ``camserve``), version ``1``;
+- the server's models by their repository names and versions (``--model`` alone: one model,
+  ``--oip-model-name``, default ``camserve``, version ``1``), and Triton's repository extension
+  (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload);
 - input ``image``: BYTES ``[N]`` or ``[N, 1]`` (encoded image files) or UINT8
   ``[N, H, W, C]`` (raw pixels, C = 3 RGB, or 1 or 4);
 - outputs ``probabilities`` FP32 ``[N, classes]``, ``top_indices`` INT64 ``[N, k]``,
@@ -38,9 +40,17 @@ from camserve.methods import method_value
 from camserve.v1 import camserve_pb2 as pb
 
 from .. import __version__
+from ..batching.levels import INTERACTIVE
 from ..domain import METHODS, RawPixels, Source
-from ..errors import InvalidArgument, NotFound, Unimplemented, quote
-from ..oip.v2 import model_config_pb2
+from ..errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+    quote,
+)
+from ..oip.v2 import model_config_pb2, repository_pb2
 from . import calls
 from . import request as req
 from .pipeline import Pipeline
@@ -49,9 +59,8 @@ from .servicer import CamserveService
 
 SERVICE = "inference.GRPCInferenceService"
 PROTO = "camserve_server/oip/v2/grpc_predict_v2.proto"
-VERSION = "1"  # the only version of the served model
 PLATFORM = "pytorch"
-EXTENSIONS = ("model_configuration", "parameters")
+EXTENSIONS = ("model_configuration", "model_repository", "parameters")
 
 INPUT = "image"
 PROBABILITIES, TOP_INDICES, TOP_LABELS = "probabilities", "top_indices", "top_labels"
@@ -60,10 +69,11 @@ CLASSIFY_OUTPUTS = (PROBABILITIES, TOP_INDICES, TOP_LABELS)
 EXPLAIN_OUTPUTS = (RAW_MAP, TARGET)
 
 EXPLAIN_PARAMETERS = ("method", "layer", "target")
-PARAMETERS = ("top_k", "explain") + EXPLAIN_PARAMETERS
-# Accepted and ignored: Triton's scheduling parameters, which tritonclient sends when asked
-# to, and its reserved triton_* ones (perf_analyzer sends triton_enable_empty_final_response).
-IGNORED_PARAMETERS = ("priority", "timeout", "binary_data_output")
+PARAMETERS = ("top_k", "explain", "priority") + EXPLAIN_PARAMETERS
+# Accepted and ignored: Triton's timeout (the call's deadline bounds it) and binary_data_output,
+# which tritonclient sends when asked to, and its reserved triton_* ones (perf_analyzer sends
+# triton_enable_empty_final_response).
+IGNORED_PARAMETERS = ("timeout", "binary_data_output")
 IGNORED_PREFIX = "triton_"
 _LENGTH = struct.Struct("<I")  # a BYTES element's length prefix
 
@@ -166,8 +176,8 @@ class _Handler(grpc.GenericRpcHandler):
         async def refuse(requests, context, frames):
             raise Unimplemented(
                 f"{SERVICE}/{rpc} is not served by camserve; it serves ServerLive, ServerReady, "
-                "ModelReady, ServerMetadata, ModelMetadata, ModelInfer and ModelConfig "
-                "(docs/oip.md)", reason="UNIMPLEMENTED")
+                "ModelReady, ServerMetadata, ModelMetadata, ModelInfer, ModelConfig and the "
+                "Repository RPCs (docs/oip.md)", reason="UNIMPLEMENTED")
             yield  # an async generator, as calls.streaming expects
 
         # A streaming handler answers unary and streaming calls alike, without reading them.
@@ -177,15 +187,15 @@ class _Handler(grpc.GenericRpcHandler):
 
 
 class OipService:
-    """The handlers; they share CamserveService's state and runtime."""
+    """The handlers; they share CamserveService's state and models."""
 
     def __init__(self, service: CamserveService, model_name: str) -> None:
         self._service = service
-        self.model_name = model_name
+        self.model_name = model_name  # the repository of one's model (--oip-model-name)
 
     def methods(self) -> dict:
         """RPC name → (handler, request type, response type, streaming), for calls.py."""
-        m = messages()
+        m, r = messages(), repository_pb2
         return {
             "ServerLive": (self.ServerLive, m.ServerLiveRequest, m.ServerLiveResponse, False),
             "ServerReady": (self.ServerReady, m.ServerReadyRequest, m.ServerReadyResponse,
@@ -198,22 +208,35 @@ class OipService:
             "ModelInfer": (self.ModelInfer, m.ModelInferRequest, m.ModelInferResponse, False),
             "ModelConfig": (self.ModelConfig, model_config_pb2.ModelConfigRequest,
                             model_config_pb2.ModelConfigResponse, False),
+            "RepositoryIndex": (self.RepositoryIndex, r.RepositoryIndexRequest,
+                                r.RepositoryIndexResponse, False),
+            "RepositoryModelLoad": (self.RepositoryModelLoad, r.RepositoryModelLoadRequest,
+                                    r.RepositoryModelLoadResponse, False),
+            "RepositoryModelUnload": (self.RepositoryModelUnload,
+                                      r.RepositoryModelUnloadRequest,
+                                      r.RepositoryModelUnloadResponse, False),
         }
 
     def _ready(self) -> bool:
         return self._service.state == pb.SERVER_STATE_SERVING
 
-    def _model(self, name: str, version: str, field: str = "name") -> None:
+    def _ref(self, name: str, version: str, field: str = "name") -> pb.ModelRef:
+        """The model and version an OIP call names, as camserve's ModelRef."""
         if not name:
+            names = self._names()
             raise InvalidArgument(f"{field} is empty: name the model; this server serves "
-                                  f"{self.model_name!r}", field=field, reason="NO_MODEL")
-        if name != self.model_name:
-            raise NotFound(f"model {quote(name)} is not served here; this server serves "
-                           f"{self.model_name!r}", field=field, reason="UNKNOWN_MODEL")
-        if version not in ("", VERSION):
-            raise NotFound(f"model {self.model_name!r} has no version {quote(version)}; it "
-                           f"has version {VERSION} only (or leave the version empty)",
-                           field=field.replace("name", "version"), reason="UNKNOWN_VERSION")
+                                  f"{names}", field=field, reason="NO_MODEL")
+        version_field = field.replace("name", "version")
+        if version and not (version.isdigit() and int(version) > 0):
+            raise NotFound(f"model {quote(name)} has no version {quote(version)}: a version "
+                           "is a positive number (or leave it empty)", field=version_field,
+                           reason="UNKNOWN_VERSION")
+        return pb.ModelRef(name=name, version=int(version or 0))
+
+    def _names(self) -> str:
+        models = self._service.models
+        names = sorted({s.name for s in models.statuses()}) if models else [self.model_name]
+        return ", ".join(repr(n) for n in names)
 
     async def ServerLive(self, request, context):
         return messages().ServerLiveResponse(live=True)
@@ -222,45 +245,89 @@ class OipService:
         return messages().ServerReadyResponse(ready=self._ready())
 
     async def ModelReady(self, request, context):
-        self._model(request.name, request.version)
-        return messages().ModelReadyResponse(ready=self._ready())
+        ref = self._ref(request.name, request.version)
+        try:
+            with self._service.live(ref, "name"):
+                return messages().ModelReadyResponse(ready=self._ready())
+        except (Unavailable, FailedPrecondition):  # loading, unloading, failed, draining
+            return messages().ModelReadyResponse(ready=False)
+        except NotFound as exc:
+            if exc.reason == "MODEL_NOT_LOADED":
+                return messages().ModelReadyResponse(ready=False)
+            raise
 
     async def ServerMetadata(self, request, context):
         return messages().ServerMetadataResponse(name="camserve", version=__version__,
                                                  extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
-        self._model(request.name, request.version)
-        rt = self._service.live()  # UNAVAILABLE while loading or draining
-        m = messages().ModelMetadataResponse
-        tensors = [m.TensorMetadata(name=name, datatype=datatype, shape=shape)
-                   for name, datatype, shape in signature(rt)]
-        return m(name=self.model_name, versions=[VERSION], platform=PLATFORM,
-                 inputs=tensors[:1], outputs=tensors[1:])
+        with self._service.live(self._ref(request.name, request.version), "name") as rt:
+            m = messages().ModelMetadataResponse
+            tensors = [m.TensorMetadata(name=name, datatype=datatype, shape=shape)
+                       for name, datatype, shape in signature(rt)]
+            versions = [str(s.version) for s in self._service.models.of(rt.ref.name)
+                        if s.state == pb.MODEL_STATE_READY]
+            return m(name=rt.ref.name, versions=versions, platform=PLATFORM,
+                     inputs=tensors[:1], outputs=tensors[1:])
 
     async def ModelConfig(self, request, context):
-        self._model(request.name, request.version)
-        rt = self._service.live()
-        return model_config_pb2.ModelConfigResponse(config=model_config_pb2.ModelConfig(
-            name=self.model_name, platform=PLATFORM,
-            max_batch_size=rt.limits.max_images_per_request))
+        with self._service.live(self._ref(request.name, request.version), "name") as rt:
+            return model_config_pb2.ModelConfigResponse(config=model_config_pb2.ModelConfig(
+                name=rt.ref.name, platform=PLATFORM,
+                max_batch_size=rt.limits.max_images_per_request))
 
     async def ModelInfer(self, request, context):
-        self._model(request.model_name, request.model_version, "model_name")
-        rt = self._service.live()
-        call = await rt.in_pool(infer_call, request, rt) if large(request) else \
-            infer_call(request, rt)
-        if call.plan is not None:
-            _, outcomes = await rt.explain(call.sources, call.plan, context, field=INPUT)
-        else:
-            _, outcomes = await rt.predict(call.sources, context, field=INPUT)
-        tensors = output_tensors([o.result for o in outcomes], rt.model.labels, call)
-        answer = messages().ModelInferResponse(model_name=self.model_name,
-                                               model_version=VERSION, id=request.id)
-        for tensor in tensors:
-            answer.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-            answer.raw_output_contents.append(tensor.data)
-        return answer
+        ref = self._ref(request.model_name, request.model_version, "model_name")
+        with self._service.live(ref, "model_name") as rt:
+            call = await rt.in_pool(infer_call, request, rt) if large(request) else \
+                infer_call(request, rt)
+            if call.plan is not None:
+                _, outcomes = await rt.explain(call.sources, call.plan, context, field=INPUT,
+                                               level=call.level)
+            else:
+                _, outcomes = await rt.predict(call.sources, context, field=INPUT,
+                                               level=call.level)
+            tensors = output_tensors([o.result for o in outcomes], rt.model.labels, call)
+            answer = messages().ModelInferResponse(model_name=rt.ref.name,
+                                                   model_version=str(rt.ref.version),
+                                                   id=request.id)
+            for tensor in tensors:
+                answer.outputs.add(name=tensor.name, datatype=tensor.datatype,
+                                   shape=tensor.shape)
+                answer.raw_output_contents.append(tensor.data)
+            return answer
+
+    # --- Triton's model-repository extension ---------------------------------------------------
+
+    async def RepositoryIndex(self, request, context):
+        index = repository_pb2.RepositoryIndexResponse
+        models = self._service.models
+        statuses = models.statuses(request.ready) if models is not None else []
+        return index(models=[index.ModelIndex(
+            name=s.name, version=str(s.version) if s.version else "",
+            state=TRITON_STATES[s.state], reason=s.error or (
+                "unloaded" if s.state == pb.MODEL_STATE_UNLOADED else ""))
+            for s in statuses])
+
+    async def RepositoryModelLoad(self, request, context):
+        if request.parameters:
+            names = ", ".join(sorted(request.parameters))
+            raise InvalidArgument(f"load parameters ({names}) are not taken: camserve loads "
+                                  "a model from its folder's config.toml", field="parameters",
+                                  reason="UNKNOWN_PARAMETER")
+        await self._service.LoadModel(pb.LoadModelRequest(name=request.model_name), context)
+        return repository_pb2.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._service.UnloadModel(pb.UnloadModelRequest(name=request.model_name),
+                                        context)
+        return repository_pb2.RepositoryModelUnloadResponse()
+
+
+# Triton's words for a version's state in RepositoryIndex.
+TRITON_STATES = {pb.MODEL_STATE_UNSPECIFIED: "UNKNOWN", pb.MODEL_STATE_LOADING: "LOADING",
+                 pb.MODEL_STATE_READY: "READY", pb.MODEL_STATE_UNLOADING: "UNLOADING",
+                 pb.MODEL_STATE_FAILED: "UNAVAILABLE", pb.MODEL_STATE_UNLOADED: "UNAVAILABLE"}
 
 
 # --- tensors in ------------------------------------------------------------------------------
@@ -286,6 +353,7 @@ class InferCall:
     top_k: int
     plan: Optional[req.ExplainPlan]  # None: classify only
     outputs: Tuple[str, ...]  # the output tensors to answer, in order
+    level: int = INTERACTIVE  # the queue level of its images (the priority parameter)
 
 
 def infer_call(request, rt: Pipeline) -> InferCall:
@@ -298,6 +366,8 @@ def infer_call(request, rt: Pipeline) -> InferCall:
                                   field=f"parameters[{name}]", reason="UNKNOWN_PARAMETER")
     try:
         top_k = rt.top_k(_int_param(params, "top_k"), "parameters[top_k]")
+        level = req.level(_int_param(params, "priority") or 0, INTERACTIVE,
+                          "parameters[priority]")
     except InvalidArgument as exc:
         raise _as_parameters(exc) from None
 
@@ -314,7 +384,7 @@ def infer_call(request, rt: Pipeline) -> InferCall:
     if explain or (explain is None and reasons):
         plan = _plan(params, rt)
     outputs = asked or (CLASSIFY_OUTPUTS + (EXPLAIN_OUTPUTS if plan is not None else ()))
-    return InferCall(_sources(request, rt), top_k, plan, outputs)
+    return InferCall(_sources(request, rt), top_k, plan, outputs, level)
 
 
 def _param(params, name: str, kinds: Sequence[str], wanted: str):
@@ -330,7 +400,7 @@ def _param(params, name: str, kinds: Sequence[str], wanted: str):
 
 
 def _int_param(params, name: str) -> Optional[int]:
-    return _param(params, name, ("int64_param",), "an int64")
+    return _param(params, name, ("int64_param", "uint64_param"), "an int64")
 
 
 def _bool_param(params, name: str) -> Optional[bool]:

@@ -73,6 +73,7 @@ class Pipeline:
     batching: pb.BatchingInfo  # as GetModelInfo shows it
     worker: int = 0  # this process's number among --workers (0: the only one)
     sanity: Any = None  # engine/sanity.py's SanityChecker: CheckSanity runs on it
+    ref: Any = None  # pb.ModelRef: the model's name in the repository and its version
 
     # --- checks --------------------------------------------------------------------------
 
@@ -115,16 +116,17 @@ class Pipeline:
 
     # --- the steps -----------------------------------------------------------------------
 
-    async def predict(self, sources: Sequence[Source], context, field: str = "images"
-                      ) -> Tuple[List[DecodedImage], List[Outcome]]:
-        return await self.decode_and_run(sources, None, context, field=field)
+    async def predict(self, sources: Sequence[Source], context, field: str = "images",
+                      level: int = INTERACTIVE) -> Tuple[List[DecodedImage], List[Outcome]]:
+        return await self.decode_and_run(sources, None, context, field=field, level=level)
 
     async def explain(self, sources: Sequence[Source], plan: req.ExplainPlan, context,
-                      field: str = "images") -> Tuple[List[DecodedImage], List[Outcome]]:
+                      field: str = "images", level: int = INTERACTIVE
+                      ) -> Tuple[List[DecodedImage], List[Outcome]]:
         self.check_explain(plan, sources)
         return await self.decode_and_run(sources, plan.spec, context,
                                          full=plan.outputs.overlay_format is not None,
-                                         field=field)
+                                         field=field, level=level)
 
     def decode_here(self, source: Source, field: str, full: bool = False) -> DecodedImage:
         """Decode and resize one image on this thread; ``full`` keeps it whole for overlays."""
@@ -142,16 +144,17 @@ class Pipeline:
         return await self.in_pool(self.decode_here, source, field, full, level=level)
 
     async def decode_all(self, sources: Sequence[Source], full: bool = False,
-                         field: str = "images") -> List[DecodedImage]:
+                         field: str = "images", level: int = INTERACTIVE) -> List[DecodedImage]:
         """Decode the images in the pool; ``field``: the request's field that holds them."""
         if len(sources) == 1:  # no task to schedule, one event-loop turn less
-            return [await self.decode(sources[0], f"{field}[0]", full)]
-        return list(await asyncio.gather(*(self.decode(s, f"{field}[{i}]", full)
+            return [await self.decode(sources[0], f"{field}[0]", full, level)]
+        return list(await asyncio.gather(*(self.decode(s, f"{field}[{i}]", full, level)
                                            for i, s in enumerate(sources))))
 
     async def decode_and_run(self, sources: Sequence[Source], explain: Optional[ExplainSpec],
-                             context, full: bool = False,
-                             field: str = "images") -> Tuple[List[DecodedImage], List[Outcome]]:
+                             context, full: bool = False, field: str = "images",
+                             level: int = INTERACTIVE
+                             ) -> Tuple[List[DecodedImage], List[Outcome]]:
         """Decode the images and run them through the batcher. One image while the batcher is
         idle: its worker decodes it, just before the batch; otherwise the pool decodes them
         all first (announced to the batcher meanwhile)."""
@@ -161,21 +164,25 @@ class Pipeline:
             def decode():
                 decoded.append(self.decode_here(sources[0], f"{field}[0]", full))
                 return decoded[0].image.pixels
-            outcomes = await self.run([WorkItem(DeferredDecode(decode), explain)], context)
+            outcomes = await self.run([WorkItem(DeferredDecode(decode), explain)], context,
+                                      level)
             return decoded, outcomes
         with self.batcher.arriving(len(sources)):
-            decoded = await self.decode_all(sources, full, field)
+            decoded = await self.decode_all(sources, full, field, level)
         return decoded, await self.run([WorkItem(d.image.pixels, explain) for d in decoded],
-                                       context)
+                                       context, level)
 
-    async def run(self, works: Sequence[WorkItem], context) -> List[Outcome]:
+    async def run(self, works: Sequence[WorkItem], context,
+                  level: int = INTERACTIVE) -> List[Outcome]:
         """Queue every item, then wait for all; a caller that goes away (or whose deadline
         passes) withdraws its queued items."""
         deadline = calls.deadline(context)
         tickets: List[Ticket] = []
         try:
-            for work in works:
-                tickets.append(self.batcher.submit(work, deadline))
+            caller = calls.CALLER.get()
+            for i, work in enumerate(works):  # admitted or refused whole, at the first item
+                tickets.append(self.batcher.submit(work, deadline, level, caller,
+                                                   0 if i else len(works)))
             for ticket in tickets:
                 await settled(ticket)
         except BaseException:
@@ -185,8 +192,10 @@ class Pipeline:
         return [outcome(ticket) for ticket in tickets]
 
     async def in_pool(self, function, *args, level: int = INTERACTIVE):
-        """``function(*args)`` on the pool's threads, whose tasks wait in priority levels."""
-        return await asyncio.wrap_future(self.pool.submit_at(level, function, *args))
+        """``function(*args)`` on the pool's threads, whose tasks wait in priority levels, the
+        callers taking turns within each."""
+        return await asyncio.wrap_future(self.pool.submit_for(level, calls.CALLER.get(),
+                                                              function, *args))
 
 
 def outcome(ticket: Ticket) -> Outcome:

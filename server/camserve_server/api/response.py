@@ -182,7 +182,7 @@ def model_info(pipeline, state: int) -> pb.GetModelInfoResponse:
                  for name, traits in METHODS.items()
                  if card.guided or not traits.guided] if card.layers else [],
         batching=pipeline.batching,
-        devices=list(card.devices),
+        devices=list(card.devices), model=pipeline.ref,
         limits=pb.Limits(max_image_bytes=images.max_image_bytes,
                          max_image_pixels=images.max_image_pixels,
                          max_images_per_request=limits.max_images_per_request,

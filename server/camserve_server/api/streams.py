@@ -34,7 +34,7 @@ from ..batching.batcher import Batcher, Ticket
 from ..batching.levels import STREAM
 from ..domain import WorkItem
 from ..errors import DeadlineExceeded, InvalidArgument, ServiceError
-from .calls import Call, Malformed
+from .calls import CALLER, Call, Malformed
 from .request import stream_policy
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class Prepared:
 
     work: WorkItem
     finish: Callable[[Any], Awaitable[Any]]
+    batcher: Batcher  # the batcher of the frame's model
+    level: int = STREAM  # its queue level (the config's priority)
 
 
 @dataclass
@@ -89,18 +91,18 @@ async def settled(ticket: Ticket) -> None:
 
 
 class StreamSession:
-    """One stream. ``configure(options message) -> options`` validates a config's options;
+    """One stream. ``configure(config message) -> options`` validates a config;
     ``prepare(frame, options) -> Prepared`` decodes a frame; ``answer(frame_id, skipped,
     result=None, error=None)`` builds an answer message."""
 
-    def __init__(self, requests: AsyncIterator, batcher: Batcher, *,
+    def __init__(self, requests: AsyncIterator, *,
                  configure: Callable[[Any], Any],
                  default_options: Any,
                  prepare: Callable[[Any, Any], Awaitable[Prepared]],
                  answer: Callable[..., Any], max_in_flight: int, idle_s: float,
                  deadline: Optional[float], frames: Call, tally: Tally) -> None:
         self._requests = requests
-        self._batcher = batcher
+        self._caller = CALLER.get()  # who the stream's frames are from (the queue's turns)
         self._configure = configure
         self._prepare = prepare
         self._answer = answer
@@ -180,7 +182,7 @@ class StreamSession:
                 raise InvalidArgument(f"this stream's policy is {self.policy.upper()}; only "
                                       "the first message may set it", field="config.policy",
                                       reason="POLICY_CHANGED")
-            self._options, self._config_error = self._configure(config.options), None
+            self._options, self._config_error = self._configure(config), None
         except ServiceError as exc:
             self._config_error = exc
 
@@ -191,7 +193,8 @@ class StreamSession:
             return entry
         try:
             prepared = await self._prepare(frame, self._options)
-            entry.ticket = self._batcher.submit(prepared.work, self._deadline, STREAM)
+            entry.ticket = prepared.batcher.submit(prepared.work, self._deadline,
+                                                  prepared.level, self._caller)
         except ServiceError as exc:
             entry.error = exc
             return entry

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 from ..domain import WorkItem
 from ..metrics import Metrics
+from .gate import DeviceGate
 from .levels import INTERACTIVE, SHARE
 from .queue import WorkQueue
 from .tickets import Outcome, Ticket
@@ -42,11 +43,13 @@ class Batcher:
                  on_worker: Callable[[bool], None] = lambda alive: None,
                  restart_delay_s: float = 0.2, prefetch: bool = False,
                  prepare: Optional[Sequence[Callable[[], float]]] = None,
-                 share: int = SHARE) -> None:
+                 share: int = SHARE, gates: Optional[Sequence[DeviceGate]] = None,
+                 max_queue_per_caller: int = 0) -> None:
         """``run_batch`` and ``device``: one each, or a list each (one worker per device).
         With ``prefetch`` the run functions take the upcoming batch as a second argument.
         ``prepare``: one per worker, run on its thread before it takes work; a worker counts
-        as alive (``on_worker``) once prepared."""
+        as alive (``on_worker``) once prepared. ``gates``: one per worker, its device's turns,
+        shared with the other models on that device (``gate.py``); None: a gate of its own."""
         runs = list(run_batch) if isinstance(run_batch, (list, tuple)) else [run_batch]
         devices = [device] * len(runs) if isinstance(device, str) else list(device)
         prepares = list(prepare) if prepare is not None else [None] * len(runs)
@@ -56,13 +59,15 @@ class Batcher:
         self._queue = WorkQueue(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                                 max_queue=max_queue, max_job_forwards=max_job_forwards,
                                 metrics=metrics or Metrics(), batch_seconds=batch_seconds,
-                                workers=len(runs), share=share)
+                                workers=len(runs), share=share,
+                                max_queue_per_caller=max_queue_per_caller)
         self._abandon_jobs = threading.Event()  # set by stop(): end jobs instead of finishing
+        gates = list(gates) if gates is not None else [None] * len(runs)
         self._workers = [DeviceWorker(d, r, p, self._queue, prefetch=prefetch,
                                       abandon_jobs=self._abandon_jobs,
                                       alive_changed=self._alive_changed,
-                                      restart_delay_s=restart_delay_s)
-                         for d, r, p in zip(devices, runs, prepares)]
+                                      restart_delay_s=restart_delay_s, gate=g)
+                         for d, r, p, g in zip(devices, runs, prepares, gates)]
         self.devices = tuple(devices)
         self.device = devices[0]
         self.max_batch_size = max_batch_size
@@ -72,15 +77,17 @@ class Batcher:
     # --- handler side ----------------------------------------------------------------------
 
     def submit(self, work: WorkItem, deadline: Optional[float] = None,
-               level: int = INTERACTIVE) -> Ticket:
+               level: int = INTERACTIVE, caller: str = "", admit: int = 1) -> Ticket:
         """Queue one item at ``level`` (``levels.py``; an item with extra forwards is always
-        EXPENSIVE). Raises QueueFull when the queue is full and DeadlineExceeded when the
-        deadline leaves less time than the expected wait; both at once, before queueing.
+        EXPENSIVE), for ``caller`` (within a level callers take turns; ``admit``: the items of
+        the call this one starts, 0 for its later ones). Raises QueueFull when the queue, or
+        the caller's share of it, is full and DeadlineExceeded when the deadline
+        leaves less time than the expected wait; both at once, before queueing.
 
         Withdrawing (or cancelling) the returned ticket before its batch starts removes the
         item from the queue unrun.
         """
-        return self._queue.submit(work, deadline, level)
+        return self._queue.submit(work, deadline, level, caller, admit)
 
     def depth(self) -> int:
         return self._queue.depth()

@@ -2,18 +2,23 @@
 
 Three levels, highest first: ``INTERACTIVE`` (unary Predict, Explain and Open Inference
 Protocol calls), ``STREAM`` (stream frames) and ``EXPENSIVE`` (any item whose explanation needs
-extra forwards: Score-CAM channels, faithfulness steps). Within a level items are taken first
-come, first served. A worker takes the head of the highest level that has items, except that a
-lower level that waits gets a guaranteed share: once ``share`` items (4) have been taken from
-above it while it waited, its next item goes first. So a lower level is never starved (it gets
+extra forwards: Score-CAM channels, faithfulness steps). Within a level items are taken
+round-robin over their callers (a caller: its bearer token, an operator-trusted
+``x-camserve-tenant`` header, else its connection), each caller's first come, first served,
+so one caller's many items do not push everyone else back. A worker takes the next caller's
+item at the highest level that has items, except that a lower level that waits gets a
+guaranteed share: once ``share`` items (4) have been taken from above it while it waited, its
+next item goes first. So a lower level is never starved (it gets
 at least one item in every ``share + 1`` while it waits), and a saturating lower level costs a
 higher one at most one item in ``share + 1``. A share rather than aging: under a standing
 backlog every waiting frame is old, so aged frames would take every batch and the levels would
 vanish exactly when they matter.
 
-When the queue is full, an item is refused only if no item of a lower level waits: else the
-newest item of the lowest level waiting is refused (answered RESOURCE_EXHAUSTED with a retry
-hint) and gives it its place, so frames never keep a unary call out of a full queue.
+When the queue is full, an item is refused only if no item of a lower level waits and no caller
+of its own level holds two items more than its caller: else the newest item of the greediest
+caller of the lowest level waiting (or of its own level) is refused (answered
+RESOURCE_EXHAUSTED with a retry hint) and gives it its place, so frames never keep a unary call
+out of a full queue, and a greedy caller is refused before a polite one.
 """
 
 from __future__ import annotations
@@ -21,24 +26,80 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Iterable, List
+from typing import Any, Callable, Deque, Iterator, List
 
 INTERACTIVE, STREAM, EXPENSIVE = 0, 1, 2
 LEVELS = ("interactive", "stream", "expensive")  # their names, by level
 SHARE = 4  # a waiting lower level's next item goes first once this many were taken above it
 
 
+class Callers:
+    """One level's items, taken round-robin over their callers (each item's ``caller``, a
+    string; items without one share the caller ""): a caller with many items waiting takes one
+    turn in each round, as a caller with one does, so it cannot push the others back."""
+
+    def __init__(self) -> None:
+        self._queues: OrderedDict[str, Deque] = OrderedDict()  # in turn order
+        self._count = 0
+
+    def append(self, item) -> None:
+        self._queues.setdefault(getattr(item, "caller", ""), deque()).append(item)
+        self._count += 1
+
+    def remove(self, item) -> None:
+        """Raises ValueError when it is not queued."""
+        caller = getattr(item, "caller", "")
+        queue = self._queues.get(caller)
+        if queue is None:
+            raise ValueError("not queued")
+        queue.remove(item)
+        self._count -= 1
+        if not queue:
+            del self._queues[caller]
+
+    def popleft(self):
+        caller, queue = next(iter(self._queues.items()))
+        item = queue.popleft()
+        self._count -= 1
+        del self._queues[caller]
+        if queue:  # its next item waits for its next turn, after every other caller's
+            self._queues[caller] = queue
+        return item
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator:
+        for queue in self._queues.values():
+            yield from queue
+
+    def first(self):
+        """The item that has waited longest (each caller's first is its oldest)."""
+        return min((q[0] for q in self._queues.values()), key=lambda i: i.enqueued)
+
+    def newest(self):
+        """The newest item of the caller with the most items waiting."""
+        return max(self._queues.values(), key=len)[-1]
+
+    def of(self, caller: str) -> int:
+        queue = self._queues.get(caller)
+        return len(queue) if queue is not None else 0
+
+
 class Levels:
-    """The queue's items (each with ``level`` and ``enqueued``, a time.monotonic() value), as
-    a deque that ``popleft`` takes from in priority order. Not thread-safe: the queue's lock
-    guards it."""
+    """The queue's items (each with ``level``, ``enqueued``, a time.monotonic() value, and
+    ``caller``), as a deque that ``popleft`` takes from in priority order, round-robin over the
+    callers within a level (:class:`Callers`). Not thread-safe: the queue's lock guards it."""
 
     def __init__(self, share: int = SHARE) -> None:
         self.share = share
-        self._levels: List[Deque] = [deque() for _ in LEVELS]
+        self._levels: List[Callers] = [Callers() for _ in LEVELS]
         self._passed = [0] * len(LEVELS)  # items taken above each level while it waited
 
     def append(self, item) -> None:
@@ -54,30 +115,42 @@ class Levels:
     def __bool__(self) -> bool:
         return any(self._levels)
 
-    def __iter__(self) -> Iterable:
+    def __iter__(self) -> Iterator:
         for level in self._levels:
             yield from level
 
     def oldest(self):
         """The item that has waited longest (a ValueError when there is none)."""
-        return min((level[0] for level in self._levels if level), key=lambda i: i.enqueued)
+        return min((level.first() for level in self._levels if level),
+                   key=lambda i: i.enqueued)
 
     def ahead(self, level: int) -> int:
         """The items a new item of ``level`` would wait behind (the shares aside)."""
         return sum(len(q) for q in self._levels[:level + 1])
 
     def newest_below(self, level: int):
-        """The item that came last to the lowest level below ``level`` that has items (the
-        one a full queue refuses to make room for an item of ``level``), or None."""
+        """The item a full queue refuses to make room for an item of ``level``: the newest of
+        the greediest caller of the lowest level below it that has items; None when no lower
+        level has any."""
         for queue in reversed(self._levels[level + 1:]):
             if queue:
-                return queue[-1]
+                return queue.newest()
         return None
 
+    def greedier(self, level: int, caller: str):
+        """For a full queue and no lower level to take from: the newest item of the caller
+        with the most items at ``level`` when it holds at least two more than ``caller`` (the
+        greedy caller gives way to a polite one); else None."""
+        queue = self._levels[level]
+        if not queue:
+            return None
+        newest = queue.newest()
+        return newest if queue.of(newest.caller) >= queue.of(caller) + 2 else None
+
     def popleft(self):
-        """The next item to run: the head of the highest level that has items, unless a
-        lower one has had ``share`` items taken above it while it waited (an IndexError when
-        there is none)."""
+        """The next item to run: the next caller's turn at the highest level that has items,
+        unless a lower one has had ``share`` items taken above it while it waited (an
+        IndexError when there is none)."""
         waiting = [i for i, level in enumerate(self._levels) if level]
         if not waiting:
             raise IndexError("no item is queued")
@@ -96,12 +169,14 @@ class _Task:
     enqueued: float
     future: Future
     call: Callable[[], Any]
+    caller: str = ""  # whose call it serves: callers take turns within a level
 
 
 class LevelPool(Executor):
     """The decode and render threads, taking their tasks in the queue's order (:class:`Levels`,
     with its shares): a stream's thousands of frames to decode do not hold up a unary call's
-    image. ``submit`` queues at INTERACTIVE, ``submit_at`` at any level."""
+    image, nor a caller's 64 images another caller's one. ``submit`` queues at INTERACTIVE,
+    ``submit_at`` at any level, ``submit_for`` at any level for a caller."""
 
     def __init__(self, threads: int, name: str, share: int = SHARE) -> None:
         self._tasks = Levels(share)
@@ -116,12 +191,16 @@ class LevelPool(Executor):
         return self.submit_at(INTERACTIVE, fn, *args, **kwargs)
 
     def submit_at(self, level: int, fn, /, *args, **kwargs) -> Future:
+        return self.submit_for(level, "", fn, *args, **kwargs)
+
+    def submit_for(self, level: int, caller: str, fn, /, *args, **kwargs) -> Future:
+        """``fn(*args, **kwargs)`` at ``level`` for ``caller`` (callers take turns)."""
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("cannot schedule new tasks after shutdown")
             self._tasks.append(_Task(level, time.monotonic(), future,
-                                     functools.partial(fn, *args, **kwargs)))
+                                     functools.partial(fn, *args, **kwargs), caller))
             self._cond.notify()
         return future
 

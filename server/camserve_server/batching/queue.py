@@ -29,7 +29,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from ..domain import SLICE_FORWARDS, WorkItem
 from ..errors import DeadlineExceeded, QueueFull
@@ -51,6 +51,7 @@ class Pending:
     enqueued: float
     deadline: Optional[float]  # time.monotonic() value; None: no deadline
     level: int = INTERACTIVE  # levels.py
+    caller: str = ""  # who sent it (levels.py takes a level's items round-robin over callers)
 
     @property
     def extra(self) -> int:
@@ -66,7 +67,7 @@ class WorkQueue:
 
     def __init__(self, *, max_batch_size: int, max_delay_ms: float, max_queue: int,
                  max_job_forwards: int, metrics: Metrics, batch_seconds: float,
-                 workers: int, share: int = SHARE) -> None:
+                 workers: int, share: int = SHARE, max_queue_per_caller: int = 0) -> None:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_ms / 1000.0
         self.metrics = metrics
@@ -81,14 +82,19 @@ class WorkQueue:
         self.batch_seconds = batch_seconds
         self.forward_seconds = batch_seconds / max_batch_size
         self._max_queue = max_queue
+        self._max_per_caller = max_queue_per_caller  # 0: no bound of its own
+        self._per_caller: Dict[str, int] = {}  # items queued per caller (under cond)
         self._max_job_forwards = max_job_forwards
         self._workers = workers
 
     # --- handler side ----------------------------------------------------------------------
 
     def submit(self, work: WorkItem, deadline: Optional[float] = None,
-               level: int = INTERACTIVE) -> Ticket:
-        """Queue one item (see :meth:`Batcher.submit`)."""
+               level: int = INTERACTIVE, caller: str = "", admit: int = 1) -> Ticket:
+        """Queue one item (see :meth:`Batcher.submit`). ``admit``: the items of the call this
+        one starts, checked against the caller's bound at once (a call's later items pass 0:
+        a call is admitted or refused whole, and one larger than the bound when its caller has
+        nothing waiting)."""
         now = time.monotonic()
         extra = work.explain.extra_cost if work.explain is not None else 0
         if extra:
@@ -101,33 +107,42 @@ class WorkQueue:
                     f"the deadline leaves {max(0.0, deadline - now) * 1000:.0f} ms, and this "
                     f"server needs about {expected * 1000:.0f} ms to answer now; allow more "
                     "time (the call's timeout)")
-        pending = Pending(work, Ticket(), now, deadline, level)
+        pending = Pending(work, Ticket(), now, deadline, level, caller)
         evicted = None
         with self.cond:
+            mine = self._per_caller.get(caller, 0)
+            if admit and self._max_per_caller and mine and mine + admit > self._max_per_caller:
+                retry = self.expected_wait(level=level)
+                self.metrics.dropped.labels("caller_full").inc()
+                raise QueueFull(f"you have {mine} items waiting, this server's limit per caller "
+                                f"(max_queue_per_caller); retry in {retry * 1000:.0f} ms, when "
+                                "some are answered", retry_after_s=retry,
+                                reason="CALLER_QUEUE_FULL")
             if len(self.items) >= self._max_queue:
-                evicted = self.items.newest_below(level)
+                evicted = self.items.newest_below(level) or self.items.greedier(level, caller)
                 if evicted is None:
                     retry = self.expected_wait(level=level)
                     raise QueueFull(f"the server is busy: {len(self.items)} items are "
                                     f"waiting; retry in {retry * 1000:.0f} ms",
                                     retry_after_s=retry)
-                self.items.remove(evicted)
-                self.job_forwards -= evicted.extra
+                self._take(evicted)
             if extra and self.job_forwards + extra > self._max_job_forwards:
                 retry = self.job_forwards * self.forward_seconds
                 raise QueueFull(f"the server is busy with {self.job_forwards} forwards of "
                                 f"expensive explanations; retry in {retry:.0f} s",
                                 retry_after_s=retry, reason="EXPENSIVE_WORK_FULL")
             self.items.append(pending)
+            self._per_caller[caller] = mine + 1
             self.job_forwards += extra
             self.cond.notify()
         if evicted is not None:  # a full queue: the newest item of a lower level makes room
             self.metrics.dropped.labels("evicted").inc()
             retry = self.expected_wait(level=evicted.level)
+            why = ("a call of a higher priority" if evicted.level > level else
+                   "a caller with fewer items waiting")
             resolve(evicted.future, exception=QueueFull(
                 f"the server is busy: {self._max_queue} items are waiting, and this one gave "
-                f"its place to a call of a higher priority; retry in {retry * 1000:.0f} ms",
-                retry_after_s=retry))
+                f"its place to {why}; retry in {retry * 1000:.0f} ms", retry_after_s=retry))
         pending.future.add_done_callback(lambda f: f.cancelled() and self._forget(pending))
         return pending.future
 
@@ -135,11 +150,30 @@ class WorkQueue:
         """A withdrawn item leaves the queue at once (so it holds no queue slot)."""
         with self.cond:
             try:
-                self.items.remove(pending)
+                self._take(pending)
             except ValueError:
                 return  # the worker took it already and drops it there
-            self.job_forwards -= pending.extra
         self.metrics.dropped.labels(pending.future.reason).inc()
+
+    def _take(self, pending: Pending) -> None:
+        """Remove a queued item (ValueError when it is not queued); under cond."""
+        self.items.remove(pending)
+        self.job_forwards -= pending.extra
+        self._left(pending)
+
+    def _pop(self) -> Pending:
+        """The next item in the levels' order, taken (under cond)."""
+        pending = self.items.popleft()
+        self._left(pending)
+        return pending
+
+    def _left(self, pending: Pending) -> None:
+        """An item left the queue: its caller holds one item less (under cond)."""
+        left = self._per_caller.get(pending.caller, 0) - 1
+        if left > 0:
+            self._per_caller[pending.caller] = left
+        else:
+            self._per_caller.pop(pending.caller, None)
 
     def depth(self) -> int:
         return len(self.items)
@@ -200,7 +234,7 @@ class WorkQueue:
                 if remaining <= 0:
                     break
                 self.cond.wait(remaining)
-            return [self.items.popleft()
+            return [self._pop()
                     for _ in range(min(self.max_batch_size, len(self.items)))]
 
     def take_full_batch(self) -> List[Pending]:
@@ -209,7 +243,7 @@ class WorkQueue:
         with self.cond:
             if self.idle_workers or len(self.items) < self.max_batch_size:
                 return []
-            return [self.items.popleft() for _ in range(self.max_batch_size)]
+            return [self._pop() for _ in range(self.max_batch_size)]
 
     def take_arriving(self, room: int, closes: float) -> List[Pending]:
         """Up to ``room`` items, after waiting until ``closes`` (a time.monotonic() value) at
@@ -220,7 +254,7 @@ class WorkQueue:
                 if remaining <= 0:
                     break
                 self.cond.wait(remaining)
-            return [self.items.popleft() for _ in range(min(room, len(self.items)))]
+            return [self._pop() for _ in range(min(room, len(self.items)))]
 
     def admit(self, pending: Pending, batches: int = 1) -> bool:
         """Drop an item whose caller cancelled, or whose deadline would pass before its batch

@@ -24,6 +24,7 @@ from typing import Callable, Deque, List, Optional, Sequence, Tuple, Union
 from ..domain import ItemResult, Job, WorkItem
 from ..errors import BatchFailed, OutOfMemory, ServiceError
 from .deferred import decode_deferred, decoded
+from .gate import DeviceGate
 from .jobs import SlicedJob
 from .queue import Pending, WorkQueue
 from .tickets import Outcome, resolve
@@ -40,7 +41,7 @@ class DeviceWorker:
     def __init__(self, device: str, run_batch: RunBatch,
                  prepare: Optional[Callable[[], float]], queue: WorkQueue, *, prefetch: bool,
                  abandon_jobs: threading.Event, alive_changed: Callable[[int, bool], None],
-                 restart_delay_s: float) -> None:
+                 restart_delay_s: float, gate: Optional[DeviceGate] = None) -> None:
         """``prepare`` runs first on each worker thread, before it takes work (torch's thread
         settings are per thread; the warm-up): a full batch's seconds, the queue's first
         estimate (0: none). ``alive_changed(change, report)`` counts the workers alive."""
@@ -60,6 +61,7 @@ class DeviceWorker:
         self._alive_changed = alive_changed
         self._restart_delay_s = restart_delay_s
         self._counted = False  # its thread is counted alive (it has prepared)
+        self.gate = gate or DeviceGate()  # the device's turns, shared with other models' workers
 
     def start(self, suffix: str) -> None:
         self.supervisor = threading.Thread(target=self._supervise, args=(suffix,),
@@ -104,7 +106,8 @@ class DeviceWorker:
         """A worker thread: prepare, report alive, then batches until stopped."""
         if self.prepare is not None:
             try:
-                seconds = self.prepare()
+                with self.gate.turn():
+                    seconds = self.prepare()
             except Exception as exc:
                 self.prepare_error = exc
                 raise
@@ -153,10 +156,11 @@ class DeviceWorker:
         queue, metrics = self._queue, self._queue.metrics
         self.running = batch + upcoming
         self.last_batch = len(batch)
-        started = time.monotonic()
-        for p in batch:
-            metrics.queue.observe(started - p.enqueued)
-        answers = self._compute([p.work for p in batch], [p.work for p in upcoming])
+        with self.gate.turn():  # waiting for another model on the device counts as queueing
+            started = time.monotonic()
+            for p in batch:
+                metrics.queue.observe(started - p.enqueued)
+            answers = self._compute([p.work for p in batch], [p.work for p in upcoming])
         compute = time.monotonic() - started
         queue.learn_batch(compute)
         metrics.compute.observe(compute)
@@ -179,7 +183,8 @@ class DeviceWorker:
         job = self.jobs.popleft()
         self.running, self.running_job = [job.pending], job
         try:
-            more = job.advance(self._queue, self._abandon_jobs, self.device)
+            with self.gate.turn():
+                more = job.advance(self._queue, self._abandon_jobs, self.device)
         finally:
             self.running, self.running_job = [], None
         if more:

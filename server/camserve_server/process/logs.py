@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-ACCESS_FIELDS = ("request_id", "rpc", "code", "ms", "items", "peer")
+ACCESS_FIELDS = ("request_id", "rpc", "code", "ms", "items", "peer", "model")
 
 
 class JsonFormatter(logging.Formatter):

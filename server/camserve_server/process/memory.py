@@ -12,6 +12,7 @@ thread. Elsewhere than glibc it does nothing.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import threading
@@ -54,13 +55,16 @@ class Trimmer:
         self._size, self._every = size, every
         self._closed = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        if self._trim is not None and size():
+        # The least it has been, from now: read here, not when the thread first runs, which
+        # may be after the process grew (the growth would then never be trimmed).
+        self._low = size()
+        if self._trim is not None and self._low:
             self._thread = threading.Thread(target=self._run, name="camserve-trim",
                                             daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
-        low = self._size()  # the least it has been
+        low = self._low  # the least it has been
         skip = 0  # checks to let pass before the next trim
         pause = 0  # the last such pause
         while not self._closed.wait(self._every):
@@ -80,6 +84,12 @@ class Trimmer:
             # back, and ever less often (up to MAX_PAUSE checks apart) while they do not.
             pause = 0 if size - after > SETTLED_BYTES else min(MAX_PAUSE, 2 * pause + 1)
             skip = pause
+
+    def trim_now(self) -> None:
+        """Give freed pages back at once (after a model is unloaded: its weights' memory)."""
+        if self._trim is not None:
+            gc.collect()
+            self._trim(0)
 
     def close(self) -> None:
         self._closed.set()

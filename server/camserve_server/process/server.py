@@ -15,15 +15,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
-import functools
 import logging
 import os
 import socket
 import threading
-import time
+from pathlib import Path
 from typing import Optional
 
-import numpy as np
 from grpc import aio
 from grpc_health.v1 import health as health_names
 from grpc_health.v1 import health_pb2_grpc
@@ -32,18 +30,18 @@ from grpc_reflection.v1alpha import reflection
 from camserve.v1 import camserve_pb2 as pb
 
 from ..api import calls, oip
-from ..api.auth import TokenAuth
+from ..api.auth import AdminAuth, TokenAuth
 from ..api.health import NOT_SERVING, SERVING, HealthServicer
-from ..api.pipeline import Pipeline, RequestLimits
-from ..api.request import LabelIndex
+from ..api.pipeline import RequestLimits
 from ..api.servicer import SERVICE, CamserveService
-from ..batching.batcher import Batcher
+from ..batching.gate import DeviceGates
 from ..batching.levels import LevelPool
-from ..domain import ExplainSpec, WorkItem
 from ..engine.spec import ModelSpec
 from ..errors import StartupError
 from ..metrics import Metrics
-from ..render import images
+from ..models.config import Repository, Serving
+from ..models.registry import Registry
+from ..models.runtime import Shared
 from .memory import Trimmer
 from .metrics import MetricsEndpoint
 from .settings import Settings, usable_cpus
@@ -116,6 +114,17 @@ def limits(settings: Settings) -> RequestLimits:
                             for f in dataclasses.fields(RequestLimits)})
 
 
+def serving(settings: Settings) -> Serving:
+    """How a model is batched and placed unless its config says otherwise: the server flags."""
+    return Serving(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(Serving)})
+
+
+def repository(settings: Settings) -> Repository:
+    """--model-repository, or the repository of one that --model and its flags make."""
+    root = Path(settings.model_repository) if settings.model_repository else None
+    return Repository(root, model_spec(settings), serving(settings), settings.oip_model_name)
+
+
 def model_spec(settings: Settings) -> ModelSpec:
     """What ``load_model`` needs of the settings: the model and how to prepare it."""
     return ModelSpec(source=settings.model, weights=settings.weights, layers=settings.layers,
@@ -131,18 +140,18 @@ class CamServer:
         openmp_defaults()
         self.settings = settings
         self.port: Optional[int] = None
-        self.model = None
+        self.models: Optional[Registry] = None
         # A worker of --workers N shares its metrics with the supervisor, which serves them.
         self.metrics = Metrics(worker=settings.worker_index or None)
         self.metrics_endpoint: Optional[MetricsEndpoint] = None  # /metrics, when served here
-        self._service = CamserveService(settings.model)
+        self._service = CamserveService(settings.model, AdminAuth(
+            settings.admin_tokens, settings.model_control, settings.workers))
         self._health: Optional[HealthServicer] = None
         self._grpc: Optional[aio.Server] = None
+        self._http = None  # api/http/app.py's HttpServer, when --http-port is not off
+        self.http_port: Optional[int] = None  # the port HTTP is served on; None: no HTTP
         self._recorder: Optional[calls.Recorder] = None
         self._now = False  # stop_now was called: no grace any more
-        self._engines = []  # one per device
-        self._batcher: Optional[Batcher] = None
-        self._sanity = None  # engine/sanity.py's SanityChecker, once loaded
         self._pool = LevelPool(decode_threads(settings), "camserve-decode")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="camserve-grpc",
@@ -151,6 +160,22 @@ class CamServer:
         self._stopping = False
         self._serving = threading.Event()  # set once state and health first say SERVING
         self._stopped = threading.Event()
+
+    @property
+    def model(self):
+        """The default model's LoadedModel (its first device's)."""
+        return self.batcher_runtime().engines[0].model
+
+    @property
+    def batcher(self):
+        """The default model's batcher."""
+        with self.models.use(None) as pipeline:
+            return pipeline.batcher
+
+    def batcher_runtime(self):
+        """The default model's ModelRuntime."""
+        batcher = self.batcher
+        return next(r for r in self.models.runtimes() if r.batcher is batcher)
 
     @property
     def metrics_port(self) -> Optional[int]:
@@ -219,11 +244,13 @@ class CamServer:
                         ("grpc.max_connection_age_grace_ms",
                          int(s.max_connection_age_grace_s * 1000))]
         interceptors = []
-        if s.auth_tokens:
-            interceptors.append(TokenAuth(s.auth_tokens, on_denied=self._denied))
+        if s.auth_tokens:  # an admin token passes for an ordinary one
+            interceptors.append(TokenAuth(s.auth_tokens + s.admin_tokens,
+                                          on_denied=self._denied))
         credentials = server_credentials(s)
         server = aio.server(options=options, interceptors=interceptors)
-        recorder = self._recorder = calls.Recorder(self.metrics, lambda: self._stopping)
+        recorder = self._recorder = calls.Recorder(self.metrics, lambda: self._stopping,
+                                                   trust_tenant=s.tenant_header)
         inflight = calls.InflightBytes(s.max_inflight_bytes)
         server.add_generic_rpc_handlers((calls.generic_handler(
             SERVICE, self._service.methods(), s.max_message_bytes, recorder, inflight),))
@@ -251,9 +278,41 @@ class CamServer:
                                "or --host, or stop the server that holds the port")
         await server.start()
         self._grpc = server
+        if s.http_port is not None:
+            await self._listen_http(recorder, inflight)
         log.info("listening on %s:%d (%s; loading %s)", s.host, port,
                  "TLS" if credentials is not None else "plaintext", s.model)
         return port
+
+    async def _listen_http(self, recorder: calls.Recorder, inflight: calls.InflightBytes
+                           ) -> None:
+        """HTTP on --http-port (api/http/): the same handlers, wrapped as gRPC wraps them
+        (recorder, in-flight bytes), with the same TLS and tokens, on this event loop."""
+        from ..api.http import app as http
+
+        s = self.settings
+        registry = self.metrics.registry
+        if self.metrics.shared:  # a worker of --workers: every worker's numbers
+            from prometheus_client import CollectorRegistry
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        options = http.HttpOptions(s.host, s.http_port, s.max_message_bytes, s.tls_cert,
+                                   s.tls_key, s.tls_client_ca, reuse_port=bool(s.worker_index))
+        server = http.serve(self._service, s.oip_model_name, recorder, inflight, registry,
+                            options, s.auth_tokens + s.admin_tokens if s.auth_tokens else (),
+                            self._denied)
+        try:
+            self.http_port = await server.start()
+        except OSError as exc:
+            await self._grpc.stop(0)
+            raise StartupError(f"cannot serve HTTP on {s.host}:{s.http_port}: "
+                               f"{exc.strerror or exc}; pass another --http-port (or "
+                               "--http-port off)") from None
+        self._http = server
+        log.info("HTTP on %s:%d (%s)", s.host, self.http_port,
+                 "TLS" if s.tls_cert is not None else "plaintext")
 
     def _denied(self, method: str, context) -> None:
         rpc = method.rsplit("/", 1)[-1]
@@ -262,12 +321,10 @@ class CamServer:
             "rpc": rpc, "code": "UNAUTHENTICATED", "peer": context.peer()})
 
     def load(self) -> None:
+        """Load the models the repository serves at start (the default model first: without
+        it the server does not start; another that fails is FAILED in ListModels), then
+        serve."""
         import torch
-
-        from ..engine.engine import Engine, check_precision
-        from ..engine.models import load_model
-        from ..engine.placement import resolve_devices
-        from ..engine.sanity import SanityChecker
 
         s = self.settings
         # Only the batcher's worker threads compute in parallel: this thread loads the model
@@ -275,58 +332,70 @@ class CamServer:
         # per calling thread). Once one thread has run parallel work, OpenMP keeps its team,
         # and another thread's parallel work runs slower beside it (bench/bench_threads.py).
         torch.set_num_threads(1)
-        threads = torch_threads(s)
-        devices = resolve_devices(s.device)
-        for device in devices:  # before minutes of loading
-            check_precision(s.precision, device)
-        # One model replica, engine and batcher worker per device, sharing one queue.
-        models = [load_model(model_spec(s), device) for device in devices]
-        model = models[0]
-        self.metrics.model_load.set(sum(m.load_seconds for m in models))
-        names = [str(m.device) for m in models]
-        card = dataclasses.replace(model.card, device=",".join(names))
-        log.info("loaded %s on %s in %.1fs: %d classes, input %dx%d, layers %s; %d torch "
-                 "thread%s per engine; precision %s", card.name, card.device,
-                 sum(m.load_seconds for m in models), card.num_classes, card.input_size[1],
-                 card.input_size[0], ", ".join(i.name for i in card.layers) or "none",
-                 threads, "" if threads == 1 else "s", s.precision)
-        cuda = all(m.device.type == "cuda" for m in models)
-        device_jpeg = s.jpeg_decode == "device" or (s.jpeg_decode == "auto" and cuda)
-        engines = [Engine(m, precision=s.precision) for m in models]
-
-        def prepare(engine) -> float:  # on the engine's worker thread
-            torch.set_num_threads(threads)
-            return _warm_up(engine, s.max_batch_size, device_jpeg)
-
-        batcher = Batcher([e.run_batch for e in engines], max_batch_size=s.max_batch_size,
-                          max_delay_ms=s.max_delay_ms, max_queue=s.max_queue,
-                          metrics=self.metrics, device=names,
-                          max_job_forwards=limits(s).max_queued_forwards,
-                          on_worker=self._worker_changed, prefetch=cuda,
-                          prepare=[functools.partial(prepare, e) for e in engines])
-        self.metrics.watch_queue(batcher.depth)
+        repo = repository(s)
+        try:
+            names = list(s.load_models) or repo.names()
+        except OSError as exc:
+            raise StartupError(f"cannot read --model-repository {s.model_repository}: "
+                               f"{exc.strerror}") from None
+        if not names:
+            raise StartupError(f"the model repository {s.model_repository} holds no model (a "
+                               "folder NAME/ with a config.toml): docs/models.md")
+        default = s.default_model or (s.oip_model_name if s.model_repository is None
+                                      else names[0])
+        if default not in names:
+            raise StartupError(f"--default-model {default!r} is not among the models loaded "
+                               f"at start ({', '.join(names)})")
+        shared = Shared(
+            limits=limits(s), max_image_bytes=s.max_image_bytes,
+            max_image_pixels=s.max_image_pixels, jpeg_decode=s.jpeg_decode,
+            torch_threads=torch_threads(s), workers=s.workers, worker_index=s.worker_index,
+            pool=self._pool, metrics=self.metrics, gates=DeviceGates(),
+            max_queue_per_caller=s.max_queue_per_caller, tenant_header=s.tenant_header)
+        models = self.models = Registry(repo, shared, default,
+                                        max_bytes=s.max_models_bytes, drain_s=s.grace_s,
+                                        on_default=self._worker_changed,
+                                        on_change=self._models_changed)
+        self.metrics.watch_queue(models.depth)
         self.metrics.watch_streams(lambda: self._service.open_streams,
                                    lambda: self._service.stream_frames.frames)
         self.metrics.watch_device_memory({
-            str(m.device): (lambda d=m.device: torch.cuda.memory_allocated(d))
-            for m in models if m.device.type == "cuda"})
-        self.model, self._engines, self._batcher = model, engines, batcher
-        self._sanity = SanityChecker(model)
-        pipeline = Pipeline(
-            model=card, batcher=batcher, labels=LabelIndex(card.labels), limits=limits(s),
-            image_limits=images.Limits(s.max_image_bytes, s.max_image_pixels,
-                                       device_jpeg=device_jpeg),
-            pool=self._pool, batching=pb.BatchingInfo(
-                max_batch_size=s.max_batch_size, max_delay_ms=s.max_delay_ms,
-                max_queue=s.max_queue, workers=s.workers),
-            worker=s.worker_index, sanity=self._sanity)
-        self._loop.call_soon_threadsafe(self._service.serve, pipeline)
-        batcher.start()  # its workers warm up, then report alive: state and health SERVING
+            device: (lambda d=device: torch.cuda.memory_allocated(d))
+            for device in s.devices if device.startswith("cuda")})
+        self._loop.call_soon_threadsafe(self._service.serve, models)
+        for name in [default] + [n for n in names if n != default]:
+            try:
+                models.load_now(name)
+            except Exception as exc:
+                if name == default:
+                    models.stop(0)
+                    if isinstance(exc, StartupError):
+                        raise
+                    raise StartupError(f"model {name!r}: {exc}") from exc
+                log.error("model %s failed to load; the others serve: %s", name, exc)
+        self.metrics.model_load.set(sum(r.load_seconds for r in models.runtimes()))
         while not self._serving.wait(0.1):
-            if batcher.prepare_error is not None:
-                batcher.stop(0)
-                raise StartupError(f"the model fails its warm-up: {batcher.prepare_error}")
+            pass
+        if s.model_control == "poll":
+            self.every(s.repository_poll_s, lambda: threading.Thread(
+                target=models.poll, name="camserve-poll", daemon=True).start())
         log.info("serving on port %d", self.port)
+
+    def _models_changed(self) -> None:
+        """Health per model (``camserve.v1.CamserveService/NAME``): SERVING while the server
+        is and the model has a ready version; memory an unloaded model held given back (called
+        from loader threads)."""
+        asyncio.run_coroutine_threadsafe(self._models_health(), self._loop)
+        self._trimmer.trim_now()
+
+    async def _models_health(self) -> None:
+        if self._health is None or self.models is None:
+            return
+        serving = self._service.state == pb.SERVER_STATE_SERVING and not self._stopping
+        ready = {st.name for st in self.models.statuses(ready_only=True)}
+        for name in sorted({st.name for st in self.models.statuses()}):
+            await self._health.set_all((f"{SERVICE}/{name}",),
+                                       SERVING if serving and name in ready else NOT_SERVING)
 
     def _worker_changed(self, alive: bool) -> None:
         """State and health follow the batcher's worker (called from its supervisor)."""
@@ -343,9 +412,11 @@ class CamServer:
             self._service.state = state
             self.metrics.set_state("serving")
             self._serving.set()
+            await self._models_health()
         else:
             self._service.state = state
             await self._health.set_all(HEALTH_NAMES, NOT_SERVING)
+            await self._models_health()
             self.metrics.set_state(pb.ServerState.Name(state)[len("SERVER_STATE_"):].lower())
 
     def stop(self, grace: Optional[float] = None) -> None:
@@ -356,14 +427,11 @@ class CamServer:
         grace = 0.0 if self._now else self.settings.grace_s if grace is None else grace
         if self._thread.is_alive():
             self._on_loop(self._drain(grace))
-        if self._batcher is not None:
-            self._batcher.stop(timeout=STOP_NOW_S if self._now else grace + 5)
-        # A sanity check still running (its caller gone) ends at its next slice: its thread
-        # must not be inside torch when the interpreter exits (the process would abort).
-        if self._sanity is not None and not self._sanity.close(timeout=grace + 5):
-            log.warning("a sanity check did not end within %.0fs of the shutdown", grace + 5)
-        for engine in self._engines:
-            engine.close()
+        # Each model's batcher drains; a sanity check still running (its caller gone) ends at
+        # its next slice: its thread must not be inside torch when the interpreter exits (the
+        # process would abort).
+        if self.models is not None:
+            self.models.stop(timeout=STOP_NOW_S if self._now else grace + 5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._trimmer.close()
         self.metrics.set_state("stopped")
@@ -381,14 +449,19 @@ class CamServer:
             self._service.state = pb.SERVER_STATE_DRAINING
             await self._health.enter_graceful_shutdown()
         self.metrics.set_state("draining")
+        # Calls still running when the grace ends are cut off with a status of their own
+        # (UNAVAILABLE, shutting down); gRPC's stop (and HTTP's) then gives their answers time
+        # to go out.
+        stopping = []
         if self._grpc is not None:
-            # Calls still running when the grace ends are cut off with a status of their own
-            # (UNAVAILABLE, shutting down); gRPC's stop then gives their answers time to go out.
-            stopped = asyncio.ensure_future(self._grpc.stop(grace + STOP_NOW_S))
-            await asyncio.wait([stopped], timeout=grace)
-            if not stopped.done() and self._recorder is not None:
+            stopping.append(asyncio.ensure_future(self._grpc.stop(grace + STOP_NOW_S)))
+        if self._http is not None:
+            stopping.append(asyncio.ensure_future(self._http.stop(grace)))
+        if stopping:
+            await asyncio.wait(stopping, timeout=grace)
+            if not all(t.done() for t in stopping) and self._recorder is not None:
                 self._recorder.cut_off()
-            await stopped
+            await asyncio.gather(*stopping)
 
     def stop_now(self) -> None:
         """Cut every call off now (each answers UNAVAILABLE) and stop without waiting for
@@ -399,25 +472,3 @@ class CamServer:
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         return self._stopped.wait(timeout)
-
-
-def _warm_up(engine, max_batch_size: int, device_jpeg: bool = False) -> float:
-    """Run the shapes the batcher will use once, so the first callers do not pay for it (and
-    the device's JPEG decoder, when it decodes). Returns the time of one full batch: the
-    batcher's first estimate."""
-    card = engine.model.card
-    blank = np.zeros((*card.input_size, 3), dtype=np.uint8)
-    spec = ExplainSpec(layers=(card.default_layer,)) if card.layers else None
-    started = time.perf_counter()
-    if device_jpeg:
-        engine.run([WorkItem(images.blank_jpeg(card.input_size))] * 2)
-    for size in sorted({1, max_batch_size}):
-        engine.run([WorkItem(blank)] * size)
-        if spec is not None:
-            engine.run([WorkItem(blank, spec)] * size)
-    timed = time.perf_counter()
-    engine.run([WorkItem(blank, spec)] * max_batch_size)
-    full = time.perf_counter() - timed
-    log.info("warmed up in %.1fs; a full batch takes %.0f ms", time.perf_counter() - started,
-             full * 1000)
-    return full

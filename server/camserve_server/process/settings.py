@@ -103,6 +103,15 @@ def _on_off(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"{value!r}: say on or off")
 
 
+def _port_or_off(text: str) -> Optional[int]:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number or off, got {text!r}") from None
+
+
 def _devices(value: str) -> Optional[str]:
     if not value or any(not d.strip() for d in value.split(",")):
         return "name a device, e.g. cpu or cuda:0"
@@ -134,7 +143,31 @@ class Settings:
                         "0.0.0.0 for every interface")
     port: int = setting(50051, "gRPC port; 0 picks a free one and prints it", parse=int,
                         check=_between(0, 65535))
+    http_port: Optional[int] = setting(
+        8000, "HTTP port on --host, beside gRPC (camserve's API as JSON, the Open Inference "
+        "Protocol over REST, WebSocket streams, /metrics, the explorer page at /: "
+        "docs/http.md); 0 picks a free one and prints it; off: no HTTP", parse=_port_or_off,
+        check=_between(0, 65535), metavar="PORT")
     model: str = setting(DEFAULT_MODEL, f"the model: {MODEL_SOURCES}")
+    model_repository: Optional[str] = setting(
+        None, "serve the models of this folder (NAME/config.toml, NAME/VERSION/weights.pth: "
+        "docs/models.md) instead of --model", metavar="DIR", shown="none: --model alone")
+    model_control: str = setting(
+        "none", "none: the repository's models are loaded at start and fixed; explicit: "
+        "LoadModel/UnloadModel calls with --admin-token load and unload them; poll: new "
+        "version folders are noticed and loaded every --repository-poll-s",
+        choices=("none", "explicit", "poll"))
+    load_models: Tuple[str, ...] = setting(
+        (), "the models to load at start (repeatable)", flag="--load-model", metavar="NAME",
+        repeat=True, shown="every model of the repository")
+    default_model: Optional[str] = setting(
+        None, "the model that calls naming none go to", metavar="NAME",
+        shown="--oip-model-name with --model; the first by name with a repository")
+    repository_poll_s: float = setting(15.0, "--model-control poll: how often to look",
+                                       parse=float, check=_between(0.1))
+    max_models_bytes: int = setting(
+        0, "most bytes of parameters and buffers the loaded models may take together; a load "
+        "beyond it is refused", parse=int, check=_between(0), shown="0: no bound")
     weights: Optional[str] = setting(
         None, "state_dict or checkpoint file; 'random' for untrained weights; 'pretrained' "
         "lets torchvision/timm download their published weights (the only download camserve "
@@ -170,6 +203,14 @@ class Settings:
         check=_between(0))
     max_queue: int = setting(256, "items waiting beyond this answer RESOURCE_EXHAUSTED",
                              parse=int, check=_between(1))
+    max_queue_per_caller: int = setting(
+        0, "items one caller (its token, trusted tenant header, else its connection) may have "
+        "waiting in a model's queue; a call that would pass it answers RESOURCE_EXHAUSTED "
+        "while others' are taken (one larger than it, when the caller has nothing waiting, "
+        "is taken)", parse=int, check=_between(0), shown="0: only --max-queue")
+    tenant_header: bool = setting(
+        False, "name callers by their x-camserve-tenant header (set by a proxy you trust) for "
+        "the queue's turns and --max-queue-per-caller", **ON_OFF)
     decode_threads: int = setting(0, "threads that decode images and render heatmaps (0: from "
                                   "the cores)", parse=int, check=_between(0))
     workers: int = setting(1, "server processes sharing the port, each with a model replica; "
@@ -260,6 +301,11 @@ class Settings:
         (), "accept 'authorization: Bearer TOKEN' (repeatable); every RPC but health checks "
         "then needs one", flag="--auth-token", metavar="TOKEN", repeat=True, check=_tokens,
         repr=False, shown="no authentication")
+    admin_tokens: Tuple[str, ...] = setting(
+        (), "accept LoadModel/UnloadModel (and OIP's repository load/unload) from "
+        "'authorization: Bearer TOKEN' (repeatable); distinct from --auth-token",
+        flag="--admin-token", metavar="TOKEN", repeat=True, check=_tokens, repr=False,
+        shown="none: no loading by call")
     metrics_port: Optional[int] = setting(
         None, "serve Prometheus metrics on this port (HTTP /metrics; 0 picks a free one)",
         parse=int, check=_between(0, 65535), shown="off")
@@ -422,7 +468,7 @@ def parse_settings(argv: Optional[Sequence[str]] = None,
         given["auth_tokens"] = given.get("auth_tokens", []) + tokens
     if "device" in given:
         given["device"] = ",".join(given["device"])
-    for name in ("layers", "auth_tokens"):
+    for name in ("layers", "auth_tokens", "admin_tokens", "load_models"):
         if name in given:
             given[name] = tuple(given[name])
     try:

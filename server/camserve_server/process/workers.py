@@ -67,6 +67,7 @@ HEARTBEAT_FD = "_CAMSERVE_HEARTBEAT_FD"  # in a worker's environment: the pipe i
 SERVING = "camserve-server serving "  # the lines a server prints on stdout
 LISTENING = "camserve-server listening on "
 METRICS = "camserve-server metrics on "
+HTTP = "camserve-server http on "
 INTERRUPTED = 130  # stopped at once by a second signal
 
 
@@ -98,6 +99,7 @@ class Supervisor:
         self.now = now if now is not None else threading.Event()
         self.workers = [_Worker(i) for i in range(1, settings.workers + 1)]
         self.port = 0
+        self.http_port: Optional[int] = None  # --http-port, chosen and held here for the workers
         self.folder = ""
         self.metrics: Optional[SupervisorMetrics] = None
         self._events: queue.Queue = queue.Queue()  # (index, pid) of a worker that serves
@@ -111,10 +113,22 @@ class Supervisor:
             print(f"camserve-server: cannot listen on {s.host}:{s.port}: {exc.strerror or exc}"
                   "; pass another --port, or stop the server that holds it", file=sys.stderr)
             return STARTUP_FAILED
+        http_keeper = None
+        if s.http_port is not None:
+            try:
+                http_keeper, self.http_port = reserve_port(s.host, s.http_port)
+            except OSError as exc:
+                keeper.close()
+                print(f"camserve-server: cannot serve HTTP on {s.host}:{s.http_port}: "
+                      f"{exc.strerror or exc}; pass another --http-port (or --http-port off)",
+                      file=sys.stderr)
+                return STARTUP_FAILED
         self.folder = tempfile.mkdtemp(prefix="camserve-metrics-")
         self.metrics = SupervisorMetrics(self.folder, s.workers)
         try:
             print(f"{LISTENING}{s.host}:{self.port}", flush=True)
+            if self.http_port is not None:
+                print(f"{HTTP}{s.host}:{self.http_port}", flush=True)
             if s.metrics_port is not None:
                 try:
                     metrics_port = self.metrics.serve(s)
@@ -142,6 +156,8 @@ class Supervisor:
             self._stop_all(0)  # only if something above raised: kill what is left
             self.metrics.close()
             keeper.close()
+            if http_keeper is not None:
+                http_keeper.close()
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _supervise(self, stop: threading.Event) -> int:
@@ -170,11 +186,15 @@ class Supervisor:
         s = self.settings
         flags = ["--port", str(self.port), "--workers", str(s.workers),
                  "--worker-index", str(worker.index)]
+        http = {}
+        if self.http_port is not None:  # each worker shares it, as the gRPC port
+            flags += ["--http-port", str(self.http_port)]
+            http = {"CAMSERVE_HTTP_PORT": str(self.http_port)}
         # The environment says the same as the flags, so that a flag equal to its default
         # (which the environment would otherwise override) still holds.
         env = dict(os.environ, CAMSERVE_PORT=str(self.port), CAMSERVE_WORKERS=str(s.workers),
                    CAMSERVE_WORKER_INDEX=str(worker.index), PROMETHEUS_MULTIPROC_DIR=self.folder,
-                   **{SUPERVISOR_PID: str(os.getpid())})
+                   **http, **{SUPERVISOR_PID: str(os.getpid())})
         beats, beat = os.pipe()
         env[HEARTBEAT_FD] = str(beat)
         try:
