@@ -64,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     server = CamServer(harness.settings(args.model, args.weights, host="127.0.0.1", port=0))
     port = server.start()
     try:
-        batcher, card = server._batcher, server.model.card
+        batcher, card = server.batcher, server.model.card
         limits = images.Limits(server.settings.max_image_bytes, server.settings.max_image_pixels)
         spec = ExplainSpec(methods=("gradcam",), layers=(card.layers[0].name,), top_targets=1)
 

@@ -268,12 +268,13 @@ class Server:
                  start_timeout: float = 600.0) -> None:
         weights = default_weights(model) if weights == "default" else weights
         command = [sys.executable, "-m", "camserve_server", "--host", "127.0.0.1", "--port",
-                   "0", "--model", model, *(["--weights", weights] if weights else []),
-                   "--log-level", log_level, *flags]
+                   "0", "--http-port", "off", "--model", model,
+                   *(["--weights", weights] if weights else []), "--log-level", log_level, *flags]
         self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log,
                                         text=True)
         self.port = 0
+        self.http_port = 0  # with --http-port in flags: the port HTTP is served on
         self._served = False
         self._settled = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -286,6 +287,8 @@ class Server:
         for line in self.process.stdout:  # read to the end, so that the pipe never fills
             if line.startswith("camserve-server listening on "):
                 self.port = int(line.rsplit(":", 1)[1])
+            elif line.startswith("camserve-server http on "):
+                self.http_port = int(line.rsplit(":", 1)[1])
             elif line.startswith("camserve-server serving "):
                 self._served = True
                 self._settled.set()
@@ -558,6 +561,7 @@ def settings(model: str = DEFAULT_MODEL, weights: Optional[str] = "default", **m
     from camserve_server.process.settings import Settings
 
     weights = default_weights(model) if weights == "default" else weights
+    more.setdefault("http_port", None)  # no HTTP unless asked
     return Settings(model=model, weights=weights, **more)
 
 

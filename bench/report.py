@@ -23,7 +23,9 @@ PAGE = harness.ROOT / "docs" / "benchmarks.md"
 # The page's order; each script's results are bench/results/<name>.json.
 SCRIPTS = ("bench_core.py", "bench_latency.py", "bench_scale.py", "bench_workers.py",
            "bench_stream.py", "bench_fold.py", "bench_threads.py", "trace_latency.py",
-           "abuse.py", "soak.py", "bench_gpu.py", "perf_analyzer/run.sh")  # under bench/
+           "bench_http.py", "bench_models.py", "bench_scheduling.py", "abuse.py", "soak.py",
+           "bench_gpu.py",
+           "perf_analyzer/run.sh")  # under bench/
 # How to run the scripts that need what this machine may lack.
 ELSEWHERE = {
     "bench_gpu.py": "needs a GPU: `bench/gpu/prepare.sh` here (it fetches the wheels the GPU "
