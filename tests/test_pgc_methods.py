@@ -289,7 +289,9 @@ SMOOTHED = {"gradcam": "GradCAM", "gradcam_plus_plus": "GradCAMPlusPlus",
             "shapleycam": "ShapleyCAM"}
 
 
-def _compare_smoothed(explained, model, layer, x, target, reshape=None):
+def _compare_smoothed(explained, model, layer, x, target, reshape=None, share=1e-4):
+    """``share``: the tolerance as a share of the map's largest value; a principal component
+    in float32 is only as exact as the gap between the first two singular values allows."""
     for name, cls in SMOOTHED.items():
         options = {"target_idx": target} if name == "finercam" else {}
         targets = None if name == "finercam" else [target] * len(x)
@@ -299,7 +301,8 @@ def _compare_smoothed(explained, model, layer, x, target, reshape=None):
         for e, expected in zip(explained, theirs):
             got = e.map(name).raw
             expected = ref.oriented(got, expected)
-            np.testing.assert_allclose(got, expected, rtol=0, atol=_tolerance(expected),
+            np.testing.assert_allclose(got, expected, rtol=0,
+                                       atol=_tolerance(expected, share),
                                        err_msg=f"{name} eigen_smooth at {layer}")
 
 
@@ -321,7 +324,9 @@ def test_eigen_smooth_on_the_vit(vit):
     explained = client.explain_many(images, method=list(SMOOTHED), target=3, signed=True,
                                     eigen_smooth=True)
     x = ref.normalise(np.stack(images), info.mean, info.std)
-    _compare_smoothed(explained, model, info.default_layer, x, 3, reshape)
+    # 196 tokens of 768 channels: the components are closer than a CNN's, and their float32
+    # SVDs differ by up to 2e-4 of the map's largest value with the threads' summation order.
+    _compare_smoothed(explained, model, info.default_layer, x, 3, reshape, share=1e-3)
 
 
 # aug_smooth, against pytorch-grad-cam's aug_smooth=True (its final heatmaps): the methods

@@ -69,7 +69,7 @@ def test_deadline_too_short_is_refused_before_compute():
     with running(model=SLOW) as (server, client):
         before = len(tiny_models.SlowNet.batches)
         with pytest.raises(CamserveError) as error:
-            client.predict(PLAIN, timeout=0.05)
+            client.predict(PLAIN, timeout=0.2)  # reaches the queue, less than a batch left
         assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert dropped(server, "deadline") == 1
         assert len(tiny_models.SlowNet.batches) == before, "the refused item was computed"
