@@ -7,7 +7,12 @@ measures, in one run:
 1. ``--interactive`` (4) closed-loop Predict callers, alone and beside ``--streams`` (20)
    unpaced StreamPredict streams (policy ALL, every frame answered): the interactive callers'
    p50 and p90, their ratio to alone, and the frames the streams had answered meanwhile.
-   Unary calls wait at a higher level than stream frames (batching/levels.py).
+   Unary calls wait at a higher level than stream frames (batching/levels.py). Then again
+   on a server whose batches take at most ``--frames-per-batch`` (2) items of priorities 2
+   and 3 while higher ones are active (``--level-max-batch 2=N --level-max-batch 3=N``), so
+   that their batches end sooner. On each server, a bulk caller's 64-image Predicts at
+   priority 3 alone, then beside the interactive callers: both sides' images per second and
+   the interactive callers' p50.
 2. A polite caller (one 1-image Predict every ``--polite-pause-s``) alone and beside a greedy
    caller (8 threads, each sending 64-image Predicts back to back, on one connection), on a
    server without and with ``--max-queue-per-caller``: the polite caller's p50 and p90, calls
@@ -47,9 +52,9 @@ def stream_frames(client: Client, photo: bytes, stop: threading.Event, counts: l
         pass
 
 
-def interactive(args, results: harness.Results) -> None:
+def interactive(args, results: harness.Results, flags: Sequence[str] = ()) -> None:
     photo = harness.photo()
-    with harness.Server() as server:
+    with harness.Server(flags=list(flags)) as server:
         own = [Client(server.target, timeout=120, options=harness.OWN_CONNECTION)
                for _ in range(args.interactive)]
 
@@ -70,13 +75,40 @@ def interactive(args, results: harness.Results) -> None:
         stop.set()
         for t in threads:
             t.join(30)
+        # A bulk caller's 64-image Predicts at priority 3, alone and beside them.
+        bulk = Client(server.target, timeout=120, options=harness.OWN_CONNECTION)
+
+        def bulk_call(i: int):
+            return bulk.predict_many([photo] * 64, top_k=1, priority=3)
+
+        with harness.Callers(bulk_call, 1) as hog:
+            time.sleep(2.0)
+            hog.take()
+            time.sleep(args.seconds)
+            bulk_alone = hog.take()
+            with_bulk = harness.closed_loop(call, args.interactive, args.seconds, warmup=1.0)
+            bulk_beside = hog.take()
     a, b = alone.percentiles(), beside.percentiles()
     table = f"{args.interactive} interactive Predict callers beside {args.streams} ALL streams"
-    results.row(table, beside="nothing", p50_ms=a["p50_ms"], p90_ms=a["p90_ms"], ratio=1.0,
-                calls=len(alone), frames_answered=None)
-    results.row(table, beside=f"{args.streams} streams", p50_ms=b["p50_ms"],
+    name = " ".join(flags) or "the defaults"
+    results.row(table, server=name, beside="nothing", p50_ms=a["p50_ms"], p90_ms=a["p90_ms"],
+                ratio=1.0, calls=len(alone), frames_answered=None)
+    results.row(table, server=name, beside=f"{args.streams} streams", p50_ms=b["p50_ms"],
                 p90_ms=b["p90_ms"], ratio=b["p50_ms"] / a["p50_ms"], calls=len(beside),
                 frames_answered=answered)
+    for images_per_s, run in ((rate(bulk_alone), None), (rate(bulk_beside), with_bulk)):
+        p = run.percentiles() if run is not None else None
+        results.row(f"{args.interactive} interactive Predict callers and a bulk caller "
+                    "(64-image Predicts at priority 3)", server=name,
+                    interactive="none" if run is None else f"{args.interactive} callers",
+                    p50_ms=p and p["p50_ms"], ratio=p and p["p50_ms"] / a["p50_ms"],
+                    interactive_images_per_s=run and run.rate,
+                    bulk_images_per_s=images_per_s)
+
+
+def rate(calls) -> float:
+    """Images per second of a bulk caller's 64-image calls answered."""
+    return 64 * calls.codes.get("OK", 0) / calls.seconds
 
 
 def polite_and_greedy(args, results: harness.Results, per_caller: int) -> None:
@@ -126,12 +158,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="the polite caller's pause between calls (0.05)")
     p.add_argument("--per-caller", type=int, default=16,
                    help="--max-queue-per-caller of the second server (16)")
+    p.add_argument("--frames-per-batch", type=int, default=2,
+                   help="--level-max-batch 2=N and 3=N of part 1's second server (2)")
     p.add_argument("--quick", action="store_true", help="a short smoke run")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.streams = 3.0, 4
     results = harness.Results(__file__, argv, args)
     interactive(args, results)
+    cap = args.frames_per_batch
+    interactive(args, results, ["--level-max-batch", f"2={cap}", "--level-max-batch", f"3={cap}"])
     polite_and_greedy(args, results, 0)
     polite_and_greedy(args, results, args.per_caller)
     results.finish(args.json)

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from camserve_server.batching.batcher import Batcher
-from camserve_server.batching.levels import EXPENSIVE, INTERACTIVE, STREAM, Levels
+from camserve_server.batching.levels import (
+    EXPENSIVE,
+    INTERACTIVE,
+    STREAM,
+    LevelPolicy,
+    Levels,
+    Scheduling,
+)
 from camserve_server.domain import ItemResult, WorkItem
 
 from conftest import record_levels, wait_for
@@ -75,7 +82,7 @@ def test_remove_takes_an_item_out_of_its_level():
         levels.remove(items[4])
 
 
-def _run(share: int):
+def _run(share: int, policies=()):
     """A slow engine's worker is busy with one item; three stream frames, then two
     interactive calls are queued: the order of the batches that follow."""
     release = threading.Event()
@@ -90,7 +97,7 @@ def _run(share: int):
         return WorkItem(np.full((2, 2, 3), value, np.uint8))
 
     batcher = Batcher(run_batch, max_batch_size=2, max_delay_ms=0, max_queue=16,
-                      share=share)
+                      scheduling=Scheduling(share=share, policies=policies))
     batcher.start()
     try:
         first = batcher.submit(item(0))
@@ -113,6 +120,206 @@ def test_the_batcher_runs_queued_interactive_calls_before_queued_frames():
 
 def test_with_a_share_of_one_the_batcher_alternates_calls_and_frames():
     assert _run(share=1) == [[0], [1, 10], [2, 11], [12]]
+
+
+def test_a_levels_max_batch_bounds_its_items_in_one_batch():
+    """Frames at most one per batch: each batch after the first takes one, the call goes
+    with the first of them."""
+    assert _run(share=60, policies=(LevelPolicy(), LevelPolicy(max_batch=1))) == [
+        [0], [1, 2], [10], [11], [12]]
+
+
+def test_a_level_alone_keeps_full_batches():
+    """max_batch holds only while a higher level is active: frames alone fill the batch."""
+    queue, _ = _queue(LevelPolicy(), LevelPolicy(max_batch=1))
+    for _ in range(3):
+        queue.submit(WorkItem(PIXELS), level=STREAM)
+    assert len(queue.gather(last_batch=1, jobs_waiting=False)) == 3
+    queue.submit(WorkItem(PIXELS))
+    for _ in range(3):
+        queue.submit(WorkItem(PIXELS), level=STREAM)
+    assert [p.level for p in queue.gather(last_batch=1, jobs_waiting=False)] == [
+        INTERACTIVE, STREAM]
+    # Within HIGHER_ACTIVE_S of that call, still one frame a batch.
+    assert [p.level for p in queue.gather(last_batch=1, jobs_waiting=False)] == [STREAM]
+
+
+def _queue(*policies: LevelPolicy, batch_seconds: float = 0.001, **scheduling):
+    from camserve_server.batching.queue import WorkQueue
+    from camserve_server.metrics import Metrics
+
+    metrics = Metrics()
+    queue = WorkQueue(max_batch_size=4, max_delay_ms=0, max_queue=16, max_job_forwards=100,
+                      metrics=metrics, batch_seconds=batch_seconds, workers=1,
+                      scheduling=Scheduling(policies=policies, **scheduling))
+    return queue, metrics
+
+
+PIXELS = np.zeros((2, 2, 3), np.uint8)
+
+
+def test_an_item_past_its_levels_longest_wait_answers_deadline_exceeded():
+    from camserve_server.errors import DeadlineExceeded
+
+    queue, metrics = _queue(LevelPolicy(), LevelPolicy(max_wait_s=0.05))
+    frame = queue.submit(WorkItem(PIXELS), level=STREAM)
+    call = queue.submit(WorkItem(PIXELS))
+    time.sleep(0.1)  # the frame's bound passes while it waits; the call has none
+    batch = queue.gather(last_batch=1, jobs_waiting=False)
+    assert [queue.admit(p) for p in batch] == [True, False]
+    with pytest.raises(DeadlineExceeded) as caught:
+        frame.result(0)
+    assert caught.value.reason == "LEVEL_WAIT" and "priority 2" in caught.value.message
+    assert not call.done() or call.exception(0) is None
+    assert metrics.value("camserve_items_dropped_total", reason="deadline") == 1
+    # A bound shorter than the expected wait refuses at once, before queueing.
+    slow, _ = _queue(LevelPolicy(), LevelPolicy(max_wait_s=0.05), batch_seconds=1.0)
+    with pytest.raises(DeadlineExceeded) as caught:
+        slow.submit(WorkItem(PIXELS), level=STREAM)
+    assert caught.value.reason == "LEVEL_WAIT" and slow.depth() == 0
+    # A caller's own deadline, when it is the shorter, keeps its own message.
+    with pytest.raises(DeadlineExceeded) as caught:
+        slow.submit(WorkItem(PIXELS), time.monotonic() + 0.01, level=STREAM)
+    assert caught.value.reason == "DEADLINE_TOO_SHORT"
+
+
+def test_a_delaying_level_runs_its_late_items_behind_every_other():
+    queue, _ = _queue(LevelPolicy(max_wait_s=0.02, delay=True))
+    late = queue.submit(WorkItem(PIXELS, None))
+    time.sleep(0.05)
+    fresh = [queue.submit(WorkItem(PIXELS), level=level) for level in (EXPENSIVE, STREAM)]
+    batch = queue.gather(last_batch=1, jobs_waiting=False)
+    assert [p.future for p in batch] == [fresh[1], fresh[0], late]
+    assert [p.delayed for p in batch] == [False, False, True]
+    assert all(queue.admit(p) for p in batch)  # it still runs
+
+
+def test_a_levels_most_items_queued():
+    from camserve_server.errors import QueueFull
+
+    queue, metrics = _queue(LevelPolicy(), LevelPolicy(max_queued=2))
+    for _ in range(2):
+        queue.submit(WorkItem(PIXELS), level=STREAM)
+    with pytest.raises(QueueFull) as caught:
+        queue.submit(WorkItem(PIXELS), level=STREAM)
+    assert caught.value.reason == "LEVEL_QUEUE_FULL" and caught.value.retry_after_s > 0
+    queue.submit(WorkItem(PIXELS))  # another level is still taken
+    queue.submit(WorkItem(PIXELS), level=EXPENSIVE)
+    assert queue.depth() == 4 and queue.depth(STREAM) == 2
+    assert metrics.value("camserve_items_dropped_total", reason="level_full") == 1
+
+
+def test_the_scheduling_flags():
+    from camserve_server.process.server import scheduling
+    from camserve_server.process.settings import parse_settings
+
+    default = scheduling(parse_settings([]))
+    assert (default.levels, default.unary, default.stream, default.expensive, default.share,
+            default.highest) == (3, INTERACTIVE, STREAM, EXPENSIVE, 4, 0)
+    assert all(p == LevelPolicy() for p in default.policies)
+    one = scheduling(parse_settings(["--priority-levels", "1"]))
+    assert (one.unary, one.stream, one.expensive) == (0, 0, 0)
+    chosen = scheduling(parse_settings([
+        "--priority-levels", "4", "--default-priority", "stream=3", "--default-priority",
+        "expensive=4", "--level-max-wait-ms", "3=250", "--level-delay", "3",
+        "--level-max-batch", "4=2", "--level-max-queued", "4=10", "--level-share", "2",
+        "--highest-priority", "2"]))
+    assert (chosen.levels, chosen.unary, chosen.stream, chosen.expensive, chosen.share,
+            chosen.highest) == (4, 0, 2, 3, 2, 1)
+    assert chosen.policies[2] == LevelPolicy(max_wait_s=0.25, delay=True)
+    assert chosen.policies[3] == LevelPolicy(max_queued=10, max_batch=2)
+    from_env = scheduling(parse_settings([], {"CAMSERVE_LEVEL_MAX_BATCH": "2=4,3=1"}))
+    assert [p.max_batch for p in from_env.policies] == [0, 4, 1]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--level-max-batch", "4=1"], "priority 4 is not one of the 3 priorities"),
+    (["--priority-levels", "2", "--default-priority", "stream=3"], "priority 3 is not one"),
+    (["--default-priority", "bulk=2"], "say unary, stream or expensive"),
+    (["--level-max-wait-ms", "x=2"], "say a priority"),
+    (["--level-max-wait-ms", "2"], "expected KEY=VALUE"),
+    (["--level-max-queued", "2=-1"], "must be at least 0"),
+    (["--highest-priority", "0"], "must be at least 1"),
+    (["--priority-levels", "10"], "must be in 1..9"),
+])
+def test_bad_scheduling_flags_are_refused(argv, says, capsys):
+    from camserve_server.process.settings import parse_settings
+
+    with pytest.raises(SystemExit):
+        parse_settings(argv, {})
+    assert says in capsys.readouterr().err
+
+
+def test_only_a_priority_token_asks_above_the_highest_priority(cat_path, monkeypatch):
+    """--highest-priority 2: a caller's unary calls, asked or by default, wait at 2 at best;
+    one with a --priority-token gets 1. A priority token is accepted as an ordinary one."""
+    from camserve import Client
+
+    from conftest import TINY, running
+
+    with running(model=TINY, highest_priority=2, auth_tokens=("plain",),
+                 priority_tokens=("vip",)) as (server, _):
+        levels = record_levels(server.batcher, monkeypatch)
+        target = f"127.0.0.1:{server.port}"
+        with Client(target, token="plain") as plain, Client(target, token="vip") as vip:
+            plain.predict(cat_path)
+            plain.predict(cat_path, priority=1)
+            plain.predict(cat_path, priority=3)
+            vip.predict(cat_path)
+            vip.predict(cat_path, priority=1)
+            info = vip.model_info()
+        assert levels == [STREAM, STREAM, EXPENSIVE, INTERACTIVE, INTERACTIVE]
+        assert info.highest_priority == 2
+
+
+def test_tritonclient_priority_overtakes_queued_default_calls(cat_path):
+    """tritonclient's infer(..., priority=1) over HTTP, with the server's default for unary
+    calls at 2: while a slow engine runs one batch, three default calls and then one at
+    priority 1 are queued; the priority-1 call runs in the next batch, ahead of them."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    from conftest import TINY, running
+
+    with running(model=TINY, http_port=0, default_priorities=(("unary", 2),),
+                 max_batch_size=1, level_share=9) as (server, _):
+        worker = server.batcher._workers[0]
+        run, release, order = worker.run_batch, threading.Event(), []
+
+        def slow(works, *rest):  # the levels of the batch's items, then a wait
+            order.append([p.level for p in worker.running[:len(works)]])
+            release.wait(60)
+            return run(works, *rest)
+
+        worker.run_batch = slow
+        image, results = cat_path.read_bytes(), []
+
+        def infer(**kwargs):  # a caller of its own, on a thread of its own
+            triton = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}",
+                                                      network_timeout=120.0)
+            try:
+                tensor = httpclient.InferInput("image", [1, 1], "BYTES")
+                tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
+                results.append(triton.infer("camserve", [tensor], **kwargs))
+            finally:
+                triton.close()
+
+        def start(**kwargs) -> threading.Thread:
+            thread = threading.Thread(target=infer, kwargs=kwargs, daemon=True)
+            thread.start()
+            return thread
+
+        try:
+            callers = [start()]
+            wait_for(lambda: len(order) == 1, 30, "the first call running")
+            callers += [start() for _ in range(3)]
+            wait_for(lambda: server.batcher.depth() == 3, 30, "three calls queued")
+            callers.append(start(priority=1))
+            wait_for(lambda: server.batcher.depth() == 4, 30, "the priority call queued")
+        finally:
+            release.set()
+        for thread in callers:
+            thread.join(60)
+        assert [r.as_numpy("probabilities").shape for r in results] == [(1, 10)] * 5
+        assert order == [[STREAM], [INTERACTIVE], [STREAM], [STREAM], [STREAM]]
 
 
 def test_an_item_with_extra_forwards_waits_at_the_expensive_level():
@@ -297,8 +504,9 @@ def test_callers_over_a_real_server(cat_path, monkeypatch, capsys):
 
         assert cli.main(["--target", f"127.0.0.1:{server.port}", "--token", "secret-1",
                          "info"]) == 0
-        assert ("scheduling:   priorities 1-3, a waiting lower level goes first after 4 above "
-                "it; callers by tenant header take turns, no bound per caller"
+        assert ("scheduling:   priorities 1-3 (unary 1, streams 2, expensive 3; callers may "
+                "ask for 1 or lower), a waiting lower priority goes first after 4 above it; "
+                "callers by tenant header take turns, no bound per caller"
                 ) in capsys.readouterr().out
 
 
@@ -307,8 +515,11 @@ def test_a_calls_priority_sets_its_level(tiny_server, cat_path, monkeypatch):
     from camserve import CamserveError
     from camserve_server.api import request
 
-    assert [request.level(p, STREAM) for p in (0, 1, 2, 3)] == [STREAM, INTERACTIVE, STREAM,
-                                                                 EXPENSIVE]
+    assert [request.level(p, STREAM, 3, 0) for p in (0, 1, 2, 3)] == [
+        STREAM, INTERACTIVE, STREAM, EXPENSIVE]
+    # Without a priority token, no level above the highest a caller may ask for.
+    assert [request.level(p, INTERACTIVE, 3, STREAM) for p in (0, 1, 2, 3)] == [
+        STREAM, STREAM, STREAM, EXPENSIVE]
     server, client = tiny_server
     levels = record_levels(server.batcher, monkeypatch)
     client.predict(cat_path)
@@ -324,8 +535,12 @@ def test_a_calls_priority_sets_its_level(tiny_server, cat_path, monkeypatch):
             images=[pb.Image(encoded=cat_path.read_bytes())], priority=7), None)
     assert caught.value.reason == "INVALID_PRIORITY"
     assert "priorities 1 (the highest) to 3" in caught.value.details
-    with pytest.raises(CamserveError):
-        client.predict(cat_path, priority=4)  # refused before it is sent
+    with pytest.raises(CamserveError) as caught:
+        client.predict(cat_path, priority=4)  # the server has 3
+    assert caught.value.reason == "INVALID_PRIORITY"
+    with pytest.raises(CamserveError) as caught:
+        client.predict(cat_path, priority=-1)  # refused before it is sent
+    assert caught.value.reason == "INVALID_OPTION"
 
 
 def test_the_decode_pool_takes_callers_in_turn():

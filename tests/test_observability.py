@@ -49,9 +49,11 @@ def test_metrics_move_as_expected():
     assert ok == 2
     assert value(after, "camserve_requests_total", rpc="Explain", code="OK") == 1
     assert value(after, "camserve_requests_total", rpc="Predict", code="INVALID_ARGUMENT") == 1
-    items = value(after, "camserve_queue_seconds_count") - value(before,
-                                                                 "camserve_queue_seconds_count")
-    assert items == 4
+    waited = dict(name="camserve_queue_seconds_count", priority="1", caller="peer")
+    items = value(after, **waited) - value(before, **waited)
+    assert items == 4  # unary calls at priority 1, their callers named by connection
+    for priority in ("1", "2", "3", "delayed"):
+        assert ("camserve_queue_priority_depth", (("priority", priority),)) in after
     batches = value(after, "camserve_batch_size_count") - value(before,
                                                                 "camserve_batch_size_count")
     sizes = value(after, "camserve_batch_size_sum") - value(before, "camserve_batch_size_sum")

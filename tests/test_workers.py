@@ -139,8 +139,8 @@ def test_metrics_on_the_supervisor_count_every_worker(server):
     total = sum(seen.values())
     assert value(after, "camserve_request_seconds_count", rpc="Predict") - value(
         before, "camserve_request_seconds_count", rpc="Predict") == total
-    assert value(after, "camserve_queue_seconds_count") - value(
-        before, "camserve_queue_seconds_count") == total
+    waited = dict(name="camserve_queue_seconds_count", priority="1", caller="peer")
+    assert value(after, **waited) - value(before, **waited) == total
     for worker in ("1", "2"):
         assert value(after, "camserve_state", state="serving", worker=worker) == 1
         assert value(after, "camserve_worker_up", worker=worker) == 1

@@ -199,10 +199,12 @@ def model_ref(model: Model, version: int = 0) -> Optional[pb.ModelRef]:
 
 
 def check_priority(priority: int) -> int:
-    """A call's priority: 0 (its default) or 1 (the highest) to 3."""
-    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 3:
-        raise invalid(f"priority must be 0 (the call's default) or 1 (the highest) to 3, got "
-                      f"{priority!r}", reasons.INVALID_OPTION)
+    """A call's priority: 0 (its default) or 1 (the highest) to the server's number of
+    priorities (3 by default; the server refuses one beyond it)."""
+    if (isinstance(priority, bool) or not isinstance(priority, int)
+            or not 0 <= priority < 2**32):
+        raise invalid(f"priority must be 0 (the call's default) or a priority from 1 (the "
+                      f"highest), got {priority!r}", reasons.INVALID_OPTION)
     return priority
 
 

@@ -169,9 +169,17 @@ def cmd_info(client: Client, args) -> int:
         per_caller = (f"at most {info.max_queue_per_caller} waiting per caller"
                       if info.max_queue_per_caller else "no bound per caller")
         named = "tenant header" if info.tenant_header else "token or connection"
-        print(f"scheduling:   priorities 1-{info.priority_levels}, a waiting lower level goes "
+        print(f"scheduling:   priorities 1-{info.priority_levels} (unary {info.unary_priority}, "
+              f"streams {info.stream_priority}, expensive {info.expensive_priority}; callers "
+              f"may ask for {info.highest_priority} or lower), a waiting lower priority goes "
               f"first after {info.level_share} above it; callers by {named} take turns, "
               f"{per_caller}")
+        for p in info.level_policies:
+            bounds = [f"answered within {p.max_wait_ms:g} ms" + (" or delayed" if p.delay
+                                                                 else "")] * bool(p.max_wait_ms)
+            bounds += [f"at most {p.max_queued} waiting"] * bool(p.max_queued)
+            bounds += [f"at most {p.max_batch} per batch"] * bool(p.max_batch)
+            print(f"priority {p.priority}:   {', '.join(bounds)}")
     return 0 if info.state == "serving" else 1
 
 

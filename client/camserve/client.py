@@ -185,7 +185,9 @@ class Client:
                      metadata: _calls.Metadata = None,
                      request_id: Optional[str] = None) -> List[Prediction]:
         """One RPC for several images; answers in the same order. ``priority``: the queue
-        level of its images, 1 (the highest, a call's default) to 3; 0: the default."""
+        level of its images, 1 the highest (by default a unary call's) to the server's
+        number of priorities (3 by default: ``model_info().priority_levels``); 0: the
+        call's default."""
         request = _calls.predict_request(list(images), top_k, _calls.model_ref(model, version),
                                          priority)
         return _calls.predictions(self._call(self._stub.Predict, request, timeout, metadata,

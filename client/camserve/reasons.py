@@ -47,6 +47,8 @@ INVALID_VIDEO = "INVALID_VIDEO"
 ITEM_TOO_COSTLY = "ITEM_TOO_COSTLY"
 LABELS_DIFFER = "LABELS_DIFFER"
 LAST_MODEL = "LAST_MODEL"
+LEVEL_QUEUE_FULL = "LEVEL_QUEUE_FULL"
+LEVEL_WAIT = "LEVEL_WAIT"
 LOADING = "LOADING"
 MALFORMED_REQUEST = "MALFORMED_REQUEST"
 MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
@@ -129,7 +131,8 @@ REASONS: Dict[str, str] = {
     INVALID_OPTION: "an option has a value of the wrong type or range (e.g. top_k < 1, a "
                     "negative count): the details name it",
     INVALID_PARAMETER: "an Open Inference Protocol parameter has a wrong type or value",
-    INVALID_PRIORITY: "a priority must be 0 (the call's default) or 1 (the highest) to 3",
+    INVALID_PRIORITY: "a priority must be 0 (the call's default) or 1 (the highest) to the "
+                      "server's --priority-levels (3 by default; camserve info shows them)",
     INVALID_RANK: "the sanity check's contrast_rank is out of the model's class range",
     INVALID_SHAPE: "an Open Inference Protocol input's shape is not [N] / [N, 1] (BYTES) or "
                    "[N, H, W, C] (UINT8)",
@@ -151,6 +154,11 @@ REASONS: Dict[str, str] = {
     LABELS_DIFFER: "CompareExplain's models have different labels: their maps of a class do not "
                    "compare",
     LAST_MODEL: "the server's last loaded model cannot be unloaded: load another first",
+    LEVEL_QUEUE_FULL: "the server holds as many items of this priority as it allows "
+                      "(--level-max-queued): retry after retry_after seconds, or at another "
+                      "priority",
+    LEVEL_WAIT: "the server answers this priority within a bound (--level-max-wait-ms) and "
+                "could not: retry later, or at a higher priority",
     LOADING: "the server is still loading its model: retry shortly, or wait_until_ready()",
     MALFORMED_REQUEST: "the request is not a valid message of the API (build it with the "
                        "generated code), or a stream message sets neither config nor frame",

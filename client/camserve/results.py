@@ -271,6 +271,19 @@ class MethodInfo:
     class_discriminative: bool
 
 
+@dataclass(frozen=True)
+class LevelPolicy:
+    """One priority's queue policy (0: no bound): items answered within ``max_wait_ms`` of
+    being queued, else DEADLINE_EXCEEDED, unless ``delay`` (they then wait behind every other
+    item); at most ``max_queued`` waiting and ``max_batch`` in one batch."""
+
+    priority: int
+    max_wait_ms: float = 0.0
+    delay: bool = False
+    max_queued: int = 0
+    max_batch: int = 0
+
+
 def _float32(value: float) -> float:
     """A float32 field as the decimal it was set from: the shortest one that rounds to the
     same float32 (0.485, not 0.48500001430511475)."""
@@ -306,6 +319,11 @@ class ModelInfo:
     level_share: int = 0  # a waiting lower level goes first after this many above it
     max_queue_per_caller: int = 0  # 0: only max_queue bounds a caller
     tenant_header: bool = False  # callers named by x-camserve-tenant
+    unary_priority: int = 0  # the priority of a unary call that asks for none
+    stream_priority: int = 0  # ... of a stream frame
+    expensive_priority: int = 0  # ... of an item with extra forwards (the highest it may have)
+    highest_priority: int = 0  # the highest a call may ask for without a priority token
+    level_policies: Tuple[LevelPolicy, ...] = ()  # the priorities with bounds of their own
 
     @property
     def device(self) -> str:
@@ -340,7 +358,14 @@ class ModelInfo:
             priority_levels=msg.batching.priority_levels,
             level_share=msg.batching.level_share,
             max_queue_per_caller=msg.batching.max_queue_per_caller,
-            tenant_header=msg.batching.tenant_header)
+            tenant_header=msg.batching.tenant_header,
+            unary_priority=msg.batching.unary_priority,
+            stream_priority=msg.batching.stream_priority,
+            expensive_priority=msg.batching.expensive_priority,
+            highest_priority=msg.batching.highest_priority,
+            level_policies=tuple(LevelPolicy(p.priority, _float32(p.max_wait_ms), p.delay,
+                                             p.max_queued, p.max_batch)
+                                 for p in msg.batching.level_policies))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ same names without that label.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Callable, Dict, List, Optional, Tuple
@@ -80,8 +81,10 @@ class Metrics:
                                  "End-to-end handler time of an RPC, by RPC", ["rpc"],
                                  buckets=_SECONDS, registry=r)
         self.queue = Histogram("camserve_queue_seconds",
-                               "Time an item waited in the batcher's queue", buckets=_SECONDS,
-                               registry=r)
+                               "Time an item waited in the batcher's queue, by its priority "
+                               "and its caller's kind (token, tenant, peer)", ["priority",
+                                                                               "caller"],
+                               buckets=_SECONDS, registry=r)
         self.compute = Histogram("camserve_compute_seconds",
                                  "Engine time of one batch (forward, and backward when explaining)",
                                  buckets=_SECONDS, registry=r)
@@ -129,8 +132,16 @@ class Metrics:
         for name in STATES:
             self.state.labels(name).set(1 if name == state else 0)
 
-    def watch_queue(self, depth: Callable[[], int]) -> None:
+    def watch_queue(self, depth: Callable[[Optional[int]], int], levels: int) -> None:
+        """``depth(None)``: every item waiting; ``depth(level)``: those of a level (0 the
+        highest; ``levels``: those delayed past their level's longest wait)."""
         self._watch(self.queue_depth, depth)
+        by_level = Gauge("camserve_queue_priority_depth", "Items waiting in the batchers' "
+                         "queues, by priority (delayed: past their priority's longest wait)",
+                         ["priority"], registry=self.registry, multiprocess_mode="livesum")
+        for level in range(levels + 1):
+            name = str(level + 1) if level < levels else "delayed"
+            self._watch(by_level.labels(name), functools.partial(depth, level))
 
     def watch_streams(self, open_streams: Callable[[], int], frames: Callable[[], int]) -> None:
         for name, text, read in (

@@ -64,24 +64,34 @@ TARGET_KIND_SOFTMAX: TargetKind
 TARGET_KIND_UNSPECIFIED: TargetKind
 
 class BatchingInfo(_message.Message):
-    __slots__ = ["level_share", "max_batch_size", "max_delay_ms", "max_queue", "max_queue_per_caller", "priority_levels", "tenant_header", "workers"]
+    __slots__ = ["expensive_priority", "highest_priority", "level_policies", "level_share", "max_batch_size", "max_delay_ms", "max_queue", "max_queue_per_caller", "priority_levels", "stream_priority", "tenant_header", "unary_priority", "workers"]
+    EXPENSIVE_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    HIGHEST_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_POLICIES_FIELD_NUMBER: _ClassVar[int]
     LEVEL_SHARE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_PER_CALLER_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TENANT_HEADER_FIELD_NUMBER: _ClassVar[int]
+    UNARY_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    expensive_priority: int
+    highest_priority: int
+    level_policies: _containers.RepeatedCompositeFieldContainer[LevelPolicy]
     level_share: int
     max_batch_size: int
     max_delay_ms: float
     max_queue: int
     max_queue_per_caller: int
     priority_levels: int
+    stream_priority: int
     tenant_header: bool
+    unary_priority: int
     workers: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ..., workers: _Optional[int] = ..., priority_levels: _Optional[int] = ..., level_share: _Optional[int] = ..., max_queue_per_caller: _Optional[int] = ..., tenant_header: bool = ...) -> None: ...
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ..., workers: _Optional[int] = ..., priority_levels: _Optional[int] = ..., level_share: _Optional[int] = ..., max_queue_per_caller: _Optional[int] = ..., tenant_header: bool = ..., unary_priority: _Optional[int] = ..., stream_priority: _Optional[int] = ..., expensive_priority: _Optional[int] = ..., highest_priority: _Optional[int] = ..., level_policies: _Optional[_Iterable[_Union[LevelPolicy, _Mapping]]] = ...) -> None: ...
 
 class CheckSanityRequest(_message.Message):
     __slots__ = ["contrast_rank", "images", "layer", "methods", "model", "score_cam_channels", "seed", "stages", "threshold"]
@@ -344,6 +354,20 @@ class LayerInfo(_message.Message):
     reason: str
     width: int
     def __init__(self, name: _Optional[str] = ..., channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., layout: _Optional[_Union[LayerLayout, str]] = ..., prefix_tokens: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LevelPolicy(_message.Message):
+    __slots__ = ["delay", "max_batch", "max_queued", "max_wait_ms", "priority"]
+    DELAY_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    delay: bool
+    max_batch: int
+    max_queued: int
+    max_wait_ms: float
+    priority: int
+    def __init__(self, priority: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., delay: bool = ..., max_queued: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ["max_faithfulness_steps", "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_maps_per_image", "max_message_bytes", "max_score_cam_channels", "max_stream_frames_in_flight"]

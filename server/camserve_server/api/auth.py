@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Callable, Iterable
 
 import grpc
 from grpc import aio
 
 from ..errors import FailedPrecondition, PermissionDenied, Unauthenticated
-from .calls import abort
+from .calls import abort, holds
 
 # Health checks answer without a token so that orchestrators can probe the server.
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
@@ -27,14 +26,7 @@ class TokenAuth(aio.ServerInterceptor):
         self._on_denied = on_denied
 
     def accepts(self, metadata) -> bool:
-        values = [v for k, v in (metadata or ()) if k == "authorization"]
-        if len(values) != 1 or not isinstance(values[0], str):
-            return False
-        scheme, _, token = values[0].partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        given = token.strip().encode()
-        return any(hmac.compare_digest(given, t) for t in self._tokens)
+        return holds(metadata, self._tokens)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)

@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import hmac
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Optional, Set
+from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence, Set
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -54,6 +55,9 @@ MODELS: contextvars.ContextVar = contextvars.ContextVar("camserve_models", defau
 # Who the running call is, for the queue's turns and per-caller bound (levels.py): set when the
 # call starts (Call), read by the pipeline and the streams when they queue items.
 CALLER: contextvars.ContextVar = contextvars.ContextVar("camserve_caller", default="")
+# Whether the running call holds a --priority-token: it may ask for any priority.
+PRIVILEGED: contextvars.ContextVar = contextvars.ContextVar("camserve_privileged",
+                                                            default=False)
 TENANT_HEADER = "x-camserve-tenant"
 MAX_TENANT_CHARS = 64
 
@@ -72,6 +76,19 @@ def caller_of(context, trust_tenant: bool = False) -> str:
     if token is not None:
         return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
     return "peer:" + (context.peer() or "")
+
+
+def holds(metadata, tokens: Sequence[bytes]) -> bool:
+    """Whether a call's metadata sends exactly one ``authorization: Bearer TOKEN`` with one of
+    these tokens (compared in constant time)."""
+    values = [v for k, v in (metadata or ()) if k == "authorization"]
+    if len(values) != 1 or not isinstance(values[0], str):
+        return False
+    scheme, _, token = values[0].partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given = token.strip().encode()
+    return any(hmac.compare_digest(given, t) for t in tokens)
 
 
 def uses_model(name: str, version: int) -> None:
@@ -210,12 +227,19 @@ class Recorder:
     end of a shutdown's grace can cut them off with a status of their own."""
 
     def __init__(self, metrics: Metrics, stopping: Callable[[], bool],
-                 trust_tenant: bool = False) -> None:
+                 trust_tenant: bool = False, priority_tokens: Sequence[str] = ()) -> None:
         self._metrics = metrics
         self._stopping = stopping
         self.trust_tenant = trust_tenant  # --tenant-header: callers named by x-camserve-tenant
+        self._priority_tokens = tuple(t.encode() for t in priority_tokens)
         self.running: Set[asyncio.Task] = set()  # the handlers' tasks (event-loop only)
         self.cut = False
+
+    def privileged(self, context) -> bool:
+        """Whether the call sends one of the --priority-token tokens (compared in constant
+        time)."""
+        return bool(self._priority_tokens) and holds(context.invocation_metadata(),
+                                                      self._priority_tokens)
 
     def cut_off(self) -> None:
         """End every running call now: each answers UNAVAILABLE, the server is shutting
@@ -258,6 +282,7 @@ class Call:
         self.rpc, self.recorder = rpc, recorder
         self.request_id, self.peer = request_id(context), context.peer()
         CALLER.set(caller_of(context, recorder.trust_tenant))
+        PRIVILEGED.set(recorder.privileged(context))
         self.deadline = deadline(context)
         self.started, self.items, self.recorded = time.perf_counter(), 0, False
         self.task = asyncio.current_task()

@@ -366,8 +366,7 @@ def infer_call(request, rt: Pipeline) -> InferCall:
                                   field=f"parameters[{name}]", reason="UNKNOWN_PARAMETER")
     try:
         top_k = rt.top_k(_int_param(params, "top_k"), "parameters[top_k]")
-        level = req.level(_int_param(params, "priority") or 0, INTERACTIVE,
-                          "parameters[priority]")
+        level = rt.level(_int_param(params, "priority") or 0, field="parameters[priority]")
     except InvalidArgument as exc:
         raise _as_parameters(exc) from None
 

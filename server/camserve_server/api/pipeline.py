@@ -21,7 +21,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from camserve.v1 import camserve_pb2 as pb
 
 from ..batching.batcher import Batcher
-from ..batching.levels import INTERACTIVE, LevelPool
+from ..batching.levels import INTERACTIVE, LevelPool, Scheduling
 from ..batching.tickets import Outcome, Ticket
 from ..domain import DeferredDecode, ExplainSpec, ModelCard, Source, WorkItem
 from ..errors import Cancelled, InvalidArgument, ServiceError
@@ -74,6 +74,7 @@ class Pipeline:
     worker: int = 0  # this process's number among --workers (0: the only one)
     sanity: Any = None  # engine/sanity.py's SanityChecker: CheckSanity runs on it
     ref: Any = None  # pb.ModelRef: the model's name in the repository and its version
+    scheduling: Scheduling = Scheduling()  # the queue's levels and each kind's default
 
     # --- checks --------------------------------------------------------------------------
 
@@ -87,6 +88,13 @@ class Pipeline:
             raise InvalidArgument(f"the request has {images} images; this server takes at most "
                                   f"{limit} per request (max_images_per_request): split it",
                                   field=field, reason="TOO_MANY_IMAGES")
+
+    def level(self, priority: int, kind: str = "unary", field: str = "priority") -> int:
+        """The queue level of a call's ``priority`` (0: ``kind``'s default, unary or stream);
+        a caller without a priority token gets no level above --highest-priority."""
+        s = self.scheduling
+        return req.level(priority, getattr(s, kind), s.levels,
+                         0 if calls.PRIVILEGED.get() else s.highest, field)
 
     def top_k(self, value: Optional[int], field: str = "options.top_k") -> int:
         """How many classes an answer ranks: ``value`` (None: the default), at most all."""

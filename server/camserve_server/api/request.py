@@ -86,19 +86,16 @@ def top_k(value: Optional[int], num_classes: int, field: str = "options.top_k") 
     return min(value, num_classes)
 
 
-PRIORITIES = 3  # the queue's levels (batching/levels.py), Triton's priorities 1..3
-
-
-def level(priority: int, default: int, field: str = "priority") -> int:
-    """The queue level (batching/levels.py) of a call's ``priority``, Triton's meaning: 1 the
-    highest, 0 the call's ``default`` level."""
-    if priority == 0:
-        return default
-    if not 1 <= priority <= PRIORITIES:
+def level(priority: int, default: int, levels: int, highest: int,
+          field: str = "priority") -> int:
+    """The queue level (batching/levels.py, 0 the highest) of a call's ``priority``, Triton's
+    meaning: 1 the highest, 0 the call's ``default`` level; never above ``highest``, asked or
+    by default (a level: the highest a caller without a priority token may have)."""
+    if priority != 0 and not 1 <= priority <= levels:
         raise InvalidArgument(f"{field} is {priority}; this server has priorities 1 (the "
-                              f"highest) to {PRIORITIES}, or 0 for the call's default",
+                              f"highest) to {levels}, or 0 for the call's default",
                               field=field, reason="INVALID_PRIORITY")
-    return priority - 1
+    return max(priority - 1 if priority else default, highest)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any, List, Optional, Tuple
 
 from camserve.v1 import camserve_pb2 as pb
 
-from ..batching.levels import INTERACTIVE, STREAM
+from ..batching.levels import INTERACTIVE
 from ..domain import WorkItem
 from ..errors import (
     FailedPrecondition,
@@ -96,7 +96,7 @@ class CamserveService:
     async def Predict(self, request, context):
         with self.live(request.model) as rt:
             top_k = rt.top_k(request.options.top_k or None)
-            level = req.level(request.priority, INTERACTIVE)
+            level = rt.level(request.priority)
             sources = _sources(rt, request.images)
             decoded, outcomes = await rt.predict(sources, context, level=level)
             return pb.PredictResponse(results=[
@@ -106,7 +106,7 @@ class CamserveService:
     async def Explain(self, request, context):
         with self.live(request.model) as rt:
             answer, _ = await _explain(rt, request.images, request.options, context,
-                                       req.level(request.priority, INTERACTIVE))
+                                       rt.level(request.priority))
             return answer
 
     async def CheckSanity(self, request, context):
@@ -168,7 +168,7 @@ class CamserveService:
                         f"models[{i}] has other labels than models[0] ({rt.model.num_classes} "
                         f"and {rts[0].model.num_classes} classes): their maps of a class do "
                         "not compare", field=f"models[{i}]", reason="LABELS_DIFFER")
-            options, level = request.options, req.level(request.priority, INTERACTIVE)
+            options, level = request.options, rts[0].level(request.priority)
             first, outcomes = await _explain(rts[0], request.images, options, context, level)
             answers, results = [first], [outcomes]
             for rt in rts[1:]:
@@ -245,7 +245,7 @@ class CamserveService:
                         chosen[key] = held.enter_context(self.live(config.model,
                                                                    "config.model"))
                     rt = chosen[key]
-                level = req.level(config.priority, STREAM, "config.priority")
+                level = rt.level(config.priority, "stream", "config.priority")
                 return rt, configure(rt, config.options), level
 
             async def prepare_on(frame, options) -> Prepared:
@@ -254,7 +254,8 @@ class CamserveService:
 
             async for message in self._session(
                     default, requests, context, frames, configure_on,
-                    (default, configure(default, options_type()), STREAM), prepare_on,
+                    (default, configure(default, options_type()), default.level(0, "stream")),
+                    prepare_on,
                     answer):
                 yield message
 

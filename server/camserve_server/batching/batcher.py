@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 from ..domain import WorkItem
 from ..metrics import Metrics
 from .gate import DeviceGate
-from .levels import INTERACTIVE, SHARE
+from .levels import INTERACTIVE, Scheduling
 from .queue import WorkQueue
 from .tickets import Outcome, Ticket
 from .worker import DeviceWorker, RunBatch
@@ -43,7 +43,8 @@ class Batcher:
                  on_worker: Callable[[bool], None] = lambda alive: None,
                  restart_delay_s: float = 0.2, prefetch: bool = False,
                  prepare: Optional[Sequence[Callable[[], float]]] = None,
-                 share: int = SHARE, gates: Optional[Sequence[DeviceGate]] = None,
+                 scheduling: Optional[Scheduling] = None,
+                 gates: Optional[Sequence[DeviceGate]] = None,
                  max_queue_per_caller: int = 0) -> None:
         """``run_batch`` and ``device``: one each, or a list each (one worker per device).
         With ``prefetch`` the run functions take the upcoming batch as a second argument.
@@ -59,7 +60,7 @@ class Batcher:
         self._queue = WorkQueue(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                                 max_queue=max_queue, max_job_forwards=max_job_forwards,
                                 metrics=metrics or Metrics(), batch_seconds=batch_seconds,
-                                workers=len(runs), share=share,
+                                workers=len(runs), scheduling=scheduling,
                                 max_queue_per_caller=max_queue_per_caller)
         self._abandon_jobs = threading.Event()  # set by stop(): end jobs instead of finishing
         gates = list(gates) if gates is not None else [None] * len(runs)
@@ -89,8 +90,9 @@ class Batcher:
         """
         return self._queue.submit(work, deadline, level, caller, admit)
 
-    def depth(self) -> int:
-        return self._queue.depth()
+    def depth(self, level: Optional[int] = None) -> int:
+        """The items waiting (at ``level`` only, when given)."""
+        return self._queue.depth(level)
 
     def idle(self) -> bool:
         """A worker waits for items, none is queued and every worker's last batch ran alone:

@@ -1,8 +1,11 @@
 """Who goes first: the queue's items in priority levels.
 
-Three levels, highest first: ``INTERACTIVE`` (unary Predict, Explain and Open Inference
-Protocol calls), ``STREAM`` (stream frames) and ``EXPENSIVE`` (any item whose explanation needs
-extra forwards: Score-CAM channels, faithfulness steps). Within a level items are taken
+``Scheduling.levels`` levels (3 by default), highest first; by default unary Predict, Explain
+and Open Inference Protocol calls wait at the first (``INTERACTIVE``), stream frames at the
+second (``STREAM``) and any item whose explanation needs extra forwards (Score-CAM channels,
+faithfulness steps) at the third (``EXPENSIVE``). Each level may have its policy
+(:class:`LevelPolicy`): the longest an item waits, the most items queued, the most items in one
+batch. Within a level items are taken
 round-robin over their callers (a caller: its bearer token, an operator-trusted
 ``x-camserve-tenant`` header, else its connection), each caller's first come, first served,
 so one caller's many items do not push everyone else back. A worker takes the next caller's
@@ -28,12 +31,51 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
-from typing import Any, Callable, Deque, Iterator, List
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Deque, Iterator, List, Tuple
 
-INTERACTIVE, STREAM, EXPENSIVE = 0, 1, 2
-LEVELS = ("interactive", "stream", "expensive")  # their names, by level
+INTERACTIVE, STREAM, EXPENSIVE = 0, 1, 2  # the default levels of unary calls, frames, jobs
 SHARE = 4  # a waiting lower level's next item goes first once this many were taken above it
+
+
+@dataclass(frozen=True)
+class LevelPolicy:
+    """One level's queue policy (Triton's per-priority queue policy); 0: no bound."""
+
+    max_wait_s: float = 0.0  # the longest an item waits in the queue, then:
+    delay: bool = False  # False: it is answered DEADLINE_EXCEEDED; True: it waits behind
+    # every item that has not waited that long (it still runs)
+    max_queued: int = 0  # the most items of this level waiting
+    max_batch: int = 0  # the most items of this level in one batch
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """The levels, the defaults of each kind of work, the share and each level's policy."""
+
+    levels: int = 3
+    unary: int = INTERACTIVE  # the level of a unary call that asks for none
+    stream: int = STREAM  # ... of a stream frame
+    expensive: int = EXPENSIVE  # ... of an item with extra forwards (the highest it may have)
+    share: int = SHARE
+    policies: Tuple[LevelPolicy, ...] = field(default=())  # by level; missing ones: no bounds
+    highest: int = 0  # the highest level a caller may ask for without a priority token
+
+    def policy(self, level: int) -> LevelPolicy:
+        return self.policies[level] if level < len(self.policies) else LevelPolicy()
+
+    def __post_init__(self) -> None:
+        for kind in ("unary", "stream", "expensive", "highest"):
+            if not 0 <= getattr(self, kind) < self.levels:
+                raise ValueError(f"the {kind} level {getattr(self, kind) + 1} is not one of "
+                                 f"the {self.levels} priorities")
+
+
+def caller_class(caller: str) -> str:
+    """What kind of name a caller has (``api/calls.py`` names them ``KIND:NAME``: token,
+    tenant or peer), for metric labels that never hold the name itself; "none" without one."""
+    kind, named, _ = caller.partition(":")
+    return kind if named else "none"
 
 
 class Callers:
@@ -59,6 +101,18 @@ class Callers:
         self._count -= 1
         if not queue:
             del self._queues[caller]
+
+    def expired(self, before: float) -> List:
+        """Remove and answer the items enqueued before that time (each caller's first items:
+        a caller's items wait in order)."""
+        gone = []
+        for caller, queue in list(self._queues.items()):
+            while queue and queue[0].enqueued < before:
+                gone.append(queue.popleft())
+            if not queue:
+                del self._queues[caller]
+        self._count -= len(gone)
+        return gone
 
     def popleft(self):
         caller, queue = next(iter(self._queues.items()))
@@ -95,19 +149,24 @@ class Callers:
 class Levels:
     """The queue's items (each with ``level``, ``enqueued``, a time.monotonic() value, and
     ``caller``), as a deque that ``popleft`` takes from in priority order, round-robin over the
-    callers within a level (:class:`Callers`). Not thread-safe: the queue's lock guards it."""
+    callers within a level (:class:`Callers`). Items past a delaying level's longest wait
+    (``delay``) move to a last level of their own, behind every other. Not thread-safe: the
+    queue's lock guards it."""
 
-    def __init__(self, share: int = SHARE) -> None:
+    def __init__(self, levels: int = 3, share: int = SHARE) -> None:
         self.share = share
-        self._levels: List[Callers] = [Callers() for _ in LEVELS]
-        self._passed = [0] * len(LEVELS)  # items taken above each level while it waited
+        self._levels: List[Callers] = [Callers() for _ in range(levels + 1)]  # + the delayed
+        self._passed = [0] * (levels + 1)  # items taken above each level while it waited
 
     def append(self, item) -> None:
-        self._levels[item.level].append(item)
+        self._levels[self._slot(item)].append(item)
+
+    def _slot(self, item) -> int:
+        return len(self._levels) - 1 if getattr(item, "delayed", False) else item.level
 
     def remove(self, item) -> None:
         """Raises ValueError when it is not queued (a worker took it)."""
-        self._levels[item.level].remove(item)
+        self._levels[self._slot(item)].remove(item)
 
     def __len__(self) -> int:
         return sum(len(level) for level in self._levels)
@@ -123,6 +182,19 @@ class Levels:
         """The item that has waited longest (a ValueError when there is none)."""
         return min((level.first() for level in self._levels if level),
                    key=lambda i: i.enqueued)
+
+    def depth(self, level: int) -> int:
+        """The items waiting at ``level`` (the number of levels: those delayed)."""
+        return len(self._levels[level])
+
+    def delay(self, level: int, before: float) -> int:
+        """Move the items of ``level`` enqueued before that time behind every other; returns
+        how many moved."""
+        moved = self._levels[level].expired(before)
+        for item in moved:
+            item.delayed = True
+            self._levels[-1].append(item)
+        return len(moved)
 
     def ahead(self, level: int) -> int:
         """The items a new item of ``level`` would wait behind (the shares aside)."""
@@ -147,16 +219,17 @@ class Levels:
         newest = queue.newest()
         return newest if queue.of(newest.caller) >= queue.of(caller) + 2 else None
 
-    def popleft(self):
+    def popleft(self, skip: Collection[int] = ()):
         """The next item to run: the next caller's turn at the highest level that has items,
         unless a lower one has had ``share`` items taken above it while it waited (an
-        IndexError when there is none)."""
-        waiting = [i for i, level in enumerate(self._levels) if level]
+        IndexError when there is none). The levels in ``skip`` are passed over."""
+        queued = [i for i, level in enumerate(self._levels) if level]
+        waiting = [i for i in queued if i not in skip]
         if not waiting:
             raise IndexError("no item is queued")
         chosen = next((i for i in waiting[1:] if self._passed[i] >= self.share), waiting[0])
         for i in range(len(self._levels)):
-            if i not in waiting or i == chosen:
+            if i not in queued or i == chosen:
                 self._passed[i] = 0
             elif i > chosen:
                 self._passed[i] += 1
@@ -178,8 +251,8 @@ class LevelPool(Executor):
     image, nor a caller's 64 images another caller's one. ``submit`` queues at INTERACTIVE,
     ``submit_at`` at any level, ``submit_for`` at any level for a caller."""
 
-    def __init__(self, threads: int, name: str, share: int = SHARE) -> None:
-        self._tasks = Levels(share)
+    def __init__(self, threads: int, name: str, levels: int = 3, share: int = SHARE) -> None:
+        self._tasks = Levels(levels, share)
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)

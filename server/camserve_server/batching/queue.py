@@ -34,13 +34,17 @@ from typing import Dict, Iterator, List, Optional
 from ..domain import SLICE_FORWARDS, WorkItem
 from ..errors import DeadlineExceeded, QueueFull
 from ..metrics import Metrics
-from .levels import EXPENSIVE, INTERACTIVE, SHARE, Levels
+from .levels import INTERACTIVE, Levels, Scheduling
 from .tickets import Ticket, resolve
 
 # After a batch of n > 1 items, wait up to this fraction of a batch's compute time (at most
 # COMPANY_WAIT_MAX_S) for n items before starting the next (--max-delay-ms 0 only).
 COMPANY_WAIT = 0.25
 COMPANY_WAIT_MAX_S = 0.05
+# A level's max_batch holds while a higher level has had an item queued this recently: its
+# closed-loop callers are then computing or on their way back, and a shorter batch lets them
+# in sooner; a level alone keeps full batches.
+HIGHER_ACTIVE_S = 1.0
 
 @dataclass(eq=False)
 class Pending:
@@ -52,6 +56,8 @@ class Pending:
     deadline: Optional[float]  # time.monotonic() value; None: no deadline
     level: int = INTERACTIVE  # levels.py
     caller: str = ""  # who sent it (levels.py takes a level's items round-robin over callers)
+    bounded: bool = False  # the deadline is its level's longest wait, not its caller's
+    delayed: bool = False  # past its level's longest wait, it waits behind every other item
 
     @property
     def extra(self) -> int:
@@ -67,11 +73,16 @@ class WorkQueue:
 
     def __init__(self, *, max_batch_size: int, max_delay_ms: float, max_queue: int,
                  max_job_forwards: int, metrics: Metrics, batch_seconds: float,
-                 workers: int, share: int = SHARE, max_queue_per_caller: int = 0) -> None:
+                 workers: int, scheduling: Optional[Scheduling] = None,
+                 max_queue_per_caller: int = 0) -> None:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_ms / 1000.0
         self.metrics = metrics
-        self.items = Levels(share)
+        scheduling = self.scheduling = scheduling or Scheduling()
+        self.items = Levels(scheduling.levels, scheduling.share)
+        self._queued_at = [float("-inf")] * scheduling.levels  # each level's latest submit
+        self._delaying = [(level, p.max_wait_s) for level, p in enumerate(scheduling.policies)
+                          if p.max_wait_s and p.delay]
         self.cond = threading.Condition()
         self.job_forwards = 0  # extra forwards of the queued items and the jobs, not yet run
         self.stopping = threading.Event()
@@ -97,17 +108,29 @@ class WorkQueue:
         nothing waiting)."""
         now = time.monotonic()
         extra = work.explain.extra_cost if work.explain is not None else 0
-        if extra:
-            level = EXPENSIVE
+        if extra:  # expensive work waits at its level or below
+            level = max(level, self.scheduling.expensive)
+        policy = self.scheduling.policy(level)
+        bounded = bool(policy.max_wait_s) and not policy.delay and (
+            deadline is None or now + policy.max_wait_s < deadline)
+        if bounded:
+            deadline = now + policy.max_wait_s
         if deadline is not None:
             expected = self.expected_wait(extra, level)
             if deadline - now < expected:
                 self.metrics.dropped.labels("deadline").inc()
+                if bounded:
+                    raise DeadlineExceeded(
+                        f"priority {level + 1} is answered within "
+                        f"{policy.max_wait_s * 1000:.0f} ms or not at all "
+                        "(--level-max-wait-ms), and this server needs about "
+                        f"{expected * 1000:.0f} ms to answer now; retry later, or at a higher "
+                        "priority", reason="LEVEL_WAIT")
                 raise DeadlineExceeded(
                     f"the deadline leaves {max(0.0, deadline - now) * 1000:.0f} ms, and this "
                     f"server needs about {expected * 1000:.0f} ms to answer now; allow more "
                     "time (the call's timeout)")
-        pending = Pending(work, Ticket(), now, deadline, level, caller)
+        pending = Pending(work, Ticket(), now, deadline, level, caller, bounded)
         evicted = None
         with self.cond:
             mine = self._per_caller.get(caller, 0)
@@ -118,6 +141,13 @@ class WorkQueue:
                                 f"(max_queue_per_caller); retry in {retry * 1000:.0f} ms, when "
                                 "some are answered", retry_after_s=retry,
                                 reason="CALLER_QUEUE_FULL")
+            if policy.max_queued and self.items.depth(level) >= policy.max_queued:
+                retry = self.expected_wait(level=level)
+                self.metrics.dropped.labels("level_full").inc()
+                raise QueueFull(f"{policy.max_queued} items of priority {level + 1} are "
+                                "waiting, this server's limit for that priority "
+                                f"(--level-max-queued); retry in {retry * 1000:.0f} ms",
+                                retry_after_s=retry, reason="LEVEL_QUEUE_FULL")
             if len(self.items) >= self._max_queue:
                 evicted = self.items.newest_below(level) or self.items.greedier(level, caller)
                 if evicted is None:
@@ -132,6 +162,7 @@ class WorkQueue:
                                 f"expensive explanations; retry in {retry:.0f} s",
                                 retry_after_s=retry, reason="EXPENSIVE_WORK_FULL")
             self.items.append(pending)
+            self._queued_at[level] = now
             self._per_caller[caller] = mine + 1
             self.job_forwards += extra
             self.cond.notify()
@@ -161,11 +192,45 @@ class WorkQueue:
         self.job_forwards -= pending.extra
         self._left(pending)
 
-    def _pop(self) -> Pending:
+    def _pop(self, skip=()) -> Pending:
         """The next item in the levels' order, taken (under cond)."""
-        pending = self.items.popleft()
+        pending = self.items.popleft(skip)
         self._left(pending)
         return pending
+
+    def _pop_batch(self, room: int) -> List[Pending]:
+        """Up to ``room`` items in the levels' order, no more of a level than its policy's
+        ``max_batch`` while a higher level is active (under cond); those past a delaying
+        level's longest wait first move behind every other."""
+        now = time.monotonic()
+        for level, wait in self._delaying:
+            self.items.delay(level, now - wait)
+        caps = self._caps(now)
+        taken: List[Pending] = []
+        counts: Dict[int, int] = {}
+        full: set = set()
+        while len(taken) < room:
+            try:
+                pending = self._pop(full)
+            except IndexError:
+                break
+            taken.append(pending)
+            if pending.delayed or pending.level not in caps:
+                continue
+            counts[pending.level] = counts.get(pending.level, 0) + 1
+            if counts[pending.level] >= caps[pending.level]:
+                full.add(pending.level)
+        return taken
+
+    def _caps(self, now: float) -> Dict[int, int]:
+        """Each level's max_batch that holds now: a higher level had an item queued within
+        HIGHER_ACTIVE_S."""
+        caps, active = {}, False
+        for level, policy in enumerate(self.scheduling.policies):
+            if active and policy.max_batch:
+                caps[level] = policy.max_batch
+            active = active or now - self._queued_at[level] < HIGHER_ACTIVE_S
+        return caps
 
     def _left(self, pending: Pending) -> None:
         """An item left the queue: its caller holds one item less (under cond)."""
@@ -175,8 +240,9 @@ class WorkQueue:
         else:
             self._per_caller.pop(pending.caller, None)
 
-    def depth(self) -> int:
-        return len(self.items)
+    def depth(self, level: Optional[int] = None) -> int:
+        """The items waiting (at ``level``; the number of levels: those delayed)."""
+        return len(self.items) if level is None else self.items.depth(level)
 
     @contextlib.contextmanager
     def arriving(self, items: int) -> Iterator[None]:
@@ -234,8 +300,7 @@ class WorkQueue:
                 if remaining <= 0:
                     break
                 self.cond.wait(remaining)
-            return [self._pop()
-                    for _ in range(min(self.max_batch_size, len(self.items)))]
+            return self._pop_batch(self.max_batch_size)
 
     def take_full_batch(self) -> List[Pending]:
         """A full batch that is already waiting, when no worker is idle to take it; else
@@ -243,7 +308,7 @@ class WorkQueue:
         with self.cond:
             if self.idle_workers or len(self.items) < self.max_batch_size:
                 return []
-            return [self._pop() for _ in range(self.max_batch_size)]
+            return self._pop_batch(self.max_batch_size)
 
     def take_arriving(self, room: int, closes: float) -> List[Pending]:
         """Up to ``room`` items, after waiting until ``closes`` (a time.monotonic() value) at
@@ -254,7 +319,7 @@ class WorkQueue:
                 if remaining <= 0:
                     break
                 self.cond.wait(remaining)
-            return [self._pop() for _ in range(min(room, len(self.items)))]
+            return self._pop_batch(room)
 
     def admit(self, pending: Pending, batches: int = 1) -> bool:
         """Drop an item whose caller cancelled, or whose deadline would pass before its batch
@@ -267,8 +332,17 @@ class WorkQueue:
                 pending.deadline - time.monotonic() < batches * self.batch_seconds):
             self.settle(pending)
             self.metrics.dropped.labels("deadline").inc()
-            pending.future.set_exception(DeadlineExceeded(
-                "the deadline would pass before this item's batch finished; allow more time"))
+            if pending.bounded:
+                wait = self.scheduling.policy(pending.level).max_wait_s
+                error = DeadlineExceeded(
+                    f"priority {pending.level + 1} is answered within {wait * 1000:.0f} ms "
+                    "of being queued or not at all (--level-max-wait-ms), and this item's "
+                    "batch could not finish in time; retry later, or at a higher priority",
+                    reason="LEVEL_WAIT")
+            else:
+                error = DeadlineExceeded(
+                    "the deadline would pass before this item's batch finished; allow more time")
+            pending.future.set_exception(error)
             return False
         return True
 

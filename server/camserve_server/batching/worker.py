@@ -26,6 +26,7 @@ from ..errors import BatchFailed, OutOfMemory, ServiceError
 from .deferred import decode_deferred, decoded
 from .gate import DeviceGate
 from .jobs import SlicedJob
+from .levels import caller_class
 from .queue import Pending, WorkQueue
 from .tickets import Outcome, resolve
 
@@ -159,7 +160,8 @@ class DeviceWorker:
         with self.gate.turn():  # waiting for another model on the device counts as queueing
             started = time.monotonic()
             for p in batch:
-                metrics.queue.observe(started - p.enqueued)
+                metrics.queue.labels(str(p.level + 1), caller_class(p.caller)).observe(
+                    started - p.enqueued)
             answers = self._compute([p.work for p in batch], [p.work for p in upcoming])
         compute = time.monotonic() - started
         queue.learn_batch(compute)

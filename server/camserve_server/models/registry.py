@@ -165,9 +165,9 @@ class Registry:
         with self._lock:
             return [r.runtime for r in self._table.values() if r.runtime is not None]
 
-    def depth(self) -> int:
-        """Items waiting in every model's queue."""
-        return sum(r.batcher.depth() for r in self.runtimes())
+    def depth(self, level: Optional[int] = None) -> int:
+        """Items waiting in every model's queue (at ``level`` only, when given)."""
+        return sum(r.batcher.depth(level) for r in self.runtimes())
 
     # --- loading -----------------------------------------------------------------------------
 

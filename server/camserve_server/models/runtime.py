@@ -22,7 +22,7 @@ from ..api.pipeline import Pipeline, RequestLimits
 from ..api.request import LabelIndex
 from ..batching.batcher import Batcher
 from ..batching.gate import DeviceGates
-from ..batching.levels import LEVELS, SHARE, LevelPool
+from ..batching.levels import LevelPool, Scheduling
 from ..domain import ExplainSpec, WorkItem
 from ..errors import StartupError
 from ..metrics import Metrics
@@ -50,6 +50,7 @@ class Shared:
     gates: DeviceGates  # each device's turns between models
     max_queue_per_caller: int = 0  # a caller's items waiting in one model's queue; 0: no bound
     tenant_header: bool = False  # callers named by x-camserve-tenant (GetModelInfo says so)
+    scheduling: Scheduling = Scheduling()  # the queue's levels and their policies
 
 
 class ModelRuntime:
@@ -137,7 +138,8 @@ def load_runtime(config: ModelConfig, version: int, shared: Shared,
                       max_job_forwards=limits.max_queued_forwards, on_worker=worker_changed,
                       prefetch=cuda, prepare=[functools.partial(prepare, e) for e in engines],
                       gates=[shared.gates[name] for name in names],
-                      max_queue_per_caller=shared.max_queue_per_caller)
+                      max_queue_per_caller=shared.max_queue_per_caller,
+                      scheduling=shared.scheduling)
     sanity = SanityChecker(model)
     pipeline = Pipeline(
         model=card, batcher=batcher, labels=LabelIndex(card.labels), limits=limits,
@@ -145,9 +147,10 @@ def load_runtime(config: ModelConfig, version: int, shared: Shared,
                                    device_jpeg=device_jpeg),
         pool=shared.pool, batching=pb.BatchingInfo(
             max_batch_size=serving.max_batch_size, max_delay_ms=serving.max_delay_ms,
-            max_queue=serving.max_queue, workers=shared.workers, priority_levels=len(LEVELS),
-            level_share=SHARE, max_queue_per_caller=shared.max_queue_per_caller,
-            tenant_header=shared.tenant_header),
+            max_queue=serving.max_queue, workers=shared.workers,
+            max_queue_per_caller=shared.max_queue_per_caller,
+            tenant_header=shared.tenant_header, **scheduling_info(shared.scheduling)),
+        scheduling=shared.scheduling,
         worker=shared.worker_index, sanity=sanity,
         ref=pb.ModelRef(name=config.name, version=version))
     runtime = ModelRuntime(config, version, pipeline, engines, batcher, sanity,
@@ -160,6 +163,18 @@ def load_runtime(config: ModelConfig, version: int, shared: Shared,
                 raise StartupError("the server is shutting down")
             raise StartupError(f"the model fails its warm-up: {batcher.prepare_error}")
     return runtime
+
+
+def scheduling_info(scheduling: Scheduling) -> dict:
+    """BatchingInfo's scheduling fields (priorities, 1 the highest)."""
+    policies = [pb.LevelPolicy(priority=level + 1, max_wait_ms=p.max_wait_s * 1000.0,
+                               delay=p.delay, max_queued=p.max_queued, max_batch=p.max_batch)
+                for level, p in enumerate(scheduling.policies)
+                if p.max_wait_s or p.max_queued or p.max_batch]
+    return dict(priority_levels=scheduling.levels, level_share=scheduling.share,
+                unary_priority=scheduling.unary + 1, stream_priority=scheduling.stream + 1,
+                expensive_priority=scheduling.expensive + 1,
+                highest_priority=scheduling.highest + 1, level_policies=policies)
 
 
 def warm_up(engine, max_batch_size: int, device_jpeg: bool = False) -> float:

@@ -35,7 +35,7 @@ from ..api.health import NOT_SERVING, SERVING, HealthServicer
 from ..api.pipeline import RequestLimits
 from ..api.servicer import SERVICE, CamserveService
 from ..batching.gate import DeviceGates
-from ..batching.levels import LevelPool
+from ..batching.levels import LevelPolicy, LevelPool, Scheduling
 from ..engine.spec import ModelSpec
 from ..errors import StartupError
 from ..metrics import Metrics
@@ -114,6 +114,27 @@ def limits(settings: Settings) -> RequestLimits:
                             for f in dataclasses.fields(RequestLimits)})
 
 
+def scheduling(settings: Settings) -> Scheduling:
+    """The queue's levels (batching/levels.py) as the --priority-levels, --default-priority,
+    --level-* and --highest-priority flags say (each priority given as a level, 0 the
+    highest)."""
+    levels = settings.priority_levels
+    defaults = dict(unary=1, stream=2, expensive=3)
+    defaults.update(settings.default_priorities)
+    policies = [LevelPolicy() for _ in range(levels)]
+    for flag, key, convert in (("level_max_wait_ms", "max_wait_s", lambda ms: ms / 1000.0),
+                               ("level_max_queued", "max_queued", int),
+                               ("level_max_batch", "max_batch", int)):
+        for priority, value in getattr(settings, flag):
+            level = int(priority) - 1
+            policies[level] = dataclasses.replace(policies[level], **{key: convert(value)})
+    for priority in settings.level_delay:
+        policies[priority - 1] = dataclasses.replace(policies[priority - 1], delay=True)
+    return Scheduling(levels=levels, share=settings.level_share, policies=tuple(policies),
+                      highest=settings.highest_priority - 1,
+                      **{kind: min(p, levels) - 1 for kind, p in defaults.items()})
+
+
 def serving(settings: Settings) -> Serving:
     """How a model is batched and placed unless its config says otherwise: the server flags."""
     return Serving(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(Serving)})
@@ -152,7 +173,9 @@ class CamServer:
         self.http_port: Optional[int] = None  # the port HTTP is served on; None: no HTTP
         self._recorder: Optional[calls.Recorder] = None
         self._now = False  # stop_now was called: no grace any more
-        self._pool = LevelPool(decode_threads(settings), "camserve-decode")
+        self._scheduling = scheduling(settings)
+        self._pool = LevelPool(decode_threads(settings), "camserve-decode",
+                               self._scheduling.levels, self._scheduling.share)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="camserve-grpc",
                                         daemon=True)
@@ -244,13 +267,13 @@ class CamServer:
                         ("grpc.max_connection_age_grace_ms",
                          int(s.max_connection_age_grace_s * 1000))]
         interceptors = []
-        if s.auth_tokens:  # an admin token passes for an ordinary one
-            interceptors.append(TokenAuth(s.auth_tokens + s.admin_tokens,
-                                          on_denied=self._denied))
+        if s.accepted_tokens:
+            interceptors.append(TokenAuth(s.accepted_tokens, on_denied=self._denied))
         credentials = server_credentials(s)
         server = aio.server(options=options, interceptors=interceptors)
         recorder = self._recorder = calls.Recorder(self.metrics, lambda: self._stopping,
-                                                   trust_tenant=s.tenant_header)
+                                                   trust_tenant=s.tenant_header,
+                                                   priority_tokens=s.priority_tokens)
         inflight = calls.InflightBytes(s.max_inflight_bytes)
         server.add_generic_rpc_handlers((calls.generic_handler(
             SERVICE, self._service.methods(), s.max_message_bytes, recorder, inflight),))
@@ -301,8 +324,7 @@ class CamServer:
         options = http.HttpOptions(s.host, s.http_port, s.max_message_bytes, s.tls_cert,
                                    s.tls_key, s.tls_client_ca, reuse_port=bool(s.worker_index))
         server = http.serve(self._service, s.oip_model_name, recorder, inflight, registry,
-                            options, s.auth_tokens + s.admin_tokens if s.auth_tokens else (),
-                            self._denied)
+                            options, s.accepted_tokens, self._denied)
         try:
             self.http_port = await server.start()
         except OSError as exc:
@@ -351,12 +373,13 @@ class CamServer:
             max_image_pixels=s.max_image_pixels, jpeg_decode=s.jpeg_decode,
             torch_threads=torch_threads(s), workers=s.workers, worker_index=s.worker_index,
             pool=self._pool, metrics=self.metrics, gates=DeviceGates(),
-            max_queue_per_caller=s.max_queue_per_caller, tenant_header=s.tenant_header)
+            max_queue_per_caller=s.max_queue_per_caller, tenant_header=s.tenant_header,
+            scheduling=self._scheduling)
         models = self.models = Registry(repo, shared, default,
                                         max_bytes=s.max_models_bytes, drain_s=s.grace_s,
                                         on_default=self._worker_changed,
                                         on_change=self._models_changed)
-        self.metrics.watch_queue(models.depth)
+        self.metrics.watch_queue(models.depth, self._scheduling.levels)
         self.metrics.watch_streams(lambda: self._service.open_streams,
                                    lambda: self._service.stream_frames.frames)
         self.metrics.watch_device_memory({

@@ -124,6 +124,42 @@ def _tokens(value) -> Optional[str]:
     return None
 
 
+def _pair(value_type: Callable[[str], Any]) -> Callable[[str], Tuple[str, Any]]:
+    """A flag's ``KEY=VALUE`` text as (key, value)."""
+    def parse(text: str) -> Tuple[str, Any]:
+        key, equals, value = text.partition("=")
+        try:
+            if not equals or not key.strip():
+                raise ValueError
+            return key.strip().lower(), value_type(value.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected KEY=VALUE like 2=500, got {text!r}") from None
+    return parse
+
+
+KINDS = ("unary", "stream", "expensive")  # the kinds of work --default-priority sets
+
+
+def _kinds(value) -> Optional[str]:
+    wrong = [kind for kind, _ in value if kind not in KINDS]
+    return f"names {wrong[0]!r}: say unary, stream or expensive" if wrong else None
+
+
+def _priorities(value) -> Optional[str]:
+    """A --level-* flag's PRIORITY=VALUE pairs: each priority a number, each value >= 0."""
+    for key, number in value:
+        if not key.isdigit() or int(key) < 1:
+            return f"names priority {key!r}: say a priority, 1 the highest"
+        if number < 0:
+            return f"gives priority {key} {number:g}: must be at least 0"
+    return None
+
+
+def _int_list(value) -> Optional[str]:
+    return None if all(v >= 1 for v in value) else "names priority 0: priorities start at 1"
+
+
 # A worker beats its heartbeat this often (process/workers.py); --worker-hang-s must leave room.
 HEARTBEAT_S = 0.5
 
@@ -208,6 +244,38 @@ class Settings:
         "waiting in a model's queue; a call that would pass it answers RESOURCE_EXHAUSTED "
         "while others' are taken (one larger than it, when the caller has nothing waiting, "
         "is taken)", parse=int, check=_between(0), shown="0: only --max-queue")
+    priority_levels: int = setting(
+        3, "the queue's priority levels, 1 the highest (docs/scaling.md)", parse=int,
+        check=_between(1, 9))
+    default_priorities: Tuple[Tuple[str, int], ...] = setting(
+        (), "the priority of a kind of work when a call asks for none (repeatable KIND=P; "
+        "kinds: unary calls, stream frames, expensive items with extra forwards, whose "
+        "priority is the highest they may have)", flag="--default-priority",
+        metavar="KIND=P", parse=_pair(int), repeat=True, check=_kinds,
+        shown="unary=1, stream=2, expensive=3, or the lowest when there are fewer")
+    level_share: int = setting(
+        4, "a waiting lower priority's next item goes first once this many were taken above "
+        "it, so it is never starved", parse=int, check=_between(1))
+    level_max_wait_ms: Tuple[Tuple[str, float], ...] = setting(
+        (), "answer an item of priority P within MS of queueing it, else DEADLINE_EXCEEDED "
+        "(repeatable P=MS)", metavar="P=MS", parse=_pair(float), repeat=True,
+        check=_priorities, shown="no bound")
+    level_delay: Tuple[int, ...] = setting(
+        (), "priorities whose items past their --level-max-wait-ms still run, behind every "
+        "other item, instead of answering DEADLINE_EXCEEDED (repeatable)", metavar="P",
+        parse=int, repeat=True, check=_int_list, shown="none")
+    level_max_queued: Tuple[Tuple[str, int], ...] = setting(
+        (), "most items of priority P waiting; beyond it calls answer RESOURCE_EXHAUSTED "
+        "(repeatable P=N)", metavar="P=N", parse=_pair(int), repeat=True, check=_priorities,
+        shown="only --max-queue")
+    level_max_batch: Tuple[Tuple[str, int], ...] = setting(
+        (), "most items of priority P in one batch, so that its batches leave room for "
+        "higher priorities sooner (repeatable P=N)", metavar="P=N", parse=_pair(int),
+        repeat=True, check=_priorities, shown="--max-batch-size")
+    highest_priority: int = setting(
+        1, "the highest priority a call may ask for (a call asking for more is served at "
+        "this one) unless it holds a --priority-token", parse=int, check=_between(1),
+        shown="1: any")
     tenant_header: bool = setting(
         False, "name callers by their x-camserve-tenant header (set by a proxy you trust) for "
         "the queue's turns and --max-queue-per-caller", **ON_OFF)
@@ -306,6 +374,10 @@ class Settings:
         "'authorization: Bearer TOKEN' (repeatable); distinct from --auth-token",
         flag="--admin-token", metavar="TOKEN", repeat=True, check=_tokens, repr=False,
         shown="none: no loading by call")
+    priority_tokens: Tuple[str, ...] = setting(
+        (), "accept 'authorization: Bearer TOKEN' (repeatable) as --auth-token does, and let "
+        "its calls ask for any priority, above --highest-priority", flag="--priority-token",
+        metavar="TOKEN", repeat=True, check=_tokens, repr=False, shown="none")
     metrics_port: Optional[int] = setting(
         None, "serve Prometheus metrics on this port (HTTP /metrics; 0 picks a free one)",
         parse=int, check=_between(0, 65535), shown="off")
@@ -329,6 +401,16 @@ class Settings:
             problems.append("give --tls-cert and --tls-key together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             problems.append("--tls-client-ca needs --tls-cert and --tls-key")
+        if not problems:  # each priority named is one of the levels
+            levels = self.priority_levels
+            named = [int(k) for pairs in (self.level_max_wait_ms, self.level_max_queued,
+                                          self.level_max_batch) for k, _ in pairs]
+            named += [*self.level_delay, *(p for _, p in self.default_priorities),
+                      self.highest_priority]
+            beyond = sorted({p for p in named if p > levels or p < 1})
+            if beyond:
+                problems.append(f"priority {beyond[0]} is not one of the {levels} priorities "
+                                "(--priority-levels)")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -336,6 +418,14 @@ class Settings:
     def devices(self) -> Tuple[str, ...]:
         """--device as a list: one engine per entry."""
         return tuple(d.strip() for d in self.device.split(","))
+
+    @property
+    def accepted_tokens(self) -> Tuple[str, ...]:
+        """The bearer tokens a call may send (admin and priority tokens pass for ordinary
+        ones); empty when --auth-token is not given: no authentication."""
+        if not self.auth_tokens:
+            return ()
+        return self.auth_tokens + self.admin_tokens + self.priority_tokens
 
     @property
     def metrics_address(self) -> str:
@@ -468,7 +558,7 @@ def parse_settings(argv: Optional[Sequence[str]] = None,
         given["auth_tokens"] = given.get("auth_tokens", []) + tokens
     if "device" in given:
         given["device"] = ",".join(given["device"])
-    for name in ("layers", "auth_tokens", "admin_tokens", "load_models"):
+    for name in REPEATED - {"device"}:
         if name in given:
             given[name] = tuple(given[name])
     try:
