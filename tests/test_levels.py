@@ -455,6 +455,49 @@ def test_the_queue_bounds_each_callers_items():
     assert queue.depth() == 6 and not any(c.done() for c in calls)
 
 
+def test_a_call_over_its_callers_bound_is_refused_before_its_images_are_decoded(
+        cat_path, monkeypatch):
+    from camserve import CamserveError
+    from camserve_server.render import images
+
+    from conftest import TINY, running
+
+    with running(model=TINY, max_queue_per_caller=2, max_batch_size=1) as (server, client):
+        worker = server.batcher._workers[0]
+        run, release = worker.run_batch, threading.Event()
+
+        def blocked(works, *rest):
+            release.wait(60)
+            return run(works, *rest)
+
+        worker.run_batch = blocked
+        prepare, decoded = images.prepare, []
+
+        def counting(*args, **kwargs):
+            decoded.append(1)
+            return prepare(*args, **kwargs)
+
+        monkeypatch.setattr(images, "prepare", counting)
+        waiting = []
+        threads = [threading.Thread(target=lambda n=n: waiting.append(
+            client.predict_many([cat_path] * n)), daemon=True) for n in (1, 2)]
+        try:
+            threads[0].start()
+            wait_for(lambda: worker.running, 30, "the first call running")
+            threads[1].start()
+            wait_for(lambda: server.batcher.depth() == 2, 30, "two items of its queued")
+            before = len(decoded)
+            with pytest.raises(CamserveError) as caught:
+                client.predict_many([cat_path] * 3)
+            assert caught.value.reason == "CALLER_QUEUE_FULL"
+            assert len(decoded) == before, "a refused call's images were decoded"
+        finally:
+            release.set()
+        for thread in threads:
+            thread.join(60)
+        assert len(waiting) == 2
+
+
 def test_a_full_queue_gives_a_polite_callers_item_the_greedy_ones_place():
     from camserve_server.batching.queue import WorkQueue
     from camserve_server.errors import QueueFull

@@ -165,7 +165,10 @@ class Pipeline:
                              ) -> Tuple[List[DecodedImage], List[Outcome]]:
         """Decode the images and run them through the batcher. One image while the batcher is
         idle: its worker decodes it, just before the batch; otherwise the pool decodes them
-        all first (announced to the batcher meanwhile)."""
+        all first (announced to the batcher meanwhile). A call the queue would refuse now is
+        refused before any decoding."""
+        self.batcher.check(len(sources), level, calls.CALLER.get(),
+                           explain is not None and explain.extra_cost > 0)
         if len(sources) == 1 and self.batcher.idle():
             decoded: List[DecodedImage] = []
 

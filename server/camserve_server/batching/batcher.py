@@ -90,6 +90,13 @@ class Batcher:
         """
         return self._queue.submit(work, deadline, level, caller, admit)
 
+    def check(self, items: int, level: int = INTERACTIVE, caller: str = "",
+              extra: bool = False) -> None:
+        """Raise the QueueFull that submitting a call of that many items (``extra``: with
+        extra forwards) would raise now, so that a refused call is refused before its images
+        are decoded. The call's submits check again."""
+        self._queue.check(items, level, caller, extra)
+
     def depth(self, level: Optional[int] = None) -> int:
         """The items waiting (at ``level`` only, when given)."""
         return self._queue.depth(level)

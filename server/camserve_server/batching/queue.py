@@ -133,28 +133,9 @@ class WorkQueue:
         pending = Pending(work, Ticket(), now, deadline, level, caller, bounded)
         evicted = None
         with self.cond:
-            mine = self._per_caller.get(caller, 0)
-            if admit and self._max_per_caller and mine and mine + admit > self._max_per_caller:
-                retry = self.expected_wait(level=level)
-                self.metrics.dropped.labels("caller_full").inc()
-                raise QueueFull(f"you have {mine} items waiting, this server's limit per caller "
-                                f"(max_queue_per_caller); retry in {retry * 1000:.0f} ms, when "
-                                "some are answered", retry_after_s=retry,
-                                reason="CALLER_QUEUE_FULL")
-            if policy.max_queued and self.items.depth(level) >= policy.max_queued:
-                retry = self.expected_wait(level=level)
-                self.metrics.dropped.labels("level_full").inc()
-                raise QueueFull(f"{policy.max_queued} items of priority {level + 1} are "
-                                "waiting, this server's limit for that priority "
-                                f"(--level-max-queued); retry in {retry * 1000:.0f} ms",
-                                retry_after_s=retry, reason="LEVEL_QUEUE_FULL")
+            self._refuse(level, caller, admit)
             if len(self.items) >= self._max_queue:
-                evicted = self.items.newest_below(level) or self.items.greedier(level, caller)
-                if evicted is None:
-                    retry = self.expected_wait(level=level)
-                    raise QueueFull(f"the server is busy: {len(self.items)} items are "
-                                    f"waiting; retry in {retry * 1000:.0f} ms",
-                                    retry_after_s=retry)
+                evicted = self._evictable(level, caller)
                 self._take(evicted)
             if extra and self.job_forwards + extra > self._max_job_forwards:
                 retry = self.job_forwards * self.forward_seconds
@@ -163,7 +144,7 @@ class WorkQueue:
                                 retry_after_s=retry, reason="EXPENSIVE_WORK_FULL")
             self.items.append(pending)
             self._queued_at[level] = now
-            self._per_caller[caller] = mine + 1
+            self._per_caller[caller] = self._per_caller.get(caller, 0) + 1
             self.job_forwards += extra
             self.cond.notify()
         if evicted is not None:  # a full queue: the newest item of a lower level makes room
@@ -176,6 +157,48 @@ class WorkQueue:
                 f"its place to {why}; retry in {retry * 1000:.0f} ms", retry_after_s=retry))
         pending.future.add_done_callback(lambda f: f.cancelled() and self._forget(pending))
         return pending.future
+
+    def check(self, items: int, level: int = INTERACTIVE, caller: str = "",
+              extra: bool = False) -> None:
+        """Raise what ``submit`` would raise now for a call of that many items (``extra``:
+        with extra forwards), before its images are decoded: a refused call costs no
+        decoding."""
+        if extra:
+            level = max(level, self.scheduling.expensive)
+        with self.cond:
+            self._refuse(level, caller, items)
+            if len(self.items) >= self._max_queue:
+                self._evictable(level, caller)
+
+    def _refuse(self, level: int, caller: str, admit: int) -> None:
+        """The bounds of a caller and of a level, for a call of ``admit`` items (0: a later
+        item of an admitted call); under cond."""
+        mine = self._per_caller.get(caller, 0)
+        if admit and self._max_per_caller and mine and mine + admit > self._max_per_caller:
+            retry = self.expected_wait(level=level)
+            self.metrics.dropped.labels("caller_full").inc()
+            raise QueueFull(f"you have {mine} items waiting, this server's limit per caller "
+                            f"(max_queue_per_caller); retry in {retry * 1000:.0f} ms, when "
+                            "some are answered", retry_after_s=retry,
+                            reason="CALLER_QUEUE_FULL")
+        policy = self.scheduling.policy(level)
+        if policy.max_queued and self.items.depth(level) >= policy.max_queued:
+            retry = self.expected_wait(level=level)
+            self.metrics.dropped.labels("level_full").inc()
+            raise QueueFull(f"{policy.max_queued} items of priority {level + 1} are "
+                            "waiting, this server's limit for that priority "
+                            f"(--level-max-queued); retry in {retry * 1000:.0f} ms",
+                            retry_after_s=retry, reason="LEVEL_QUEUE_FULL")
+
+    def _evictable(self, level: int, caller: str) -> Pending:
+        """For a full queue: the item that gives its place to one of ``level`` for
+        ``caller``; QueueFull when none does (under cond)."""
+        evicted = self.items.newest_below(level) or self.items.greedier(level, caller)
+        if evicted is None:
+            retry = self.expected_wait(level=level)
+            raise QueueFull(f"the server is busy: {len(self.items)} items are "
+                            f"waiting; retry in {retry * 1000:.0f} ms", retry_after_s=retry)
+        return evicted
 
     def _forget(self, pending: Pending) -> None:
         """A withdrawn item leaves the queue at once (so it holds no queue slot)."""
