@@ -427,6 +427,24 @@ def test_a_multilabel_model_answers_sigmoids_and_explains_them(images):
         assert "TARGET_KIND_SOFTMAX" in caught.value.details
 
 
+def test_the_output_activation_flag_makes_a_model_multilabel(images):
+    """--output-activation sigmoid on a model that does not say so: per-class sigmoids."""
+    from tiny_models import tiny_cnn
+
+    model = tiny_cnn().eval()
+    with running(model="python:tiny_models:tiny_cnn", output_activation="sigmoid",
+                 max_delay_ms=1) as (_, client):
+        info = client.model_info()
+        assert info.output_activation == "sigmoid"
+        x = ref.normalise(np.stack(images[:1]), info.mean, info.std)
+        with torch.no_grad():
+            expected = torch.sigmoid(model(x)).numpy()[0]
+        top = client.predict(images[0], top_k=len(info.labels)).top
+        assert {c.index: c.probability for c in top} == pytest.approx(
+            dict(enumerate(expected.tolist())), abs=1e-5)
+        assert client.explain(images[0], target_kind="sigmoid").map().target_kind == "sigmoid"
+
+
 def test_target_kinds_are_one_list():
     from camserve import target_kind_names
     from camserve_server.domain import TARGET_KINDS

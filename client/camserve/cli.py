@@ -148,6 +148,8 @@ def cmd_info(client: Client, args) -> int:
     print(f"devices:      {', '.join(info.devices)} ({info.workers} worker process"
           f"{'es' if info.workers != 1 else ''})")
     print(f"classes:      {len(info.labels)} ({', '.join(info.labels[:3])}, ...)")
+    if info.output_activation:
+        print(f"outputs:      {info.output_activation}")
     print(f"input:        {info.input_size[1]}x{info.input_size[0]}, mean ({_floats(info.mean)}), "
           f"std ({_floats(info.std)})")
     for layer in info.layers:

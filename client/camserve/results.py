@@ -324,6 +324,7 @@ class ModelInfo:
     expensive_priority: int = 0  # ... of an item with extra forwards (the highest it may have)
     highest_priority: int = 0  # the highest a call may ask for without a priority token
     level_policies: Tuple[LevelPolicy, ...] = ()  # the priorities with bounds of their own
+    output_activation: str = ""  # softmax, or sigmoid for a multi-label model
 
     @property
     def device(self) -> str:
@@ -365,7 +366,8 @@ class ModelInfo:
             highest_priority=msg.batching.highest_priority,
             level_policies=tuple(LevelPolicy(p.priority, _float32(p.max_wait_ms), p.delay,
                                              p.max_queued, p.max_batch)
-                                 for p in msg.batching.level_policies))
+                                 for p in msg.batching.level_policies),
+            output_activation=msg.output_activation)
 
 
 @dataclass(frozen=True)

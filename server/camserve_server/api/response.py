@@ -183,6 +183,7 @@ def model_info(pipeline, state: int) -> pb.GetModelInfoResponse:
                  if card.guided or not traits.guided] if card.layers else [],
         batching=pipeline.batching,
         devices=list(card.devices), model=pipeline.ref,
+        output_activation=card.output_activation,
         limits=pb.Limits(max_image_bytes=images.max_image_bytes,
                          max_image_pixels=images.max_image_pixels,
                          max_images_per_request=limits.max_images_per_request,

@@ -151,7 +151,8 @@ def model_spec(settings: Settings) -> ModelSpec:
     return ModelSpec(source=settings.model, weights=settings.weights, layers=settings.layers,
                      labels=settings.labels, input_size=settings.input_size, mean=settings.mean,
                      std=settings.std, fold_batchnorm=settings.fold_batchnorm,
-                     static_padding=settings.static_padding)
+                     static_padding=settings.static_padding,
+                     output_activation=settings.output_activation)
 
 
 class CamServer:

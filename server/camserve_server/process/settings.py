@@ -118,6 +118,10 @@ def _devices(value: str) -> Optional[str]:
     return None
 
 
+def _activation(value) -> Optional[str]:
+    return None if value in (None, "softmax", "sigmoid") else "must be softmax or sigmoid"
+
+
 def _tokens(value) -> Optional[str]:
     if any(not t or any(c.isspace() for c in t) for t in value):
         return "tokens must be non-empty and without spaces"
@@ -228,6 +232,11 @@ class Settings:
         True, "make timm's TensorFlow \"same\" padding static for the input size when the "
         "model loads (engine/same_padding.py): the same answers, no copy of each strided "
         "convolution's input", **ON_OFF)
+    output_activation: Optional[str] = setting(
+        None, "softmax (one class per image) or sigmoid (multi-label: Predict answers "
+        "per-class probabilities that need not sum to 1, and Explain's SIGMOID target applies)",
+        check=_activation, metavar="{softmax,sigmoid}",
+        shown="the model's own: sigmoid when it says multi-label, else softmax")
     jpeg_decode: str = setting("auto", "decode JPEGs on the engine's device (batched, nvJPEG "
                                "on CUDA) or on the host; auto: on the device when it is CUDA",
                                choices=("auto", "host", "device"))
