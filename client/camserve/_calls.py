@@ -9,6 +9,7 @@ import socket
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import grpc
+import numpy as np
 
 from . import reasons
 from .addresses import DEFAULT_PORT, is_uri, with_port
@@ -220,8 +221,9 @@ def predict_options(top_k: int = 5) -> pb.PredictOptions:
 
 
 ADVANCED = {"top_targets": 0, "counterfactual": False, "signed": False,
-            "score_cam_channels": 0, "faithfulness_steps": 0, "target_kind": "logit",
-            "eigen_smooth": False, "aug_smooth": False}
+            "score_cam_channels": 0, "faithfulness_steps": 0, "target_kind": None,
+            "eigen_smooth": False, "aug_smooth": False, "similar_to": None,
+            "similar_to_image": 0}
 
 
 def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "gradcam",
@@ -232,8 +234,11 @@ def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "
 
     ``target``, ``method`` and ``layer`` each take one value or a list. ``advanced``:
     top_targets, counterfactual, signed, score_cam_channels, faithfulness_steps, target_kind
-    (a name of camserve.target_kind_names(): "logit", "softmax", "rest"...), eigen_smooth,
-    aug_smooth."""
+    (a name of camserve.target_kind_names(): "logit", "softmax", "rest"...; None: the
+    server's default, the logit, or the similarity when a concept is given), eigen_smooth,
+    aug_smooth, similar_to (the similarity target's concept: a vector as long as the model's
+    output, e.g. another image's ``Prediction.embedding``), similar_to_image (or: the
+    request's image at this position, from 1)."""
     unknown = sorted(set(advanced) - set(ADVANCED))
     if unknown:
         raise invalid(f"unknown explain options {unknown}; choose from {', '.join(ADVANCED)}",
@@ -252,16 +257,25 @@ def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "
         or not isinstance(target, Iterable) else list(target)
     layers = [] if layer is None else [layer] if isinstance(layer, str) else list(layer)
     fields = {**ADVANCED, **advanced}
-    for name in ("top_targets", "score_cam_channels", "faithfulness_steps"):
+    for name in ("top_targets", "score_cam_channels", "faithfulness_steps",
+                 "similar_to_image"):
         if isinstance(fields[name], bool) or not isinstance(fields[name], int) or \
                 fields[name] < 0:
             raise invalid(f"{name} must be a non-negative integer, got {fields[name]!r}",
                           reasons.INVALID_OPTION)
     try:
-        kind = target_kind_value(fields["target_kind"])
+        kind = (0 if fields["target_kind"] is None
+                else target_kind_value(fields["target_kind"]))
     except (ValueError, AttributeError) as exc:
         raise invalid(str(exc), reasons.INVALID_OPTION) from None
+    concept = fields["similar_to"]
+    try:
+        concept = () if concept is None else np.asarray(concept, np.float32).ravel().tolist()
+    except (TypeError, ValueError):
+        raise invalid("similar_to must be a vector of numbers (e.g. a Prediction.embedding)",
+                      reasons.INVALID_OPTION) from None
     return pb.ExplainOptions(
+        similar_to=concept, similar_to_image=fields["similar_to_image"],
         target_kind=kind, eigen_smooth=bool(fields["eigen_smooth"]),
         aug_smooth=bool(fields["aug_smooth"]),
         targets=[_target(t) for t in targets], methods=method_enums, layers=layers,
@@ -279,7 +293,8 @@ def explain_request(images: Sequence[Any], model: Optional[pb.ModelRef] = None,
 
 
 def predictions(response: pb.PredictResponse) -> List[Prediction]:
-    return [Prediction.from_proto(r.prediction, r.image_size, r.timing) for r in response.results]
+    return [Prediction.from_proto(r.prediction, r.image_size, r.timing, r.embedding)
+            for r in response.results]
 
 
 def explanations(response: pb.ExplainResponse, images: Sequence[Any]) -> List[Explanation]:

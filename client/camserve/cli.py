@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
+import numpy as np
 
 from . import _calls, reasons
 from .client import Client
@@ -106,12 +107,32 @@ def _about_images(error: CamserveError) -> bool:
 
 
 def _classes(prediction: Prediction) -> str:
+    if prediction.embedding is not None:  # an embedding model's answer
+        e = prediction.embedding
+        return (f"embedding of {e.size} values, norm {float(np.linalg.norm(e)):.4g} "
+                f"({', '.join(f'{v:.4g}' for v in e[:3])}, ...)")
     return ", ".join(f"{c.label} {c.probability:.1%} ({c.index})" for c in prediction.top)
 
 
 def _prediction_json(path: str, prediction: Prediction) -> dict:
-    return {"image": path, "size": list(prediction.image_size),
-            "top": [vars(c) for c in prediction.top]}
+    row = {"image": path, "size": list(prediction.image_size),
+           "top": [vars(c) for c in prediction.top]}
+    if prediction.embedding is not None:
+        row["embedding"] = prediction.embedding.tolist()
+    return row
+
+
+def _concept(client: Client, args):
+    """--similar-to: a .npy vector or a text file of numbers as it is, or an image's
+    embedding (a Predict of it first)."""
+    if not args.similar_to:
+        return None
+    path = Path(args.similar_to)
+    if path.suffix == ".npy":
+        return np.load(path)
+    if path.suffix == ".txt":
+        return np.loadtxt(path, dtype=np.float32, ndmin=1)
+    return client.predict(path, model=_model(args)).embedding
 
 
 def _info_json(info: ModelInfo) -> dict:
@@ -225,6 +246,7 @@ def cmd_explain(client: Client, args) -> int:
     progress = Progress(len(args.images), not args.json)
     methods = args.method or ["gradcam"]
     rows = []
+    concept = _concept(client, args)
 
     def call(chunk):
         return client.explain_many(
@@ -232,7 +254,9 @@ def cmd_explain(client: Client, args) -> int:
             layer=args.layer or None, outputs=("raw", "heatmap", "overlay_png"),
             top_k=args.top_k, counterfactual=args.counterfactual,
             score_cam_channels=args.score_cam_channels, target_kind=args.target_kind,
-            eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth, model=_model(args))
+            eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth, model=_model(args),
+            similar_to=concept)
+
 
     for path, exp in _each(args.images, call, progress, errors):
         written = _write(out, path, exp, args.grid)
@@ -246,8 +270,10 @@ def cmd_explain(client: Client, args) -> int:
             continue
         print(f"{path}: {_classes(exp.prediction)}")
         for m, (overlay, heat) in zip(exp.maps, written):
-            print(f"  explained {m.target.label} ({m.target.index}) with {m.method} at "
-                  f"{m.layer}: {overlay}, {heat}{_notes(m)}")
+            what = (f"the similarity ({m.similarity:.4f})" if m.similarity is not None
+                    else f"{m.target.label} ({m.target.index})")
+            print(f"  explained {what} with {m.method} at {m.layer}: {overlay}, {heat}"
+                  f"{_notes(m)}")
         for note in exp.notes:
             print(f"  note: {note.message}")
         if args.grid:
@@ -726,8 +752,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="layer to explain (repeatable; default: the server's)")
     explain.add_argument("--method", action="append", choices=method_names(),
                          help="CAM method (repeatable; default: gradcam)")
-    explain.add_argument("--target-kind", choices=target_kind_names(), default="logit",
-                         help="the score of each class explained (default %(default)s)")
+    explain.add_argument("--target-kind", choices=target_kind_names(),
+                         help="the score of each class explained (default: logit, or "
+                         "similarity with --similar-to)")
+    explain.add_argument("--similar-to", metavar="FILE",
+                         help="explain the similarity of each image's output to a concept: "
+                         "a .npy or .txt vector, or an image (its embedding, from a Predict "
+                         "first); for embedding models")
     explain.add_argument("--eigen-smooth", action="store_true",
                          help="the first principal component of each map's terms instead of "
                          "their sum (methods whose map is a sum over channels)")

@@ -20,6 +20,7 @@ BAD_MODEL_NAME = "BAD_MODEL_NAME"
 BATCH_FAILED = "BATCH_FAILED"
 BUSY_WITH_LARGE = "BUSY_WITH_LARGE"
 CALLER_QUEUE_FULL = "CALLER_QUEUE_FULL"
+CONCEPT_LENGTH = "CONCEPT_LENGTH"
 CANCELLED = "CANCELLED"
 DEADLINE_TOO_SHORT = "DEADLINE_TOO_SHORT"
 DEFAULT_MODEL = "DEFAULT_MODEL"
@@ -65,6 +66,7 @@ NOT_ACCEPTABLE = "NOT_ACCEPTABLE"
 NOT_APPLICABLE = "NOT_APPLICABLE"
 NOT_EXPLAINABLE = "NOT_EXPLAINABLE"
 NOT_FOUND = "NOT_FOUND"
+NO_CONCEPT = "NO_CONCEPT"
 NO_IMAGES = "NO_IMAGES"
 NO_MODEL = "NO_MODEL"
 NO_SANITY_CHECKS = "NO_SANITY_CHECKS"
@@ -110,6 +112,8 @@ REASONS: Dict[str, str] = {
                      "retry_after seconds",
     CALLER_QUEUE_FULL: "this caller has as many items waiting as the server allows one caller "
                        "(--max-queue-per-caller): retry after retry_after seconds",
+    CONCEPT_LENGTH: "similar_to must be as long as the model's output (GetModelInfo's labels), "
+                    "finite and not all zero",
     CANCELLED: "the call was cancelled before its answer was ready",
     DEADLINE_TOO_SHORT: "the call's deadline passes before the server can answer it: allow "
                         "more time (timeout=) or ask for less work",
@@ -185,6 +189,9 @@ REASONS: Dict[str, str] = {
     NOT_EXPLAINABLE: "the served model has no layer to explain (e.g. TorchScript): it serves "
                      "Predict only",
     NOT_FOUND: "what the call names is not served here",
+    NO_CONCEPT: "a similarity map needs a concept (similar_to, a vector as long as the "
+                "model's output, or similar_to_image), and an embedding model explains only "
+                "similarities",
     NO_IMAGES: "there are no images to answer: give at least one",
     NO_MODEL: "an Open Inference Protocol call names no model: name the served one",
     NO_SANITY_CHECKS: "this server runs no sanity checks",

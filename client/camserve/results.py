@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -50,9 +50,11 @@ class Timing:
 
 @dataclass(frozen=True)
 class Prediction:
-    top: Tuple[ClassScore, ...]  # best first
+    top: Tuple[ClassScore, ...]  # best first (none for an embedding model)
     image_size: Size
     timing: Optional[Timing] = None
+    embedding: Optional[np.ndarray] = None  # an embedding model's output, float32
+
 
     @property
     def best(self) -> ClassScore:
@@ -60,10 +62,11 @@ class Prediction:
 
     @classmethod
     def from_proto(cls, msg: pb.Prediction, image_size: pb.ImageSize,
-                   timing: Optional[pb.Timing]) -> Prediction:
+                   timing: Optional[pb.Timing], embedding: Sequence[float] = ()) -> Prediction:
         return cls(tuple(ClassScore.from_proto(c) for c in msg.top),
                    (image_size.height, image_size.width),
-                   Timing.from_proto(timing) if timing is not None else None)
+                   Timing.from_proto(timing) if timing is not None else None,
+                   np.asarray(embedding, np.float32) if len(embedding) else None)
 
 
 def _raw(msg) -> Optional[np.ndarray]:
@@ -118,6 +121,7 @@ class ClassMap:
     insertion: Optional[float] = None
     notes: Tuple[Note, ...] = ()
     target_kind: str = "logit"  # the score explained: "logit", "softmax", "rest", ...
+    similarity: Optional[float] = None  # target_kind "similarity": the cosine similarity
 
     @classmethod
     def from_proto(cls, msg: pb.ClassMap, image_size: Size) -> ClassMap:
@@ -126,7 +130,8 @@ class ClassMap:
                    _raw(msg), image_size, msg.heatmap_png or None, msg.overlay or None,
                    msg.faithfulness.deletion if scored else None,
                    msg.faithfulness.insertion if scored else None, _notes(msg),
-                   target_kind_name(msg.target_kind))
+                   target_kind_name(msg.target_kind),
+                   msg.similarity if msg.target_kind == pb.TARGET_KIND_SIMILARITY else None)
 
     @property
     def all_zero(self) -> bool:

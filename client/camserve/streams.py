@@ -156,7 +156,7 @@ class Tracker:
             error, value = CamserveError.from_status(answer.error), None
         elif self._kind == "predict":
             r = answer.result
-            value = Prediction.from_proto(r.prediction, r.image_size, r.timing)
+            value = Prediction.from_proto(r.prediction, r.image_size, r.timing, r.embedding)
         else:
             value = Explanation.from_proto(answer.result, image)
         return StreamResult(answer.frame_id, answer.skipped, value, error,

@@ -50,6 +50,12 @@ class ModelCard:
     output_activation: str = "softmax"
 
     @property
+    def embeds(self) -> bool:
+        """Its outputs are an embedding, not classes: Predict answers the vector, Explain the
+        similarity to a concept."""
+        return self.output_activation == "embedding"
+
+    @property
     def num_classes(self) -> int:
         return len(self.labels)
 
@@ -119,7 +125,7 @@ METHODS: Dict[str, MethodTraits] = {
 
 # The scores of a class that a map can explain (the proto enum TargetKind's values, lower-cased
 # without their prefix; ``engine/targets.py`` computes them).
-TARGET_KINDS = ("logit", "softmax", "rest", "raw_scores", "finer", "sigmoid")
+TARGET_KINDS = ("logit", "softmax", "rest", "raw_scores", "finer", "sigmoid", "similarity")
 # The target kinds that read the logits as one softmax over the classes: a sigmoid
 # (multi-label) model's logits are not that
 SOFTMAX_KINDS = ("softmax", "rest", "finer")
@@ -161,6 +167,7 @@ class ExplainSpec:
     target_kind: str = "logit"  # the score explained (TARGET_KINDS)
     eigen_smooth: bool = False  # the terms' first principal component instead of their sum
     aug_smooth: bool = False  # the mean heatmap of 6 flipped and scaled copies (AUGMENTATIONS)
+    concept: Tuple[float, ...] = ()  # the similarity target's vector (target_kind similarity)
 
     def kind(self, method: str) -> str:
         """The score ``method``'s maps explain: its own target, or the spec's."""

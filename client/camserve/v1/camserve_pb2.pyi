@@ -60,6 +60,7 @@ TARGET_KIND_LOGIT: TargetKind
 TARGET_KIND_RAW_SCORES: TargetKind
 TARGET_KIND_REST: TargetKind
 TARGET_KIND_SIGMOID: TargetKind
+TARGET_KIND_SIMILARITY: TargetKind
 TARGET_KIND_SOFTMAX: TargetKind
 TARGET_KIND_UNSPECIFIED: TargetKind
 
@@ -134,7 +135,7 @@ class CheckSanityResponse(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[SanityStage, _Mapping]]] = ..., verdict_stage: _Optional[int] = ..., threshold: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[SanityClasses, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[MethodSanity, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ClassMap(_message.Message):
-    __slots__ = ["faithfulness", "heatmap_png", "layer", "method", "notes", "overlay", "raw_map", "target", "target_kind"]
+    __slots__ = ["faithfulness", "heatmap_png", "layer", "method", "notes", "overlay", "raw_map", "similarity", "target", "target_kind"]
     FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +143,7 @@ class ClassMap(_message.Message):
     NOTES_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
     RAW_MAP_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     TARGET_KIND_FIELD_NUMBER: _ClassVar[int]
     faithfulness: Faithfulness
@@ -151,9 +153,10 @@ class ClassMap(_message.Message):
     notes: _containers.RepeatedCompositeFieldContainer[Note]
     overlay: bytes
     raw_map: RawMap
+    similarity: float
     target: ClassScore
     target_kind: TargetKind
-    def __init__(self, target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., raw_map: _Optional[_Union[RawMap, _Mapping]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ..., faithfulness: _Optional[_Union[Faithfulness, _Mapping]] = ..., notes: _Optional[_Iterable[_Union[Note, _Mapping]]] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ...) -> None: ...
+    def __init__(self, target: _Optional[_Union[ClassScore, _Mapping]] = ..., method: _Optional[_Union[CamMethod, str]] = ..., layer: _Optional[str] = ..., raw_map: _Optional[_Union[RawMap, _Mapping]] = ..., heatmap_png: _Optional[bytes] = ..., overlay: _Optional[bytes] = ..., faithfulness: _Optional[_Union[Faithfulness, _Mapping]] = ..., notes: _Optional[_Iterable[_Union[Note, _Mapping]]] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ["index", "label", "logit", "probability"]
@@ -202,7 +205,7 @@ class CompareExplainResponse(_message.Message):
     def __init__(self, explanations: _Optional[_Iterable[_Union[ExplainResponse, _Mapping]]] = ..., similarities: _Optional[_Iterable[_Union[ImageSimilarities, _Mapping]]] = ...) -> None: ...
 
 class ExplainOptions(_message.Message):
-    __slots__ = ["aug_smooth", "counterfactual", "eigen_smooth", "faithfulness_steps", "keep_sign", "layers", "methods", "outputs", "score_cam_channels", "target_kind", "targets", "top_k", "top_targets"]
+    __slots__ = ["aug_smooth", "counterfactual", "eigen_smooth", "faithfulness_steps", "keep_sign", "layers", "methods", "outputs", "score_cam_channels", "similar_to", "similar_to_image", "target_kind", "targets", "top_k", "top_targets"]
     AUG_SMOOTH_FIELD_NUMBER: _ClassVar[int]
     COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
     EIGEN_SMOOTH_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +215,8 @@ class ExplainOptions(_message.Message):
     METHODS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     SCORE_CAM_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    SIMILAR_TO_FIELD_NUMBER: _ClassVar[int]
+    SIMILAR_TO_IMAGE_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     TARGET_KIND_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -225,11 +230,13 @@ class ExplainOptions(_message.Message):
     methods: _containers.RepeatedScalarFieldContainer[CamMethod]
     outputs: _containers.RepeatedScalarFieldContainer[ExplainOutput]
     score_cam_channels: int
+    similar_to: _containers.RepeatedScalarFieldContainer[float]
+    similar_to_image: int
     target_kind: TargetKind
     targets: _containers.RepeatedCompositeFieldContainer[Target]
     top_k: int
     top_targets: int
-    def __init__(self, methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., top_targets: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., counterfactual: bool = ..., keep_sign: bool = ..., score_cam_channels: _Optional[int] = ..., faithfulness_steps: _Optional[int] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...) -> None: ...
+    def __init__(self, methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., top_targets: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., counterfactual: bool = ..., keep_sign: bool = ..., score_cam_channels: _Optional[int] = ..., faithfulness_steps: _Optional[int] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., similar_to: _Optional[_Iterable[float]] = ..., similar_to_image: _Optional[int] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ["images", "model", "options", "priority"]
@@ -514,14 +521,16 @@ class PredictResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[PredictResult, _Mapping]]] = ...) -> None: ...
 
 class PredictResult(_message.Message):
-    __slots__ = ["image_size", "prediction", "timing"]
+    __slots__ = ["embedding", "image_size", "prediction", "timing"]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    embedding: _containers.RepeatedScalarFieldContainer[float]
     image_size: ImageSize
     prediction: Prediction
     timing: Timing
-    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ["top"]

@@ -14,6 +14,7 @@ between threads twice instead of four times.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
@@ -135,6 +136,28 @@ class Pipeline:
         return await self.decode_and_run(sources, plan.spec, context,
                                          full=plan.outputs.overlay_format is not None,
                                          field=field, level=level)
+
+    async def with_concept(self, sources: Sequence[Source], plan: req.ExplainPlan, context,
+                           field: str = "images", level: int = INTERACTIVE) -> req.ExplainPlan:
+        """``plan`` with its similarity concept: the output of the request's image
+        ``similar_to_image`` (one more forward of it); ``plan`` itself without one."""
+        at = plan.similar_to_image
+        if not at:
+            return plan
+        self.check_explain(plan, sources)
+        if at > len(sources):
+            raise InvalidArgument(f"options.similar_to_image is {at}, and the request has "
+                                  f"{len(sources)} images: name one of them, counting from 1",
+                                  field="options.similar_to_image", reason="INVALID_OPTION")
+        _, (outcome,) = await self.decode_and_run([sources[at - 1]], None, context,
+                                                  field=f"{field}[{at - 1}]", level=level)
+        concept = tuple(float(v) for v in outcome.result.logits)
+        if not any(concept):
+            raise InvalidArgument(f"{field}[{at - 1}]'s output is all zero: its cosine "
+                                  "similarity is undefined; name another image",
+                                  field="options.similar_to_image", reason="NO_CONCEPT")
+        return dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, concept=concept),
+                                   similar_to_image=0)
 
     def decode_here(self, source: Source, field: str, full: bool = False) -> DecodedImage:
         """Decode and resize one image on this thread; ``full`` keeps it whole for overlays."""

@@ -8,6 +8,7 @@ them (``CAM_METHOD_GRADCAM``), in every message. Nothing here touches the model 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -107,6 +108,7 @@ class ExplainPlan:
     outputs: Outputs
     top_k: int
     render_pixels: int  # heatmaps and overlays are rendered at most this large
+    similar_to_image: int = 0  # the similarity concept is this image's output (1-based; 0: none)
 
     @property
     def maps(self) -> int:
@@ -132,14 +134,23 @@ def _method_enum(name: str) -> str:
     return "CAM_METHOD_" + name.upper()
 
 
-def _target_kind(value: int, methods: Sequence[str], field: str, model: ModelCard) -> str:
-    """The TargetKind's name (UNSPECIFIED: logit), checked against the methods."""
+def _target_kind(value: int, methods: Sequence[str], field: str, model: ModelCard,
+                 concept: bool = False) -> str:
+    """The TargetKind's name (UNSPECIFIED: similarity when a ``concept`` is given, else
+    logit), checked against the methods and the model."""
     if value not in pb.TargetKind.values():
         raise InvalidArgument(f"{field} is {value}, not a TargetKind; choose from "
                               f"{_enum_names(pb.TargetKind)}", field=field,
                               reason="INVALID_OPTION")
-    kind = target_kind_name(value)
+    kind = "similarity" if value == 0 and concept else target_kind_name(value)
     assert kind in TARGET_KINDS, kind
+    if model.output_activation == "embedding" and kind not in ("similarity", "raw_scores"):
+        raise InvalidArgument(
+            f"{model.name} is an embedding model (its outputs are no classes): explain the "
+            "similarity of its output to a concept, options.similar_to (a vector of "
+            f"{model.num_classes} floats) or options.similar_to_image (another image of the "
+            f"request), not TARGET_KIND_{kind.upper()}",
+            field=f"{field.rsplit('.', 1)[0]}.similar_to", reason="NO_CONCEPT")
     sigmoid = model.output_activation == "sigmoid"
     if kind == "sigmoid" and not sigmoid:
         raise InvalidArgument(
@@ -161,6 +172,49 @@ def _target_kind(value: int, methods: Sequence[str], field: str, model: ModelCar
                 f"another method with TARGET_KIND_{kind.upper()})", field=field,
                 reason="NOT_APPLICABLE")
     return kind
+
+
+def _concept(options: pb.ExplainOptions, kind: str, model: ModelCard, steps: int,
+             f: str) -> Tuple[float, ...]:
+    """TARGET_KIND_SIMILARITY's vector (empty with similar_to_image, resolved later), checked:
+    a concept given for that kind alone, one of the two ways, as long as the model's output."""
+    given, image = tuple(options.similar_to), options.similar_to_image
+    if kind != "similarity":
+        if given or image:
+            raise InvalidArgument(
+                f"{f}similar_to and {f}similar_to_image are the concept of "
+                f"TARGET_KIND_SIMILARITY, and {f}target_kind asks for "
+                f"TARGET_KIND_{kind.upper()}: unset {f}target_kind (or set it to "
+                "TARGET_KIND_SIMILARITY)", field=f"{f}target_kind", reason="NOT_APPLICABLE")
+        return ()
+    if given and image:
+        raise InvalidArgument(f"set {f}similar_to or {f}similar_to_image, not both",
+                              field=f"{f}similar_to_image", reason="INVALID_OPTION")
+    if not given and not image:
+        raise InvalidArgument(
+            f"TARGET_KIND_SIMILARITY needs a concept: set {f}similar_to (a vector of "
+            f"{model.num_classes} floats, as long as the model's output) or "
+            f"{f}similar_to_image (another image of the request)", field=f"{f}similar_to",
+            reason="NO_CONCEPT")
+    if given and len(given) != model.num_classes:
+        raise InvalidArgument(
+            f"{f}similar_to has {len(given)} values, and {model.name}'s output has "
+            f"{model.num_classes}: send a vector of its length (e.g. another image's Predict "
+            "embedding)", field=f"{f}similar_to", reason="CONCEPT_LENGTH")
+    if given and not all(math.isfinite(v) for v in given) or given and not any(given):
+        raise InvalidArgument(f"{f}similar_to must be finite and not all zero (its cosine "
+                              "similarity is undefined otherwise)", field=f"{f}similar_to",
+                              reason="CONCEPT_LENGTH")
+    if options.targets or options.top_targets:
+        raise InvalidArgument(f"a TARGET_KIND_SIMILARITY map explains one score, the "
+                              f"similarity to the concept: unset {f}targets and "
+                              f"{f}top_targets", field=f"{f}targets", reason="NOT_APPLICABLE")
+    if steps:
+        raise InvalidArgument(f"{f}faithfulness_steps scores a class's probability, and a "
+                              "TARGET_KIND_SIMILARITY map explains a similarity: unset "
+                              f"{f}faithfulness_steps", field=f"{f}faithfulness_steps",
+                              reason="NOT_APPLICABLE")
+    return given
 
 
 def _eigen_smooth(value: bool, methods: Sequence[str], field: str) -> bool:
@@ -307,11 +361,15 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
         raise InvalidArgument(f"options.faithfulness_steps must be 0 (off) or "
                               f"2..{limits.max_faithfulness_steps}, not {steps}",
                               field=f"{f}faithfulness_steps", reason="INVALID_STEPS")
+    kind = _target_kind(options.target_kind, methods, f"{f}target_kind", model,
+                        bool(options.similar_to or options.similar_to_image))
+    concept = _concept(options, kind, model, steps, f)
+    if kind == "similarity":
+        targets, top = (0,), 1
     spec = ExplainSpec(methods=methods, layers=layers, targets=targets, top_targets=top,
                        counterfactual=options.counterfactual, signed=options.keep_sign,
                        score_cam_channels=channels, faithfulness_steps=steps,
-                       target_kind=_target_kind(options.target_kind, methods,
-                                                f"{f}target_kind", model),
+                       target_kind=kind, concept=concept,
                        eigen_smooth=_eigen_smooth(options.eigen_smooth, methods,
                                                   f"{f}eigen_smooth"),
                        aug_smooth=_aug_smooth(options.aug_smooth, methods,
@@ -326,7 +384,9 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
             field=f"{f}faithfulness_steps" if steps else f"{f}score_cam_channels",
             reason="ITEM_TOO_COSTLY")
     return ExplainPlan(spec, _outputs(options.outputs),
-                       top_k(options.top_k or None, model.num_classes), limits.max_render_pixels)
+                       0 if model.embeds else top_k(options.top_k or None, model.num_classes),
+                       limits.max_render_pixels,
+                       options.similar_to_image)
 
 
 def renamed(error: ServiceError, names: Sequence[Tuple[str, str]],

@@ -43,6 +43,9 @@ def ranked(probabilities: np.ndarray, k: int) -> np.ndarray:
 
 
 def prediction(result: ItemResult, labels: Sequence[str], top_k: int) -> pb.Prediction:
+    """The ``top_k`` best classes (0: none, an embedding model's)."""
+    if not top_k:
+        return pb.Prediction()
     return pb.Prediction(top=[class_score(result, int(i), labels)
                               for i in ranked(result.probabilities, top_k)])
 
@@ -55,11 +58,16 @@ def timing(outcome: Outcome, decode_ms: float, worker: int) -> pb.Timing:
 
 
 def predict_result(outcome: Outcome, labels: Sequence[str], top_k: int,
-                   size: Tuple[int, int], decode_ms: float, worker: int) -> pb.PredictResult:
+                   size: Tuple[int, int], decode_ms: float, worker: int,
+                   embeds: bool = False) -> pb.PredictResult:
+    """One image's Predict answer: its best classes, or (``embeds``: an embedding model's)
+    its output vector."""
     started = time.perf_counter()
-    result = pb.PredictResult(prediction=prediction(outcome.result, labels, top_k),
+    result = pb.PredictResult(prediction=prediction(outcome.result, labels,
+                                                    0 if embeds else top_k),
                               image_size=image_size(size),
-                              timing=timing(outcome, decode_ms, worker))
+                              timing=timing(outcome, decode_ms, worker),
+                              embedding=outcome.result.logits.tolist() if embeds else ())
     result.timing.respond_ms = (time.perf_counter() - started) * 1000.0
     return result
 
@@ -87,10 +95,15 @@ def explain_result(outcome: Outcome, labels: Sequence[str], plan: ExplainPlan,
                 "pixels (max_render_pixels); the raw map is the same at any size"))
     layers = list(dict.fromkeys(m.layer for m in result.maps))
     sums: Dict[Tuple[str, int], np.ndarray] = {}
+    concept = plan.spec.concept
+    similarity = _cosine(result.logits, concept) if concept else 0.0
     for m in result.maps:
-        answer = out.maps.add(target=class_score(result, m.target, labels),
+        similar = m.target_kind == "similarity"
+        answer = out.maps.add(target=pb.ClassScore(index=0, label="similarity") if similar
+                              else class_score(result, m.target, labels),
                               method=method_value(m.method), layer=m.layer,
-                              target_kind=target_kind_value(m.target_kind))
+                              target_kind=target_kind_value(m.target_kind),
+                              similarity=similarity if similar else 0.0)
         if outputs.raw_map:
             answer.raw_map.height, answer.raw_map.width = m.raw.shape
             answer.raw_map.values.extend(m.raw.ravel().tolist())
@@ -98,8 +111,8 @@ def explain_result(outcome: Outcome, labels: Sequence[str], plan: ExplainPlan,
             answer.faithfulness.deletion = m.deletion
             answer.faithfulness.insertion = m.insertion
             answer.faithfulness.steps = m.steps
-        _notes(answer, m.raw, float(result.probabilities[m.target]), m.method, plan,
-               m.no_gradient)
+        _notes(answer, m.raw, 1.0 if similar else float(result.probabilities[m.target]),
+               m.method, plan, m.no_gradient)
         if outputs.needs_heatmap:
             heat = heatmaps.heatmap(m.raw, shown)
             _render(answer, heat, outputs, full)
@@ -108,12 +121,21 @@ def explain_result(outcome: Outcome, labels: Sequence[str], plan: ExplainPlan,
                 sums[key] = heat if key not in sums else sums[key] + heat
     if len(layers) > 1:
         for method, target in dict.fromkeys((m.method, m.target) for m in result.maps):
-            combined = out.combined.add(target=class_score(result, target, labels),
+            similar = concept and target == 0
+            combined = out.combined.add(target=pb.ClassScore(index=0, label="similarity")
+                                        if similar else class_score(result, target, labels),
                                         method=method_value(method), layers=layers)
             if outputs.needs_heatmap:
                 _render(combined, sums.pop((method, target)) / len(layers), outputs, full)
     out.timing.respond_ms = (time.perf_counter() - started) * 1000.0
     return out
+
+
+def _cosine(output: np.ndarray, concept: Sequence[float]) -> float:
+    """The cosine similarity the similarity target explains (torch's eps of 1e-8)."""
+    vector = np.asarray(concept, dtype=np.float64)
+    output = output.astype(np.float64)
+    return float(output @ vector / max(np.linalg.norm(output) * np.linalg.norm(vector), 1e-8))
 
 
 def explain_bound(plan: ExplainPlan, size: Tuple[int, int], card: ModelCard) -> int:

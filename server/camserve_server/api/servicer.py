@@ -100,7 +100,8 @@ class CamserveService:
             sources = _sources(rt, request.images)
             decoded, outcomes = await rt.predict(sources, context, level=level)
             return pb.PredictResponse(results=[
-                resp.predict_result(o, rt.model.labels, top_k, d.image.size, d.ms, rt.worker)
+                resp.predict_result(o, rt.model.labels, top_k, d.image.size, d.ms, rt.worker,
+                                    rt.model.embeds)
                 for d, o in zip(decoded, outcomes)])
 
     async def Explain(self, request, context):
@@ -172,7 +173,9 @@ class CamserveService:
             first, outcomes = await _explain(rts[0], request.images, options, context, level)
             answers, results = [first], [outcomes]
             for rt in rts[1:]:
-                if options.targets:
+                if options.targets or options.similar_to or options.similar_to_image:
+                    # the same classes, or the same concept (similar_to_image: each model's
+                    # own output of that image)
                     answer, outcomes = await _explain(rt, request.images, options, context,
                                                       level)
                 else:  # each image's map of the class model 0 explained
@@ -194,7 +197,7 @@ class CamserveService:
 
             async def finish(o: Outcome):
                 return resp.predict_result(o, rt.model.labels, top_k, d.image.size, d.ms,
-                                           rt.worker)
+                                           rt.worker, rt.model.embeds)
             return Prepared(WorkItem(d.image.pixels), finish, rt.batcher, level)
 
         def answer(frame_id, skipped, result=None, error=None):
@@ -207,7 +210,14 @@ class CamserveService:
 
     async def StreamExplain(self, requests, context, frames):
         def configure(rt: Pipeline, options) -> req.ExplainPlan:
-            return rt.explain_plan(options)
+            plan = rt.explain_plan(options)
+            if plan.similar_to_image:
+                raise InvalidArgument(
+                    "config.options.similar_to_image names another image of the request, and "
+                    "a stream's frames come one at a time: send the concept itself, "
+                    "config.options.similar_to (e.g. that image's Predict embedding)",
+                    field="config.options.similar_to_image", reason="NOT_APPLICABLE")
+            return plan
 
         async def prepare(rt: Pipeline, frame, plan: req.ExplainPlan, level: int) -> Prepared:
             d = await rt.decode(req.source(frame.image, "frame.image"), "frame.image",
@@ -284,7 +294,9 @@ async def _explain(rt: Pipeline, images, options, context, level: int = INTERACT
                    ) -> Tuple[pb.ExplainResponse, List[Outcome]]:
     """An Explain call's answer, and its outcomes (CompareExplain reads their raw maps)."""
     plan = rt.explain_plan(options)
-    decoded, outcomes = await rt.explain(_sources(rt, images), plan, context, level=level)
+    sources = _sources(rt, images)
+    plan = await rt.with_concept(sources, plan, context, level=level)
+    decoded, outcomes = await rt.explain(sources, plan, context, level=level)
 
     def build() -> pb.ExplainResponse:
         return pb.ExplainResponse(results=[

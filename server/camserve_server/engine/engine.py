@@ -57,7 +57,7 @@ from .cams import (
 )
 from .device import DataPath, Staged, key
 from .models import LoadedModel
-from .targets import target_scores
+from .targets import concepts, target_scores
 from .tokens import to_nchw
 
 
@@ -355,7 +355,8 @@ class Engine:
             for kind, group in by_kind.items():
                 index = torch.tensor(group, device=logits.device)
                 classes = torch.tensor([targets[i][rank] for i in group], device=logits.device)
-                score = score + target_scores(logits[index], classes, kind).sum()
+                score = score + target_scores(logits[index], classes, kind,
+                                              concepts(specs, group, kind)).sum()
             grads = torch.autograd.grad(score, activations, retain_graph=True,
                                         create_graph=second)
             if second:
@@ -457,7 +458,8 @@ class Engine:
             signs = torch.tensor([-1.0 if specs[rows[j]].counterfactual else 1.0
                                   for j in ranked], device=device)
             classes = torch.tensor([targets[rows[j]][rank] for j in ranked], device=device)
-            scores = target_scores(logits[torch.tensor(ranked, device=device)], classes, kind)
+            scores = target_scores(logits[torch.tensor(ranked, device=device)], classes, kind,
+                                   concepts(specs, [rows[j] for j in ranked], kind))
             score = score + (scores * signs).sum()
         return score
 
@@ -516,7 +518,7 @@ class Engine:
         for method, rank, layer in _order(spec, targets):
             raw = computed.get((i, method, rank, layer))
             if raw is None:
-                score = _score(targets[rank], spec.kind(method), x.device)
+                score = _score(targets[rank], spec.kind(method), x.device, spec.concept)
                 # No grad-mode context around the slices: it would stay set across their
                 # yields, into the batches that run meanwhile. Their tensors need no gradient
                 # (the forwards run under inference mode).
@@ -574,10 +576,14 @@ def _full_gradients(full, rank: int, rows, method: str) -> dict:
             "bias_gradients": [(b, g[at]) for b, g in entry["biases"]]}
 
 
-def _score(target: int, kind: str, device):
-    """The target's score of a batch of logits (m, classes) -> (m,)."""
+def _score(target: int, kind: str, device, concept=()):
+    """The target's score of a batch of logits (m, classes) -> (m,); ``concept``: the
+    similarity target's."""
     classes = torch.tensor([target], device=device)
-    return lambda logits: target_scores(logits, classes.expand(logits.shape[0]), kind)
+    vector = torch.tensor([concept], dtype=torch.float32) if kind == "similarity" else None
+    return lambda logits: target_scores(
+        logits, classes.expand(logits.shape[0]), kind,
+        None if vector is None else vector.expand(logits.shape[0], -1))
 
 
 def _accumulate(out: Dict[tuple, dict], key: tuple, layers, grads) -> None:
@@ -591,8 +597,11 @@ def _accumulate(out: Dict[tuple, dict], key: tuple, layers, grads) -> None:
 
 def _outputs(logits: torch.Tensor, activation: str = "softmax"):
     """Logits and probabilities of a batch, on the device (``DataPath.to_host`` brings
-    them back): a softmax over the classes, or for a multi-label model a sigmoid each."""
+    them back): a softmax over the classes, for a multi-label model a sigmoid each, for an
+    embedding model the outputs themselves."""
     logits = logits.float()
+    if activation == "embedding":  # no classes: its outputs are the answer
+        return logits, logits
     return logits, torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(
         logits, dim=1)
 

@@ -39,13 +39,15 @@ class LoadedModel:
 
 
 def output_activation(module: nn.Module) -> str:
-    """What the model says its outputs are: "sigmoid" when the module has an
-    ``output_activation = "sigmoid"`` attribute or a Hugging Face config whose problem_type is
+    """What the model says its outputs are: its ``output_activation`` attribute ("sigmoid" or
+    "embedding"), "sigmoid" for a Hugging Face config whose problem_type is
     multi_label_classification (a wrapper's inner model's too); else "softmax"."""
     for m in (module, getattr(module, "model", None)):
         config = getattr(m, "config", None)
-        if getattr(m, "output_activation", None) == "sigmoid" or getattr(
-                config, "problem_type", None) == "multi_label_classification":
+        said = getattr(m, "output_activation", None)
+        if said in ("sigmoid", "embedding"):
+            return said
+        if getattr(config, "problem_type", None) == "multi_label_classification":
             return "sigmoid"
     return "softmax"
 

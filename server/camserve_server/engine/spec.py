@@ -33,7 +33,8 @@ class ModelSpec:
     std: Optional[Tuple[float, float, float]] = None
     fold_batchnorm: bool = True  # fold batch norms into the convolutions before them
     static_padding: bool = True  # make TensorFlow "same" padding static
-    # "softmax" (one class per image) or "sigmoid" (multi-label: per-class probabilities that
-    # need not sum to 1); None: as the model says (an ``output_activation`` attribute of the
-    # module, or a Hugging Face config's problem_type multi_label_classification), else softmax
+    # "softmax" (one class per image), "sigmoid" (multi-label: per-class probabilities that
+    # need not sum to 1) or "embedding" (no classes: the outputs are the answer); None: as the
+    # model says (an ``output_activation`` attribute of the module, or a Hugging Face config's
+    # problem_type multi_label_classification), else softmax
     output_activation: Optional[str] = None

@@ -189,8 +189,9 @@ def read_config(folder: Path, serving: Serving) -> ModelConfig:
                 raise ValueError(f"{where}: {key} must be true or false")
             spec[key] = raw[key]
     if "output_activation" in raw:
-        if raw["output_activation"] not in ("softmax", "sigmoid"):
-            raise ValueError(f"{where}: output_activation must be softmax or sigmoid")
+        if raw["output_activation"] not in ("softmax", "sigmoid", "embedding"):
+            raise ValueError(f"{where}: output_activation must be softmax, sigmoid or "
+                             "embedding")
         spec["output_activation"] = raw["output_activation"]
     own = {}
     for f in fields(Serving):

@@ -119,7 +119,8 @@ def _devices(value: str) -> Optional[str]:
 
 
 def _activation(value) -> Optional[str]:
-    return None if value in (None, "softmax", "sigmoid") else "must be softmax or sigmoid"
+    return (None if value in (None, "softmax", "sigmoid", "embedding")
+            else "must be softmax, sigmoid or embedding")
 
 
 def _tokens(value) -> Optional[str]:
@@ -233,9 +234,11 @@ class Settings:
         "model loads (engine/same_padding.py): the same answers, no copy of each strided "
         "convolution's input", **ON_OFF)
     output_activation: Optional[str] = setting(
-        None, "softmax (one class per image) or sigmoid (multi-label: Predict answers "
-        "per-class probabilities that need not sum to 1, and Explain's SIGMOID target applies)",
-        check=_activation, metavar="{softmax,sigmoid}",
+        None, "how the outputs are read: softmax (one class per image), sigmoid (multi-label: "
+        "Predict answers per-class probabilities that need not sum to 1, and Explain's "
+        "SIGMOID target applies) or embedding (no classes: Predict answers the output "
+        "vector, Explain the similarity to a concept)",
+        check=_activation, metavar="{softmax,sigmoid,embedding}",
         shown="the model's own: sigmoid when it says multi-label, else softmax")
     jpeg_decode: str = setting("auto", "decode JPEGs on the engine's device (batched, nvJPEG "
                                "on CUDA) or on the host; auto: on the device when it is CUDA",
