@@ -21,10 +21,10 @@ BENCH = harness.ROOT / "bench"
 PAGE = harness.ROOT / "docs" / "benchmarks.md"
 
 # The page's order; each script's results are bench/results/<name>.json.
-SCRIPTS = ("bench_core.py", "bench_latency.py", "bench_scale.py", "bench_workers.py",
-           "bench_stream.py", "bench_fold.py", "bench_threads.py", "trace_latency.py",
-           "bench_http.py", "bench_models.py", "bench_scheduling.py", "abuse.py", "soak.py",
-           "bench_gpu.py",
+SCRIPTS = ("bench_core.py", "bench_methods.py", "bench_latency.py", "bench_scale.py",
+           "bench_workers.py", "bench_stream.py", "bench_fold.py", "bench_threads.py",
+           "trace_latency.py", "bench_http.py", "bench_models.py", "bench_scheduling.py",
+           "abuse.py", "soak.py", "bench_gpu.py",
            "perf_analyzer/run.sh")  # under bench/
 # How to run the scripts that need what this machine may lack.
 ELSEWHERE = {
