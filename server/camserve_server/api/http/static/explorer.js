@@ -1,14 +1,16 @@
 // The camserve explorer: this server's own JSON API (docs/http.md) from the browser, nothing
 // loaded from anywhere else. Pick or drop an image: its classes (POST /v1/predict); choose a
 // class: its map over the image (POST /v1/explain, the heatmap PNG under an opacity slider);
-// tick classes, methods and layers: a grid of maps, with faithfulness scores; the sanity
+// tick classes, methods and layers: a grid of maps, with faithfulness scores; the explain
+// options (the score explained, smoothing, counterfactual maps, the sign, Score-CAM's
+// channels; for an embedding model a second image as the similarity concept); the sanity
 // checks (POST /v1/check-sanity); live: the camera through the WebSocket StreamExplain
 // (/v1/stream-explain, policy LATEST), the overlay at the rate the server keeps up with.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, file: null, classes: [], selected: null, ticked: new Set(),
-                live: null };
+const state = { info: null, file: null, concept: null, classes: [], selected: null,
+                ticked: new Set(), live: null, asked: 0 };
 
 function token() { return $("token").value.trim(); }
 
@@ -42,11 +44,13 @@ async function api(path, options) {
 function form(options) {
   const data = new FormData();
   data.append("images", state.file);
+  if (options.similarToImage) data.append("images", state.concept);  // image 2: the concept
   data.append("options", JSON.stringify(options));
   return { method: "POST", body: data };
 }
 
 const methodName = (m) => m.replace("CAM_METHOD_", "").toLowerCase().replace(/_/g, "-");
+const kindName = (k) => (k || "").replace("TARGET_KIND_", "").toLowerCase().replace(/_/g, " ");
 const percent = (p) => ((p || 0) * 100).toFixed(1) + "%";
 const png = (b64) => "data:image/png;base64," + b64;
 
@@ -77,6 +81,75 @@ function colourize(img, b64) {
   grey.src = png(b64);
 }
 
+// --- the explain options ----------------------------------------------------------------------
+
+// The TargetKind values each kind of model accepts (GetModelInfo's outputActivation), its
+// default first; SIMILARITY joins them while a concept image is chosen.
+const KINDS = { softmax: ["LOGIT", "SOFTMAX", "REST", "RAW_SCORES", "FINER"],
+                sigmoid: ["LOGIT", "SIGMOID", "RAW_SCORES"],
+                embedding: ["RAW_SCORES"] };
+const KIND_TEXT = { LOGIT: "logit (default)", SOFTMAX: "softmax probability",
+                    REST: "ReST: the class against the rest",
+                    RAW_SCORES: "raw scores: every output",
+                    FINER: "Finer: the margin over similar classes",
+                    SIGMOID: "sigmoid probability", SIMILARITY: "similarity to the concept" };
+const FLAGS = [["eigen-smooth", "eigenSmooth"], ["aug-smooth", "augSmooth"],
+               ["counterfactual", "counterfactual"], ["keep-sign", "keepSign"]];
+const CHANNEL_METHODS = ["CAM_METHOD_SCORECAM", "CAM_METHOD_ABLATIONCAM"];
+
+function showKinds(prefer) {
+  const select = $("target-kind");
+  const was = select.value;
+  const activation = (state.info && state.info.outputActivation) || "softmax";
+  const kinds = (KINDS[activation] || KINDS.softmax).concat(state.concept ? ["SIMILARITY"] : [])
+    .map((k) => "TARGET_KIND_" + k);
+  select.textContent = "";
+  kinds.forEach((k) => {
+    const option = document.createElement("option");
+    option.value = k;
+    option.textContent = KIND_TEXT[k.replace("TARGET_KIND_", "")];
+    select.appendChild(option);
+  });
+  select.value = kinds.includes(prefer) ? prefer : kinds.includes(was) ? was : kinds[0];
+}
+
+function showChannels() {
+  $("channels-label").hidden = !ticked("method").some((m) => CHANNEL_METHODS.includes(m));
+}
+
+const similarity = () => $("target-kind").value === "TARGET_KIND_SIMILARITY";
+
+// The Target and Map boxes as ExplainOptions' JSON fields, those at their default left out.
+// The server checks the combination; its refusal's message goes to the status line.
+function chosenOptions() {
+  const options = {};
+  const kind = $("target-kind").value;
+  if (kind && kind !== "TARGET_KIND_LOGIT") options.targetKind = kind;
+  if (kind === "TARGET_KIND_SIMILARITY") options.similarToImage = 2;
+  FLAGS.forEach(([id, field]) => { if ($(id).checked) options[field] = true; });
+  const channels = $("score-cam-channels").value;
+  if (!$("channels-label").hidden && channels !== "") options.scoreCamChannels = Number(channels);
+  return options;
+}
+
+// What a map explains, for its caption: the class, and the score unless it is the logit; or
+// TARGET_KIND_SIMILARITY's cosine similarity of the image's output to the concept.
+function explained(m) {
+  if (m.targetKind === "TARGET_KIND_SIMILARITY") {
+    return "similarity " + (m.similarity || 0).toFixed(3);
+  }
+  const kind = m.targetKind && m.targetKind !== "TARGET_KIND_LOGIT" ? kindName(m.targetKind) : "";
+  return m.target.label + (kind ? " · " + kind : "");
+}
+
+function pickConcept(file) {
+  state.concept = file || null;
+  const photo = $("concept-photo");
+  photo.hidden = !file;
+  if (file) photo.src = URL.createObjectURL(file); else photo.removeAttribute("src");
+  showKinds(file ? "TARGET_KIND_SIMILARITY" : undefined);
+}
+
 // --- the model --------------------------------------------------------------------------------
 
 async function loadInfo() {
@@ -88,8 +161,17 @@ async function loadInfo() {
   }
   const info = state.info;
   const layers = info.layers || [];
-  $("model").textContent = info.name + " · " + (info.labels || []).length + " classes · " +
+  const outputs = (info.labels || []).length;
+  $("model").textContent = info.name + " · " + (info.outputActivation === "embedding" ?
+    "an embedding of " + outputs + " values" : outputs + " classes") + " · " +
     (info.state || "").replace("SERVER_STATE_", "").toLowerCase();
+  const limits = info.limits || {};
+  if (limits.maxFaithfulnessSteps) $("steps").max = limits.maxFaithfulnessSteps;
+  if (limits.maxScoreCamChannels) {
+    $("score-cam-channels").max = limits.maxScoreCamChannels;
+    $("score-cam-channels").placeholder = "all, ≤ " + limits.maxScoreCamChannels;
+  }
+  showKinds();
   const methods = $("methods");
   methods.querySelectorAll("label").forEach((l) => l.remove());
   (info.methods || []).forEach((m, i) => {
@@ -101,6 +183,7 @@ async function loadInfo() {
     layerBox.appendChild(checkbox("layer", l.name, l.name + " (" + (l.height || 0) + "×" +
       (l.width || 0) + ")", l.name === info.defaultLayer));
   });
+  showChannels();
 }
 
 function checkbox(name, value, text, checked) {
@@ -136,19 +219,23 @@ async function pick(file) {
   say("classifying " + file.name + "…");
   try {
     const answer = await api("/v1/predict", form({ topK: 5 }));
-    state.classes = answer.results[0].prediction.top.map((c) => ({
+    state.classes = (answer.results[0].prediction.top || []).map((c) => ({
       index: c.index || 0, label: c.label, probability: c.probability || 0 }));
   } catch (error) {
     say(error.message, true);
     return;
   }
   showClasses();
-  await choose(state.classes[0].index);
+  await choose(state.classes.length ? state.classes[0].index : null);
 }
 
 function showClasses() {
   const list = $("classes");
   list.textContent = "";
+  $("classes-hint").textContent = state.classes.length ?
+    "Choose a class to see its map; tick classes for the grid." :
+    "No classes: an embedding model's output is a vector. Choose a concept image under " +
+    "Target, and the map shows why this image is similar to it.";
   const best = state.classes.length ? state.classes[0].probability : 1;
   state.classes.forEach((c) => {
     const item = document.createElement("li");
@@ -178,26 +265,32 @@ function showClasses() {
   });
 }
 
+// The map of a class (null: no class, for an embedding model or the similarity) with the
+// first ticked method and layer and the chosen options; only the latest choice is shown.
 async function choose(index) {
+  if (!state.file) return;
   state.selected = index;
-  state.ticked.add(index);
+  if (index !== null) state.ticked.add(index);
   showClasses();
   const method = ticked("method")[0] || "CAM_METHOD_GRADCAM";
   const layer = ticked("layer")[0];
-  const options = { targets: [{ classIndex: index }], methods: [method],
-                    outputs: ["EXPLAIN_OUTPUT_HEATMAP_PNG"] };
+  const options = Object.assign(chosenOptions(), { methods: [method],
+                                                   outputs: ["EXPLAIN_OUTPUT_HEATMAP_PNG"] });
+  if (index !== null && !similarity()) options.targets = [{ classIndex: index }];
   if (layer) options.layers = [layer];
+  const asked = ++state.asked;
   say("explaining…");
   try {
     const answer = await api("/v1/explain", form(options));
-    const map = answer.results[0].maps[0];
+    if (asked !== state.asked) return;
+    const map = answer.results[0].maps[0];  // the first image's: a concept comes second
     colourize($("heat"), map.heatmapPng);
     $("heat").alt = "the " + methodName(map.method) + " map of " + map.target.label;
-    $("view-caption").textContent = map.target.label + " · " + methodName(map.method) +
-      " · " + map.layer;
-    say("");
+    $("view-caption").textContent = explained(map) + " · " + methodName(map.method) + " · " +
+      map.layer;
+    say((map.notes || []).map((n) => n.message).join(" "));
   } catch (error) {
-    say(error.message, true);
+    if (asked === state.asked) say(error.message, true);
   }
 }
 
@@ -206,16 +299,19 @@ async function choose(index) {
 async function grid() {
   const methods = ticked("method");
   const layers = ticked("layer");
-  const targets = Array.from(state.ticked).map((i) => ({ classIndex: i }));
-  if (!methods.length || !targets.length) {
+  const classless = similarity() || !state.classes.length;
+  const targets = classless ? [] : Array.from(state.ticked).map((i) => ({ classIndex: i }));
+  if (!methods.length || !(classless || targets.length)) {
     say("tick at least one method and one class", true);
     return;
   }
-  const options = { methods: methods, targets: targets,
-                    outputs: ["EXPLAIN_OUTPUT_HEATMAP_PNG"] };
+  const options = Object.assign(chosenOptions(), { methods: methods,
+                                                   outputs: ["EXPLAIN_OUTPUT_HEATMAP_PNG"] });
+  if (targets.length) options.targets = targets;
   if (layers.length) options.layers = layers;
-  if ($("faithfulness").checked) options.faithfulnessSteps = 16;
-  say("explaining " + targets.length + " classes × " + methods.length + " methods…");
+  if ($("faithfulness").checked) options.faithfulnessSteps = Number($("steps").value || 16);
+  say("explaining " + (classless ? "" : targets.length + " classes × ") + methods.length +
+      " methods…");
   let answer;
   try {
     answer = await api("/v1/explain", form(options));
@@ -234,7 +330,7 @@ async function grid() {
   });
   const box = $("grid");
   box.textContent = "";
-  box.style.gridTemplateColumns = "8rem repeat(" + columns.length + ", minmax(9rem, 1fr))";
+  box.style.gridTemplateColumns = "8rem repeat(" + columns.length + ", minmax(9rem, 32rem))";
   box.appendChild(cell("div", "head corner", ""));
   columns.forEach((c) => box.appendChild(cell("div", "head", c)));
   const photo = $("photo").src;
@@ -255,7 +351,8 @@ async function grid() {
       heat.alt = column + " map of " + row;
       heat.style.opacity = $("opacity").value;
       const caption = document.createElement("figcaption");
-      caption.textContent = column + (m.faithfulness ? " · del " +
+      caption.textContent = column + (m.targetKind === "TARGET_KIND_SIMILARITY" ? " · " +
+        explained(m) : "") + (m.faithfulness ? " · del " +
         (m.faithfulness.deletion || 0).toFixed(2) + " ins " +
         (m.faithfulness.insertion || 0).toFixed(2) : "");
       figure.append(base, heat, caption);
@@ -264,7 +361,7 @@ async function grid() {
   });
   $("grid-section").hidden = false;
   plotFaithfulness(maps.filter((m) => m.faithfulness));
-  say(maps.length + " maps");
+  say(maps.length + (maps.length === 1 ? " map" : " maps"));
 }
 
 function cell(tag, className, text) {
@@ -386,8 +483,13 @@ async function startLive() {
   $("live").hidden = false;
   socket.onopen = () => {
     const method = ticked("method")[0] || "CAM_METHOD_GRADCAM";
-    socket.send(JSON.stringify({ config: { policy: "STREAM_POLICY_LATEST", options: {
-      methods: [method], outputs: ["EXPLAIN_OUTPUT_OVERLAY_JPEG"] } } }));
+    const options = Object.assign(chosenOptions(), { methods: [method],
+                                                     outputs: ["EXPLAIN_OUTPUT_OVERLAY_JPEG"] });
+    if (options.similarToImage) {  // a stream's frames come one at a time: no concept image
+      delete options.similarToImage;
+      delete options.targetKind;
+    }
+    socket.send(JSON.stringify({ config: { policy: "STREAM_POLICY_LATEST", options: options } }));
     send(live);
   };
   socket.onmessage = (event) => {
@@ -464,6 +566,11 @@ function wire() {
     pick(event.dataTransfer.files[0]);
   });
   $("opacity").addEventListener("input", setOpacity);
+  $("methods").addEventListener("change", showChannels);
+  $("concept").addEventListener("change", (event) => pickConcept(event.target.files[0]));
+  // A changed option (the concept's listener above goes first) re-explains the view.
+  ["target", "map-options"].forEach((id) => $(id).addEventListener("change",
+    () => choose(state.selected)));
   $("grid-button").addEventListener("click", grid);
   $("sanity-button").addEventListener("click", sanity);
   $("live-start").addEventListener("click", startLive);
