@@ -292,6 +292,24 @@ def test_evaluate_prints_a_table(default_server, tmp_path):
         assert 0 <= float(deletion) <= 1 and 0 <= float(insertion) <= 1 and images == "2"
 
 
+def test_evaluate_with_road(tiny_server_large, cat_path, tmp_path):
+    """--road adds ROAD's MoRF, LeRF and combined columns (--json: the same keys)."""
+    server, _ = tiny_server_large
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(cat_path.read_bytes())
+    done = run("evaluate", str(folder), "--method", "gradcam", "--steps", "2", "--road",
+               "--json", target=f"127.0.0.1:{server.port}")
+    assert done.returncode == 0, done.stderr
+    table = json.loads(done.stdout)
+    assert set(table) == {"gradcam", "random"}
+    for row in table.values():
+        assert set(row) == {"deletion", "insertion", "road_morf", "road_lerf",
+                            "road_combined", "images"}
+        assert -1 <= row["road_morf"] <= 1 and row["road_combined"] == pytest.approx(
+            (row["road_lerf"] - row["road_morf"]) / 2, abs=1e-6)
+
+
 def test_evaluate_a_single_map_per_image(default_server, cat_path, tmp_path):
     """`--method random` alone gives one map per image (it used to end in a TypeError)."""
     server, _ = default_server

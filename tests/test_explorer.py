@@ -327,6 +327,19 @@ def test_the_explain_options_go_into_the_request(page, base, cat_path, tmp_path)
     assert page.locator("#faith-svg rect").count() == 4
     save(page, "explorer-options.png", tmp_path, docs=False)
 
+    # ROAD alone: its percentiles sent, its combined score in the caption, no curves plotted.
+    page.uncheck("input[name=method][value=CAM_METHOD_SCORECAM]")
+    page.uncheck("#faithfulness")
+    page.check("#road")
+    with page.expect_response(is_explain) as answered:
+        page.click("#grid-button")
+    options, _ = sent(bodies, answered.value)
+    assert options["roadPercentiles"] == list(range(10, 100, 10))
+    assert "faithfulnessSteps" not in options
+    page.wait_for_selector("#grid figure.cell")
+    assert " · ROAD " in page.locator("#grid figure.cell figcaption").first.inner_text()
+    assert page.locator("#faith-svg rect").count() == 0
+
 
 def test_a_refused_combination_says_the_servers_message(page, base, cat_path, expected_errors):
     """eigen_smooth with EigenCAM, whose map is no sum over channels: the server's message in

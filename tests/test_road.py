@@ -335,3 +335,36 @@ def test_map_resized_to_the_input(tiny):
     target = road.softmax_target(0)
     assert road.road_scores(model, image, small, target, [30, 70], seed=2) == \
         road.road_scores(model, image, resized_map, target, [30, 70], seed=2)
+
+
+def test_road_through_a_real_server(cat, coffee):
+    """road_percentiles through the server: each map's scores are road.py's on the map the
+    server answered (its seeded noise included), the same alone and batched; bad percentiles
+    and ROAD of a similarity answer INVALID_ARGUMENT."""
+    from camserve import CamserveError
+
+    from conftest import TINY, running
+
+    photos = [resized(p, (224, 224)) for p in (cat, coffee)]
+    with running(model=TINY, max_delay_ms=20) as (_, client):
+        info = client.model_info()
+        explained = client.explain_many(photos, road_percentiles=PERCENTILES)
+        alone = client.explain(photos[1], road_percentiles=PERCENTILES)
+        model = tiny_cnn().eval()
+        for image, e in zip(photos, explained):
+            m = e.map()
+            x = ref.normalise(image[None], info.mean, info.std)[0]
+            scores = road.road_scores(model, x, torch.from_numpy(m.raw),
+                                      road.softmax_target(m.target.index), PERCENTILES)
+            assert (m.road_morf, m.road_lerf, m.road_combined) == pytest.approx(
+                (scores.morf_average, scores.lerf_average, scores.combined), abs=1e-5)
+            assert m.deletion is None  # ROAD alone: no deletion or insertion asked for
+        a, b = alone.map(), explained[1].map()
+        assert (a.road_morf, a.road_lerf) == pytest.approx((b.road_morf, b.road_lerf), abs=1e-6)
+        for options, says in (({"road_percentiles": [0, 50]}, "1..99"),
+                              ({"road_percentiles": [50, 50]}, "each once"),
+                              ({"road_percentiles": [50], "similar_to": [1.0] * 10},
+                               "road_percentiles")):
+            with pytest.raises(CamserveError) as caught:
+                client.explain(photos[0], **options)
+            assert caught.value.code.name == "INVALID_ARGUMENT" and says in caught.value.details

@@ -223,7 +223,7 @@ def predict_options(top_k: int = 5) -> pb.PredictOptions:
 ADVANCED = {"top_targets": 0, "counterfactual": False, "signed": False,
             "score_cam_channels": 0, "faithfulness_steps": 0, "target_kind": None,
             "eigen_smooth": False, "aug_smooth": False, "similar_to": None,
-            "similar_to_image": 0}
+            "similar_to_image": 0, "road_percentiles": ()}
 
 
 def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "gradcam",
@@ -238,7 +238,8 @@ def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "
     server's default, the logit, or the similarity when a concept is given), eigen_smooth,
     aug_smooth, similar_to (the similarity target's concept: a vector as long as the model's
     output, e.g. another image's ``Prediction.embedding``), similar_to_image (or: the
-    request's image at this position, from 1)."""
+    request's image at this position, from 1), road_percentiles (ROAD scores at these
+    percentiles of the pixels, e.g. range(10, 100, 10))."""
     unknown = sorted(set(advanced) - set(ADVANCED))
     if unknown:
         raise invalid(f"unknown explain options {unknown}; choose from {', '.join(ADVANCED)}",
@@ -274,7 +275,13 @@ def explain_options(target: Target = None, method: Union[str, Sequence[str]] = "
     except (TypeError, ValueError):
         raise invalid("similar_to must be a vector of numbers (e.g. a Prediction.embedding)",
                       reasons.INVALID_OPTION) from None
+    road = list(fields["road_percentiles"] or ())
+    if any(isinstance(p, bool) or not isinstance(p, numbers.Integral) or not 1 <= p <= 99
+           for p in road):
+        raise invalid(f"road_percentiles must be whole numbers 1..99, got {road!r}",
+                      reasons.INVALID_OPTION)
     return pb.ExplainOptions(
+        road_percentiles=[int(p) for p in road],
         similar_to=concept, similar_to_image=fields["similar_to_image"],
         target_kind=kind, eigen_smooth=bool(fields["eigen_smooth"]),
         aug_smooth=bool(fields["aug_smooth"]),

@@ -393,30 +393,37 @@ def cmd_evaluate(client: Client, args) -> int:
     if args.score_cam_channels is None:
         args.score_cam_channels = 64
     channels = args.score_cam_channels or info.max_score_cam_channels
-    forwards = len(methods) * (2 * args.steps + 2) + (channels if "scorecam" in methods else 0)
+    road = tuple(range(10, 100, 10)) if args.road else ()
+    forwards = (len(methods) * (2 * args.steps + 2 + 2 * len(road))
+                + (channels if "scorecam" in methods else 0))
     timeout = args.timeout * max(1.0, forwards / FORWARDS_PER_TIMEOUT)
 
     def call(chunk):
         return client.explain_many(chunk, method=methods, layer=args.layer, outputs=(),
-                                   faithfulness_steps=args.steps,
+                                   faithfulness_steps=args.steps, road_percentiles=road,
                                    score_cam_channels=args.score_cam_channels, timeout=timeout,
                                    model=_model(args))
 
+    names = ("deletion", "insertion") + (("road_morf", "road_lerf", "road_combined")
+                                         if road else ())
     for _path, exp in _each(paths, call, progress, errors, size=1):
         for m in exp.maps:
-            scores[m.method].append((m.deletion, m.insertion))
-    table = {m: {"deletion": float(np.mean([d for d, _ in v])),
-                 "insertion": float(np.mean([i for _, i in v])), "images": len(v)}
-             for m, v in scores.items() if v}
+            scores[m.method].append([getattr(m, n) for n in names])
+    table = {m: {**{n: float(np.mean([row[k] for row in v])) for k, n in enumerate(names)},
+                 "images": len(v)} for m, v in scores.items() if v}
     if args.json:
         print(json.dumps(table, indent=2))
     else:
         print(f"{len(paths)} images from {folder}, {args.steps} steps; deletion: lower is "
-              "better, insertion: higher is better")
-        print(f"{'method':20} {'deletion':>9} {'insertion':>10} {'images':>7}")
+              "better, insertion: higher is better"
+              + ("; ROAD at 10..90 %: MoRF lower, LeRF and combined higher is better"
+                 if road else ""))
+        widths = [{"deletion": 9}.get(n, len(n) + 1) for n in names]
+        print(f"{'method':20} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))
+              + f" {'images':>7}")
         for method, row in table.items():
-            print(f"{method:20} {row['deletion']:9.3f} {row['insertion']:10.3f} "
-                  f"{row['images']:7d}")
+            print(f"{method:20} " + " ".join(f"{row[n]:{w}.3f}" for n, w in zip(names, widths))
+                  + f" {row['images']:7d}")
     return _report(errors, timeout)
 
 
@@ -799,6 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="method to score (repeatable; default: all the server has)")
     evaluate.add_argument("--layer", help="layer to explain (default: the server's)")
     evaluate.add_argument("--steps", type=int, default=16, help="steps per curve (default 16)")
+    evaluate.add_argument("--road", action="store_true",
+                          help="ROAD scores too (remove and debias, most and least relevant "
+                          "first, at 10, 20, ..., 90 %%: two forwards per percentile)")
     evaluate.add_argument("--score-cam-channels", type=int, default=None,
                           help="Score-CAM: top channels by activation (default 64, with "
                           "--sanity 16; 0: the server's limit)")

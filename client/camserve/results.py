@@ -122,16 +122,23 @@ class ClassMap:
     notes: Tuple[Note, ...] = ()
     target_kind: str = "logit"  # the score explained: "logit", "softmax", "rest", ...
     similarity: Optional[float] = None  # target_kind "similarity": the cosine similarity
+    # ROAD, when road_percentiles were asked for: the mean MoRF change (lower is better),
+    # the mean LeRF change (higher is better), (LeRF - MoRF) / 2 (higher is better)
+    road_morf: Optional[float] = None
+    road_lerf: Optional[float] = None
+    road_combined: Optional[float] = None
 
     @classmethod
     def from_proto(cls, msg: pb.ClassMap, image_size: Size) -> ClassMap:
-        scored = msg.HasField("faithfulness")
+        f = msg.faithfulness
+        scored, road = bool(f.steps), bool(f.road_percentiles)
         return cls(ClassScore.from_proto(msg.target), method_name(msg.method), msg.layer,
                    _raw(msg), image_size, msg.heatmap_png or None, msg.overlay or None,
-                   msg.faithfulness.deletion if scored else None,
-                   msg.faithfulness.insertion if scored else None, _notes(msg),
-                   target_kind_name(msg.target_kind),
-                   msg.similarity if msg.target_kind == pb.TARGET_KIND_SIMILARITY else None)
+                   f.deletion if scored else None, f.insertion if scored else None,
+                   _notes(msg), target_kind_name(msg.target_kind),
+                   msg.similarity if msg.target_kind == pb.TARGET_KIND_SIMILARITY else None,
+                   f.road_morf if road else None, f.road_lerf if road else None,
+                   f.road_combined if road else None)
 
     @property
     def all_zero(self) -> bool:

@@ -168,6 +168,7 @@ class ExplainSpec:
     eigen_smooth: bool = False  # the terms' first principal component instead of their sum
     aug_smooth: bool = False  # the mean heatmap of 6 flipped and scaled copies (AUGMENTATIONS)
     concept: Tuple[float, ...] = ()  # the similarity target's vector (target_kind similarity)
+    road_percentiles: Tuple[int, ...] = ()  # ROAD scores at these percentiles (empty: none)
 
     def kind(self, method: str) -> str:
         """The score ``method``'s maps explain: its own target, or the spec's."""
@@ -181,7 +182,8 @@ class ExplainSpec:
     @property
     def extra_cost(self) -> int:
         """Forwards beyond the batch's own forward and backward: one per channel of every
-        Score-CAM and AblationCAM map, 2 (steps + 1) per map for faithfulness. The engine runs
+        Score-CAM and AblationCAM map, 2 (steps + 1) per map for faithfulness, 2 per ROAD
+        percentile per map. The engine runs
         them in slices between batches (validation resolves score_cam_channels to a count
         first)."""
         ranks, layers = self.ranks, len(self.layers)
@@ -190,6 +192,7 @@ class ExplainSpec:
         cost += per_channel * ranks * layers * self.score_cam_channels
         if self.faithfulness_steps:
             cost += len(self.methods) * ranks * layers * 2 * (self.faithfulness_steps + 1)
+        cost += len(self.methods) * ranks * layers * 2 * len(self.road_percentiles)
         return cost
 
     @property
@@ -266,6 +269,8 @@ class MapResult:
     deletion: Optional[float] = None  # faithfulness scores, when asked for
     insertion: Optional[float] = None
     steps: int = 0
+    # ROAD, when asked for: the mean MoRF and LeRF changes and the combined score
+    road: Optional[Tuple[float, float, float]] = None
     target_kind: str = "logit"  # the score explained
     # The target's gradient at the layer is zero everywhere (the score does not reach it: a
     # transformer's patch tokens after its last attention block), so the map is too.

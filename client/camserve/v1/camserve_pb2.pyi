@@ -205,7 +205,7 @@ class CompareExplainResponse(_message.Message):
     def __init__(self, explanations: _Optional[_Iterable[_Union[ExplainResponse, _Mapping]]] = ..., similarities: _Optional[_Iterable[_Union[ImageSimilarities, _Mapping]]] = ...) -> None: ...
 
 class ExplainOptions(_message.Message):
-    __slots__ = ["aug_smooth", "counterfactual", "eigen_smooth", "faithfulness_steps", "keep_sign", "layers", "methods", "outputs", "score_cam_channels", "similar_to", "similar_to_image", "target_kind", "targets", "top_k", "top_targets"]
+    __slots__ = ["aug_smooth", "counterfactual", "eigen_smooth", "faithfulness_steps", "keep_sign", "layers", "methods", "outputs", "road_percentiles", "score_cam_channels", "similar_to", "similar_to_image", "target_kind", "targets", "top_k", "top_targets"]
     AUG_SMOOTH_FIELD_NUMBER: _ClassVar[int]
     COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
     EIGEN_SMOOTH_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,7 @@ class ExplainOptions(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    ROAD_PERCENTILES_FIELD_NUMBER: _ClassVar[int]
     SCORE_CAM_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     SIMILAR_TO_FIELD_NUMBER: _ClassVar[int]
     SIMILAR_TO_IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +230,7 @@ class ExplainOptions(_message.Message):
     layers: _containers.RepeatedScalarFieldContainer[str]
     methods: _containers.RepeatedScalarFieldContainer[CamMethod]
     outputs: _containers.RepeatedScalarFieldContainer[ExplainOutput]
+    road_percentiles: _containers.RepeatedScalarFieldContainer[int]
     score_cam_channels: int
     similar_to: _containers.RepeatedScalarFieldContainer[float]
     similar_to_image: int
@@ -236,7 +238,7 @@ class ExplainOptions(_message.Message):
     targets: _containers.RepeatedCompositeFieldContainer[Target]
     top_k: int
     top_targets: int
-    def __init__(self, methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., top_targets: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., counterfactual: bool = ..., keep_sign: bool = ..., score_cam_channels: _Optional[int] = ..., faithfulness_steps: _Optional[int] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., similar_to: _Optional[_Iterable[float]] = ..., similar_to_image: _Optional[int] = ...) -> None: ...
+    def __init__(self, methods: _Optional[_Iterable[_Union[CamMethod, str]]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., top_targets: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[_Union[ExplainOutput, str]]] = ..., top_k: _Optional[int] = ..., counterfactual: bool = ..., keep_sign: bool = ..., score_cam_channels: _Optional[int] = ..., faithfulness_steps: _Optional[int] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., similar_to: _Optional[_Iterable[float]] = ..., similar_to_image: _Optional[int] = ..., road_percentiles: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ["images", "model", "options", "priority"]
@@ -277,14 +279,22 @@ class ExplainResult(_message.Message):
     def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., maps: _Optional[_Iterable[_Union[ClassMap, _Mapping]]] = ..., combined: _Optional[_Iterable[_Union[CombinedMap, _Mapping]]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., rendered_size: _Optional[_Union[ImageSize, _Mapping]] = ..., overlay_format: _Optional[_Union[ImageFormat, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., notes: _Optional[_Iterable[_Union[Note, _Mapping]]] = ...) -> None: ...
 
 class Faithfulness(_message.Message):
-    __slots__ = ["deletion", "insertion", "steps"]
+    __slots__ = ["deletion", "insertion", "road_combined", "road_lerf", "road_morf", "road_percentiles", "steps"]
     DELETION_FIELD_NUMBER: _ClassVar[int]
     INSERTION_FIELD_NUMBER: _ClassVar[int]
+    ROAD_COMBINED_FIELD_NUMBER: _ClassVar[int]
+    ROAD_LERF_FIELD_NUMBER: _ClassVar[int]
+    ROAD_MORF_FIELD_NUMBER: _ClassVar[int]
+    ROAD_PERCENTILES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     deletion: float
     insertion: float
+    road_combined: float
+    road_lerf: float
+    road_morf: float
+    road_percentiles: _containers.RepeatedScalarFieldContainer[int]
     steps: int
-    def __init__(self, deletion: _Optional[float] = ..., insertion: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
+    def __init__(self, deletion: _Optional[float] = ..., insertion: _Optional[float] = ..., steps: _Optional[int] = ..., road_morf: _Optional[float] = ..., road_lerf: _Optional[float] = ..., road_combined: _Optional[float] = ..., road_percentiles: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ["model"]

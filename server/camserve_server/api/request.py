@@ -174,7 +174,7 @@ def _target_kind(value: int, methods: Sequence[str], field: str, model: ModelCar
     return kind
 
 
-def _concept(options: pb.ExplainOptions, kind: str, model: ModelCard, steps: int,
+def _concept(options: pb.ExplainOptions, kind: str, model: ModelCard, scored: bool,
              f: str) -> Tuple[float, ...]:
     """TARGET_KIND_SIMILARITY's vector (empty with similar_to_image, resolved later), checked:
     a concept given for that kind alone, one of the two ways, as long as the model's output."""
@@ -209,12 +209,30 @@ def _concept(options: pb.ExplainOptions, kind: str, model: ModelCard, steps: int
         raise InvalidArgument(f"a TARGET_KIND_SIMILARITY map explains one score, the "
                               f"similarity to the concept: unset {f}targets and "
                               f"{f}top_targets", field=f"{f}targets", reason="NOT_APPLICABLE")
-    if steps:
-        raise InvalidArgument(f"{f}faithfulness_steps scores a class's probability, and a "
-                              "TARGET_KIND_SIMILARITY map explains a similarity: unset "
-                              f"{f}faithfulness_steps", field=f"{f}faithfulness_steps",
+    if scored:
+        raise InvalidArgument(f"{f}faithfulness_steps and {f}road_percentiles score a class's "
+                              "probability, and a TARGET_KIND_SIMILARITY map explains a "
+                              f"similarity: unset {f}faithfulness_steps and "
+                              f"{f}road_percentiles", field=f"{f}faithfulness_steps",
                               reason="NOT_APPLICABLE")
     return given
+
+
+MAX_ROAD_PERCENTILES = 19  # e.g. every 5 % from 5 to 95
+
+
+def _road(values: Sequence[int], field: str) -> Tuple[int, ...]:
+    """ROAD's percentiles: each 1..99, none twice, at most MAX_ROAD_PERCENTILES."""
+    bad = [v for v in values if not 1 <= v <= 99]
+    if bad:
+        raise InvalidArgument(f"{field} has {bad[0]}; a percentile of the pixels removed is "
+                              "1..99 (pytorch-grad-cam's default: 10, 20, ..., 90)",
+                              field=field, reason="INVALID_OPTION")
+    if len(set(values)) != len(values) or len(values) > MAX_ROAD_PERCENTILES:
+        raise InvalidArgument(f"{field} names {len(values)} percentiles; give at most "
+                              f"{MAX_ROAD_PERCENTILES}, each once", field=field,
+                              reason="INVALID_OPTION")
+    return tuple(values)
 
 
 def _eigen_smooth(value: bool, methods: Sequence[str], field: str) -> bool:
@@ -361,15 +379,16 @@ def explain_plan(options: pb.ExplainOptions, model: ModelCard, labels: LabelInde
         raise InvalidArgument(f"options.faithfulness_steps must be 0 (off) or "
                               f"2..{limits.max_faithfulness_steps}, not {steps}",
                               field=f"{f}faithfulness_steps", reason="INVALID_STEPS")
+    road = _road(options.road_percentiles, f"{f}road_percentiles")
     kind = _target_kind(options.target_kind, methods, f"{f}target_kind", model,
                         bool(options.similar_to or options.similar_to_image))
-    concept = _concept(options, kind, model, steps, f)
+    concept = _concept(options, kind, model, bool(steps or road), f)
     if kind == "similarity":
         targets, top = (0,), 1
     spec = ExplainSpec(methods=methods, layers=layers, targets=targets, top_targets=top,
                        counterfactual=options.counterfactual, signed=options.keep_sign,
                        score_cam_channels=channels, faithfulness_steps=steps,
-                       target_kind=kind, concept=concept,
+                       target_kind=kind, concept=concept, road_percentiles=road,
                        eigen_smooth=_eigen_smooth(options.eigen_smooth, methods,
                                                   f"{f}eigen_smooth"),
                        aug_smooth=_aug_smooth(options.aug_smooth, methods,

@@ -111,6 +111,10 @@ def explain_result(outcome: Outcome, labels: Sequence[str], plan: ExplainPlan,
             answer.faithfulness.deletion = m.deletion
             answer.faithfulness.insertion = m.insertion
             answer.faithfulness.steps = m.steps
+        if m.road is not None:
+            f = answer.faithfulness
+            f.road_morf, f.road_lerf, f.road_combined = m.road
+            f.road_percentiles.extend(plan.spec.road_percentiles)
         _notes(answer, m.raw, 1.0 if similar else float(result.probabilities[m.target]),
                m.method, plan, m.no_gradient)
         if outputs.needs_heatmap:

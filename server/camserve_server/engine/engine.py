@@ -45,7 +45,7 @@ from ..domain import (
     WorkItem,
 )
 from ..errors import BatchFailed, OutOfMemory, ServiceError, StartupError
-from . import faithfulness
+from . import faithfulness, road
 from .cams import (
     CAM_METHODS,
     GUIDED_ACTIVATIONS,
@@ -312,7 +312,7 @@ class Engine:
         answers: List[Answer] = []
         for i, item in enumerate(items):
             spec = item.explain
-            if spec is not None and (spec.faithfulness_steps or any(
+            if spec is not None and (spec.faithfulness_steps or spec.road_percentiles or any(
                     CAM_METHODS[m].slices is not None for m in spec.methods)):
                 # Score-CAM channels or faithfulness steps: the rest runs as a job, in
                 # slices between batches. It keeps only this item's tensors.
@@ -542,10 +542,24 @@ class Engine:
                 scored.append(dataclasses.replace(m, deletion=deletion, insertion=insertion,
                                                   steps=steps))
             maps = scored
+        if spec.road_percentiles:
+            scored = []
+            for m in maps:
+                scores = yield from road.road_slices(
+                    self.forward, x, torch.from_numpy(m.raw), _probability(m.target,
+                                                                           self._activation),
+                    spec.road_percentiles, chunk=ROAD_CHUNK,
+                    original=torch.from_numpy(logits).to(x.device))
+                scored.append(dataclasses.replace(m, road=(
+                    scores.morf_average, scores.lerf_average, scores.combined)))
+            maps = scored
         return _result(logits, probs, maps)
 
 
 Answer = Union[ItemResult, BatchFailed, ServiceError, Job]
+# ROAD's images per slice: each needs its imputation solved on the worker thread (a fraction
+# of a second at 224x224 on a CPU), so its slices hold the worker a short while at a time.
+ROAD_CHUNK = 2
 
 
 def finish(answer: Answer) -> Union[ItemResult, BatchFailed]:
@@ -574,6 +588,14 @@ def _full_gradients(full, rank: int, rows, method: str) -> dict:
     at = torch.tensor([entry["rows"].index(i) for i in rows], device=index.device)
     return {"input_gradient": entry["input"][index],
             "bias_gradients": [(b, g[at]) for b, g in entry["biases"]]}
+
+
+def _probability(target: int, activation: str):
+    """ROAD's score of an output row: the class's probability, a softmax or (a multi-label
+    model's) a sigmoid, as faithfulness records it."""
+    if activation == "sigmoid":
+        return lambda row: torch.sigmoid(row.float()[target])
+    return road.softmax_target(target)
 
 
 def _score(target: int, kind: str, device, concept=()):

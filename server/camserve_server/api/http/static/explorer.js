@@ -310,6 +310,7 @@ async function grid() {
   if (targets.length) options.targets = targets;
   if (layers.length) options.layers = layers;
   if ($("faithfulness").checked) options.faithfulnessSteps = Number($("steps").value || 16);
+  if ($("road").checked) options.roadPercentiles = [10, 20, 30, 40, 50, 60, 70, 80, 90];
   say("explaining " + (classless ? "" : targets.length + " classes × ") + methods.length +
       " methods…");
   let answer;
@@ -352,15 +353,17 @@ async function grid() {
       heat.style.opacity = $("opacity").value;
       const caption = document.createElement("figcaption");
       caption.textContent = column + (m.targetKind === "TARGET_KIND_SIMILARITY" ? " · " +
-        explained(m) : "") + (m.faithfulness ? " · del " +
+        explained(m) : "") + (m.faithfulness && m.faithfulness.steps ? " · del " +
         (m.faithfulness.deletion || 0).toFixed(2) + " ins " +
-        (m.faithfulness.insertion || 0).toFixed(2) : "");
+        (m.faithfulness.insertion || 0).toFixed(2) : "") +
+        (m.faithfulness && m.faithfulness.roadPercentiles ? " · ROAD " +
+        (m.faithfulness.roadCombined || 0).toFixed(3) : "");
       figure.append(base, heat, caption);
       box.appendChild(figure);
     });
   });
   $("grid-section").hidden = false;
-  plotFaithfulness(maps.filter((m) => m.faithfulness));
+  plotFaithfulness(maps.filter((m) => m.faithfulness && m.faithfulness.steps));
   say(maps.length + (maps.length === 1 ? " map" : " maps"));
 }
 
