@@ -194,6 +194,26 @@ def test_a_delaying_level_runs_its_late_items_behind_every_other():
     assert all(queue.admit(p) for p in batch)  # it still runs
 
 
+def test_an_expensive_item_refused_evicts_nothing():
+    """A full queue and too many expensive forwards: the expensive item is refused, and no
+    queued item loses its place (an evicted item is answered; one evicted for a refused item
+    would never be)."""
+    from types import SimpleNamespace
+
+    from camserve_server.batching.queue import WorkQueue
+    from camserve_server.errors import QueueFull
+    from camserve_server.metrics import Metrics
+
+    queue = WorkQueue(max_batch_size=2, max_delay_ms=0, max_queue=2, max_job_forwards=10,
+                      metrics=Metrics(), batch_seconds=0.01, workers=1)
+    queued = [queue.submit(WorkItem(PIXELS), level=EXPENSIVE, caller="greedy")
+              for _ in range(2)]
+    with pytest.raises(QueueFull) as caught:  # the greedy caller's newest would give way
+        queue.submit(WorkItem(PIXELS, SimpleNamespace(extra_cost=50)), caller="polite")
+    assert caught.value.reason == "EXPENSIVE_WORK_FULL"
+    assert queue.depth() == 2 and not any(t.done() for t in queued)
+
+
 def test_a_levels_most_items_queued():
     from camserve_server.errors import QueueFull
 

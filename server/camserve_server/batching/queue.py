@@ -134,14 +134,14 @@ class WorkQueue:
         evicted = None
         with self.cond:
             self._refuse(level, caller, admit)
-            if len(self.items) >= self._max_queue:
-                evicted = self._evictable(level, caller)
-                self._take(evicted)
             if extra and self.job_forwards + extra > self._max_job_forwards:
                 retry = self.job_forwards * self.forward_seconds
                 raise QueueFull(f"the server is busy with {self.job_forwards} forwards of "
                                 f"expensive explanations; retry in {retry:.0f} s",
                                 retry_after_s=retry, reason="EXPENSIVE_WORK_FULL")
+            if len(self.items) >= self._max_queue:  # last: an item evicted is answered below
+                evicted = self._evictable(level, caller)
+                self._take(evicted)
             self.items.append(pending)
             self._queued_at[level] = now
             self._per_caller[caller] = self._per_caller.get(caller, 0) + 1
