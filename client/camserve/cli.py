@@ -124,7 +124,7 @@ def _prediction_json(path: str, prediction: Prediction) -> dict:
 
 def _concept(client: Client, args):
     """--similar-to: a .npy vector or a text file of numbers as it is, or an image's
-    embedding (a Predict of it first)."""
+    embedding (a Predict of it first, on the first --model)."""
     if not args.similar_to:
         return None
     path = Path(args.similar_to)
@@ -132,7 +132,17 @@ def _concept(client: Client, args):
         return np.load(path)
     if path.suffix == ".txt":
         return np.loadtxt(path, dtype=np.float32, ndmin=1)
-    return client.predict(path, model=_model(args)).embedding
+    return client.predict(path, model=args.model[0] if args.model else None).embedding
+
+
+def _explain_options(client: Client, args) -> dict:
+    """explain's options, the same for one model and for several compared."""
+    return dict(target=[_target(c) for c in args.target_class] or None,
+                method=args.method or ["gradcam"], outputs=("raw", "heatmap", "overlay_png"),
+                top_k=args.top_k, counterfactual=args.counterfactual,
+                score_cam_channels=args.score_cam_channels, target_kind=args.target_kind,
+                eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth,
+                similar_to=_concept(client, args))
 
 
 def _info_json(info: ModelInfo) -> dict:
@@ -244,19 +254,12 @@ def cmd_explain(client: Client, args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     errors: List[Tuple[str, CamserveError]] = []
     progress = Progress(len(args.images), not args.json)
-    methods = args.method or ["gradcam"]
     rows = []
-    concept = _concept(client, args)
+    options = _explain_options(client, args)
 
     def call(chunk):
-        return client.explain_many(
-            chunk, target=[_target(c) for c in args.target_class] or None, method=methods,
-            layer=args.layer or None, outputs=("raw", "heatmap", "overlay_png"),
-            top_k=args.top_k, counterfactual=args.counterfactual,
-            score_cam_channels=args.score_cam_channels, target_kind=args.target_kind,
-            eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth, model=_model(args),
-            similar_to=concept)
-
+        return client.explain_many(chunk, layer=args.layer or None, model=_model(args),
+                                   **options)
 
     for path, exp in _each(args.images, call, progress, errors):
         written = _write(out, path, exp, args.grid)
@@ -290,13 +293,10 @@ def cmd_compare(client: Client, args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     errors: List[Tuple[str, CamserveError]] = []
     rows = []
+    options = _explain_options(client, args)
     for path in args.images:
         try:
-            compared = client.compare(
-                path, args.model, target=[_target(c) for c in args.target_class] or None,
-                method=args.method or ["gradcam"], outputs=("raw", "heatmap", "overlay_png"),
-                top_k=args.top_k, counterfactual=args.counterfactual,
-                score_cam_channels=args.score_cam_channels, target_kind=args.target_kind)
+            compared = client.compare(path, args.model, **options)
         except CamserveError as exc:
             if not _about_images(exc):
                 raise
