@@ -201,7 +201,7 @@ def _concept(options: pb.ExplainOptions, kind: str, model: ModelCard, scored: bo
             f"{f}similar_to has {len(given)} values, and {model.name}'s output has "
             f"{model.num_classes}: send a vector of its length (e.g. another image's Predict "
             "embedding)", field=f"{f}similar_to", reason="CONCEPT_LENGTH")
-    if given and not all(math.isfinite(v) for v in given) or given and not any(given):
+    if given and (not all(math.isfinite(v) for v in given) or not any(given)):
         raise InvalidArgument(f"{f}similar_to must be finite and not all zero (its cosine "
                               "similarity is undefined otherwise)", field=f"{f}similar_to",
                               reason="CONCEPT_LENGTH")

@@ -103,7 +103,7 @@ class Callers:
             del self._queues[caller]
 
     def expired(self, before: float) -> List:
-        """Remove and answer the items enqueued before that time (each caller's first items:
+        """Remove and return the items enqueued before that time (each caller's first items:
         a caller's items wait in order)."""
         gone = []
         for caller, queue in list(self._queues.items()):
